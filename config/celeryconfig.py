@@ -1,0 +1,38 @@
+"""The Celery settings sagaflow runs with (see shared celery-facts.md, section 4: lose nothing, tolerate
+duplicates). Every transition in SQL is guarded, so a duplicate delivery is harmless; a lost one is not."""
+
+from __future__ import annotations
+
+from config.settings import Settings
+
+
+def celery_settings(settings: Settings) -> dict:
+    transport = {
+        # A message whose worker died comes back after this long; it must exceed the longest retry
+        # countdown plus the longest step, or a waiting retry is delivered twice.
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": 10,
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "broker_url": settings.effective_broker_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        # No result backend: step results travel in the chain's messages and are stored in SQL.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_acks_on_failure_or_timeout": True,  # failures go to errbacks, never a requeue loop
+        "task_reject_on_worker_lost": False,
+        "task_retry_on_worker_lost": True,  # a killed pool child's task is retried, bounded by max_retries
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_soft_shutdown_timeout": 30.0,
+        # Events on, so Flower shows every step and compensation as a task with its own name.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }

