@@ -1,0 +1,261 @@
+"""Saga definitions: plain data and validation, no Celery here.
+
+A saga is an ordered list of steps; each step pairs an action with the compensation that undoes it, so a
+reader sees both in one place:
+
+    booking = Saga("create_booking", version=1)
+
+    @booking.step(retry=RetryPolicy(max_attempts=3), timeout=10)
+    def create_invoice(ctx): ...
+
+    @create_invoice.compensation
+    def cancel_invoice(ctx): ...
+
+Sagas assembled at run time use the plain form: ``Saga(name, steps=[Step(name, action, compensation)])``.
+Every saga registers itself in ``registry`` when it is created; the runtime listens to the registry and
+declares the matching Celery tasks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from sagaflow.errors import DefinitionError, UnknownSaga
+
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how fast a failing action (or compensation) is tried again.
+
+    The delay before attempt n+1 is ``initial_interval * backoff ** (n - 1)``, capped at ``max_interval``.
+    With ``jitter`` the delay is drawn between half and all of that ("equal jitter"), so retries of many
+    runs spread out but never fire at once. Exceptions in ``non_retryable`` (and sagaflow's
+    ``NonRetryableError``) fail at the first attempt.
+    """
+
+    max_attempts: int = 3
+    initial_interval: float = 1.0
+    backoff: float = 2.0
+    max_interval: float = 60.0
+    jitter: bool = True
+    non_retryable: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise DefinitionError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        if self.initial_interval < 0 or self.max_interval < 0:
+            raise DefinitionError("retry intervals must be >= 0")
+        if self.backoff < 1:
+            raise DefinitionError(f"backoff must be >= 1, got {self.backoff!r}")
+        object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        for exc_type in self.non_retryable:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise DefinitionError(f"non_retryable must hold exception classes, got {exc_type!r}")
+
+    def delay(self, failed_attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
+        base = min(self.max_interval, self.initial_interval * self.backoff ** (failed_attempt - 1))
+        return base * (0.5 + rand() / 2) if self.jitter else base
+
+    def allows_retry(self, exc: BaseException, failed_attempt: int) -> bool:
+        from sagaflow.errors import NonRetryableError
+
+        if isinstance(exc, (NonRetryableError, *self.non_retryable)):
+            return False
+        return failed_attempt < self.max_attempts
+
+
+DEFAULT_RETRY = RetryPolicy()
+# An undo must happen: compensations try harder before a run is left to an operator.
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=1.0, backoff=2.0, max_interval=60.0)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What an action or a compensation receives.
+
+    ``results`` holds the results of the earlier steps by name; ``result`` is, for a compensation, the
+    result of the action it undoes. ``idempotency_key`` is stable across retries and redeliveries of the
+    same step of the same run: pass it to external APIs so a repeated call does nothing twice.
+    """
+
+    run_id: str
+    saga: str
+    step: str
+    input: dict[str, Any]
+    attempt: int
+    idempotency_key: str
+    results: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+
+
+Action = Callable[[StepContext], Any]
+
+
+class Step:
+    """One step: an action, optionally a compensation, and options."""
+
+    def __init__(
+        self,
+        name: str,
+        action: Action,
+        compensation: Action | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        queue: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
+        if not callable(action):
+            raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
+        if compensation is not None and not callable(compensation):
+            raise DefinitionError(f"step {name!r}: compensation must be callable, got {compensation!r}")
+        if timeout is not None and timeout <= 0:
+            raise DefinitionError(f"step {name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        self.name = name
+        self.action = action
+        self.compensate = compensation
+        self.retry = retry or DEFAULT_RETRY
+        self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
+        self.timeout = timeout
+        self.queue = queue
+        self.saga: Saga | None = None
+
+    def compensation(self, fn: Action | None = None, *, retry: RetryPolicy | None = None):
+        """Decorator: register ``fn`` as the compensation of this step."""
+
+        def register(func: Action) -> Action:
+            if not callable(func):
+                raise DefinitionError(f"step {self.name!r}: compensation must be callable")
+            if self.compensate is not None:
+                raise DefinitionError(f"step {self.name!r} already has a compensation")
+            self.compensate = func
+            if retry is not None:
+                self.compensation_retry = retry
+            if self.saga is not None:
+                registry.changed(self.saga)
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def __call__(self, ctx: StepContext) -> Any:
+        # The decorator replaces the function by its Step; keep it callable for direct use in tests.
+        return self.action(ctx)
+
+    def __repr__(self) -> str:
+        return f"<Step {self.name}{' +compensation' if self.compensate else ''}>"
+
+
+class Saga:
+    """A named, versioned, ordered list of steps."""
+
+    def __init__(self, name: str, steps: Iterable[Step] = (), *, version: int = 1, register: bool = True) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise DefinitionError(f"saga name {name!r} must be an identifier (letters, digits, underscore)")
+        if not isinstance(version, int) or version < 1:
+            raise DefinitionError(f"saga {name!r}: version must be an integer >= 1, got {version!r}")
+        self.name = name
+        self.version = version
+        self.steps: list[Step] = []
+        for step in steps:
+            self._append(step)
+        if register:
+            registry.add(self)
+
+    def step(
+        self,
+        fn: Action | None = None,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        queue: str | None = None,
+    ):
+        """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
+
+        def register(func: Action) -> Step:
+            step = Step(
+                name or func.__name__,
+                func,
+                retry=retry,
+                compensation_retry=compensation_retry,
+                timeout=timeout,
+                queue=queue,
+            )
+            self._append(step)
+            registry.changed(self)
+            return step
+
+        return register(fn) if fn is not None else register
+
+    def _append(self, step: Step) -> None:
+        if not isinstance(step, Step):
+            raise DefinitionError(f"saga {self.name!r}: steps must be Step objects, got {step!r}")
+        if any(s.name == step.name for s in self.steps):
+            raise DefinitionError(f"saga {self.name!r} already has a step named {step.name!r}")
+        if step.saga is not None and step.saga is not self:
+            raise DefinitionError(f"step {step.name!r} already belongs to saga {step.saga.name!r}")
+        step.saga = self
+        self.steps.append(step)
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name} v{self.version}: {[s.name for s in self.steps]}>"
+
+
+class Registry:
+    """Every saga defined in this process, by name and version. Listeners hear of each change."""
+
+    def __init__(self) -> None:
+        self._sagas: dict[str, dict[int, Saga]] = {}
+        self._listeners: list[Callable[[Saga], None]] = []
+
+    def add(self, saga: Saga) -> None:
+        versions = self._sagas.setdefault(saga.name, {})
+        existing = versions.get(saga.version)
+        if existing is not None and existing is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r} version {saga.version} is already registered; "
+                f"bump the version to change its steps"
+            )
+        versions[saga.version] = saga
+        self.changed(saga)
+
+    def changed(self, saga: Saga) -> None:
+        for listener in self._listeners:
+            listener(saga)
+
+    def listen(self, listener: Callable[[Saga], None]) -> None:
+        """Call ``listener`` for every saga now registered and on every later change."""
+        self._listeners.append(listener)
+        for saga in self.all():
+            listener(saga)
+
+    def get(self, name: str, version: int | None = None) -> Saga:
+        versions = self._sagas.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._sagas)) or "none"
+            raise UnknownSaga(f"unknown saga {name!r} (registered: {known})")
+        if version is None:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise UnknownSaga(f"saga {name!r} has no version {version} (have {sorted(versions)})") from None
+
+    def all(self) -> list[Saga]:
+        return [versions[v] for _, versions in sorted(self._sagas.items()) for v in sorted(versions)]
+
+    def remove(self, name: str) -> None:
+        """Forget a saga (for tests that define throwaway sagas)."""
+        self._sagas.pop(name, None)
+
+
+registry = Registry()
