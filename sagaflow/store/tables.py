@@ -1,0 +1,99 @@
+"""The three tables: runs, their steps, and the event history. Created by the Alembic migrations in
+``migrations/``; this module is what the code reads and writes through (and what autogenerate compares)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+metadata = MetaData()
+
+
+class UTCDateTime(TypeDecorator):
+    """Naive UTC in the database (SQLite has no time zones), aware UTC in Python."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value, dialect):
+        return value.replace(tzinfo=dt.timezone.utc) if value is not None else None
+
+
+# BIGINT on PostgreSQL, INTEGER on SQLite (where only INTEGER PRIMARY KEY autoincrements).
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+runs = Table(
+    "saga_runs",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("saga", String(200), nullable=False),
+    Column("saga_version", Integer, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("idempotency_key", String(200), nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("error", Text, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
+    Index("ix_saga_runs_status_created", "status", "created_at"),
+    Index("ix_saga_runs_saga_created", "saga", "created_at"),
+    Index("ix_saga_runs_created", "created_at"),
+)
+
+steps = Table(
+    "saga_steps",
+    metadata,
+    Column("run_id", String(36), ForeignKey("saga_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("has_compensation", Boolean, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("compensation_attempts", Integer, nullable=False, default=0),
+    Column("result", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("compensation_error", Text, nullable=True),
+    Column("task_id", String(255), nullable=True),
+    Column("compensation_task_id", String(255), nullable=True),
+    # "<celery task id>:<retries>" of the delivery that holds the step; a delivery whose claim does not
+    # match is a duplicate. The lease says until when the holder counts as alive.
+    Column("claim", String(300), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("started_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+    Column("compensated_at", UTCDateTime, nullable=True),
+)
+
+events = Table(
+    "saga_events",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("run_id", String(36), ForeignKey("saga_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(64), nullable=False),
+    Column("step", String(200), nullable=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("detail", JSON, nullable=True),
+    Index("ix_saga_events_run_id", "run_id", "id"),
+)
