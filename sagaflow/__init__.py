@@ -1,0 +1,25 @@
+"""sagaflow: sagas (ordered steps, each undone by its compensation if a later step fails) on Celery,
+with their state in SQL."""
+
+from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.errors import (
+    DefinitionError,
+    InvalidInput,
+    InvalidTransition,
+    NonRetryableError,
+    ResultNotSerializable,
+    SagaCancelled,
+    SagaflowError,
+    UnknownRun,
+    UnknownSaga,
+)
+from sagaflow.store import Run, RunStatus, StepStatus
+
+from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
+from sagaflow.client import BrokerUnavailable, SagaClient  # noqa: E402
+
+__all__ = [
+    "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError",
+    "ResultNotSerializable", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled", "SagaClient",
+    "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "registry",
+]

@@ -1,0 +1,138 @@
+"""SagaClient: start, follow, cancel and retry runs. The Python API, the HTTP API and the CLI all use it.
+
+    client = SagaClient.from_env()
+    run = client.start("create_booking", {"customer": "c1"}, idempotency_key="order-17")
+    run = client.wait(run.id, timeout=30)
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from config.settings import Settings
+from sagaflow.app import celery_app, configure, get_settings, get_store
+from sagaflow.compiler import compile_run
+from sagaflow.definition import registry
+from sagaflow.errors import InvalidInput, SagaflowError
+from sagaflow.store import Run, RunStatus, Store
+from sagaflow.store.repository import ensure_json
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+class RunList(list):
+    """A page of runs (newest first); ``total`` counts every run matching the filters."""
+
+    def __init__(self, runs, total: int) -> None:
+        super().__init__(runs)
+        self.total = total
+
+
+class BrokerUnavailable(SagaflowError):
+    pass
+
+
+class SagaClient:
+    def __init__(self, store: Store | None = None, app=celery_app) -> None:
+        self.store = store or get_store()
+        self.app = app
+
+    @classmethod
+    def from_env(cls, settings: Settings | None = None) -> "SagaClient":
+        """Settings from SAGAFLOW_DATABASE_URL, SAGAFLOW_BROKER_URL... (embedded defaults when unset)."""
+        if settings is not None or get_settings() != Settings.from_env():
+            configure(settings)
+        return cls()
+
+    # ------------------------------------------------------------------ commands
+
+    def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None) -> Run:
+        """Record the run and publish its first step; returns at once with the run (status pending).
+
+        With an idempotency key that was used before, returns that earlier run and starts nothing.
+        """
+        definition = registry.get(saga)  # raises UnknownSaga
+        if input is None:
+            input = {}
+        if not isinstance(input, dict):
+            raise InvalidInput(f"input must be a JSON object (a dict), got {type(input).__name__}")
+        try:
+            input = ensure_json(input, "input")
+        except TypeError as exc:
+            raise InvalidInput(str(exc)) from None
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
+        ):
+            raise InvalidInput(f"idempotency_key must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
+                               f"characters")
+        if not definition.steps:
+            raise InvalidInput(f"saga {saga!r} has no steps")
+        self._check_broker()
+        run, created = self.store.create_run(
+            str(uuid.uuid4()), definition.name, definition.version, input,
+            [(s.name, s.compensate is not None) for s in definition.steps], idempotency_key,
+        )
+        if created:
+            try:
+                compile_run(self.app, definition, run.id).apply_async()
+            except Exception as exc:
+                raise BrokerUnavailable(
+                    f"run {run.id} was recorded but its first step could not be published ({exc}); "
+                    f"check SAGAFLOW_BROKER_URL and that the broker is up"
+                ) from exc
+        return run
+
+    def cancel(self, run_id: str) -> Run:
+        """Ask a pending or running run to stop: it stops before its next step and undoes what completed."""
+        return self.store.request_cancel(run_id)
+
+    def retry(self, run_id: str) -> Run:
+        """Resume the compensations of a run in ``compensation_failed``, where they stopped."""
+        from sagaflow.runtime import publish_compensation
+
+        todo = self.store.request_retry(run_id)
+        if todo:
+            publish_compensation(run_id, todo)
+        return self.get(run_id)
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, run_id: str) -> Run:
+        return self.store.get_run(run_id)
+
+    def list(self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0) -> RunList:
+        if status is not None and status not in {s.value for s in RunStatus}:
+            raise InvalidInput(f"unknown status {status!r} (one of: {', '.join(s.value for s in RunStatus)})")
+        if not (isinstance(limit, int) and 1 <= limit <= 1000) or not (isinstance(offset, int) and offset >= 0):
+            raise InvalidInput("limit must be 1..1000 and offset >= 0")
+        runs, total = self.store.list_runs(status=status, saga=saga, limit=limit, offset=offset)
+        return RunList(runs, total)
+
+    def wait(self, run_id: str, timeout: float = 30.0, poll: float = 0.05) -> Run:
+        """Block until the run reaches a final status; raises TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.store.get_run(run_id, history=False)
+            if run.is_final:
+                return self.get(run_id)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} is still {run.status} after {timeout} s")
+            time.sleep(poll)
+            poll = min(poll * 1.5, 0.5)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_broker(self) -> None:
+        settings = get_settings()
+        if settings.embedded_broker:
+            try:
+                redis.Redis(unix_socket_path=str(settings.embedded_socket), socket_timeout=2).ping()
+            except redis.RedisError:
+                raise BrokerUnavailable(
+                    f"the embedded broker is not running (no Redis on {settings.embedded_socket}): start a "
+                    f"worker with `sagaflow worker`, which starts it, or set SAGAFLOW_BROKER_URL"
+                ) from None

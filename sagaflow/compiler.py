@@ -1,0 +1,73 @@
+"""Definition + run -> Celery canvas. Pure: builds signatures by task name, publishes nothing.
+
+Forward:  chain(<saga>.<step_0>, ..., <saga>.<step_n-1>, sagaflow.finish)
+          each link with link_error = sagaflow.on_step_failed.si(run_id, index)
+Backward: chain(<saga>.<step_k>.compensate, ..., <saga>.<step_0>.compensate, sagaflow.finish_compensation)
+          each compensation with link_error = sagaflow.on_compensation_failed.si(run_id, index)
+
+Errbacks are immutable signatures of bind=True tasks, so Celery sends them as messages (visible in
+Flower) instead of calling them inside the failing process, where an exception would be swallowed.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, chain
+from celery.canvas import Signature
+
+from sagaflow.definition import Saga, Step
+
+FINISH = "sagaflow.finish"
+ON_STEP_FAILED = "sagaflow.on_step_failed"
+FINISH_COMPENSATION = "sagaflow.finish_compensation"
+ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
+HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
+
+
+def step_task_name(saga: Saga, step: Step) -> str:
+    return f"{saga.name}.{step.name}"
+
+
+def compensation_task_name(saga: Saga, step: Step) -> str:
+    return f"{saga.name}.{step.name}.compensate"
+
+
+def _limits(step: Step) -> dict:
+    options = {}
+    if step.timeout:
+        options.update(soft_time_limit=step.timeout, time_limit=step.timeout + HARD_LIMIT_GRACE)
+    if step.queue:
+        options["queue"] = step.queue
+    return options
+
+
+def compile_run(app: Celery, saga: Saga, run_id: str) -> Signature:
+    links = []
+    for index, step in enumerate(saga.steps):
+        # The first link gets the empty results map; later links receive the previous link's return.
+        args = ({},) if index == 0 else ()
+        links.append(
+            app.signature(step_task_name(saga, step), args=args,
+                          kwargs={"run_id": run_id, "index": index, "version": saga.version},
+                          link_error=[app.signature(ON_STEP_FAILED, args=(run_id, index), immutable=True)],
+                          **_limits(step))
+        )
+    n = len(saga.steps)
+    links.append(app.signature(FINISH, kwargs={"run_id": run_id},
+                               link_error=[app.signature(ON_STEP_FAILED, args=(run_id, n), immutable=True)]))
+    return chain(*links)
+
+
+def compile_compensation(app: Celery, saga: Saga, run_id: str, indexes: list[int]) -> Signature:
+    """``indexes`` in the order to undo them (latest completed first)."""
+    links = []
+    for index in indexes:
+        step = saga.steps[index]
+        links.append(
+            app.signature(compensation_task_name(saga, step),
+                          kwargs={"run_id": run_id, "index": index, "version": saga.version},
+                          immutable=True,
+                          link_error=[app.signature(ON_COMPENSATION_FAILED, args=(run_id, index), immutable=True)],
+                          **_limits(step))
+        )
+    links.append(app.signature(FINISH_COMPENSATION, args=(run_id,), immutable=True))
+    return chain(*links)

@@ -1,0 +1,210 @@
+"""The Celery tasks that execute sagas: one task per step and per compensation, plus four generic tasks
+(finish, on_step_failed, finish_compensation, on_compensation_failed).
+
+Every task first *claims* its work in SQL (a compare-and-set, see store/repository.py). A delivery that
+loses the claim is a duplicate and stops with ``Ignore``: no errback, no chain continuation, nothing
+recorded twice. A delivery that finds its step already done carries the stored result on, so a chain
+interrupted between commit and publish can be re-driven.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Task
+from celery.exceptions import Ignore, Retry
+
+from sagaflow.app import celery_app, get_settings, get_store
+from sagaflow.compiler import (
+    FINISH,
+    FINISH_COMPENSATION,
+    HARD_LIMIT_GRACE,
+    ON_COMPENSATION_FAILED,
+    ON_STEP_FAILED,
+    compensation_task_name,
+    compile_compensation,
+    step_task_name,
+)
+from sagaflow.definition import Saga, Step, StepContext, registry
+from sagaflow.errors import NonRetryableError, ResultNotSerializable, SagaCancelled
+from sagaflow.store import ClaimOutcome
+from sagaflow.store.repository import ensure_json
+
+log = logging.getLogger("sagaflow.runtime")
+
+LOST_STEP = ("the step's worker process was lost or hit its hard time limit before it could record an error; "
+             "check the worker's log")
+LOST_COMPENSATION = ("the compensation's worker process was lost or hit its hard time limit; check the worker's "
+                     "log, fix the cause, then `sagaflow retry <run_id>`")
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class SagaTask(Task):
+    """Base of the per-saga tasks. The saga and step are bound when the task is declared."""
+
+    abstract = True
+    acks_late = True
+    ignore_result = True
+    # Bounds retries after a pool child is lost (task_retry_on_worker_lost); the step's RetryPolicy
+    # governs ordinary retries.
+    max_retries = 10
+    # Expected outcomes: recorded in SQL and logged by us, no traceback in the worker log.
+    throws = (SagaCancelled, NonRetryableError)
+    saga_name: str = ""
+    step_name: str = ""
+
+    def definition(self, version: int) -> tuple[Saga, Step]:
+        saga = registry.get(self.saga_name, version)
+        return saga, next(s for s in saga.steps if s.name == self.step_name)
+
+    def tokens(self) -> tuple[str, str | None]:
+        retries = self.request.retries or 0
+        this = f"{self.request.id}:{retries}"
+        return this, (f"{self.request.id}:{retries - 1}" if retries else None)
+
+    def lease_seconds(self, step: Step) -> float:
+        return (step.timeout + HARD_LIMIT_GRACE) if step.timeout else get_settings().default_step_timeout
+
+
+def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int) -> dict:
+    saga, step = self.definition(version)
+    store = get_store()
+    token, prev_token = self.tokens()
+    lease = self.lease_seconds(step)
+    fields = {"run_id": run_id, "step": step.name}
+    claim = store.claim_step(run_id, index, token, prev_token, lease)
+    if claim.outcome is ClaimOutcome.CANCELLED:
+        log.info("step_cancelled", extra=fields)
+        raise SagaCancelled(f"run {run_id} was cancelled before step {step.name!r}")
+    if claim.outcome is ClaimOutcome.DONE:
+        log.info("step_already_done", extra=fields)
+        return {**results, step.name: claim.result}
+    if claim.outcome is not ClaimOutcome.CLAIMED:
+        log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
+        raise Ignore()
+
+    ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
+                      idempotency_key=f"{run_id}:{step.name}", results=dict(results))
+    try:
+        value = step.action(ctx)
+        try:
+            value = ensure_json(value, f"the result of step {step.name!r}")
+        except TypeError as exc:
+            raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
+    except (Retry, Ignore):
+        raise
+    except Exception as exc:
+        error = describe(exc)
+        attempt = (self.request.retries or 0) + 1
+        if step.retry.allows_retry(exc, attempt):
+            delay = step.retry.delay(attempt)
+            if store.retry_step(run_id, index, token, error, delay, lease):
+                log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+                raise self.retry(exc=exc, countdown=delay, max_retries=attempt)
+            raise Ignore()
+        if store.fail_step(run_id, index, token, error):
+            log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
+            raise  # -> link_error -> on_step_failed
+        raise Ignore()
+    if not store.complete_step(run_id, index, token, value):
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+        raise Ignore()
+    log.info("step_succeeded", extra=fields)
+    return {**results, step.name: value}
+
+
+def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -> None:
+    saga, step = self.definition(version)
+    store = get_store()
+    token, prev_token = self.tokens()
+    lease = self.lease_seconds(step)
+    fields = {"run_id": run_id, "step": step.name}
+    claim = store.claim_compensation(run_id, index, token, prev_token, lease)
+    if claim.outcome is ClaimOutcome.DONE:
+        return None
+    if claim.outcome is not ClaimOutcome.CLAIMED:
+        log.info("compensation_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
+        raise Ignore()
+
+    ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
+                      idempotency_key=f"{run_id}:{step.name}", result=claim.result)
+    try:
+        step.compensate(ctx)
+    except (Retry, Ignore):
+        raise
+    except Exception as exc:
+        error = describe(exc)
+        attempt = (self.request.retries or 0) + 1
+        if step.compensation_retry.allows_retry(exc, attempt):
+            delay = step.compensation_retry.delay(attempt)
+            if store.retry_compensation(run_id, index, token, error, delay, lease):
+                log.info("compensation_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+                raise self.retry(exc=exc, countdown=delay, max_retries=attempt)
+            raise Ignore()
+        if store.fail_compensation(run_id, index, token, error):
+            raise  # -> link_error -> on_compensation_failed
+        raise Ignore()
+    if not store.complete_compensation(run_id, index, token):
+        raise Ignore()
+    log.info("compensation_succeeded", extra=fields)
+    return None
+
+
+def declare_tasks(saga: Saga) -> None:
+    """Registry listener: declare ``<saga>.<step>`` and ``<saga>.<step>.compensate`` Celery tasks."""
+    for step in saga.steps:
+        wanted = [(step_task_name(saga, step), run_step)]
+        if step.compensate is not None:
+            wanted.append((compensation_task_name(saga, step), run_compensation))
+        for name, body in wanted:
+            if name not in celery_app.tasks:
+                celery_app.task(name=name, bind=True, base=SagaTask, saga_name=saga.name, step_name=step.name,
+                                shared=False)(body)
+
+
+registry.listen(declare_tasks)
+
+
+@celery_app.task(name=FINISH, bind=True, acks_late=True, ignore_result=True, throws=(SagaCancelled,))
+def finish(self, results: dict, *, run_id: str) -> None:
+    outcome = get_store().finish_run(run_id)
+    if outcome is ClaimOutcome.CANCELLED:
+        raise SagaCancelled(f"run {run_id} was cancelled before it finished")
+    if outcome is ClaimOutcome.CLAIMED:
+        log.info("run_succeeded", extra={"run_id": run_id})
+
+
+@celery_app.task(name=ON_STEP_FAILED, bind=True, acks_late=True, ignore_result=True)
+def on_step_failed(self, run_id: str, index: int) -> None:
+    """Errback of every forward link: compensate the steps SQL records as completed, latest first."""
+    store = get_store()
+    todo = store.begin_compensation(run_id, index, LOST_STEP)
+    if todo is None:
+        log.info("errback_duplicate_ignored", extra={"run_id": run_id, "index": index})
+        return
+    log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
+    if todo:
+        publish_compensation(run_id, todo)
+
+
+@celery_app.task(name=ON_COMPENSATION_FAILED, bind=True, acks_late=True, ignore_result=True)
+def on_compensation_failed(self, run_id: str, index: int) -> None:
+    if get_store().mark_compensation_failed(run_id, index, LOST_COMPENSATION):
+        log.error("run_compensation_failed",
+                  extra={"run_id": run_id, "index": index,
+                         "next": f"fix the cause, then run `sagaflow retry {run_id}`"})
+
+
+@celery_app.task(name=FINISH_COMPENSATION, bind=True, acks_late=True, ignore_result=True)
+def finish_compensation(self, run_id: str) -> None:
+    if get_store().finish_compensation(run_id):
+        log.info("run_compensated", extra={"run_id": run_id})
+
+
+def publish_compensation(run_id: str, indexes: list[int]) -> None:
+    run = get_store().get_run(run_id, history=False)
+    saga = registry.get(run.saga, run.saga_version)
+    compile_compensation(celery_app, saga, run_id, indexes).apply_async()
