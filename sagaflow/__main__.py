@@ -1,0 +1,3 @@
+from sagaflow.cli import main
+
+main()

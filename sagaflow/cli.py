@@ -1,0 +1,233 @@
+"""The `sagaflow` command: worker | start | status | runs | cancel | retry | db | demo."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+
+from sagaflow.app import celery_app, configure, get_store
+from sagaflow.errors import SagaflowError
+from sagaflow.logs import setup_logging
+from sagaflow.store import Run
+
+
+def load_sagas(settings) -> None:
+    """Import the modules named in SAGAFLOW_IMPORTS, which register the sagas."""
+    for module in settings.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise click.ClickException(
+                f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS ({exc}); "
+                f"run from the project folder or fix SAGAFLOW_IMPORTS"
+            ) from None
+
+
+def _setup(need_schema: bool = True):
+    settings = configure()
+    setup_logging(settings.log_level)
+    load_sagas(settings)
+    if need_schema:
+        try:
+            get_store().check_schema()
+        except SagaflowError as exc:
+            raise click.ClickException(str(exc)) from None
+    return settings
+
+
+def _client():
+    from sagaflow.client import SagaClient
+
+    return SagaClient()
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (SagaflowError, TimeoutError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+def main() -> None:
+    """sagaflow: sagas on Celery, state in SQL. Settings come from SAGAFLOW_* environment variables."""
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+@main.command()
+@click.option("-P", "--pool", default=None, help="prefork (default: time limits work), threads or solo.")
+@click.option("-c", "--concurrency", type=int, default=None, help="Worker processes (default 2).")
+@click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume (default: celery).")
+@click.option("-l", "--loglevel", default=None, help="Log level (default SAGAFLOW_LOG_LEVEL or WARNING).")
+@click.option("-n", "--hostname", default=None, help="Worker node name, as shown in Flower.")
+def worker(pool, concurrency, queues, loglevel, hostname) -> None:
+    """Run a Celery worker for every registered saga, with task events on for Flower."""
+    settings = _setup()
+    broker = None
+    if settings.embedded_broker:
+        from sagaflow.embedded import EmbeddedRedis
+
+        broker = EmbeddedRedis(settings.embedded_socket)
+        if not broker.is_running():
+            click.echo(f"starting the embedded broker on {settings.embedded_socket}", err=True)
+            broker.start()
+        else:
+            broker = None  # someone else owns it
+    argv = ["worker", "-E", "-P", pool or settings.worker_pool,
+            "-c", str(concurrency or settings.worker_concurrency),
+            "-l", (loglevel or settings.log_level).upper()]
+    if queues:
+        argv += ["-Q", queues]
+    if hostname:
+        argv += ["-n", hostname]
+    try:
+        celery_app.worker_main(argv)
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@main.command()
+@click.argument("saga")
+@click.option("--input", "input_json", default="{}", help='The run\'s input, a JSON object: \'{"customer": "c1"}\'.')
+@click.option("--idempotency-key", default=None, help="A second start with the same key returns the first run.")
+@click.option("--wait", is_flag=True, help="Wait for a final status and print the whole run.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def start(saga, input_json, idempotency_key, wait, timeout, as_json) -> None:
+    """Start a run of SAGA."""
+    _setup()
+    try:
+        data = json.loads(input_json)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from None
+    client = _client()
+    run = client.start(saga, data, idempotency_key=idempotency_key)
+    if wait:
+        run = client.wait(run.id, timeout=timeout)
+    _print_run(run, as_json, history=wait)
+    if wait and run.status != "succeeded":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(run_id, as_json) -> None:
+    """Show a run: its steps and its event history."""
+    _setup()
+    _print_run(_client().get(run_id), as_json)
+
+
+@main.command()
+@click.option("--status", "status_", default=None, help="Only runs in this status.")
+@click.option("--saga", default=None, help="Only runs of this saga.")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--offset", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def runs(status_, saga, limit, offset, as_json) -> None:
+    """List runs, newest first."""
+    _setup()
+    page = _client().list(status=status_, saga=saga, limit=limit, offset=offset)
+    if as_json:
+        click.echo(json.dumps({"items": [r.to_dict(history=False) for r in page], "total": page.total}, indent=2))
+        return
+    for r in page:
+        click.echo(f"{r.id}  {r.saga:<18} {r.status:<20} {r.created_at:%Y-%m-%d %H:%M:%S}")
+    click.echo(f"{len(page)} of {page.total} runs")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cancel(run_id, as_json) -> None:
+    """Cancel a pending or running run: it stops before its next step and undoes what completed."""
+    _setup()
+    _print_run(_client().cancel(run_id), as_json, history=False)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def retry(run_id, as_json) -> None:
+    """Resume the compensations of a run in compensation_failed."""
+    _setup()
+    _print_run(_client().retry(run_id), as_json, history=False)
+
+
+def _print_run(run: Run, as_json: bool, history: bool = True) -> None:
+    if as_json:
+        click.echo(json.dumps(run.to_dict(history=history), indent=2))
+        return
+    click.echo(f"run {run.id}  {run.saga} v{run.saga_version}  {run.status}"
+               + ("  (cancel requested)" if run.cancel_requested and not run.is_final else ""))
+    if run.error:
+        click.echo(f"error: {run.error}")
+    if not history:
+        return
+    for s in run.steps:
+        error = s.compensation_error or s.error or ""
+        click.echo(f"  {s.index:>2} {s.name:<22} {s.status:<20} attempts={s.attempts}"
+                   + (f" undo_attempts={s.compensation_attempts}" if s.compensation_attempts else "")
+                   + (f"  {error}" if error else ""))
+    for e in run.events:
+        detail = " ".join(f"{k}={v}" for k, v in (e.detail or {}).items())
+        click.echo(f"  {e.at:%H:%M:%S.%f}"[:-3] + f"  {e.kind:<24} {e.step or '':<22} {detail}")
+
+
+# ---------------------------------------------------------------------------------------------- db
+
+
+@main.group()
+def db() -> None:
+    """Database schema (Alembic migrations shipped with sagaflow)."""
+
+
+@db.command()
+@click.argument("revision", default="head")
+def upgrade(revision) -> None:
+    """Create or update the tables (to REVISION, default head)."""
+    from sagaflow.store.migrate import upgrade as do_upgrade
+
+    settings = configure()
+    if settings.database_url.startswith("sqlite"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    do_upgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}: {get_store().engine.url.render_as_string(hide_password=True)}")
+
+
+@db.command()
+@click.argument("revision")
+def downgrade(revision) -> None:
+    """Undo migrations down to REVISION ('base' drops every sagaflow table)."""
+    from sagaflow.store.migrate import downgrade as do_downgrade
+
+    settings = configure()
+    do_downgrade(settings.database_url, revision)
+    click.echo(f"database at {revision}")
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the runs.")
+def demo(timeout) -> None:
+    """Run a success and a failure of each example saga, with a worker started for the occasion."""
+    from sagaflow.demo import run_demo
+
+    settings = _setup(need_schema=False)
+    sys.exit(run_demo(settings, timeout=timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`sagaflow demo`: start a worker, run a success and a failure of each example saga, and print, for each
+run, its status and the order in which its actions and compensations ran (from the event history).
+
+On a bare machine it uses SQLite and the embedded broker under SAGAFLOW_HOME; with SAGAFLOW_DATABASE_URL
+and SAGAFLOW_BROKER_URL set it uses those. Exits non-zero if a run does not end as expected.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import click
+
+from config.settings import Settings
+from sagaflow.app import celery_app
+from sagaflow.store import Run
+
+# (saga, input, expected final status). Names only: the sagas come from SAGAFLOW_IMPORTS (the examples).
+SCENARIOS = [
+    ("create_booking", {"customer": "c1"}, "succeeded"),
+    ("create_booking", {"customer": "c2", "fail_at": "add_calendar"}, "compensated"),
+    ("collect_payment", {"amount": 42, "flaky": {"process_payment": 1}}, "succeeded"),
+    ("collect_payment", {"amount": 42, "fail_at": "log_analytics"}, "compensated"),
+    ("data_ingest", {"source": "s3://bucket/report.pdf"}, "succeeded"),
+    ("data_ingest", {"source": "s3://bucket/bad.pdf", "fail_at": "embed",
+                     "fail_compensation": {"parse": 1}}, "compensated"),
+]
+
+
+def run_demo(settings: Settings, timeout: float = 120.0) -> int:
+    from sagaflow.client import SagaClient
+    from sagaflow.store.migrate import upgrade
+
+    where = "embedded (SQLite + embedded Redis)" if settings.embedded_broker else "configured"
+    click.echo(f"sagaflow demo: {where} database {_safe(settings.database_url)}")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+
+    broker = None
+    if settings.embedded_broker:
+        from sagaflow.embedded import EmbeddedRedis
+
+        broker = EmbeddedRedis(settings.embedded_socket)
+        broker = broker.start() if not broker.is_running() else None
+    log_path = settings.home / "demo-worker.log"
+    with open(log_path, "w") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sagaflow", "worker", "-n", f"demo-{os.getpid()}@%h"],
+            env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for_worker(worker, log_path)
+        client = SagaClient()
+        started = time.monotonic()
+        runs = [(client.start(saga, data), expected) for saga, data, expected in SCENARIOS]
+        click.echo(f"started {len(runs)} runs; waiting for them to finish")
+        failures = 0
+        for run, expected in runs:
+            final = client.wait(run.id, timeout=timeout)
+            ok = final.status == expected
+            failures += not ok
+            click.echo(f"\n{final.saga:<16} {final.status:<12}{'' if ok else f'  (expected {expected})'}"
+                       f"  input={_short(final.input)}")
+            click.echo(f"  {describe_order(final)}")
+        click.echo(f"\n{len(runs) - failures} of {len(runs)} runs ended as expected "
+                   f"in {time.monotonic() - started:.1f} s. Inspect one with: sagaflow status <run id>")
+        return 1 if failures else 0
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        if broker is not None:
+            broker.stop()
+
+
+def describe_order(run: Run) -> str:
+    """'create_invoice -> send_email -> add_calendar FAILED -> undo send_email -> undo create_invoice'."""
+    order = []
+    for e in run.events:
+        if e.kind == "step_succeeded":
+            order.append(e.step)
+        elif e.kind == "step_failed":
+            order.append(f"{e.step} FAILED")
+        elif e.kind == "step_retried":
+            order.append(f"({e.step} retried)")
+        elif e.kind == "compensation_succeeded":
+            order.append(f"undo {e.step}")
+        elif e.kind == "compensation_retried":
+            order.append(f"(undo {e.step} retried)")
+    return " -> ".join(order) + f"  [{run.id}]"
+
+
+def _wait_for_worker(worker: subprocess.Popen, log_path, timeout: float = 60.0) -> None:
+    click.echo("starting a worker", nl=False)
+    deadline = time.monotonic() + timeout
+    while not celery_app.control.ping(timeout=0.5):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            tail = log_path.read_text()[-2000:]
+            raise click.ClickException(f"the demo worker did not start; its log ({log_path}) ends with:\n{tail}")
+        click.echo(".", nl=False)
+    click.echo(" ready")
+
+
+def _safe(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _short(data: dict) -> str:
+    text = ", ".join(f"{k}={v}" for k, v in data.items())
+    return text if len(text) <= 70 else text[:67] + "..."
