@@ -79,11 +79,15 @@ def _record(ctx: StepContext, kind: str) -> None:
         conn.execute(dialect.insert(example_effects).values(**row).on_conflict_do_nothing())
 
 
-def do(ctx: StepContext) -> None:
-    """Apply the knobs for an action, then record its effect once."""
+def _sleep(ctx: StepContext) -> None:
     delay = _knob(ctx, "sleep").get(ctx.step)
     if delay:
         time.sleep(float(delay))
+
+
+def do(ctx: StepContext) -> None:
+    """Apply the knobs for an action, then record its effect once."""
+    _sleep(ctx)
     if ctx.input.get("fail_at") == ctx.step:
         raise ExampleFailure(f"{ctx.step} failed on purpose (fail_at)")
     if ctx.attempt <= int(_knob(ctx, "flaky").get(ctx.step, 0)):
@@ -93,6 +97,7 @@ def do(ctx: StepContext) -> None:
 
 def undo(ctx: StepContext) -> None:
     """Apply the knobs for a compensation, then record its effect once."""
+    _sleep(ctx)
     if ctx.attempt <= int(_knob(ctx, "fail_compensation").get(ctx.step, 0)):
         raise TransientFailure(f"undo {ctx.step}: fault on attempt {ctx.attempt} (fail_compensation)")
     _record(ctx, "undo")

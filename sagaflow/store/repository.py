@@ -494,8 +494,9 @@ class Store:
 
 
 def ensure_json(value: Any, what: str) -> Any:
-    """Round-trip through JSON so only JSON data is stored; raise TypeError naming ``what`` otherwise."""
+    """Round-trip through JSON so only JSON data is stored; raise TypeError naming ``what`` otherwise.
+    NaN and infinities are refused: they are not JSON, and PostgreSQL rejects them."""
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(value, allow_nan=False))
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{what} is not JSON-serializable: {exc}") from None

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from sagaflow.definition import registry
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def kinds(run, *only: str) -> list[tuple[str, str | None]]:
+    return [(e.kind, e.step) for e in run.events if not only or e.kind in only]
+
+
+def expected_after_failure(saga: str, failed: str) -> list[tuple[str, str]]:
+    """Effects of a run of ``saga`` whose step ``failed`` fails for good: the earlier steps, then the undo of
+    each of them that has a compensation, latest first."""
+    steps = registry.get(saga).steps
+    k = [s.name for s in steps].index(failed)
+    done = steps[:k]
+    return [("do", s.name) for s in done] + [("undo", s.name) for s in reversed(done) if s.compensate]

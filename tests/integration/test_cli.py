@@ -1,0 +1,79 @@
+"""The `sagaflow` command against the test services, and `sagaflow demo` on the embedded default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def sagaflow(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sagaflow", *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def env(settings, worker):
+    return {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING"}
+
+
+def test_start_wait_status_and_runs(env):
+    done = sagaflow("start", "create_booking", "--input", '{"customer": "cli"}', "--wait", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert run["status"] == "succeeded"
+    assert [s["status"] for s in run["steps"]] == ["succeeded"] * 4
+
+    shown = sagaflow("status", run["id"], env=env)
+    assert shown.returncode == 0 and "succeeded" in shown.stdout and "run_succeeded" in shown.stdout
+
+    listed = json.loads(sagaflow("runs", "--saga", "create_booking", "--json", env=env).stdout)
+    assert run["id"] in [r["id"] for r in listed["items"]]
+
+
+def test_failed_run_exits_non_zero_with_wait(env):
+    done = sagaflow("start", "data_ingest", "--input", '{"fail_at": "parse"}', "--wait", env=env)
+    assert done.returncode == 1
+    assert "compensated" in done.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["start", "create_booking", "--input", "{not json"], "not valid JSON"),
+    (["start", "create_booking", "--input", "[1]"], "must be a JSON object"),
+    (["start", "nope"], "unknown saga 'nope'"),
+    (["status", "no-such-run"], "unknown run id"),
+    (["cancel", "no-such-run"], "unknown run id"),
+    (["retry", "no-such-run"], "unknown run id"),
+    (["runs", "--status", "bogus"], "unknown status"),
+])
+def test_bad_input_gives_a_clear_error_and_non_zero_exit(env, args, message):
+    done = sagaflow(*args, env=env)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_commands_need_the_schema_and_say_how_to_create_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
+    env["SAGAFLOW_HOME"] = str(tmp_path)
+    done = sagaflow("runs", env=env)
+    assert done.returncode == 1
+    assert "sagaflow db upgrade" in done.stderr
+
+
+def test_demo_runs_on_the_embedded_default_and_exits_zero(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
+    env["SAGAFLOW_HOME"] = str(tmp_path / "home")
+    done = sagaflow("demo", env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "6 of 6 runs ended as expected" in done.stdout
+    assert "add_calendar FAILED -> undo send_whatsapp -> undo send_email -> undo create_invoice" in done.stdout
+    assert "sqlite" in done.stdout
+    assert not (tmp_path / "home" / "redis.sock").exists()  # the embedded broker was stopped

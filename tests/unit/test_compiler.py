@@ -1,0 +1,45 @@
+"""The canvas the compiler builds: one task per step with its own bind=True .si errback."""
+
+import functools
+
+from celery import signature
+
+from sagaflow.app import celery_app
+from sagaflow.compiler import compile_compensation, compile_run
+from sagaflow.definition import registry
+import tasks  # noqa: F401
+
+
+def test_forward_chain_has_one_named_task_per_step_then_finish():
+    saga = registry.get("create_booking")
+    links = compile_run(celery_app, saga, "run-1").tasks
+    assert [s.task for s in links] == [
+        "create_booking.create_invoice", "create_booking.send_email", "create_booking.send_whatsapp",
+        "create_booking.add_calendar", "sagaflow.finish",
+    ]
+    assert links[0].args == ({},) and links[1].args == ()
+    assert links[2].kwargs == {"run_id": "run-1", "index": 2, "version": 1}
+    for index, link in enumerate(links):
+        (errback,) = map(signature, link.options["link_error"])
+        assert errback.task == "sagaflow.on_step_failed" and errback.immutable
+        assert tuple(errback.args) == ("run-1", index)
+    assert links[0].options["soft_time_limit"] == 30 and links[0].options["time_limit"] == 35
+
+
+def test_errback_tasks_are_bound_so_celery_sends_them_as_messages():
+    # celery-facts.md 0.3: a bind=True errback is published as a task, not called in the failing process.
+    for name in ("sagaflow.on_step_failed", "sagaflow.on_compensation_failed"):
+        # Celery's _call_task_errbacks calls an errback in-process unless its __header__ is a partial,
+        # which is what bind=True makes it.
+        assert isinstance(celery_app.tasks[name].__header__, functools.partial)
+
+
+def test_backward_chain_undoes_the_given_steps_in_order_then_finishes():
+    saga = registry.get("collect_payment")
+    links = compile_compensation(celery_app, saga, "run-2", [1, 0]).tasks
+    assert [s.task for s in links] == [
+        "collect_payment.create_invoice.compensate", "collect_payment.process_payment.compensate",
+        "sagaflow.finish_compensation",
+    ]
+    assert all(link.immutable for link in links)
+    assert [tuple(signature(link.options["link_error"][0]).args) for link in links[:-1]] == [("run-2", 1), ("run-2", 0)]

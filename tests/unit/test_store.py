@@ -1,0 +1,171 @@
+"""The guarded transitions, on SQLite with no broker: who wins a claim, and what a loser changes (nothing)."""
+
+import time
+
+import pytest
+
+from sagaflow import InvalidTransition, UnknownRun
+from sagaflow.store import ClaimOutcome as C
+
+STEPS = [("a", True), ("b", True), ("c", False)]
+
+
+def new_run(store, run_id="r1", key=None):
+    run, created = store.create_run(run_id, "s", 1, {"x": 1}, STEPS, key)
+    return run
+
+
+def test_create_run_writes_run_steps_and_first_event(store):
+    run = new_run(store)
+    assert run.status == "pending" and run.input == {"x": 1}
+    assert [(s.name, s.status) for s in run.steps] == [("a", "pending"), ("b", "pending"), ("c", "pending")]
+    assert [e.kind for e in run.events] == ["run_started"]
+
+
+def test_idempotency_key_returns_the_existing_run(store):
+    first = new_run(store, "r1", key="k")
+    again, created = store.create_run("r2", "s", 1, {}, STEPS, "k")
+    assert not created and again.id == first.id
+    with pytest.raises(UnknownRun):
+        store.get_run("r2")
+
+
+def test_first_claim_wins_and_a_duplicate_is_busy(store):
+    new_run(store)
+    claim = store.claim_step("r1", 0, "t0:0", None, 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 1 and claim.input == {"x": 1}
+    assert store.get_run("r1").status == "running"
+    assert store.claim_step("r1", 0, "t0:0", None, 60).outcome is C.BUSY  # same message, holder alive
+    assert store.claim_step("r1", 0, "other:0", None, 60).outcome is C.BUSY  # another copy of the chain
+    assert [e.kind for e in store.get_run("r1").events].count("step_started") == 1
+
+
+def test_a_scheduled_retry_takes_the_claim_over_from_its_previous_attempt(store):
+    new_run(store)
+    store.claim_step("r1", 0, "t0:0", None, 60)
+    assert store.retry_step("r1", 0, "t0:0", "boom", 0.1, 60)
+    claim = store.claim_step("r1", 0, "t0:1", "t0:0", 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 2
+    assert store.claim_step("r1", 0, "t0:1", "t0:0", 60).outcome is C.BUSY  # the retry delivered twice
+    assert not store.retry_step("r1", 0, "t0:0", "stale", 0.1, 60)  # the old attempt lost its claim
+
+
+def test_a_redelivery_takes_over_only_after_the_lease_expired(store):
+    new_run(store)
+    store.claim_step("r1", 0, "t0:0", None, 0.2)
+    assert store.claim_step("r1", 0, "t0:0", None, 60).outcome is C.BUSY
+    time.sleep(0.3)
+    claim = store.claim_step("r1", 0, "t0:0", None, 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 2
+
+
+def test_result_is_recorded_once_and_a_duplicate_carries_it_on(store):
+    new_run(store)
+    store.claim_step("r1", 0, "t0:0", None, 60)
+    assert store.complete_step("r1", 0, "t0:0", {"id": 7})
+    assert not store.complete_step("r1", 0, "t0:0", {"id": 8})
+    dup = store.claim_step("r1", 0, "t0:0", None, 60)
+    assert dup.outcome is C.DONE and dup.result == {"id": 7}
+    run = store.get_run("r1")
+    assert run.step("a").result == {"id": 7} and run.step("a").task_id == "t0"
+    assert [e.kind for e in run.events].count("step_succeeded") == 1
+
+
+def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_first(store):
+    new_run(store)
+    for i, tok in enumerate(["a:0", "b:0"]):
+        store.claim_step("r1", i, tok, None, 60)
+        store.complete_step("r1", i, tok, i)
+    store.claim_step("r1", 2, "c:0", None, 60)
+    store.fail_step("r1", 2, "c:0", "ValueError: no")
+
+    assert store.begin_compensation("r1", 2, "lost") == [1, 0]
+    assert store.begin_compensation("r1", 2, "lost") is None  # the duplicate errback
+    run = store.get_run("r1")
+    assert run.status == "compensating" and run.step("c").error == "ValueError: no"
+
+
+def test_an_errback_for_a_step_still_marked_running_records_it_lost_and_skips_the_rest(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", None, 60)
+    assert store.begin_compensation("r1", 0, "the worker was lost") == []
+    run = store.get_run("r1")
+    assert run.status == "compensated"
+    assert [(s.status, s.error) for s in run.steps] == [("failed", "the worker was lost"), ("skipped", None),
+                                                         ("skipped", None)]
+
+
+def _to_compensating(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", None, 60)
+    store.complete_step("r1", 0, "a:0", {"v": 1})
+    store.claim_step("r1", 1, "b:0", None, 60)
+    store.fail_step("r1", 1, "b:0", "no")
+    assert store.begin_compensation("r1", 1, "lost") == [0]
+
+
+def test_compensation_claims_follow_the_same_rules(store):
+    _to_compensating(store)
+    claim = store.claim_compensation("r1", 0, "u:0", None, 60)
+    assert claim.outcome is C.CLAIMED and claim.result == {"v": 1} and claim.attempt == 1
+    assert store.claim_compensation("r1", 0, "u:0", None, 60).outcome is C.BUSY
+    assert store.complete_compensation("r1", 0, "u:0")
+    assert store.claim_compensation("r1", 0, "u:0", None, 60).outcome is C.DONE
+    assert store.finish_compensation("r1") and not store.finish_compensation("r1")
+    assert store.get_run("r1").status == "compensated"
+    assert store.claim_compensation("r1", 0, "u2:0", None, 60).outcome is C.GONE
+
+
+def test_compensation_failed_waits_for_retry_which_resumes_it(store):
+    _to_compensating(store)
+    store.claim_compensation("r1", 0, "u:0", None, 60)
+    assert store.fail_compensation("r1", 0, "u:0", "IOError: down")
+    assert store.mark_compensation_failed("r1", 0, "lost")
+    assert not store.mark_compensation_failed("r1", 0, "lost")  # duplicate errback
+    run = store.get_run("r1")
+    assert run.status == "compensation_failed" and "IOError: down" in run.error
+
+    assert store.request_retry("r1") == [0]
+    with pytest.raises(InvalidTransition, match="only runs in compensation_failed"):
+        store.request_retry("r1")
+    claim = store.claim_compensation("r1", 0, "v:0", None, 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 2  # attempts add up across rounds
+
+
+def test_cancel_is_a_flag_that_the_next_claim_obeys(store):
+    new_run(store)
+    assert store.request_cancel("r1").cancel_requested
+    assert store.request_cancel("r1").cancel_requested  # idempotent
+    assert store.claim_step("r1", 0, "a:0", None, 60).outcome is C.CANCELLED
+    assert store.begin_compensation("r1", 0, "lost") == []
+    assert store.get_run("r1").status == "cancelled"
+    with pytest.raises(InvalidTransition, match="is cancelled"):
+        store.request_cancel("r1")
+
+
+def test_finish_obeys_a_late_cancel(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", None, 60)
+    store.request_cancel("r1")
+    assert store.finish_run("r1") is C.CANCELLED
+    assert store.get_run("r1").status == "running"
+
+
+def test_unknown_run_everywhere(store):
+    with pytest.raises(UnknownRun):
+        store.get_run("x")
+    with pytest.raises(UnknownRun):
+        store.request_cancel("x")
+    with pytest.raises(UnknownRun):
+        store.request_retry("x")
+    assert store.claim_step("x", 0, "t:0", None, 60).outcome is C.GONE
+
+
+def test_list_filters_and_counts(store):
+    for i in range(3):
+        new_run(store, f"r{i}")
+    store.request_cancel("r1")
+    runs, total = store.list_runs(limit=2)
+    assert total == 3 and [r.id for r in runs] == ["r2", "r1"]
+    assert store.list_runs(status="pending", saga="s")[1] == 3
+    assert store.list_runs(saga="other")[1] == 0
