@@ -51,6 +51,7 @@ class SagaTask(Task):
     # Bounds retries after a pool child is lost (task_retry_on_worker_lost); the step's RetryPolicy
     # governs ordinary retries.
     max_retries = 10
+    default_retry_delay = 1  # that retry's countdown; Celery's default of 180 s would stall the run
     # Expected outcomes: recorded in SQL and logged by us, no traceback in the worker log.
     throws = (SagaCancelled, NonRetryableError)
     saga_name: str = ""

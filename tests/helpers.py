@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable
 
 from sagaflow.definition import registry
@@ -28,3 +29,16 @@ def expected_after_failure(saga: str, failed: str) -> list[tuple[str, str]]:
     k = [s.name for s in steps].index(failed)
     done = steps[:k]
     return [("do", s.name) for s in done] + [("undo", s.name) for s in reversed(done) if s.compensate]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a prefork worker's pool processes), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children

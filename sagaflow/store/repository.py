@@ -194,27 +194,29 @@ class Store:
             ).first()
             if run is None or run.status not in _LIVE_RUN:
                 return Claim(ClaimOutcome.GONE)
+            claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, prev_token, now)
             if run.cancel_requested:
-                return Claim(ClaimOutcome.CANCELLED)
-            if run.status == RunStatus.PENDING.value:
-                self._set_run_status(conn, run_id, RunStatus.PENDING, RunStatus.RUNNING, now)
-            claimed = conn.execute(
-                update(t.steps)
-                .where(s.run_id == run_id, s.idx == idx, self._claimable(StepStatus.PENDING, StepStatus.RUNNING,
-                                                                         token, prev_token, now))
-                .values(
-                    status=StepStatus.RUNNING.value,
-                    attempts=s.attempts + 1,
-                    claim=token,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                    started_at=func.coalesce(s.started_at, now),
-                    task_id=token.rsplit(":", 1)[0],
-                )
-                .returning(s.attempts, s.name)
-            ).first()
-            if claimed is not None:
-                self._event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
-                return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, input=run.input)
+                if self._stop_for_cancel(conn, run_id, idx, claimable, now):
+                    return Claim(ClaimOutcome.CANCELLED)
+            else:
+                if run.status == RunStatus.PENDING.value:
+                    self._set_run_status(conn, run_id, RunStatus.PENDING, RunStatus.RUNNING, now)
+                claimed = conn.execute(
+                    update(t.steps)
+                    .where(s.run_id == run_id, s.idx == idx, claimable)
+                    .values(
+                        status=StepStatus.RUNNING.value,
+                        attempts=s.attempts + 1,
+                        claim=token,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                        started_at=func.coalesce(s.started_at, now),
+                        task_id=token.rsplit(":", 1)[0],
+                    )
+                    .returning(s.attempts, s.name)
+                ).first()
+                if claimed is not None:
+                    self._event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
+                    return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, input=run.input)
             current = conn.execute(select(s.status, s.result).where(s.run_id == run_id, s.idx == idx)).first()
         if current is not None and current.status == StepStatus.SUCCEEDED.value:
             return Claim(ClaimOutcome.DONE, result=current.result)
@@ -408,6 +410,23 @@ class Store:
         return todo
 
     # ---------------------------------------------------------------- helpers
+
+    def _stop_for_cancel(self, conn, run_id: str, idx: int, claimable, now: dt.datetime) -> bool:
+        """A cancel was requested. Only a delivery that could claim the step acts on it: a duplicate of a
+        step whose holder is still running backs off, so the holder finishes and the next step stops
+        (acting here would mark the step failed and leave the holder's effect never undone)."""
+        s = t.steps.c
+        step = conn.execute(select(s.status, s.name).where(s.run_id == run_id, s.idx == idx, claimable)).first()
+        if step is None:
+            return False
+        if step.status == StepStatus.RUNNING.value:  # it was waiting to run again (retry or redelivery)
+            reason = "cancelled while the step was waiting to run again"
+            conn.execute(
+                update(t.steps).where(s.run_id == run_id, s.idx == idx)
+                .values(status=StepStatus.FAILED.value, error=reason, finished_at=now, lease_expires_at=None)
+            )
+            self._event(conn, run_id, "step_failed", step.name, {"error": reason}, now)
+        return True
 
     @staticmethod
     def _claimable(start: StepStatus, active: StepStatus, token: str, prev_token: str | None, now: dt.datetime):

@@ -3,12 +3,15 @@ happened outside) and in the event history (what sagaflow recorded)."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 from sagaflow import InvalidTransition
 from sagaflow.definition import registry
 from tasks.effects import effects_of
-from tests.helpers import expected_after_failure, kinds, wait_for
+from tests.helpers import child_pids, expected_after_failure, kinds, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +164,16 @@ def test_a_step_returning_non_json_fails_once_with_a_clear_error(client):
     assert step.status == "failed" and step.attempts == 1
     assert "not JSON-serializable" in step.error and "returns_object" in step.error
     assert effects_of(run.id) == [("do", "prepare"), ("undo", "prepare")]
+
+
+def test_a_pool_child_killed_mid_step_is_retried_and_the_run_completes(client, worker):
+    # task_retry_on_worker_lost re-sends the step with retries+1; its claim token takes the step over.
+    run = client.start("create_booking", {"sleep": {"send_email": 2.0}})
+    wait_for(lambda: client.get(run.id).step("send_email").status == "running", what="send_email to start")
+    for pid in child_pids(worker.pid):
+        os.kill(pid, signal.SIGKILL)
+
+    run = client.wait(run.id, timeout=60)
+    assert run.status == "succeeded"
+    assert run.step("send_email").attempts == 2
+    assert effects_of(run.id) == [("do", s.name) for s in run.steps]

@@ -169,3 +169,29 @@ def test_list_filters_and_counts(store):
     assert total == 3 and [r.id for r in runs] == ["r2", "r1"]
     assert store.list_runs(status="pending", saga="s")[1] == 3
     assert store.list_runs(saga="other")[1] == 0
+
+
+def test_a_duplicate_never_acts_on_a_cancel_while_the_holder_runs(store):
+    # If the duplicate reported CANCELLED, its errback would mark the running step failed, and the
+    # holder's effect would never be undone. It must back off; the next step's claim sees the cancel.
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", None, 60)
+    store.request_cancel("r1")
+    assert store.claim_step("r1", 0, "a:0", None, 60).outcome is C.BUSY
+    assert store.claim_step("r1", 0, "copy:0", None, 60).outcome is C.BUSY
+    assert store.complete_step("r1", 0, "a:0", {"v": 1})
+    assert store.claim_step("r1", 0, "copy:0", None, 60).outcome is C.DONE
+    assert store.claim_step("r1", 1, "b:0", None, 60).outcome is C.CANCELLED
+    assert store.begin_compensation("r1", 1, "lost") == [0]
+
+
+def test_a_cancel_seen_by_a_waiting_retry_fails_that_step_with_the_reason(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", None, 60)
+    store.retry_step("r1", 0, "a:0", "TimeoutError: slow", 5, 60)
+    store.request_cancel("r1")
+    assert store.claim_step("r1", 0, "a:1", "a:0", 60).outcome is C.CANCELLED
+    step = store.get_run("r1").step("a")
+    assert step.status == "failed" and "cancelled" in step.error
+    assert store.begin_compensation("r1", 0, "lost") == []
+    assert store.get_run("r1").step("a").error == step.error  # not overwritten as "lost"
