@@ -10,9 +10,12 @@ interrupted between commit and publish can be re-driven.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import (
@@ -25,7 +28,7 @@ from sagaflow.compiler import (
     compile_compensation,
     step_task_name,
 )
-from sagaflow.definition import Saga, Step, StepContext, registry
+from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
 from sagaflow.errors import NonRetryableError, ResultNotSerializable, SagaCancelled
 from sagaflow.store import ClaimOutcome
 from sagaflow.store.repository import ensure_json
@@ -36,6 +39,13 @@ LOST_STEP = ("the step's worker process was lost or hit its hard time limit befo
              "check the worker's log")
 LOST_COMPENSATION = ("the compensation's worker process was lost or hit its hard time limit; check the worker's "
                      "log, fix the cause, then `sagaflow retry <run_id>`")
+
+
+# Connection lost, server restarting, connections terminated: worth trying again, for about 25 minutes.
+DB_OUTAGE = (OperationalError, InterfaceError)
+DB_RETRY = RetryPolicy(max_attempts=50, initial_interval=0.5, backoff=2.0, max_interval=30.0)
+GENERIC_TASK = dict(bind=True, acks_late=True, ignore_result=True, autoretry_for=DB_OUTAGE,
+                    retry_backoff=True, retry_backoff_max=30, max_retries=DB_RETRY.max_attempts)
 
 
 def describe(exc: BaseException) -> str:
@@ -61,22 +71,58 @@ class SagaTask(Task):
         saga = registry.get(self.saga_name, version)
         return saga, next(s for s in saga.steps if s.name == self.step_name)
 
-    def tokens(self) -> tuple[str, str | None]:
+    def tokens(self) -> tuple[str, list[str]]:
+        """This delivery's claim token, and those of the earlier retries of the same task."""
         retries = self.request.retries or 0
-        this = f"{self.request.id}:{retries}"
-        return this, (f"{self.request.id}:{retries - 1}" if retries else None)
+        return f"{self.request.id}:{retries}", [f"{self.request.id}:{k}" for k in range(retries)]
+
+    @contextmanager
+    def database_outage_retries(self):
+        """The state store was unreachable: deliver the whole task again later. An outage is not the
+        step's failure and must not compensate the run. The claim token makes the redelivery safe."""
+        try:
+            yield
+        except DB_OUTAGE as exc:
+            retries = self.request.retries or 0
+            delay = DB_RETRY.delay(retries + 1)
+            log.warning("database_unreachable",
+                        extra={"task": self.name, "retry_in": round(delay, 3), "error": describe(exc)})
+            raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts)
 
     def lease_seconds(self, step: Step) -> float:
         return (step.timeout + HARD_LIMIT_GRACE) if step.timeout else get_settings().default_step_timeout
 
 
+@dataclass(frozen=True)
+class FailedForGood:
+    """The action (or compensation) failed and the failure is recorded: raise it to fire the errback.
+    Raised outside the outage handler, so an action's own database error is never mistaken for ours."""
+
+    exc: Exception
+
+
 def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int) -> dict:
+    with self.database_outage_retries():
+        outcome = _run_step(self, results, run_id, index, version)
+    if isinstance(outcome, FailedForGood):
+        raise outcome.exc  # -> link_error -> on_step_failed
+    return outcome
+
+
+def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -> None:
+    with self.database_outage_retries():
+        outcome = _run_compensation(self, run_id, index, version)
+    if isinstance(outcome, FailedForGood):
+        raise outcome.exc  # -> link_error -> on_compensation_failed
+
+
+def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int) -> dict | FailedForGood:
     saga, step = self.definition(version)
     store = get_store()
-    token, prev_token = self.tokens()
+    token, earlier_tokens = self.tokens()
     lease = self.lease_seconds(step)
     fields = {"run_id": run_id, "step": step.name}
-    claim = store.claim_step(run_id, index, token, prev_token, lease)
+    claim = store.claim_step(run_id, index, token, earlier_tokens, lease)
     if claim.outcome is ClaimOutcome.CANCELLED:
         log.info("step_cancelled", extra=fields)
         raise SagaCancelled(f"run {run_id} was cancelled before step {step.name!r}")
@@ -99,16 +145,18 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
         raise
     except Exception as exc:
         error = describe(exc)
-        attempt = (self.request.retries or 0) + 1
+        # The policy counts executions of the action (in SQL), not Celery retries: a retry after a
+        # database outage or a lost process must not spend the step's budget.
+        attempt = claim.round_attempt
         if step.retry.allows_retry(exc, attempt):
             delay = step.retry.delay(attempt)
             if store.retry_step(run_id, index, token, error, delay, lease):
                 log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-                raise self.retry(exc=exc, countdown=delay, max_retries=attempt)
+                raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
             raise Ignore()
         if store.fail_step(run_id, index, token, error):
-            log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
-            raise  # -> link_error -> on_step_failed
+            log.warning("step_failed", extra={**fields, "attempt": claim.attempt, "error": error})
+            return FailedForGood(exc)
         raise Ignore()
     if not store.complete_step(run_id, index, token, value):
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
@@ -117,13 +165,13 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     return {**results, step.name: value}
 
 
-def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -> None:
+def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> FailedForGood | None:
     saga, step = self.definition(version)
     store = get_store()
-    token, prev_token = self.tokens()
+    token, earlier_tokens = self.tokens()
     lease = self.lease_seconds(step)
     fields = {"run_id": run_id, "step": step.name}
-    claim = store.claim_compensation(run_id, index, token, prev_token, lease)
+    claim = store.claim_compensation(run_id, index, token, earlier_tokens, lease)
     if claim.outcome is ClaimOutcome.DONE:
         return None
     if claim.outcome is not ClaimOutcome.CLAIMED:
@@ -138,15 +186,16 @@ def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -
         raise
     except Exception as exc:
         error = describe(exc)
-        attempt = (self.request.retries or 0) + 1
+        attempt = claim.round_attempt  # counted from the last operator retry
         if step.compensation_retry.allows_retry(exc, attempt):
             delay = step.compensation_retry.delay(attempt)
             if store.retry_compensation(run_id, index, token, error, delay, lease):
                 log.info("compensation_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-                raise self.retry(exc=exc, countdown=delay, max_retries=attempt)
+                raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
             raise Ignore()
         if store.fail_compensation(run_id, index, token, error):
-            raise  # -> link_error -> on_compensation_failed
+            log.warning("compensation_failed", extra={**fields, "attempt": claim.attempt, "error": error})
+            return FailedForGood(exc)
         raise Ignore()
     if not store.complete_compensation(run_id, index, token):
         raise Ignore()
@@ -169,7 +218,7 @@ def declare_tasks(saga: Saga) -> None:
 registry.listen(declare_tasks)
 
 
-@celery_app.task(name=FINISH, bind=True, acks_late=True, ignore_result=True, throws=(SagaCancelled,))
+@celery_app.task(name=FINISH, throws=(SagaCancelled,), **GENERIC_TASK)
 def finish(self, results: dict, *, run_id: str) -> None:
     outcome = get_store().finish_run(run_id)
     if outcome is ClaimOutcome.CANCELLED:
@@ -178,7 +227,7 @@ def finish(self, results: dict, *, run_id: str) -> None:
         log.info("run_succeeded", extra={"run_id": run_id})
 
 
-@celery_app.task(name=ON_STEP_FAILED, bind=True, acks_late=True, ignore_result=True)
+@celery_app.task(name=ON_STEP_FAILED, **GENERIC_TASK)
 def on_step_failed(self, run_id: str, index: int) -> None:
     """Errback of every forward link: compensate the steps SQL records as completed, latest first."""
     store = get_store()
@@ -191,7 +240,7 @@ def on_step_failed(self, run_id: str, index: int) -> None:
         publish_compensation(run_id, todo)
 
 
-@celery_app.task(name=ON_COMPENSATION_FAILED, bind=True, acks_late=True, ignore_result=True)
+@celery_app.task(name=ON_COMPENSATION_FAILED, **GENERIC_TASK)
 def on_compensation_failed(self, run_id: str, index: int) -> None:
     if get_store().mark_compensation_failed(run_id, index, LOST_COMPENSATION):
         log.error("run_compensation_failed",
@@ -199,7 +248,7 @@ def on_compensation_failed(self, run_id: str, index: int) -> None:
                          "next": f"fix the cause, then run `sagaflow retry {run_id}`"})
 
 
-@celery_app.task(name=FINISH_COMPENSATION, bind=True, acks_late=True, ignore_result=True)
+@celery_app.task(name=FINISH_COMPENSATION, **GENERIC_TASK)
 def finish_compensation(self, run_id: str) -> None:
     if get_store().finish_compensation(run_id):
         log.info("run_compensated", extra={"run_id": run_id})

@@ -5,9 +5,9 @@ whether this caller won. A duplicate delivery, a duplicate errback or a late ret
 changes nothing. Each method is one transaction.
 
 A step (or compensation) is *claimed* by one delivery at a time. The claim token is
-``"<celery task id>:<retries>"``: a scheduled retry of the holder carries the next retries number and takes
-the claim over; a redelivery of the same message (worker died) may take it over once the lease expired;
-anything else is a duplicate and backs off.
+``"<celery task id>:<retries>"``: a retry of the holder (same task id, a higher retries number: a policy
+retry, a retry after a lost pool child or a database outage) takes the claim over; a redelivery of the same
+message (worker died) may take it over once the lease expired; anything else is a duplicate and backs off.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import datetime as dt
 import enum
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, create_engine, event, func, insert, inspect, or_, select, update
+from sqlalchemy import and_, case, create_engine, event, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -66,7 +66,8 @@ class ClaimOutcome(enum.Enum):
 @dataclass(frozen=True)
 class Claim:
     outcome: ClaimOutcome
-    attempt: int = 0
+    attempt: int = 0  # executions of this action (or compensation) so far, this one included
+    round_attempt: int = 0  # the same, counted from the last operator retry: what the retry policy counts
     input: dict | None = None
     result: Any = None
 
@@ -131,6 +132,7 @@ class Store:
                             has_compensation=has_comp,
                             attempts=0,
                             compensation_attempts=0,
+                            compensation_round_attempts=0,
                         )
                         for i, (name, has_comp) in enumerate(steps)
                     ],
@@ -185,7 +187,8 @@ class Store:
 
     # ---------------------------------------------------------------- the forward path
 
-    def claim_step(self, run_id: str, idx: int, token: str, prev_token: str | None, lease_seconds: float) -> Claim:
+    def claim_step(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
+                   lease_seconds: float) -> Claim:
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -194,7 +197,7 @@ class Store:
             ).first()
             if run is None or run.status not in _LIVE_RUN:
                 return Claim(ClaimOutcome.GONE)
-            claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, prev_token, now)
+            claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
             if run.cancel_requested:
                 if self._stop_for_cancel(conn, run_id, idx, claimable, now):
                     return Claim(ClaimOutcome.CANCELLED)
@@ -216,7 +219,8 @@ class Store:
                 ).first()
                 if claimed is not None:
                     self._event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
-                    return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, input=run.input)
+                    return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, round_attempt=claimed.attempts,
+                             input=run.input)
             current = conn.execute(select(s.status, s.result).where(s.run_id == run_id, s.idx == idx)).first()
         if current is not None and current.status == StepStatus.SUCCEEDED.value:
             return Claim(ClaimOutcome.DONE, result=current.result)
@@ -295,7 +299,7 @@ class Store:
                 self._finish_compensation(conn, run_id, now)
         return todo
 
-    def claim_compensation(self, run_id: str, idx: int, token: str, prev_token: str | None,
+    def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
         now = utcnow()
         s = t.steps.c
@@ -306,20 +310,24 @@ class Store:
             claimed = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx,
-                       self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, prev_token, now))
+                       self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
                 .values(
                     status=StepStatus.COMPENSATING.value,
                     compensation_attempts=s.compensation_attempts + 1,
+                    compensation_round_attempts=case(
+                        (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
+                    ),
                     claim=token,
                     lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
                     compensation_task_id=token.rsplit(":", 1)[0],
                 )
-                .returning(s.compensation_attempts, s.name, s.result)
+                .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
             ).first()
             if claimed is not None:
                 self._event(conn, run_id, "compensation_started", claimed.name,
                             {"attempt": claimed.compensation_attempts}, now)
-                return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts, input=run.input,
+                return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts,
+                             round_attempt=claimed.compensation_round_attempts, input=run.input,
                              result=claimed.result)
             current = conn.execute(select(s.status).where(s.run_id == run_id, s.idx == idx)).scalar()
         if current == StepStatus.COMPENSATED.value:
@@ -429,14 +437,17 @@ class Store:
         return True
 
     @staticmethod
-    def _claimable(start: StepStatus, active: StepStatus, token: str, prev_token: str | None, now: dt.datetime):
+    def _claimable(start: StepStatus, active: StepStatus, token: str, earlier_tokens: Sequence[str],
+                   now: dt.datetime):
         s = t.steps.c
         options = [
             s.status == start.value,
             and_(s.status == active.value, s.claim == token, s.lease_expires_at < now),
         ]
-        if prev_token is not None:
-            options.append(and_(s.status == active.value, s.claim == prev_token))
+        if earlier_tokens:
+            # Any earlier retry, not only the previous one: a retry that died before claiming (database
+            # down) must not strand the step.
+            options.append(and_(s.status == active.value, s.claim.in_(list(earlier_tokens))))
         return or_(*options)
 
     def _note_retry(self, run_id, idx, token, error, delay, lease_seconds, active: StepStatus, kind: str,

@@ -71,14 +71,15 @@ steps = Table(
     Column("status", String(32), nullable=False),
     Column("has_compensation", Boolean, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("compensation_attempts", Integer, nullable=False, default=0),
+    Column("compensation_attempts", Integer, nullable=False, default=0),  # all rounds: ctx.attempt
+    Column("compensation_round_attempts", Integer, nullable=False, default=0),  # this round: the retry policy
     Column("result", JSON, nullable=True),
     Column("error", Text, nullable=True),
     Column("compensation_error", Text, nullable=True),
     Column("task_id", String(255), nullable=True),
     Column("compensation_task_id", String(255), nullable=True),
-    # "<celery task id>:<retries>" of the delivery that holds the step; a delivery whose claim does not
-    # match is a duplicate. The lease says until when the holder counts as alive.
+    # "<celery task id>:<retries>" of the delivery that holds the step. A later retry of the same task
+    # takes it over; another delivery is a duplicate unless the lease (holder alive until) expired.
     Column("claim", String(300), nullable=True),
     Column("lease_expires_at", UTCDateTime, nullable=True),
     Column("started_at", UTCDateTime, nullable=True),

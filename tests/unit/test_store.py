@@ -32,39 +32,48 @@ def test_idempotency_key_returns_the_existing_run(store):
 
 def test_first_claim_wins_and_a_duplicate_is_busy(store):
     new_run(store)
-    claim = store.claim_step("r1", 0, "t0:0", None, 60)
+    claim = store.claim_step("r1", 0, "t0:0", [], 60)
     assert claim.outcome is C.CLAIMED and claim.attempt == 1 and claim.input == {"x": 1}
     assert store.get_run("r1").status == "running"
-    assert store.claim_step("r1", 0, "t0:0", None, 60).outcome is C.BUSY  # same message, holder alive
-    assert store.claim_step("r1", 0, "other:0", None, 60).outcome is C.BUSY  # another copy of the chain
+    assert store.claim_step("r1", 0, "t0:0", [], 60).outcome is C.BUSY  # same message, holder alive
+    assert store.claim_step("r1", 0, "other:0", [], 60).outcome is C.BUSY  # another copy of the chain
     assert [e.kind for e in store.get_run("r1").events].count("step_started") == 1
 
 
 def test_a_scheduled_retry_takes_the_claim_over_from_its_previous_attempt(store):
     new_run(store)
-    store.claim_step("r1", 0, "t0:0", None, 60)
+    store.claim_step("r1", 0, "t0:0", [], 60)
     assert store.retry_step("r1", 0, "t0:0", "boom", 0.1, 60)
-    claim = store.claim_step("r1", 0, "t0:1", "t0:0", 60)
+    claim = store.claim_step("r1", 0, "t0:1", ["t0:0"], 60)
     assert claim.outcome is C.CLAIMED and claim.attempt == 2
-    assert store.claim_step("r1", 0, "t0:1", "t0:0", 60).outcome is C.BUSY  # the retry delivered twice
+    assert store.claim_step("r1", 0, "t0:1", ["t0:0"], 60).outcome is C.BUSY  # the retry delivered twice
     assert not store.retry_step("r1", 0, "t0:0", "stale", 0.1, 60)  # the old attempt lost its claim
+
+
+def test_a_retry_takes_over_even_when_an_earlier_retry_never_claimed(store):
+    # Retry 1 died before it could claim (database down) and was retried itself as retry 2.
+    new_run(store)
+    store.claim_step("r1", 0, "t0:0", [], 60)
+    claim = store.claim_step("r1", 0, "t0:2", ["t0:0", "t0:1"], 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 2
+    assert store.claim_step("r1", 0, "t0:1", ["t0:0"], 60).outcome is C.BUSY  # an older retry, late
 
 
 def test_a_redelivery_takes_over_only_after_the_lease_expired(store):
     new_run(store)
-    store.claim_step("r1", 0, "t0:0", None, 0.2)
-    assert store.claim_step("r1", 0, "t0:0", None, 60).outcome is C.BUSY
+    store.claim_step("r1", 0, "t0:0", [], 0.2)
+    assert store.claim_step("r1", 0, "t0:0", [], 60).outcome is C.BUSY
     time.sleep(0.3)
-    claim = store.claim_step("r1", 0, "t0:0", None, 60)
+    claim = store.claim_step("r1", 0, "t0:0", [], 60)
     assert claim.outcome is C.CLAIMED and claim.attempt == 2
 
 
 def test_result_is_recorded_once_and_a_duplicate_carries_it_on(store):
     new_run(store)
-    store.claim_step("r1", 0, "t0:0", None, 60)
+    store.claim_step("r1", 0, "t0:0", [], 60)
     assert store.complete_step("r1", 0, "t0:0", {"id": 7})
     assert not store.complete_step("r1", 0, "t0:0", {"id": 8})
-    dup = store.claim_step("r1", 0, "t0:0", None, 60)
+    dup = store.claim_step("r1", 0, "t0:0", [], 60)
     assert dup.outcome is C.DONE and dup.result == {"id": 7}
     run = store.get_run("r1")
     assert run.step("a").result == {"id": 7} and run.step("a").task_id == "t0"
@@ -74,9 +83,9 @@ def test_result_is_recorded_once_and_a_duplicate_carries_it_on(store):
 def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_first(store):
     new_run(store)
     for i, tok in enumerate(["a:0", "b:0"]):
-        store.claim_step("r1", i, tok, None, 60)
+        store.claim_step("r1", i, tok, [], 60)
         store.complete_step("r1", i, tok, i)
-    store.claim_step("r1", 2, "c:0", None, 60)
+    store.claim_step("r1", 2, "c:0", [], 60)
     store.fail_step("r1", 2, "c:0", "ValueError: no")
 
     assert store.begin_compensation("r1", 2, "lost") == [1, 0]
@@ -87,7 +96,7 @@ def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_
 
 def test_an_errback_for_a_step_still_marked_running_records_it_lost_and_skips_the_rest(store):
     new_run(store)
-    store.claim_step("r1", 0, "a:0", None, 60)
+    store.claim_step("r1", 0, "a:0", [], 60)
     assert store.begin_compensation("r1", 0, "the worker was lost") == []
     run = store.get_run("r1")
     assert run.status == "compensated"
@@ -97,28 +106,28 @@ def test_an_errback_for_a_step_still_marked_running_records_it_lost_and_skips_th
 
 def _to_compensating(store):
     new_run(store)
-    store.claim_step("r1", 0, "a:0", None, 60)
+    store.claim_step("r1", 0, "a:0", [], 60)
     store.complete_step("r1", 0, "a:0", {"v": 1})
-    store.claim_step("r1", 1, "b:0", None, 60)
+    store.claim_step("r1", 1, "b:0", [], 60)
     store.fail_step("r1", 1, "b:0", "no")
     assert store.begin_compensation("r1", 1, "lost") == [0]
 
 
 def test_compensation_claims_follow_the_same_rules(store):
     _to_compensating(store)
-    claim = store.claim_compensation("r1", 0, "u:0", None, 60)
+    claim = store.claim_compensation("r1", 0, "u:0", [], 60)
     assert claim.outcome is C.CLAIMED and claim.result == {"v": 1} and claim.attempt == 1
-    assert store.claim_compensation("r1", 0, "u:0", None, 60).outcome is C.BUSY
+    assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.BUSY
     assert store.complete_compensation("r1", 0, "u:0")
-    assert store.claim_compensation("r1", 0, "u:0", None, 60).outcome is C.DONE
+    assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.DONE
     assert store.finish_compensation("r1") and not store.finish_compensation("r1")
     assert store.get_run("r1").status == "compensated"
-    assert store.claim_compensation("r1", 0, "u2:0", None, 60).outcome is C.GONE
+    assert store.claim_compensation("r1", 0, "u2:0", [], 60).outcome is C.GONE
 
 
 def test_compensation_failed_waits_for_retry_which_resumes_it(store):
     _to_compensating(store)
-    store.claim_compensation("r1", 0, "u:0", None, 60)
+    store.claim_compensation("r1", 0, "u:0", [], 60)
     assert store.fail_compensation("r1", 0, "u:0", "IOError: down")
     assert store.mark_compensation_failed("r1", 0, "lost")
     assert not store.mark_compensation_failed("r1", 0, "lost")  # duplicate errback
@@ -128,15 +137,18 @@ def test_compensation_failed_waits_for_retry_which_resumes_it(store):
     assert store.request_retry("r1") == [0]
     with pytest.raises(InvalidTransition, match="only runs in compensation_failed"):
         store.request_retry("r1")
-    claim = store.claim_compensation("r1", 0, "v:0", None, 60)
-    assert claim.outcome is C.CLAIMED and claim.attempt == 2  # attempts add up across rounds
+    claim = store.claim_compensation("r1", 0, "v:0", [], 60)
+    assert claim.outcome is C.CLAIMED and claim.attempt == 2  # attempts add up across rounds...
+    assert claim.round_attempt == 1  # ...but the retry policy starts afresh
+    assert store.retry_compensation("r1", 0, "v:0", "again", 0.1, 60)
+    assert store.claim_compensation("r1", 0, "v:1", ["v:0"], 60).round_attempt == 2
 
 
 def test_cancel_is_a_flag_that_the_next_claim_obeys(store):
     new_run(store)
     assert store.request_cancel("r1").cancel_requested
     assert store.request_cancel("r1").cancel_requested  # idempotent
-    assert store.claim_step("r1", 0, "a:0", None, 60).outcome is C.CANCELLED
+    assert store.claim_step("r1", 0, "a:0", [], 60).outcome is C.CANCELLED
     assert store.begin_compensation("r1", 0, "lost") == []
     assert store.get_run("r1").status == "cancelled"
     with pytest.raises(InvalidTransition, match="is cancelled"):
@@ -145,7 +157,7 @@ def test_cancel_is_a_flag_that_the_next_claim_obeys(store):
 
 def test_finish_obeys_a_late_cancel(store):
     new_run(store)
-    store.claim_step("r1", 0, "a:0", None, 60)
+    store.claim_step("r1", 0, "a:0", [], 60)
     store.request_cancel("r1")
     assert store.finish_run("r1") is C.CANCELLED
     assert store.get_run("r1").status == "running"
@@ -158,7 +170,7 @@ def test_unknown_run_everywhere(store):
         store.request_cancel("x")
     with pytest.raises(UnknownRun):
         store.request_retry("x")
-    assert store.claim_step("x", 0, "t:0", None, 60).outcome is C.GONE
+    assert store.claim_step("x", 0, "t:0", [], 60).outcome is C.GONE
 
 
 def test_list_filters_and_counts(store):
@@ -175,22 +187,22 @@ def test_a_duplicate_never_acts_on_a_cancel_while_the_holder_runs(store):
     # If the duplicate reported CANCELLED, its errback would mark the running step failed, and the
     # holder's effect would never be undone. It must back off; the next step's claim sees the cancel.
     new_run(store)
-    store.claim_step("r1", 0, "a:0", None, 60)
+    store.claim_step("r1", 0, "a:0", [], 60)
     store.request_cancel("r1")
-    assert store.claim_step("r1", 0, "a:0", None, 60).outcome is C.BUSY
-    assert store.claim_step("r1", 0, "copy:0", None, 60).outcome is C.BUSY
+    assert store.claim_step("r1", 0, "a:0", [], 60).outcome is C.BUSY
+    assert store.claim_step("r1", 0, "copy:0", [], 60).outcome is C.BUSY
     assert store.complete_step("r1", 0, "a:0", {"v": 1})
-    assert store.claim_step("r1", 0, "copy:0", None, 60).outcome is C.DONE
-    assert store.claim_step("r1", 1, "b:0", None, 60).outcome is C.CANCELLED
+    assert store.claim_step("r1", 0, "copy:0", [], 60).outcome is C.DONE
+    assert store.claim_step("r1", 1, "b:0", [], 60).outcome is C.CANCELLED
     assert store.begin_compensation("r1", 1, "lost") == [0]
 
 
 def test_a_cancel_seen_by_a_waiting_retry_fails_that_step_with_the_reason(store):
     new_run(store)
-    store.claim_step("r1", 0, "a:0", None, 60)
+    store.claim_step("r1", 0, "a:0", [], 60)
     store.retry_step("r1", 0, "a:0", "TimeoutError: slow", 5, 60)
     store.request_cancel("r1")
-    assert store.claim_step("r1", 0, "a:1", "a:0", 60).outcome is C.CANCELLED
+    assert store.claim_step("r1", 0, "a:1", ["a:0"], 60).outcome is C.CANCELLED
     step = store.get_run("r1").step("a")
     assert step.status == "failed" and "cancelled" in step.error
     assert store.begin_compensation("r1", 0, "lost") == []

@@ -56,6 +56,7 @@ def upgrade() -> None:
     sa.Column('has_compensation', sa.Boolean(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('compensation_attempts', sa.Integer(), nullable=False),
+    sa.Column('compensation_round_attempts', sa.Integer(), nullable=False),
     sa.Column('result', sa.JSON(), nullable=True),
     sa.Column('error', sa.Text(), nullable=True),
     sa.Column('compensation_error', sa.Text(), nullable=True),
