@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
@@ -52,6 +53,14 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+@dataclass(frozen=True)
+class FailedForGood:
+    """The action (or compensation) failed and the failure is recorded: raise it to fire the errback.
+    Raised outside the outage handler, so an action's own database error is never mistaken for ours."""
+
+    exc: Exception
+
+
 class SagaTask(Task):
     """Base of the per-saga tasks. The saga and step are bound when the task is declared."""
 
@@ -89,16 +98,27 @@ class SagaTask(Task):
                         extra={"task": self.name, "retry_in": round(delay, 3), "error": describe(exc)})
             raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts)
 
+    def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
+                         note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool]) -> FailedForGood:
+        """The action (phase "step") or compensation raised: schedule a retry if the policy allows, else
+        record the failure. The policy counts executions recorded in SQL (per operator-retry round), not
+        Celery retries, so a retry after a database outage or a lost process spends none of its budget.
+        A delivery that no longer holds the claim records nothing and stops."""
+        error = describe(exc)
+        attempt = claim.round_attempt
+        if policy.allows_retry(exc, attempt):
+            delay = policy.delay(attempt)
+            if note_retry(error, delay):
+                log.info(f"{phase}_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+                raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
+            raise Ignore()
+        if give_up(error):
+            log.warning(f"{phase}_failed", extra={**fields, "attempt": claim.attempt, "error": error})
+            return FailedForGood(exc)
+        raise Ignore()
+
     def lease_seconds(self, step: Step) -> float:
         return (step.timeout + HARD_LIMIT_GRACE) if step.timeout else get_settings().default_step_timeout
-
-
-@dataclass(frozen=True)
-class FailedForGood:
-    """The action (or compensation) failed and the failure is recorded: raise it to fire the errback.
-    Raised outside the outage handler, so an action's own database error is never mistaken for ours."""
-
-    exc: Exception
 
 
 def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int) -> dict:
@@ -144,20 +164,11 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     except (Retry, Ignore):
         raise
     except Exception as exc:
-        error = describe(exc)
-        # The policy counts executions of the action (in SQL), not Celery retries: a retry after a
-        # database outage or a lost process must not spend the step's budget.
-        attempt = claim.round_attempt
-        if step.retry.allows_retry(exc, attempt):
-            delay = step.retry.delay(attempt)
-            if store.retry_step(run_id, index, token, error, delay, lease):
-                log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-                raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
-            raise Ignore()
-        if store.fail_step(run_id, index, token, error):
-            log.warning("step_failed", extra={**fields, "attempt": claim.attempt, "error": error})
-            return FailedForGood(exc)
-        raise Ignore()
+        return self.retry_or_give_up(
+            exc, claim, step.retry, "step", fields,
+            note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
+            give_up=lambda error: store.fail_step(run_id, index, token, error),
+        )
     if not store.complete_step(run_id, index, token, value):
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
@@ -185,18 +196,11 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
     except (Retry, Ignore):
         raise
     except Exception as exc:
-        error = describe(exc)
-        attempt = claim.round_attempt  # counted from the last operator retry
-        if step.compensation_retry.allows_retry(exc, attempt):
-            delay = step.compensation_retry.delay(attempt)
-            if store.retry_compensation(run_id, index, token, error, delay, lease):
-                log.info("compensation_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-                raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
-            raise Ignore()
-        if store.fail_compensation(run_id, index, token, error):
-            log.warning("compensation_failed", extra={**fields, "attempt": claim.attempt, "error": error})
-            return FailedForGood(exc)
-        raise Ignore()
+        return self.retry_or_give_up(
+            exc, claim, step.compensation_retry, "compensation", fields,
+            note_retry=lambda error, delay: store.retry_compensation(run_id, index, token, error, delay, lease),
+            give_up=lambda error: store.fail_compensation(run_id, index, token, error),
+        )
     if not store.complete_compensation(run_id, index, token):
         raise Ignore()
     log.info("compensation_succeeded", extra=fields)
