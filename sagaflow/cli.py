@@ -7,6 +7,7 @@ import json
 import sys
 
 import click
+import sqlalchemy.exc
 
 from sagaflow.app import celery_app, configure, get_store
 from sagaflow.errors import SagaflowError
@@ -50,6 +51,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (SagaflowError, TimeoutError) as exc:
             raise click.ClickException(str(exc)) from None
+        except sqlalchemy.exc.OperationalError as exc:
+            where = get_store().engine.url.render_as_string(hide_password=True)
+            raise click.ClickException(
+                f"cannot use the database {where}: {exc.orig}. Check SAGAFLOW_DATABASE_URL and that the "
+                f"server is up"
+            ) from None
 
 
 @click.group(cls=_Group)

@@ -16,10 +16,11 @@ import datetime as dt
 import enum
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sqlalchemy import and_, case, create_engine, event, func, insert, inspect, or_, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
@@ -33,6 +34,9 @@ def utcnow() -> dt.datetime:
 
 def create_db_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)  # a fresh SAGAFLOW_HOME
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -84,10 +88,17 @@ class Store:
         self.engine.dispose()
 
     def check_schema(self) -> None:
+        """Raise SchemaMissing, saying what to run, unless the database is at the latest migration."""
+        from sagaflow.store.migrate import current_revision, head_revision
+
+        where = self.engine.url.render_as_string(hide_password=True)
         if not inspect(self.engine).has_table(t.runs.name):
+            raise SchemaMissing(f"the database {where} has no sagaflow tables: run `sagaflow db upgrade` first")
+        current, head = current_revision(self.engine), head_revision()
+        if current != head:
             raise SchemaMissing(
-                f"the database {self.engine.url.render_as_string(hide_password=True)} has no sagaflow tables: "
-                f"run `sagaflow db upgrade` first"
+                f"the database {where} is at schema revision {current}, this sagaflow needs {head}: "
+                f"run `sagaflow db upgrade`"
             )
 
     # ---------------------------------------------------------------- runs: create and read

@@ -77,3 +77,20 @@ def test_demo_runs_on_the_embedded_default_and_exits_zero(tmp_path):
     assert "add_calendar FAILED -> undo send_whatsapp -> undo send_email -> undo create_invoice" in done.stdout
     assert "sqlite" in done.stdout
     assert not (tmp_path / "home" / "redis.sock").exists()  # the embedded broker was stopped
+
+
+def test_an_unreachable_database_gives_a_clear_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
+    env.update(SAGAFLOW_HOME=str(tmp_path), SAGAFLOW_DATABASE_URL="postgresql+psycopg2://nobody@127.0.0.1:1/none")
+    done = sagaflow("runs", env=env)
+    assert done.returncode == 1
+    assert "cannot use the database postgresql+psycopg2://nobody@127.0.0.1:1/none" in done.stderr
+    assert "SAGAFLOW_DATABASE_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_fresh_home_says_to_create_the_schema(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGAFLOW_")}
+    env["SAGAFLOW_HOME"] = str(tmp_path / "never-used")
+    done = sagaflow("start", "create_booking", env=env)
+    assert done.returncode == 1
+    assert "no sagaflow tables: run `sagaflow db upgrade` first" in done.stderr
