@@ -33,6 +33,11 @@ class ResultNotSerializable(NonRetryableError, TypeError):
     """An action returned a value that cannot be stored as JSON: the step fails, and is not retried."""
 
 
+class AlreadyFailed(NonRetryableError):
+    """A redelivered task whose failure was already recorded: raised again so its errback fires, in case
+    the worker died before the first errback was published."""
+
+
 class SagaCancelled(SagaflowError):
     """Raised inside a step task when its run was cancelled: stops the chain and starts compensation."""
 

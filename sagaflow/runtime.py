@@ -30,7 +30,7 @@ from sagaflow.compiler import (
     step_task_name,
 )
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
-from sagaflow.errors import NonRetryableError, ResultNotSerializable, SagaCancelled
+from sagaflow.errors import AlreadyFailed, NonRetryableError, ResultNotSerializable, SagaCancelled
 from sagaflow.store import ClaimOutcome
 from sagaflow.store.repository import ensure_json
 
@@ -149,6 +149,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     if claim.outcome is ClaimOutcome.DONE:
         log.info("step_already_done", extra=fields)
         return {**results, step.name: claim.result}
+    if claim.outcome is ClaimOutcome.FAILED:
+        return FailedForGood(AlreadyFailed(f"step {step.name!r} already failed: {claim.error}"))
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
@@ -185,6 +187,8 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
     claim = store.claim_compensation(run_id, index, token, earlier_tokens, lease)
     if claim.outcome is ClaimOutcome.DONE:
         return None
+    if claim.outcome is ClaimOutcome.FAILED:
+        return FailedForGood(AlreadyFailed(f"compensation of {step.name!r} already failed: {claim.error}"))
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("compensation_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
@@ -237,9 +241,17 @@ def on_step_failed(self, run_id: str, index: int) -> None:
     store = get_store()
     todo = store.begin_compensation(run_id, index, LOST_STEP)
     if todo is None:
-        log.info("errback_duplicate_ignored", extra={"run_id": run_id, "index": index})
-        return
-    log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
+        # Another errback began it. Were we redelivered because the worker died before publishing the
+        # compensations? Re-publish from where they stand: claims make a second chain harmless.
+        todo = store.compensations_to_redrive(run_id)
+        if todo is None:
+            return
+        if not todo:
+            store.finish_compensation(run_id)
+            return
+        log.info("compensation_redriven", extra={"run_id": run_id, "steps": len(todo)})
+    else:
+        log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
     if todo:
         publish_compensation(run_id, todo)
 

@@ -62,6 +62,7 @@ def create_db_engine(url: str) -> Engine:
 class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"  # this delivery holds the step: run the action
     DONE = "done"  # already finished by an earlier delivery: carry its result on
+    FAILED = "failed"  # already failed for good: fire the errback again (it may have been lost)
     BUSY = "busy"  # another live delivery holds it: this one is a duplicate
     CANCELLED = "cancelled"  # the run was cancelled: stop the chain, compensate
     GONE = "gone"  # the run moved on (compensating or final): nothing to do
@@ -74,6 +75,7 @@ class Claim:
     round_attempt: int = 0  # the same, counted from the last operator retry: what the retry policy counts
     input: dict | None = None
     result: Any = None
+    error: str | None = None
 
 
 _LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
@@ -232,9 +234,13 @@ class Store:
                     self._event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
                     return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, round_attempt=claimed.attempts,
                              input=run.input)
-            current = conn.execute(select(s.status, s.result).where(s.run_id == run_id, s.idx == idx)).first()
+            current = conn.execute(
+                select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx)
+            ).first()
         if current is not None and current.status == StepStatus.SUCCEEDED.value:
             return Claim(ClaimOutcome.DONE, result=current.result)
+        if current is not None and current.status == StepStatus.FAILED.value:
+            return Claim(ClaimOutcome.FAILED, error=current.error)
         return Claim(ClaimOutcome.BUSY)
 
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
@@ -310,6 +316,23 @@ class Store:
                 self._finish_compensation(conn, run_id, now)
         return todo
 
+    def compensations_to_redrive(self, run_id: str) -> list[int] | None:
+        """For a run still compensating: the steps not yet undone, latest first, the one in progress
+        included (a re-published chain then starts where the original is, and backs off if it is busy).
+        None when the run is not compensating."""
+        s = t.steps.c
+        with self.engine.connect() as conn:
+            status = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
+            if status != RunStatus.COMPENSATING.value:
+                return None
+            rows = conn.execute(
+                select(s.idx)
+                .where(s.run_id == run_id, s.has_compensation.is_(True),
+                       s.status.in_([StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value]))
+                .order_by(s.idx.desc())
+            )
+            return [r.idx for r in rows]
+
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
         now = utcnow()
@@ -340,9 +363,13 @@ class Store:
                 return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts,
                              round_attempt=claimed.compensation_round_attempts, input=run.input,
                              result=claimed.result)
-            current = conn.execute(select(s.status).where(s.run_id == run_id, s.idx == idx)).scalar()
-        if current == StepStatus.COMPENSATED.value:
+            current = conn.execute(
+                select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
+            ).first()
+        if current is not None and current.status == StepStatus.COMPENSATED.value:
             return Claim(ClaimOutcome.DONE)
+        if current is not None and current.status == StepStatus.COMPENSATION_FAILED.value:
+            return Claim(ClaimOutcome.FAILED, error=current.compensation_error)
         return Claim(ClaimOutcome.BUSY)
 
     def complete_compensation(self, run_id: str, idx: int, token: str) -> bool:

@@ -132,3 +132,50 @@ def test_list_filters_and_pages_newest_first(client):
     assert all(r.status == "succeeded" for r in client.list(status="succeeded", limit=1000))
     with pytest.raises(InvalidInput, match="unknown status"):
         client.list(status="bogus")
+
+
+def _crashed_run(client, saga_name: str, completed: int, failed: bool):
+    """A run as a worker that died would leave it: ``completed`` steps recorded as done (their effects
+    made), then optionally the next step recorded failed, and nothing published after that."""
+    import uuid
+
+    from tasks.effects import do
+    from sagaflow.definition import StepContext
+
+    saga = registry.get(saga_name)
+    store = get_store()
+    run, _ = store.create_run(str(uuid.uuid4()), saga.name, saga.version, {},
+                              [(s.name, s.compensate is not None) for s in saga.steps])
+    for i, step in enumerate(saga.steps[:completed]):
+        store.claim_step(run.id, i, f"t{i}:0", [], 60)
+        do(StepContext(run_id=run.id, saga=saga.name, step=step.name, input={}, attempt=1,
+                       idempotency_key=f"{run.id}:{step.name}"))
+        store.complete_step(run.id, i, f"t{i}:0", {})
+    if failed:
+        store.claim_step(run.id, completed, f"t{completed}:0", [], 60)
+        store.fail_step(run.id, completed, f"t{completed}:0", "ValueError: boom")
+    return run
+
+
+def test_worker_died_after_recording_a_failure_the_redelivered_step_fires_the_errback(client):
+    run = _crashed_run(client, "create_booking", completed=2, failed=True)
+    assert client.get(run.id).status == "running"  # stuck, until the step message is redelivered:
+    celery_app.signature("create_booking.send_whatsapp", args=({},),
+                         kwargs={"run_id": run.id, "index": 2, "version": 1},
+                         link_error=[celery_app.signature(ON_STEP_FAILED, args=(run.id, 2), immutable=True)],
+                         ).apply_async(task_id="t2")
+
+    run = client.wait(run.id)
+    assert run.status == "compensated"
+    assert effects_of(run.id) == expected_after_failure("create_booking", "send_whatsapp")
+
+
+def test_worker_died_before_publishing_compensations_the_redelivered_errback_publishes_them(client):
+    run = _crashed_run(client, "create_booking", completed=3, failed=True)
+    assert get_store().begin_compensation(run.id, 3, "lost") == [2, 1, 0]  # committed, then the worker died
+    celery_app.signature(ON_STEP_FAILED, args=(run.id, 3), immutable=True).apply_async()  # the redelivery
+
+    run = client.wait(run.id)
+    assert run.status == "compensated"
+    assert effects_of(run.id) == expected_after_failure("create_booking", "add_calendar")
+    assert kinds(run, "run_compensated") == [("run_compensated", None)]

@@ -207,3 +207,42 @@ def test_a_cancel_seen_by_a_waiting_retry_fails_that_step_with_the_reason(store)
     assert step.status == "failed" and "cancelled" in step.error
     assert store.begin_compensation("r1", 0, "lost") == []
     assert store.get_run("r1").step("a").error == step.error  # not overwritten as "lost"
+
+
+def test_a_redelivery_of_a_step_recorded_failed_reports_it_so_the_errback_fires_again(store):
+    # The worker died after recording the failure, before the errback was published.
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", [], 60)
+    store.fail_step("r1", 0, "a:0", "ValueError: no")
+    claim = store.claim_step("r1", 0, "a:0", [], 60)
+    assert claim.outcome is C.FAILED and claim.error == "ValueError: no"
+    store.begin_compensation("r1", 0, "lost")
+    assert store.claim_step("r1", 0, "a:0", [], 60).outcome is C.GONE  # once compensating: nothing to do
+
+
+def test_a_redelivery_of_a_compensation_recorded_failed_reports_it(store):
+    _to_compensating(store)
+    store.claim_compensation("r1", 0, "u:0", [], 60)
+    store.fail_compensation("r1", 0, "u:0", "IOError: down")
+    assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.FAILED
+
+
+def test_compensations_still_to_do_include_the_one_in_progress_so_a_redrive_keeps_the_order(store):
+    new_run(store)
+    for i, tok in enumerate(["a:0", "b:0"]):
+        store.claim_step("r1", i, tok, [], 60)
+        store.complete_step("r1", i, tok, i)
+    store.claim_step("r1", 2, "c:0", [], 60)
+    store.fail_step("r1", 2, "c:0", "no")
+    assert store.begin_compensation("r1", 2, "lost") == [1, 0]
+    assert store.compensations_to_redrive("r1") == [1, 0]  # the chain was never published
+    store.claim_compensation("r1", 1, "u1:0", [], 60)
+    assert store.compensations_to_redrive("r1") == [1, 0]  # 1 is in progress: a re-drive starts there
+    store.complete_compensation("r1", 1, "u1:0")
+    assert store.compensations_to_redrive("r1") == [0]
+    store.claim_compensation("r1", 0, "u0:0", [], 60)
+    store.complete_compensation("r1", 0, "u0:0")
+    assert store.compensations_to_redrive("r1") == []
+    assert store.get_run("r1").status == "compensating"  # finish_compensation was lost too
+    assert store.finish_compensation("r1")
+    assert store.compensations_to_redrive("r1") is None  # final: nothing to re-drive
