@@ -3,6 +3,7 @@ with their state in SQL."""
 
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
 from sagaflow.errors import (
+    BrokerUnavailable,
     DefinitionError,
     InvalidInput,
     InvalidTransition,
@@ -16,7 +17,7 @@ from sagaflow.errors import (
 from sagaflow.store import Run, RunStatus, StepStatus
 
 from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
-from sagaflow.client import BrokerUnavailable, SagaClient  # noqa: E402
+from sagaflow.client import SagaClient  # noqa: E402
 
 __all__ = [
     "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError",

@@ -78,14 +78,11 @@ def worker(pool, concurrency, queues, loglevel, hostname) -> None:
     settings = _setup()
     broker = None
     if settings.embedded_broker:
-        from sagaflow.embedded import EmbeddedRedis
+        from sagaflow.embedded import start_unless_running
 
-        broker = EmbeddedRedis(settings.embedded_socket)
-        if not broker.is_running():
-            click.echo(f"starting the embedded broker on {settings.embedded_socket}", err=True)
-            broker.start()
-        else:
-            broker = None  # someone else owns it
+        broker = start_unless_running(settings.embedded_socket)
+        if broker is not None:
+            click.echo(f"started the embedded broker on {settings.embedded_socket}", err=True)
     argv = ["worker", "-E", "-P", pool or settings.worker_pool,
             "-c", str(concurrency or settings.worker_concurrency),
             "-l", (loglevel or settings.log_level).upper()]

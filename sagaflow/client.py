@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
 import redis
 
@@ -17,7 +16,8 @@ from config.settings import Settings
 from sagaflow.app import celery_app, configure, get_settings, get_store
 from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
-from sagaflow.errors import InvalidInput, SagaflowError
+from sagaflow.errors import BrokerUnavailable, InvalidInput
+from sagaflow.runtime import publish_compensation
 from sagaflow.store import Run, RunStatus, Store
 from sagaflow.store.repository import ensure_json
 
@@ -30,10 +30,6 @@ class RunList(list):
     def __init__(self, runs, total: int) -> None:
         super().__init__(runs)
         self.total = total
-
-
-class BrokerUnavailable(SagaflowError):
-    pass
 
 
 class SagaClient:
@@ -92,8 +88,6 @@ class SagaClient:
 
     def retry(self, run_id: str) -> Run:
         """Resume the compensations of a run in ``compensation_failed``, where they stopped."""
-        from sagaflow.runtime import publish_compensation
-
         todo = self.store.request_retry(run_id)
         if todo:
             publish_compensation(run_id, todo)

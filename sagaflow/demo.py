@@ -39,19 +39,18 @@ def run_demo(settings: Settings, timeout: float = 120.0) -> int:
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
 
-    broker = None
-    if settings.embedded_broker:
-        from sagaflow.embedded import EmbeddedRedis
-
-        broker = EmbeddedRedis(settings.embedded_socket)
-        broker = broker.start() if not broker.is_running() else None
+    broker = worker = None
     log_path = settings.home / "demo-worker.log"
-    with open(log_path, "w") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "sagaflow", "worker", "-n", f"demo-{os.getpid()}@%h"],
-            env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT,
-        )
     try:
+        if settings.embedded_broker:
+            from sagaflow.embedded import start_unless_running
+
+            broker = start_unless_running(settings.embedded_socket)
+        with open(log_path, "w") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "sagaflow", "worker", "-n", f"demo-{os.getpid()}@%h"],
+                env={**os.environ, **settings.as_env()}, stdout=log_file, stderr=subprocess.STDOUT,
+            )
         _wait_for_worker(worker, log_path)
         client = SagaClient()
         started = time.monotonic()
@@ -69,12 +68,13 @@ def run_demo(settings: Settings, timeout: float = 120.0) -> int:
                    f"in {time.monotonic() - started:.1f} s. Inspect one with: sagaflow status <run id>")
         return 1 if failures else 0
     finally:
-        worker.terminate()
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
         if broker is not None:
             broker.stop()
 

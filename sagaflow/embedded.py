@@ -58,3 +58,10 @@ class EmbeddedRedis:
                 self.process.kill()
                 self.process.wait()
             self.process = None
+
+
+def start_unless_running(socket_path: Path) -> EmbeddedRedis | None:
+    """Start the embedded broker unless one already answers there. Returns the server this process
+    started, which it must stop, or None when another process owns the running one."""
+    server = EmbeddedRedis(socket_path)
+    return None if server.is_running() else server.start()

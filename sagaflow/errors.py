@@ -42,5 +42,9 @@ class SagaCancelled(SagaflowError):
     """Raised inside a step task when its run was cancelled: stops the chain and starts compensation."""
 
 
+class BrokerUnavailable(SagaflowError):
+    """The broker cannot be reached: nothing can be published."""
+
+
 class SchemaMissing(SagaflowError):
     """The database has no sagaflow tables yet."""

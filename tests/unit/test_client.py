@@ -4,7 +4,7 @@ import pytest
 
 from sagaflow import InvalidInput, SagaClient, UnknownSaga
 from sagaflow.app import configure
-from sagaflow.client import BrokerUnavailable
+from sagaflow.errors import BrokerUnavailable
 from config.settings import Settings
 import tasks  # noqa: F401
 
