@@ -462,17 +462,17 @@ class Store:
         step whose holder is still running backs off, so the holder finishes and the next step stops
         (acting here would mark the step failed and leave the holder's effect never undone)."""
         s = t.steps.c
-        step = conn.execute(select(s.status, s.name).where(s.run_id == run_id, s.idx == idx, claimable)).first()
-        if step is None:
-            return False
-        if step.status == StepStatus.RUNNING.value:  # it was waiting to run again (retry or redelivery)
-            reason = "cancelled while the step was waiting to run again"
-            conn.execute(
-                update(t.steps).where(s.run_id == run_id, s.idx == idx)
-                .values(status=StepStatus.FAILED.value, error=reason, finished_at=now, lease_expires_at=None)
-            )
-            self._event(conn, run_id, "step_failed", step.name, {"error": reason}, now)
-        return True
+        reason = "cancelled while the step was waiting to run again"
+        waiting = conn.execute(  # it was waiting to run again: a retry, or a redelivery after a crash
+            update(t.steps)
+            .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, claimable)
+            .values(status=StepStatus.FAILED.value, error=reason, finished_at=now, lease_expires_at=None)
+            .returning(s.name)
+        ).first()
+        if waiting is not None:
+            self._event(conn, run_id, "step_failed", waiting.name, {"error": reason}, now)
+            return True
+        return conn.execute(select(s.idx).where(s.run_id == run_id, s.idx == idx, claimable)).first() is not None
 
     @staticmethod
     def _claimable(start: StepStatus, active: StepStatus, token: str, earlier_tokens: Sequence[str],
