@@ -1,5 +1,7 @@
 """Sagas that exist only for the tests (the worker imports this module too: SAGAFLOW_IMPORTS)."""
 
+import time
+
 from sagaflow import RetryPolicy, Saga, StepContext
 from sagaflow.app import get_store
 
@@ -42,3 +44,32 @@ def second(ctx: StepContext):
     if stored.status != "succeeded" or stored.result != ctx.results["first"]:
         raise AssertionError(f"first step not committed before second ran: {stored}")
     return {"seen": stored.result}
+
+
+# A step that ignores its soft time limit: the prefork pool kills it at the hard limit (timeout + 5 s),
+# and Celery fires its errback twice (celery-facts.md 1.2). It must still be compensated exactly once.
+hard_limit = Saga("hard_limit")
+
+
+@hard_limit.step(retry=FAST)
+def reserve(ctx: StepContext):
+    do(ctx)
+    return {"reserved": True}
+
+
+@reserve.compensation
+def release(ctx: StepContext):
+    undo(ctx)
+
+
+@hard_limit.step(retry=RetryPolicy(max_attempts=1), timeout=1)
+def stubborn(ctx: StepContext):
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            pass  # misbehaving on purpose
+    return {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -177,3 +178,17 @@ def test_a_pool_child_killed_mid_step_is_retried_and_the_run_completes(client, w
     assert run.status == "succeeded"
     assert run.step("send_email").attempts == 2
     assert effects_of(run.id) == [("do", s.name) for s in run.steps]
+
+
+def test_a_step_killed_at_its_hard_time_limit_is_compensated_once(client):
+    run = client.wait(client.start("hard_limit", {}).id, timeout=60)
+
+    assert run.status == "compensated"
+    step = run.step("stubborn")
+    assert step.status == "failed" and "hard time limit" in step.error
+    assert effects_of(run.id) == [("do", "reserve"), ("undo", "reserve")]
+    time.sleep(1)  # let the second errback arrive: it must change nothing
+    again = client.get(run.id)
+    assert kinds(again, "compensation_started", "run_compensated") == [
+        ("compensation_started", "reserve"), ("run_compensated", None)]
+    assert effects_of(run.id) == [("do", "reserve"), ("undo", "reserve")]
