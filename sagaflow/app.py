@@ -25,7 +25,8 @@ _store: Store | None = None
 
 
 def configure(settings: Settings | None = None) -> Settings:
-    """Use these settings (default: from the environment) for the Celery app and the store."""
+    """Use these settings (default: from the environment) for the Celery app and the store. Call it before
+    the first publish: Celery keeps the broker connection pool it opened first."""
     global _settings, _store
     with _lock:
         _settings = settings or Settings.from_env()
