@@ -245,21 +245,11 @@ class Store:
 
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
         """Record the result; False if this delivery no longer holds the step."""
-        now = utcnow()
-        s = t.steps.c
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(t.steps)
-                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
-                .values(status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=now,
-                        lease_expires_at=None)
-                .returning(s.name, s.attempts)
-            ).first()
-            if done is None:
-                return False
-            self._event(conn, run_id, "step_succeeded", done.name, {"attempt": done.attempts}, now)
-            self._touch(conn, run_id, now)
-        return True
+        return self._update_held(
+            run_id, idx, token, StepStatus.RUNNING, "step_succeeded", lambda row: {"attempt": row["attempts"]},
+            status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=utcnow(),
+            lease_expires_at=None,
+        )
 
     def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float) -> bool:
         return self._note_retry(run_id, idx, token, error, delay, lease_seconds, StepStatus.RUNNING,
@@ -490,37 +480,35 @@ class Store:
 
     def _note_retry(self, run_id, idx, token, error, delay, lease_seconds, active: StepStatus, kind: str,
                     attempts_column: str) -> bool:
-        now = utcnow()
-        s = t.steps.c
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                update(t.steps)
-                .where(s.run_id == run_id, s.idx == idx, s.status == active.value, s.claim == token)
-                # The lease covers the wait before the retry too: a waiting step is not a stuck one.
-                .values(lease_expires_at=now + dt.timedelta(seconds=delay + lease_seconds),
-                        **({"error": error} if active is StepStatus.RUNNING else {"compensation_error": error}))
-                .returning(s.name, getattr(s, attempts_column))
-            ).first()
-            if row is None:
-                return False
-            self._event(conn, run_id, kind, row.name,
-                        {"attempt": row[1], "error": error, "retry_in": round(delay, 3)}, now)
-        return True
+        # The lease covers the wait before the retry too: a waiting step is not a stuck one.
+        lease = utcnow() + dt.timedelta(seconds=delay + lease_seconds)
+        error_column = "error" if active is StepStatus.RUNNING else "compensation_error"
+        return self._update_held(
+            run_id, idx, token, active, kind,
+            lambda row: {"attempt": row[attempts_column], "error": error, "retry_in": round(delay, 3)},
+            lease_expires_at=lease, **{error_column: error},
+        )
 
     def _end_claim(self, run_id, idx, token, active: StepStatus, final: StepStatus, kind: str, detail,
                    **values) -> bool:
+        return self._update_held(run_id, idx, token, active, kind, lambda row: detail,
+                                 status=final.value, lease_expires_at=None, **values)
+
+    def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail, **values) -> bool:
+        """Update the step this delivery holds (status ``active``, claim ``token``) and record ``kind``;
+        False, changing nothing, when it does not hold it any more."""
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
             row = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx, s.status == active.value, s.claim == token)
-                .values(status=final.value, lease_expires_at=None, **values)
-                .returning(s.name)
+                .values(**values)
+                .returning(s.name, s.attempts, s.compensation_attempts)
             ).first()
             if row is None:
                 return False
-            self._event(conn, run_id, kind, row.name, detail, now)
+            self._event(conn, run_id, kind, row.name, detail(row._mapping), now)
             self._touch(conn, run_id, now)
         return True
 
