@@ -80,13 +80,17 @@ def test_result_is_recorded_once_and_a_duplicate_carries_it_on(store):
     assert [e.kind for e in run.events].count("step_succeeded") == 1
 
 
-def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_first(store):
+def _two_done_third_failed(store, error: str) -> None:
     new_run(store)
     for i, tok in enumerate(["a:0", "b:0"]):
         store.claim_step("r1", i, tok, [], 60)
         store.complete_step("r1", i, tok, i)
     store.claim_step("r1", 2, "c:0", [], 60)
-    store.fail_step("r1", 2, "c:0", "ValueError: no")
+    store.fail_step("r1", 2, "c:0", error)
+
+
+def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_first(store):
+    _two_done_third_failed(store, "ValueError: no")
 
     assert store.begin_compensation("r1", 2, "lost") == [1, 0]
     assert store.begin_compensation("r1", 2, "lost") is None  # the duplicate errback
@@ -228,12 +232,7 @@ def test_a_redelivery_of_a_compensation_recorded_failed_reports_it(store):
 
 
 def test_compensations_still_to_do_include_the_one_in_progress_so_a_redrive_keeps_the_order(store):
-    new_run(store)
-    for i, tok in enumerate(["a:0", "b:0"]):
-        store.claim_step("r1", i, tok, [], 60)
-        store.complete_step("r1", i, tok, i)
-    store.claim_step("r1", 2, "c:0", [], 60)
-    store.fail_step("r1", 2, "c:0", "no")
+    _two_done_third_failed(store, "no")
     assert store.begin_compensation("r1", 2, "lost") == [1, 0]
     assert store.compensations_to_redrive("r1") == [1, 0]  # the chain was never published
     store.claim_compensation("r1", 1, "u1:0", [], 60)
