@@ -15,7 +15,7 @@ def _action(produces: str):
 
 
 def _step(name: str, produces: str) -> Step:
-    return Step(name, _action(produces), undo, retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=60)
+    return Step(name, _action(produces), undo, retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 
 
 ingest = Saga(
