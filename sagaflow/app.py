@@ -55,7 +55,7 @@ def get_store() -> Store:
 def _fresh_connections_after_fork(**_):
     # A pooled connection inherited from the parent must not be shared by two processes.
     if _store is not None:
-        _store.engine.dispose(close=False)
+        _store.dispose(close=False)
 
 
 @after_setup_logger.connect

@@ -16,13 +16,29 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, case, create_engine, event, exists, func, insert, inspect, or_, select, update
+from sqlalchemy import (
+    and_,
+    case,
+    create_engine,
+    event,
+    exists,
+    func,
+    insert,
+    inspect,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
@@ -33,7 +49,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, autocommit: bool = False) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -56,8 +72,37 @@ def create_db_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    # pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+    engine = create_engine(url, pool_size=5, max_overflow=5, **options)
+    _ping_when_idle(engine)
+    return engine
+
+
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Replace a pooled connection the server dropped (restart, idle timeout, pg_terminate_backend) before
+    using it. pool_pre_ping would cost a round trip at every checkout, as much as a whole transition;
+    this pings only a connection that sat idle. One that drops while busy raises, and the task's
+    database-outage retry takes over."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_since(dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, proxy):
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as exc:  # the driver's OperationalError / InterfaceError
+            raise DisconnectionError(str(exc)) from exc  # the pool retries with a new connection
 
 
 class ClaimOutcome(enum.Enum):
@@ -107,9 +152,20 @@ class Store:
     def __init__(self, url: str, engine: Engine | None = None) -> None:
         self.url = url
         self.engine = engine or create_db_engine(url)
+        # PostgreSQL: the transitions of the success path are one statement each (data-modifying CTEs keep
+        # the update, its event and the run's touch atomic), sent on an autocommit connection: one round
+        # trip, no BEGIN and COMMIT. SQLite runs the same transitions as short transactions, in process.
+        self.fast = self.engine.dialect.name == "postgresql"
+        self.autocommit = None
+        if self.fast:
+            self.autocommit = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if engine is not None
+                               else create_db_engine(url, autocommit=True))
 
-    def dispose(self) -> None:
-        self.engine.dispose()
+    def dispose(self, close: bool = True) -> None:
+        """Drop pooled connections; ``close=False`` after a fork, so the parent's stay usable by it."""
+        self.engine.dispose(close=close)
+        if self.autocommit is not None:
+            self.autocommit.dispose(close=close)
 
     def check_schema(self) -> None:
         """Raise SchemaMissing, saying what to run, unless the database is at the latest migration."""
@@ -224,6 +280,10 @@ class Store:
 
     def claim_step(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                    lease_seconds: float) -> Claim:
+        if self.fast:
+            claim = self._claim_step_in_one_statement(run_id, idx, token, earlier_tokens, lease_seconds)
+            if claim is not None:
+                return claim
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -259,16 +319,58 @@ class Store:
             current = conn.execute(
                 select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx)
             ).first()
-        if current is not None and current.status == StepStatus.SUCCEEDED.value:
-            return Claim(ClaimOutcome.DONE, result=current.result)
-        if current is not None and current.status == StepStatus.FAILED.value:
-            return Claim(ClaimOutcome.FAILED, error=current.error)
+        status, result, error = current if current is not None else (None, None, None)
+        return self._claim_lost(status, result, error, StepStatus.SUCCEEDED, StepStatus.FAILED)
+
+    def _claim_step_in_one_statement(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
+                                     lease_seconds: float) -> Claim | None:
+        """claim_step on PostgreSQL, in one statement. None when a cancel was requested: the transaction
+        above decides that rare case."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        run = select(r.status, r.cancel_requested, r.input).where(r.id == run_id).cte("run")
+        go = select(run.c.status).where(run.c.status.in_(_LIVE_RUN), run.c.cancel_requested.is_(False)).exists()
+        claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
+        claimed = (
+            update(t.steps)
+            .where(s.run_id == run_id, s.idx == idx, claimable, go)
+            .values(status=StepStatus.RUNNING.value, attempts=s.attempts + 1, claim=token,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                    started_at=func.coalesce(s.started_at, now), task_id=token.rsplit(":", 1)[0])
+            .returning(s.attempts, s.name)
+        ).cte("claimed")
+        started = (update(t.runs)
+                   .where(r.id == run_id, r.status == RunStatus.PENDING.value, select(claimed.c.name).exists())
+                   .values(status=RunStatus.RUNNING.value, updated_at=now)).cte("started")
+        event = self._event_from(claimed, run_id, "step_started", now, None, "attempts")
+        # Read in the statement's snapshot: what the step was, for a delivery that did not claim it.
+        current = select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx).cte("current")
+        query = (select(run.c.status, run.c.cancel_requested, run.c.input, claimed.c.attempts,
+                        current.c.status.label("step_status"), current.c.result, current.c.error)
+                 .select_from(run.outerjoin(claimed, true()).outerjoin(current, true()))
+                 .add_cte(started, event))
+        with self.autocommit.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None or row.status not in _LIVE_RUN:
+            return Claim(ClaimOutcome.GONE)
+        if row.attempts is not None:
+            return Claim(ClaimOutcome.CLAIMED, attempt=row.attempts, round_attempt=row.attempts, input=row.input)
+        if row.cancel_requested:
+            return None
+        return self._claim_lost(row.step_status, row.result, row.error, StepStatus.SUCCEEDED, StepStatus.FAILED)
+
+    @staticmethod
+    def _claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:
+        if status == done.value:
+            return Claim(ClaimOutcome.DONE, result=result)
+        if status == failed.value:
+            return Claim(ClaimOutcome.FAILED, error=error)
         return Claim(ClaimOutcome.BUSY)
 
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
         """Record the result; False if this delivery no longer holds the step."""
         return self._update_held(
-            run_id, idx, token, StepStatus.RUNNING, "step_succeeded", lambda row: {"attempt": row["attempts"]},
+            run_id, idx, token, StepStatus.RUNNING, "step_succeeded", {}, "attempts",
             status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=utcnow(),
             lease_expires_at=None,
         )
@@ -284,17 +386,26 @@ class Store:
     def finish_run(self, run_id: str) -> ClaimOutcome:
         """The last link of the chain: running -> succeeded, unless a cancel came in meanwhile."""
         now = utcnow()
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(t.runs)
-                .where(t.runs.c.id == run_id, t.runs.c.status == RunStatus.RUNNING.value,
-                       t.runs.c.cancel_requested.is_(False))
+        r = t.runs.c
+        done = (update(t.runs)
+                .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
                 .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-            ).rowcount
-            if done:
-                self._event(conn, run_id, "run_succeeded", None, None, now)
-                return ClaimOutcome.CLAIMED
-            run = conn.execute(select(t.runs.c.status, t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).first()
+                .returning(r.id))
+        if self.fast:
+            done = done.cte("done")
+            named = select(done.c.id, null().label("name")).cte("named")  # a run event names no step
+            event = self._event_from(named, run_id, "run_succeeded", now, None)
+            with self.autocommit.connect() as conn:
+                finished = conn.execute(select(func.count()).select_from(done).add_cte(event)).scalar()
+        else:
+            with self.engine.begin() as conn:
+                finished = conn.execute(done).first() is not None
+                if finished:
+                    self._event(conn, run_id, "run_succeeded", None, None, now)
+        if finished:
+            return ClaimOutcome.CLAIMED
+        with self.engine.connect() as conn:
+            run = conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first()
         if run is not None and run.status == RunStatus.RUNNING.value and run.cancel_requested:
             return ClaimOutcome.CANCELLED
         return ClaimOutcome.GONE
@@ -348,41 +459,59 @@ class Store:
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
         now = utcnow()
-        s = t.steps.c
+        s, r = t.steps.c, t.runs.c
+        run = select(r.status, r.input).where(r.id == run_id)
+        claimed = (
+            update(t.steps)
+            .where(s.run_id == run_id, s.idx == idx,
+                   self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
+            .values(
+                status=StepStatus.COMPENSATING.value,
+                compensation_attempts=s.compensation_attempts + 1,
+                compensation_round_attempts=case(
+                    (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
+                ),
+                claim=token,
+                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                compensation_task_id=token.rsplit(":", 1)[0],
+            )
+            .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
+        )
+        current = select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
+        if self.fast:  # one statement, as in claim_step
+            run = run.cte("run")
+            claimed = claimed.where(select(run.c.status).where(run.c.status == RunStatus.COMPENSATING.value)
+                                    .exists()).cte("claimed")
+            event = self._event_from(claimed, run_id, "compensation_started", now, None, "compensation_attempts")
+            current = current.cte("current")
+            with self.autocommit.connect() as conn:
+                row = conn.execute(
+                    select(run.c.status, run.c.input, claimed.c.compensation_attempts,
+                           claimed.c.compensation_round_attempts, claimed.c.result,
+                           current.c.status.label("step_status"), current.c.compensation_error)
+                    .select_from(run.outerjoin(claimed, true()).outerjoin(current, true()))
+                    .add_cte(event)
+                ).first()
+            if row is None or row.status != RunStatus.COMPENSATING.value:
+                return Claim(ClaimOutcome.GONE)
+            if row.compensation_attempts is None:
+                return self._claim_lost(row.step_status, None, row.compensation_error, StepStatus.COMPENSATED,
+                                        StepStatus.COMPENSATION_FAILED)
+            return Claim(ClaimOutcome.CLAIMED, attempt=row.compensation_attempts,
+                         round_attempt=row.compensation_round_attempts, input=row.input, result=row.result)
         with self.engine.begin() as conn:
-            run = conn.execute(select(t.runs.c.status, t.runs.c.input).where(t.runs.c.id == run_id)).first()
+            run = conn.execute(run).first()
             if run is None or run.status != RunStatus.COMPENSATING.value:
                 return Claim(ClaimOutcome.GONE)
-            claimed = conn.execute(
-                update(t.steps)
-                .where(s.run_id == run_id, s.idx == idx,
-                       self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
-                .values(
-                    status=StepStatus.COMPENSATING.value,
-                    compensation_attempts=s.compensation_attempts + 1,
-                    compensation_round_attempts=case(
-                        (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
-                    ),
-                    claim=token,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                    compensation_task_id=token.rsplit(":", 1)[0],
-                )
-                .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
-            ).first()
-            if claimed is not None:
-                self._event(conn, run_id, "compensation_started", claimed.name,
-                            {"attempt": claimed.compensation_attempts}, now)
-                return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts,
-                             round_attempt=claimed.compensation_round_attempts, input=run.input,
-                             result=claimed.result)
-            current = conn.execute(
-                select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
-            ).first()
-        if current is not None and current.status == StepStatus.COMPENSATED.value:
-            return Claim(ClaimOutcome.DONE)
-        if current is not None and current.status == StepStatus.COMPENSATION_FAILED.value:
-            return Claim(ClaimOutcome.FAILED, error=current.compensation_error)
-        return Claim(ClaimOutcome.BUSY)
+            row = conn.execute(claimed).first()
+            if row is not None:
+                self._event(conn, run_id, "compensation_started", row.name,
+                            {"attempt": row.compensation_attempts}, now)
+                return Claim(ClaimOutcome.CLAIMED, attempt=row.compensation_attempts,
+                             round_attempt=row.compensation_round_attempts, input=run.input, result=row.result)
+            current = conn.execute(current).first()
+        status, error = current if current is not None else (None, None)
+        return self._claim_lost(status, None, error, StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
 
     def complete_compensation(self, run_id: str, idx: int, token: str) -> bool:
         now = utcnow()
@@ -595,33 +724,58 @@ class Store:
         lease = utcnow() + dt.timedelta(seconds=delay + lease_seconds)
         error_column = "error" if active is StepStatus.RUNNING else "compensation_error"
         return self._update_held(
-            run_id, idx, token, active, kind,
-            lambda row: {"attempt": row[attempts_column], "error": error, "retry_in": round(delay, 3)},
+            run_id, idx, token, active, kind, {"error": error, "retry_in": round(delay, 3)}, attempts_column,
             lease_expires_at=lease, **{error_column: error},
         )
 
     def _end_claim(self, run_id, idx, token, active: StepStatus, final: StepStatus, kind: str, detail,
                    **values) -> bool:
-        return self._update_held(run_id, idx, token, active, kind, lambda row: detail,
+        return self._update_held(run_id, idx, token, active, kind, detail, None,
                                  status=final.value, lease_expires_at=None, **values)
 
-    def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail, **values) -> bool:
-        """Update the step this delivery holds (status ``active``, claim ``token``) and record ``kind``;
-        False, changing nothing, when it does not hold it any more."""
+    def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail: dict | None,
+                     attempt_column: str | None, **values) -> bool:
+        """Update the step this delivery holds (status ``active``, claim ``token``), record ``kind`` with
+        ``detail`` (plus ``attempt`` from ``attempt_column`` after the update) and touch the run; False,
+        changing nothing, when it does not hold it any more."""
         now = utcnow()
         s = t.steps.c
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                update(t.steps)
+        held = (update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx, s.status == active.value, s.claim == token)
                 .values(**values)
-                .returning(s.name, s.attempts, s.compensation_attempts)
-            ).first()
+                .returning(s.name, s.attempts, s.compensation_attempts))
+        if self.fast:
+            held = held.cte("held")
+            event = self._event_from(held, run_id, kind, now, detail, attempt_column)
+            touch = update(t.runs).where(t.runs.c.id == run_id, select(held.c.name).exists()).values(updated_at=now)
+            with self.autocommit.connect() as conn:
+                return bool(conn.execute(
+                    select(func.count()).select_from(held).add_cte(event, touch.cte("touch"))).scalar())
+        with self.engine.begin() as conn:
+            row = conn.execute(held).first()
             if row is None:
                 return False
-            self._event(conn, run_id, kind, row.name, detail(row._mapping), now)
+            attempt = {"attempt": row._mapping[attempt_column]} if attempt_column else {}
+            self._event(conn, run_id, kind, row.name, ({**attempt, **detail} if detail or attempt else None), now)
             self._touch(conn, run_id, now)
         return True
+
+    @staticmethod
+    def _event_from(source, run_id: str, kind: str, now: dt.datetime, detail: dict | None,
+                    attempt_column: str | None = None):
+        """PostgreSQL: an INSERT of the event for each row ``source`` (a data-modifying CTE) returns, as a
+        CTE of the same statement."""
+        pairs = []
+        if attempt_column:
+            pairs += [literal("attempt"), source.c[attempt_column]]
+        for key, value in (detail or {}).items():
+            pairs += [literal(key), literal(value)]
+        detail_sql = func.json_build_object(*pairs) if pairs else null()
+        return insert(t.events).from_select(
+            ["run_id", "kind", "step", "at", "detail"],
+            select(literal(run_id), literal(kind), source.c.name, literal(now, t.UTCDateTime()),
+                   detail_sql).select_from(source),
+        ).cte(f"{kind}_event")
 
     def _to_compensate(self, conn, run_id: str) -> list[int]:
         s = t.steps.c

@@ -34,6 +34,7 @@ def test_a_bad_hook_setting_says_what_is_wrong(spec, message):
 
 
 def test_the_alert_is_logged_then_the_hook_is_called_and_a_failing_hook_is_only_logged(store, caplog):
+    CALLS.clear()
     store.create_run("r1", "s", 1, {}, [("a", True)])
     run = store.get_run("r1")
     with caplog.at_level(logging.ERROR, logger="sagaflow.alerts"):
