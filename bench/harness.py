@@ -53,7 +53,7 @@ class Sizes:
 SIZES = {
     "full": Sizes(latency=50, throughput=500, step_total=2048, runs=(100, 1000, 5000), sql=100),
     "quick": Sizes(latency=10, throughput=100, step_total=256, runs=(50, 100, 300), sql=20),
-    "smoke": Sizes(latency=3, throughput=10, step_total=64, runs=(5, 10, 20), sql=4, warmup=1),
+    "smoke": Sizes(latency=3, throughput=10, step_total=128, runs=(5, 10, 20), sql=4, warmup=1),
 }
 
 
@@ -128,7 +128,7 @@ def expected_figures(sizes: Sizes, phases=PHASES) -> list[str]:
             names += [f"runs_{n}_throughput", f"runs_{n}_state_bytes_per_run"]
         names += ["worker_rss_before", "worker_rss_after", "worker_rss_growth"]
     if "sql" in phases:
-        names += ["sql_round_trips_per_step", "sql_statements_per_step", "sql_round_trips_per_start",
+        names += ["sql_round_trips_per_step", "sql_round_trips_per_step_wire", "sql_statements_per_step", "sql_round_trips_per_start",
                   "w2_sql_round_trips_per_run"]
     if "embedded" in phases:
         names += ["embedded_demo_seconds", "embedded_demo_runs_seconds"]
@@ -161,6 +161,14 @@ def check_services(redis_url: str, pg_admin_url: str) -> None:
     except psycopg2.Error as exc:
         raise SystemExit(f"bench: PostgreSQL at {pg_admin_url} does not answer ({str(exc).strip()}); "
                          f"start it or pass --pg-admin-url")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _dsn(url: str) -> str:
@@ -214,6 +222,7 @@ class Worker:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise SystemExit(f"bench: the {label} worker did not start; see {log}")
+        self.rss_at_start = self.rss()
 
     @property
     def pid(self) -> int:
@@ -438,16 +447,19 @@ class Bench:
         if self.database_url and not self.args.keep_db:
             drop_database(self.args.pg_admin_url, self.args.database)
 
-    def worker_env(self, imports: str) -> dict:
-        env = {**os.environ, **self.settings.with_(imports=tuple(imports.split(","))).as_env()}
+    def worker_env(self, imports: str, database_url: str | None = None) -> dict:
+        settings = self.settings.with_(imports=tuple(imports.split(",")),
+                                       database_url=database_url or self.settings.database_url)
+        env = {**os.environ, **settings.as_env()}
         env["BENCH_REDIS_URL"] = self.args.redis_url
         return env
 
-    def start_sagaflow_worker(self, key: str = "sagaflow", imports: str = "bench.sagas") -> Worker:
+    def start_sagaflow_worker(self, key: str = "sagaflow", imports: str = "bench.sagas",
+                              database_url: str | None = None) -> Worker:
         progress(f"starting the {key} worker (prefork, {self.args.concurrency} processes)")
         worker = Worker(
             key, [sys.executable, "-m", "sagaflow", "worker", "-P", "prefork", "-c", str(self.args.concurrency)],
-            self.worker_env(imports), self.workdir / f"{key}-worker.log",
+            self.worker_env(imports, database_url), self.workdir / f"{key}-worker.log",
             lambda node: bool(self.celery_app.control.ping(destination=[node], timeout=0.5)),
             f"bench-{key}-{os.getpid()}@%h",
         )
@@ -632,13 +644,15 @@ class Bench:
             self.sf.reset()
             self.pl.reset()
         rss_after = {k: self.workers[k].rss() for k in ("sagaflow", "plain")}
+        at_start = {k: round(sum(self.workers[k].rss_at_start.values()), 1) for k in ("sagaflow", "plain")}
         total = {when: {k: sum(v.values()) for k, v in rss.items()} for when, rss in
                  (("before", rss_before), ("after", rss_after))}
         for when, rss in (("before", rss_before), ("after", rss_after)):
             self.add(Figure(
                 f"worker_rss_{when}", f"worker RSS (main + pool) {when} the {largest} runs", "MB",
                 total[when]["sagaflow"], total[when]["plain"], n=largest,
-                extra={k: {p: round(mb, 1) for p, mb in v.items()} for k, v in rss.items()},
+                extra={**{k: {p: round(mb, 1) for p, mb in v.items()} for k, v in rss.items()},
+                       "total_mb_when_the_worker_started": at_start},
             ))
         self.add(Figure(
             "worker_rss_growth", f"worker RSS after / before {largest} runs", "x",
@@ -648,32 +662,51 @@ class Bench:
 
     def phase_sql(self) -> None:
         """Count the worker's SQL in a worker that imports bench.sqlcount (and only here: the listeners
-        cost a little), and the client's SQL of each start in this process."""
+        cost a little), and the client's SQL of each start in this process. The counting worker reaches
+        PostgreSQL through bench/pgwire.py, which counts the same round trips on the wire."""
         import redis
+        from sqlalchemy.engine import make_url
 
         n = self.sizes.sql
         progress(f"sql: counting the SQL of {n} W1 runs and {n} W2 runs")
         self.stop_worker("sagaflow")
-        self.start_sagaflow_worker("counting", "bench.sagas,bench.sqlcount")
+        url = make_url(self.database_url)
+        wire_file = self.workdir / "pgwire-counts.json"
+        wire_file.unlink(missing_ok=True)
+        port = free_port()
+        proxy = subprocess.Popen([sys.executable, "-m", "bench.pgwire", str(port), url.host or "127.0.0.1",
+                                  str(url.port or 5432), str(wire_file)], cwd=ROOT)
+        deadline = time.monotonic() + 10
+        while not wire_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proxied = url.set(host="127.0.0.1", port=port, query={**url.query, "sslmode": "disable"})
         r = redis.Redis.from_url(self.args.redis_url, decode_responses=True)
+        from bench.pgwire import read_counts
         from sagaflow.app import get_store
 
         engine = get_store().engine
         pre_ping = bool(engine.pool._pre_ping)
         results = {}
         try:
+            self.start_sagaflow_worker("counting", "bench.sagas,bench.sqlcount",
+                                       proxied.render_as_string(hide_password=False))
             for workload, fail_at in (("w1", None), ("w2", 3)):
                 self.warm_up(self.sf, 4, fail_at)
-                time.sleep(0.5)  # the last task's counts are flushed after it commits
+                time.sleep(0.6)  # the last task's counts are flushed after it commits; the proxy's every 0.2 s
                 r.delete(SQL_KEY)
+                wire_before = read_counts(wire_file)
                 with LocalCounter(engine) as client_counts:
                     outcome = self.batch(self.sf, n, 4, fail_at, f"{workload} SQL count", quiet=True)
-                time.sleep(0.5)
+                time.sleep(0.6)
+                wire_after = read_counts(wire_file)
+                wire = sum(wire_after[k] - wire_before[k] for k in ("query", "sync"))
                 counts = {k: int(v) for k, v in r.hgetall(SQL_KEY).items()}
-                results[workload] = (counts, dict(client_counts.counts), outcome["ok"])
+                results[workload] = (counts, dict(client_counts.counts), outcome["ok"], wire)
                 self.sf.reset()
         finally:
             self.stop_worker("counting")  # the last phase that needs a worker (see run)
+            proxy.terminate()
+            proxy.wait(10)
 
         def totals(counts: dict, prefix: str = "") -> dict:
             t = {k: counts.get(prefix + k, 0) for k in ("statement", "begin", "commit", "rollback")}
@@ -681,7 +714,7 @@ class Bench:
             t["round_trips"] = sum(t.values())
             return t
 
-        w1_counts, w1_client, w1_ok = results["w1"]
+        w1_counts, w1_client, w1_ok, w1_wire = results["w1"]
         w1 = totals(w1_counts)
         tasks = sorted({k.split("|")[0] for k in w1_counts if "|" in k})
         by_task = {task: totals(w1_counts, task + "|") for task in tasks}
@@ -694,6 +727,11 @@ class Bench:
                               "task is included, spread over its steps"},
         ))
         self.add(Figure(
+            "sql_round_trips_per_step_wire", "the same, counted on the wire (bench/pgwire.py)", "round trips",
+            w1_wire / steps, checked=w1_ok, n=n,
+            extra={"agrees_with_listeners": w1_wire == w1["round_trips"]},
+        ))
+        self.add(Figure(
             "sql_statements_per_step", "SQL statements per step, W1 success path (worker)", "statements",
             w1["statement"] / steps, checked=w1_ok, n=n,
         ))
@@ -702,11 +740,12 @@ class Bench:
             "sql_round_trips_per_start", "SQL round trips per SagaClient.start (client)", "round trips",
             client["round_trips"] / n, checked=w1_ok, n=n, extra={"totals": client},
         ))
-        w2_counts, _, w2_ok = results["w2"]
+        w2_counts, _, w2_ok, w2_wire = results["w2"]
         w2 = totals(w2_counts)
         self.add(Figure(
             "w2_sql_round_trips_per_run", "SQL round trips per W2 run: 4 steps, errback, 3 undos (worker)",
-            "round trips", w2["round_trips"] / n, checked=w2_ok, n=n, extra={"totals": w2},
+            "round trips", w2["round_trips"] / n, checked=w2_ok, n=n,
+            extra={"totals": w2, "on_the_wire": w2_wire},
         ))
 
     def phase_embedded(self) -> None:

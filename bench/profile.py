@@ -46,7 +46,8 @@ class Recorder:
             raise SystemExit(f"bench: py-spy wrote no profile: {err.strip()[-500:]}")
 
 
-FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^()]*)(?::\d+)?\)$")
+# "Class.method (package/module.py:123)"; the first parts of a stack name its processes, outermost first.
+FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 # Innermost frame -> where the time goes. First match wins, tried on the frames from the innermost out.
 CATEGORIES = [
@@ -70,8 +71,8 @@ INCLUSIVE = [
     ("sagaflow: finish_run", "finish_run", "sagaflow/"),
     ("sagaflow: ensure_json", "ensure_json", "sagaflow/"),
     ("celery: publish the next link (apply_async)", "apply_async", "celery/"),
-    ("celery: task events (send_event / publish)", "send_event", "celery/"),
-    ("celery: build the request (Request / Context)", "__init__", "celery/worker/request"),
+    ("celery: task-sent event (events dispatcher publish)", "publish", "celery/events/"),
+    ("kombu: LPUSH of a message (redis _put)", "_put", "kombu/transport/redis"),
     ("SQLAlchemy: compile a statement", "_compiler", "sqlalchemy/"),
     ("SQLAlchemy: pool checkout (pre-ping included)", "_checkout", "sqlalchemy/pool"),
 ]
@@ -85,12 +86,13 @@ def parse(raw: Path) -> list[tuple[str, list[tuple[str, str]], int]]:
         if not stack or not count.isdigit():
             continue
         parts = stack.split(";")
-        process = parts[0] if parts[0].startswith("process ") else ""
+        processes = [p for p in parts if p.startswith("process ")]
+        process = processes[-1].split(":")[0] if processes else ""
         frames = []
-        for part in parts[1 if process else 0:]:
+        for part in parts[len(processes):]:
             m = FRAME.match(part)
             if m:
-                frames.append((m.group("func"), m.group("file")))
+                frames.append((m.group("func").rsplit(".", 1)[-1], m.group("file")))
         samples.append((process, frames, int(count)))
     return samples
 
@@ -99,11 +101,14 @@ def summarize(raw: Path, top: int = 12) -> str:
     samples = parse(raw)
     processes = Counter()
     in_task = Counter()
+    main_idle = Counter()
     categories = Counter()
     inclusive = Counter()
     self_time = Counter()
     for process, frames, count in samples:
         processes[process] += count
+        if frames and frames[-1] == ("poll", "kombu/utils/eventio.py"):
+            main_idle[process] += count
         if not any(f == "trace_task" and p.startswith("celery/") for f, p in frames):
             continue
         in_task[process] += count
@@ -121,8 +126,15 @@ def summarize(raw: Path, top: int = 12) -> str:
             self_time[f"{f} ({p})"] += count
     busy = sum(in_task.values())
     total = sum(processes.values())
-    lines = [f"py-spy profile of the sagaflow worker: {total} samples over {len(processes)} processes, "
-             f"{busy} inside tasks ({100 * busy / max(total, 1):.0f}%; the rest is waiting for work)"]
+    lines = [f"py-spy profile of the sagaflow worker: {total} samples (idle included) over {len(processes)} "
+             f"processes"]
+    for process, count in sorted(processes.items()):
+        if in_task[process]:
+            lines.append(f"  {process} (pool): {100 * in_task[process] / count:.0f}% inside tasks, the rest waiting "
+                         f"for work")
+        else:
+            lines.append(f"  {process} (main): {100 * main_idle[process] / count:.0f}% idle in the event loop's "
+                         f"poll, the rest consuming, acking, dispatching and sending events")
     if not busy:
         return "\n".join(lines)
     lines.append("where task time goes (innermost frame's package):")
