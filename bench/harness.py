@@ -535,12 +535,14 @@ class Bench:
         """n runs per side, one at a time, the sides alternating run by run; latency = from just before
         start() to the final task's own timestamp (sagaflow: finished_at; plain: its Redis record)."""
         latencies: dict[str, list[float]] = {side.label: [] for side in sides}
+        start_calls: dict[str, list[float]] = {side.label: [] for side in sides}
         for side in sides:
             self.warm_up(side, steps, fail_at)
         for i in range(n):
             for side in sides:
                 t0 = time.time()
                 run_id = side.start(steps, fail_at)
+                start_calls[side.label].append(time.time() - t0)
                 deadline = time.monotonic() + 30
                 while (end := side.finished_at(run_id)) is None:
                     if time.monotonic() > deadline:
@@ -556,7 +558,7 @@ class Bench:
               for side in sides}
         for side in sides:
             side.reset()
-        return {"latencies": latencies, "ok": all(ok.values())}
+        return {"latencies": latencies, "start_calls": start_calls, "ok": all(ok.values())}
 
     # ------------------------------------------------------------------ phases
 
@@ -565,12 +567,13 @@ class Bench:
             progress(f"latency: {workload.upper()}, {self.sizes.latency} runs one at a time per side")
             r = self.one_at_a_time([self.sf, self.pl], self.sizes.latency, 4, fail_at, f"{workload} latency")
             sf, pl = r["latencies"]["sagaflow"], r["latencies"]["plain"]
+            start_ms = {k: round(percentile(v, 0.5) * 1000, 3) for k, v in r["start_calls"].items()}
             for q, label in ((0.50, "p50"), (0.95, "p95")):
                 self.add(Figure(
                     f"{workload}_latency_{label}", f"{workload.upper()} latency {label}, one run at a time", "ms",
                     percentile(sf, q) * 1000 if sf else None, percentile(pl, q) * 1000 if pl else None,
                     target=Target("ratio", "<=", 1.5) if label == "p50" else None,
-                    checked=r["ok"], n=self.sizes.latency,
+                    checked=r["ok"], n=self.sizes.latency, extra={"start_call_ms_p50": start_ms},
                 ))
 
     def paired_batches(self, n: int, steps: int, fail_at: int | None, what: str) -> tuple[dict, dict]:
