@@ -277,8 +277,10 @@ class SagaflowSide:
     def __init__(self, database_url: str) -> None:
         import psycopg2
 
+        from bench.sagas import BY_STEPS
         from sagaflow.client import SagaClient
 
+        self.by_steps = BY_STEPS
         self.client = SagaClient()
         self.pg = psycopg2.connect(_dsn(database_url))
         self.pg.autocommit = True
@@ -292,9 +294,7 @@ class SagaflowSide:
         self.sql("TRUNCATE saga_events, saga_steps, saga_runs")
 
     def start(self, steps: int, fail_at: int | None) -> str:
-        from bench.sagas import BY_STEPS
-
-        saga = "bench_w2" if fail_at is not None else BY_STEPS[steps]
+        saga = "bench_w2" if fail_at is not None else self.by_steps[steps]
         return self.client.start(saga, {}).id
 
     def finished_at(self, run_id: str) -> float | None:
@@ -444,8 +444,12 @@ class Bench:
             from sagaflow.app import get_store
 
             get_store().dispose()
-        if self.database_url and not self.args.keep_db:
-            drop_database(self.args.pg_admin_url, self.args.database)
+        if self.database_url:  # setup got past its checks: the Redis db is ours, the workers are gone
+            import redis
+
+            redis.Redis.from_url(self.args.redis_url).flushdb()
+            if not self.args.keep_db:
+                drop_database(self.args.pg_admin_url, self.args.database)
 
     def worker_env(self, imports: str, database_url: str | None = None) -> dict:
         settings = self.settings.with_(imports=tuple(imports.split(",")),
