@@ -73,3 +73,25 @@ def stubborn(ctx: StepContext):
         except SoftTimeLimitExceeded:
             pass  # misbehaving on purpose
     return {}
+
+
+# A step with a fixed-delay policy and no jitter: every retry waits exactly the same, whatever the attempt.
+FIXED = RetryPolicy(kind="fixed", max_attempts=4, initial_interval=0.3, max_interval=5.0, jitter=False)
+fixed_retry = Saga("fixed_retry")
+
+
+@fixed_retry.step(retry=FIXED)
+def poll_partner(ctx: StepContext):
+    do(ctx)
+    return {"partner": "ready"}
+
+
+@poll_partner.compensation
+def forget_partner(ctx: StepContext):
+    undo(ctx)
+
+
+@fixed_retry.step(retry=FAST)
+def confirm(ctx: StepContext):
+    do(ctx)
+    return {"confirmed": True}
