@@ -2,6 +2,7 @@
 with their state in SQL."""
 
 from sagaflow.definition import RetryKind, RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.declarative import SagaFileError, handler
 from sagaflow.errors import (
     BrokerUnavailable,
     DefinitionError,
@@ -22,5 +23,6 @@ from sagaflow.client import SagaClient  # noqa: E402
 __all__ = [
     "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError",
     "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled", "SagaClient",
-    "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "registry",
+    "SagaFileError", "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "handler",
+    "registry",
 ]
