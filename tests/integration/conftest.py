@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from config.settings import Settings
-from sagaflow.app import celery_app, configure
+from sagaflow.app import celery_app, configure, load_sagas
 from tests.conftest import ARTIFACTS, ROOT
 from tests.services import find_services, fresh_database
 
@@ -36,12 +36,12 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_DATABASE_URL": database_url,
         "SAGAFLOW_BROKER_URL": services.redis_url,
         "SAGAFLOW_IMPORTS": "tasks,tests.sagas",
+        "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
     })
     upgrade(database_url)
     configure(settings)
-    import tasks  # noqa: F401  register the sagas in this process too
-    import tests.sagas  # noqa: F401
+    load_sagas(settings)  # register the sagas in this process too: the modules, then the saga file
     from tasks.effects import ensure_table
 
     ensure_table()
