@@ -24,13 +24,14 @@ The whole file is checked before anything is registered: unknown keys, wrong typ
 duplicate step names, a (name, version) that is already registered, and handlers nobody registered are
 refused with a ``SagaFileError`` that names the file, the line, the saga, the step and the handler.
 A valid file registers its sagas in the ordinary registry, so the compiler and runtime treat them exactly
-like sagas written in Python. Loading the same unchanged file again is a no-op.
+like sagas written in Python. Loading the same file again is a no-op.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
+import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -152,9 +153,12 @@ class _List(list):
     item_lines: list
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: Any, line: int) -> None:
-        self.key, self.line = key, line
+class _BadKey(Exception):
+    """A key that repeats, or that is not a string, with its line."""
+
+    def __init__(self, problem: str, line: int) -> None:
+        super().__init__(problem)
+        self.problem, self.line = problem, line
 
 
 class _Loader(yaml.SafeLoader):
@@ -162,37 +166,32 @@ class _Loader(yaml.SafeLoader):
     silently resolves by keeping the last one: a second `retry:` would quietly win."""
 
 
+def _key(loader: _Loader, key_node: yaml.Node) -> tuple[str, int]:
+    key = loader.construct_object(key_node, deep=True)
+    line = key_node.start_mark.line + 1
+    if not isinstance(key, str):
+        raise _BadKey(f"keys must be strings, got {_type_name(key)} {key!r}", line)
+    return key, line
+
+
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    seen: dict = {}
+    own: set[str] = set()
     for key_node, _ in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
-            continue  # `<<: *defaults` may be overridden by the mapping's own keys
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            duplicate = key in seen
-        except TypeError:
-            duplicate = False  # an unhashable key: reported by the schema checks
-        if duplicate:
-            raise _DuplicateKey(key, key_node.start_mark.line + 1)
-        try:
-            seen[key] = key_node.start_mark.line + 1
-        except TypeError:
-            pass
-    loader.flatten_mapping(node)
+            continue  # keys merged in with `<<: *anchor` may be overridden by the mapping's own keys
+        key, line = _key(loader, key_node)
+        if key in own:
+            raise _BadKey(f"duplicate key {key!r}", line)
+        own.add(key)
+    loader.flatten_mapping(node)  # merged keys first, then the mapping's own: the later one wins
     result = _Map()
     result.line = node.start_mark.line + 1
     result.key_lines = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise _BadKey(key, key_node.start_mark.line + 1)
+        key, line = _key(loader, key_node)
         result[key] = loader.construct_object(value_node, deep=True)
-        result.key_lines.setdefault(key, key_node.start_mark.line + 1)
+        result.key_lines[key] = line
     return result
-
-
-class _BadKey(_DuplicateKey):
-    """A key that is not a string (a number, a list...)."""
 
 
 def _construct_list(loader: _Loader, node: yaml.SequenceNode) -> _List:
@@ -390,19 +389,23 @@ def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where)
 def parse_saga_file(path: str | Path, text: str | None = None, *,
                     handlers: HandlerRegistry = handlers) -> list[Saga]:
     """Read and check a saga file; returns its sagas, registered nowhere yet."""
-    path = Path(path)
+    return [saga for saga, _ in _parse(Path(path), text, handlers)]
+
+
+def _parse(path: Path, text: str | None, handlers: HandlerRegistry) -> list[tuple[Saga, str]]:
+    """The file's sagas, each with a fingerprint of its entry (to recognise it when loaded again)."""
     where = _Where(str(path))
     if text is None:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise where.error(f"cannot read the saga file: {exc.strerror or exc}", None) from None
+        except UnicodeDecodeError as exc:
+            raise where.error(f"the saga file is not UTF-8 text: {exc.reason} at byte {exc.start}", None) from None
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except _BadKey as exc:
-        raise where.error(f"keys must be strings, got {_type_name(exc.key)} {exc.key!r}", exc.line) from None
-    except _DuplicateKey as exc:
-        raise where.error(f"duplicate key {exc.key!r}", exc.line) from None
+        raise where.error(exc.problem, exc.line) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
@@ -413,52 +416,55 @@ def parse_saga_file(path: str | Path, text: str | None = None, *,
     specs = data["sagas"]
     if not isinstance(specs, list):
         raise where.error(f"sagas must be a list, got {_type_name(specs)}", _line(data, "sagas"))
-    sagas: list[Saga] = []
+    sagas: list[tuple[Saga, str]] = []
     for spec, line in zip(specs, specs.item_lines):
         where.saga = where.version = where.step = None
         saga = _saga(spec, line, handlers, where)
-        if any((s.name, s.version) == (saga.name, saga.version) for s in sagas):
+        if any((s.name, s.version) == (saga.name, saga.version) for s, _ in sagas):
             raise where.error("defined twice in this file; bump the version to change its steps", _line(spec))
-        sagas.append(saga)
+        sagas.append((saga, json.dumps(spec, sort_keys=True, default=str)))
     return sagas
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
-_loaded: dict[tuple[int, Path], tuple[str, list[Saga]]] = {}
+# Per registry: the sagas that saga files registered, by (name, version), with their entry's fingerprint.
+_from_files: "weakref.WeakKeyDictionary[Registry, dict[tuple[str, int], tuple[str, Saga]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def load_saga_file(path: str | Path, *, handlers: HandlerRegistry = handlers,
                    registry: Registry = default_registry) -> list[Saga]:
     """Check a saga file and register its sagas. All or nothing: an invalid file registers none.
 
-    Loading the same unchanged file into the same registry again returns the sagas it registered the first
-    time (workers, the CLI and the web app may each ask for it)."""
+    A saga that a file already registered with the very same entry is kept as it is, so loading a file
+    again is harmless (workers, the CLI and the web app each load it; an edited file may add versions).
+    A (name, version) registered otherwise, or whose entry changed, is refused: bump the version."""
     path = Path(path)
-    key = (id(registry), path.resolve())
-    text = None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError:
-        pass  # parse_saga_file reports it
-    digest = hashlib.sha256(text.encode()).hexdigest() if text is not None else ""
-    previous = _loaded.get(key)
-    if previous is not None and previous[0] == digest:
-        return previous[1]
-    sagas = parse_saga_file(path, text, handlers=handlers)
+    parsed = _parse(path, None, handlers)
+    known = _from_files.setdefault(registry, {})
     where = _Where(str(path))
-    for saga in sagas:
+    fresh: list[Saga] = []
+    result: list[Saga] = []
+    for saga, fingerprint in parsed:
+        previous = known.get((saga.name, saga.version))
+        if previous is not None and previous[0] == fingerprint:
+            result.append(previous[1])
+            continue
         try:
             registry.get(saga.name, saga.version)
         except UnknownSaga:
+            fresh.append(saga)
+            result.append(saga)
             continue
         where.saga, where.version = saga.name, saga.version
-        origin = "an earlier content of this file" if previous is not None else "another module or file"
+        origin = "a saga file, with other steps or options" if previous is not None else "a Python module"
         raise where.error(f"is already registered (by {origin}); bump the version to change its steps", None)
-    for saga in sagas:
-        registry.add(saga)
-    _loaded[key] = (digest, sagas)
-    return sagas
+    for saga, fingerprint in parsed:
+        if saga in fresh:
+            registry.add(saga)
+            known[(saga.name, saga.version)] = (fingerprint, saga)
+    return result
 
 
 def load_saga_files(paths: Iterable[str | Path], *, handlers: HandlerRegistry = handlers,

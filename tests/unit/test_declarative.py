@@ -135,14 +135,25 @@ def test_changing_a_loaded_file_without_a_new_version_is_refused(write, hreg, sr
     path = write(VALID)
     load_saga_file(path, handlers=hreg, registry=sreg)
     write(VALID.replace("timeout: 5", "timeout: 6"))
-    with pytest.raises(SagaFileError, match=r"saga 'ingest_document' version 2: is already registered \(by an "
-                                            r"earlier content of this file\); bump the version"):
+    with pytest.raises(SagaFileError, match=r"saga 'ingest_document' version 2: is already registered \(by a "
+                                            r"saga file, with other steps or options\); bump the version"):
         load_saga_file(path, handlers=hreg, registry=sreg)
+
+
+def test_a_file_edited_to_add_a_version_loads_again_and_registers_only_the_new_one(write, hreg, sreg):
+    path = write(VALID)
+    v2, only_parse = load_saga_file(path, handlers=hreg, registry=sreg)
+    write(VALID + "  - name: ingest_document\n    version: 3\n    steps: [{action: parse}]\n")
+    again = load_saga_file(path, handlers=hreg, registry=sreg)
+    assert again[:2] == [v2, only_parse]  # the very objects registered the first time
+    assert [(s.name, s.version) for s in sreg.all()] == [("ingest_document", 2), ("ingest_document", 3),
+                                                          ("only_parse", 1)]
+    assert sreg.get("ingest_document") is again[2]
 
 
 def test_a_saga_that_a_module_already_registered_is_refused_and_nothing_is_registered(write, hreg, sreg):
     sreg.add(Saga("only_parse", [Step("x", parse)], register=False))
-    with pytest.raises(SagaFileError, match=r"saga 'only_parse' version 1: is already registered \(by another"):
+    with pytest.raises(SagaFileError, match=r"saga 'only_parse' version 1: is already registered \(by a Python"):
         load_saga_file(write(VALID), handlers=hreg, registry=sreg)
     assert [s.name for s in sreg.all()] == ["only_parse"]
 
@@ -332,6 +343,13 @@ def test_invalid_files_are_refused_with_the_file_line_and_what_is_wrong(error, t
 def test_a_missing_file_is_named(tmp_path, hreg, sreg):
     with pytest.raises(SagaFileError, match=r"nope\.yaml: cannot read the saga file: No such file or directory"):
         load_saga_file(tmp_path / "nope.yaml", handlers=hreg, registry=sreg)
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path, hreg, sreg):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("sagas: [] # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(SagaFileError, match=r"latin1\.yaml: the saga file is not UTF-8 text"):
+        load_saga_file(path, handlers=hreg, registry=sreg)
 
 
 def test_one_bad_saga_registers_none_of_the_file(error):
