@@ -26,12 +26,17 @@ class Settings:
     database_url: str
     broker_url: str  # "" means: the embedded Redis under `home`
     imports: tuple[str, ...]  # modules that define sagas; imported by workers, the CLI and the web app
-    saga_files: tuple[Path, ...]  # YAML files of declarative sagas, loaded after `imports` (absolute paths)
     visibility_timeout: int  # seconds; must exceed the longest retry delay plus the longest step
     default_step_timeout: int  # seconds a step may run before it counts as stuck (lease), when it sets none
     worker_pool: str
     worker_concurrency: int
     log_level: str
+    # Recovery (sagaflow/recovery.py): a live run that holds no lease and has not moved for stall_timeout
+    # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
+    stall_timeout: int = 600
+    recovery_interval: int = 30
+    alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
+    saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -52,6 +57,9 @@ class Settings:
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
             log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
+            stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
+            recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
+            alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
         )
 
     @property
@@ -82,4 +90,7 @@ class Settings:
             "SAGAFLOW_WORKER_POOL": self.worker_pool,
             "SAGAFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "SAGAFLOW_LOG_LEVEL": self.log_level,
+            "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
+            "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
+            "SAGAFLOW_ALERT_HOOK": self.alert_hook,
         }

@@ -1,4 +1,4 @@
-"""The `sagaflow` command: worker | start | status | runs | cancel | retry | db | demo."""
+"""The `sagaflow` command: worker | start | status | runs | cancel | retry | recover | db | demo."""
 
 from __future__ import annotations
 
@@ -78,9 +78,17 @@ def main() -> None:
 @click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume (default: celery).")
 @click.option("-l", "--loglevel", default=None, help="Log level (default SAGAFLOW_LOG_LEVEL or WARNING).")
 @click.option("-n", "--hostname", default=None, help="Worker node name, as shown in Flower.")
-def worker(pool, concurrency, queues, loglevel, hostname) -> None:
+@click.option("-B", "--beat", is_flag=True,
+              help="Also run beat in this worker, which schedules the recovery sweeper (one such worker per "
+                   "deployment; or run `celery -A sagaflow.app beat` on its own).")
+def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     """Run a Celery worker for every registered saga, with task events on for Flower."""
     settings = _setup()
+    from sagaflow.alerts import load_hook
+    from sagaflow.runtime import check_visibility_timeout
+
+    check_visibility_timeout(settings)
+    load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
     broker = None
     if settings.embedded_broker:
         from sagaflow.embedded import start_unless_running
@@ -95,6 +103,9 @@ def worker(pool, concurrency, queues, loglevel, hostname) -> None:
         argv += ["-Q", queues]
     if hostname:
         argv += ["-n", hostname]
+    if beat:
+        settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
+        argv += ["-B"]
     try:
         celery_app.worker_main(argv)
     finally:
@@ -171,6 +182,29 @@ def retry(run_id, as_json) -> None:
     """Resume the compensations of a run in compensation_failed."""
     _setup()
     _print_run(_client().retry(run_id), as_json, history=False)
+
+
+@main.command()
+@click.option("--stall-timeout", type=float, default=None,
+              help="Seconds without progress before a run counts as stalled (default SAGAFLOW_STALL_TIMEOUT).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def recover(stall_timeout, as_json) -> None:
+    """Re-drive stalled runs now: the recovery sweeper that beat runs every SAGAFLOW_RECOVERY_INTERVAL.
+    Safe to run while workers and other sweepers run."""
+    settings = _setup()
+    from sagaflow.recovery import recover_stalled
+
+    done = recover_stalled(stall_timeout)
+    for r in done:
+        if as_json:
+            click.echo(json.dumps({"run_id": r.run_id, "saga": r.saga, "action": r.action, "index": r.index,
+                                   "revoked": list(r.revoked)}))
+        else:
+            click.echo(f"{r.run_id}  {r.saga:<18} {r.action}"
+                       + (f" from step {r.index}" if r.action in ("resume", "errback") else ""))
+    if not as_json:
+        stall = settings.stall_timeout if stall_timeout is None else stall_timeout
+        click.echo(f"{len(done)} stalled runs re-driven (stall timeout {stall:g} s)", err=True)
 
 
 def _print_run(run: Run, as_json: bool, history: bool = True) -> None:

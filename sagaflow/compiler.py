@@ -20,6 +20,7 @@ FINISH = "sagaflow.finish"
 ON_STEP_FAILED = "sagaflow.on_step_failed"
 FINISH_COMPENSATION = "sagaflow.finish_compensation"
 ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
+RECOVER = "sagaflow.recover"  # the recovery sweeper, scheduled by beat
 HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
 
 
@@ -40,11 +41,13 @@ def _limits(step: Step) -> dict:
     return options
 
 
-def compile_run(app: Celery, saga: Saga, run_id: str) -> Signature:
+def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None) -> Signature:
+    """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
+    of the steps before it read from SQL)."""
     links = []
-    for index, step in enumerate(saga.steps):
-        # The first link gets the empty results map; later links receive the previous link's return.
-        args = ({},) if index == 0 else ()
+    for index, step in enumerate(saga.steps[start:], start):
+        # The first link gets the results so far; later links receive the previous link's return.
+        args = (results or {},) if index == start else ()
         links.append(
             app.signature(step_task_name(saga, step), args=args,
                           kwargs={"run_id": run_id, "index": index, "version": saga.version},
@@ -52,7 +55,8 @@ def compile_run(app: Celery, saga: Saga, run_id: str) -> Signature:
                           **_limits(step))
         )
     n = len(saga.steps)
-    links.append(app.signature(FINISH, kwargs={"run_id": run_id},
+    args = (results or {},) if start == n else ()
+    links.append(app.signature(FINISH, args=args, kwargs={"run_id": run_id},
                                link_error=[app.signature(ON_STEP_FAILED, args=(run_id, n), immutable=True)]))
     return chain(*links)
 

@@ -209,7 +209,7 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_list)
 
 FILE_KEYS = {"sagas"}
 SAGA_KEYS = {"name", "version", "description", "defaults", "steps"}
-STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "queue"}
+STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "lease", "queue"}
 STEP_KEYS = {"name", "action", "compensation", "description"} | STEP_OPTIONS
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
@@ -285,17 +285,18 @@ def _retry(spec: Any, key: str, parent: _Map, where: _Where) -> RetryPolicy | No
 
 
 def _options(spec: _Map, where: _Where) -> dict:
-    """retry, compensation_retry, timeout and queue of a step (or of a saga's defaults), checked."""
+    """retry, compensation_retry, timeout, lease and queue of a step (or of a saga's defaults), checked."""
     options: dict = {}
     for key in ("retry", "compensation_retry"):
         if key in spec:
             options[key] = _retry(spec[key], key, spec, where)
-    if "timeout" in spec:
-        value = spec["timeout"]
-        if value is not None and (not _is_number(value) or value <= 0):
-            raise where.error(f"timeout must be a number of seconds > 0, got {_type_name(value)} {value!r}",
-                              _line(spec, "timeout"))
-        options["timeout"] = value
+    for key in ("timeout", "lease"):
+        if key in spec:
+            value = spec[key]
+            if value is not None and (not _is_number(value) or value <= 0):
+                raise where.error(f"{key} must be a number of seconds > 0, got {_type_name(value)} {value!r}",
+                                  _line(spec, key))
+            options[key] = value
     if "queue" in spec:
         value = spec["queue"]
         if value is not None and (not isinstance(value, str) or not value):

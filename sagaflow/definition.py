@@ -163,6 +163,16 @@ class StepContext:
     idempotency_key: str
     results: dict[str, Any] = field(default_factory=dict)
     result: Any = None
+    _heartbeat: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self) -> None:
+        """Tell sagaflow this step is alive: push its lease forward. A long step that sets ``lease`` shorter
+        than its ``timeout`` calls this more often than ``lease`` seconds apart; if its worker dies, the
+        recovery sweeper re-drives the step once the lease runs out, instead of after the whole timeout.
+        Raises LeaseLost if another delivery took the step over (stop: that one does the work), and
+        SagaCancelled if the run was cancelled meanwhile (the step fails and the run is compensated)."""
+        if self._heartbeat is not None:
+            self._heartbeat()
 
 
 Action = Callable[[StepContext], Any]
@@ -180,6 +190,7 @@ class Step:
         retry: RetryPolicy | None = None,
         compensation_retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        lease: float | None = None,
         queue: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -195,12 +206,15 @@ class Step:
                 raise DefinitionError(f"step {name!r}: {option} must be a RetryPolicy, got {policy!r}")
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise DefinitionError(f"step {name!r}: queue must be a non-empty string, got {queue!r}")
+        if lease is not None and (not _is_number(lease) or lease <= 0):
+            raise DefinitionError(f"step {name!r}: lease must be a number of seconds > 0, got {lease!r}")
         self.name = name
         self.action = action
         self.compensate = compensation
         self.retry = retry or DEFAULT_RETRY
         self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
-        self.timeout = timeout
+        self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
+        self.lease = lease  # how long the step counts as alive without a heartbeat; None: the time limit
         self.queue = queue
         self.saga: Saga | None = None
 
@@ -256,6 +270,7 @@ class Saga:
         retry: RetryPolicy | None = None,
         compensation_retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        lease: float | None = None,
         queue: str | None = None,
     ):
         """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
@@ -267,6 +282,7 @@ class Saga:
                 retry=retry,
                 compensation_retry=compensation_retry,
                 timeout=timeout,
+                lease=lease,
                 queue=queue,
             )
             self._append(step)

@@ -57,7 +57,7 @@ def unpublish(ctx: StepContext):
 
 
 def _step(name: str, action, compensation) -> Step:
-    return Step(name, action, compensation, retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=60)
+    return Step(name, action, compensation, retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 
 
 ingest = Saga(

@@ -75,6 +75,62 @@ def stubborn(ctx: StepContext):
     return {}
 
 
+# For the crash tests: its own queue, so only the worker a test kills and restarts runs its steps, and a
+# short time limit, so a dead holder's lease (timeout + 5 s grace + 2 s) runs out within seconds.
+faults = Saga("faults")
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def book(ctx: StepContext):
+    do(ctx)
+    return {"booked": True}
+
+
+@book.compensation
+def unbook(ctx: StepContext):
+    undo(ctx)
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def charge(ctx: StepContext):
+    do(ctx)
+    return {"charged": True}
+
+
+@charge.compensation
+def refund(ctx: StepContext):
+    undo(ctx)
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def notify(ctx: StepContext):
+    do(ctx)
+    return {"notified": True}
+
+
+# A long step that stays alive past its lease by heartbeating.
+long_running = Saga("long_running")
+
+
+@long_running.step(retry=RetryPolicy(max_attempts=1), timeout=20, lease=1, queue="faults")
+def crunch(ctx: StepContext):
+    for _ in range(int(ctx.input.get("beats", 6))):
+        time.sleep(0.5)
+        ctx.heartbeat()
+    do(ctx)
+    return {"crunched": True}
+
+
+def record_alert(run) -> None:
+    """SAGAFLOW_ALERT_HOOK of the test workers: append the alert to a file under SAGAFLOW_HOME."""
+    import json
+
+    from sagaflow.app import get_settings
+
+    with open(get_settings().home / "alerts.jsonl", "a") as f:
+        f.write(json.dumps({"run_id": run.id, "status": run.status, "error": run.error}) + "\n")
+
+
 # A step with a fixed-delay policy and no jitter: every retry waits exactly the same, whatever the attempt.
 FIXED = RetryPolicy(kind="fixed", max_attempts=4, initial_interval=0.3, max_interval=5.0, jitter=False)
 fixed_retry = Saga("fixed_retry")

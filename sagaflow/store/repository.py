@@ -7,7 +7,8 @@ changes nothing. Each method is one transaction.
 A step (or compensation) is *claimed* by one delivery at a time. The claim token is
 ``"<celery task id>:<retries>"``: a retry of the holder (same task id, a higher retries number: a policy
 retry, a retry after a lost pool child or a database outage) takes the claim over; a redelivery of the same
-message (worker died) may take it over once the lease expired; anything else is a duplicate and backs off.
+message (worker died) may take it over once the lease expired; so may any delivery once the recovery
+sweeper revoked an expired claim; anything else is a duplicate and backs off.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, case, create_engine, event, func, insert, inspect, or_, select, update
+from sqlalchemy import and_, case, create_engine, event, exists, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 
@@ -79,6 +80,27 @@ class Claim:
 
 
 _LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
+_IN_PROGRESS_RUN = (*_LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches
+_HELD_STEP = (StepStatus.RUNNING.value, StepStatus.COMPENSATING.value)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the sweeper must publish to move a stalled run on, decided from SQL in one transaction.
+
+    action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
+    the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
+    empty: finish the compensation).
+    """
+
+    run_id: str
+    saga: str
+    version: int
+    action: str
+    index: int = 0
+    results: dict | None = None
+    indexes: tuple[int, ...] = ()
+    revoked: tuple[str, ...] = ()  # steps whose expired claim was taken back
 
 
 class Store:
@@ -403,6 +425,94 @@ class Store:
         with self.engine.begin() as conn:
             return self._finish_compensation(conn, run_id, now)
 
+    # ---------------------------------------------------------------- leases and recovery
+
+    def extend_lease(self, run_id: str, idx: int, token: str, lease_seconds: float) -> tuple[bool, bool]:
+        """A long step's heartbeat: push its lease forward. Returns (still held, cancel requested)."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status.in_(_HELD_STEP), s.claim == token)
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
+            cancel = conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar()
+        return bool(held), bool(cancel)
+
+    @staticmethod
+    def _stalled(now: dt.datetime, stall_timeout: float):
+        """Run is in progress, no step holds a live lease, and either a holder's lease expired (it died) or
+        nothing moved for stall_timeout seconds (a message was lost: broker restart, a crash before publish,
+        a start whose publish failed)."""
+        r, s = t.runs.c, t.steps.c
+        held = (s.run_id == r.id) & s.status.in_(_HELD_STEP)
+        return and_(
+            r.status.in_(_IN_PROGRESS_RUN),
+            ~exists().where(held, s.lease_expires_at >= now),
+            or_(exists().where(held, s.lease_expires_at < now),
+                r.updated_at < now - dt.timedelta(seconds=stall_timeout)),
+        )
+
+    def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
+        """(run id, updated_at) of the stalled runs, longest stalled first."""
+        r = t.runs.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(r.id, r.updated_at).where(self._stalled(utcnow(), stall_timeout))
+                .order_by(r.updated_at).limit(limit)
+            )
+            return [(row.id, row.updated_at) for row in rows]
+
+    def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float) -> Recovery | None:
+        """Claim the re-drive of a stalled run (compare-and-set on updated_at, so of two sweepers one
+        wins, and a run that moved meanwhile is left alone), take back expired claims, and decide from
+        SQL what to publish. None when this caller did not win."""
+        now = utcnow()
+        r, s = t.runs.c, t.steps.c
+        with self.engine.begin() as conn:
+            run = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.updated_at == seen_updated_at, self._stalled(now, stall_timeout))
+                .values(updated_at=now)
+                .returning(r.status, r.saga, r.saga_version)
+            ).first()
+            if run is None:
+                return None
+            # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
+            revoked = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.status.in_(_HELD_STEP), s.lease_expires_at < now)
+                .values(claim=None, lease_expires_at=None)
+                .returning(s.name)
+            ).all()
+            steps = conn.execute(
+                select(s.idx, s.name, s.status, s.result, s.has_compensation)
+                .where(s.run_id == run_id).order_by(s.idx)
+            ).all()
+            recovery = self._recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
+            self._event(conn, run_id, "run_recovered", None,
+                        {"action": recovery.action, "revoked": list(recovery.revoked),
+                         **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
+                            else {})}, now)
+        return recovery
+
+    @staticmethod
+    def _recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
+        base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
+        if run.status == RunStatus.COMPENSATING.value:
+            todo = [st.idx for st in reversed(steps) if st.has_compensation
+                    and st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)]
+            return Recovery(action="compensate", indexes=tuple(todo), **base)
+        done = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
+        frontier = next((st for st in steps if st.status not in done), None)
+        results = {st.name: st.result for st in steps if st.status == StepStatus.SUCCEEDED.value}
+        if frontier is None:
+            return Recovery(action="finish", index=len(steps), results=results, **base)
+        if frontier.status == StepStatus.FAILED.value:
+            return Recovery(action="errback", index=frontier.idx, **base)
+        return Recovery(action="resume", index=frontier.idx, results=results, **base)
+
     # ---------------------------------------------------------------- operator requests
 
     def request_cancel(self, run_id: str) -> Run:
@@ -471,6 +581,7 @@ class Store:
         options = [
             s.status == start.value,
             and_(s.status == active.value, s.claim == token, s.lease_expires_at < now),
+            and_(s.status == active.value, s.claim.is_(None)),  # revoked by the recovery sweeper
         ]
         if earlier_tokens:
             # Any earlier retry, not only the previous one: a retry that died before claiming (database

@@ -88,6 +88,7 @@ sagas:
       - name: parse_again
         action: parse
         timeout: 5
+        lease: 2
         queue: heavy
   - name: only_parse
     steps:
@@ -111,7 +112,7 @@ def test_a_valid_file_registers_its_sagas_with_handlers_options_and_defaults(loa
     assert (second.name, second.action, second.compensate) == ("parse_again", parse, None)
     assert second.retry.kind is RetryKind.LINEAR and [second.retry.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.5, 2.5, 3]
     assert second.compensation_retry is DEFAULT_COMPENSATION_RETRY
-    assert (second.timeout, second.queue) == (5, "heavy")
+    assert (second.timeout, second.lease, second.queue) == (5, 2, "heavy") and first.lease is None
     assert sagas[1].steps[0].retry is DEFAULT_RETRY
 
 
@@ -282,7 +283,9 @@ def test_with_no_handlers_registered_the_error_says_where_they_come_from(write, 
      "step 'ingest': unknown key 'interval' in 'retry'"),
     ("sagas:\n  - name: s\n    defaults: {compensation: parse}\n    steps: [{action: ingest}]\n", 3,
      "saga 's' version 1: unknown key 'compensation' in defaults (did you mean 'compensation_retry'?); allowed: "
-     "compensation_retry, queue, retry, timeout"),
+     "compensation_retry, lease, queue, retry, timeout"),
+    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        lease: -1\n", 5,
+     "step 'ingest': lease must be a number of seconds > 0, got an integer -1"),
     # missing or malformed structure
     ("", None, "the file is empty; it needs a `sagas:` list"),
     ("- 1\n", 1, "the file must be a mapping, got a list"),

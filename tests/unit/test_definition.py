@@ -197,6 +197,7 @@ def test_bad_retry_arguments_are_refused_naming_the_value(kwargs, message):
     (lambda: Step("a", noop, timeout="10"), "timeout must be a number of seconds > 0, got '10'"),
     (lambda: Step("a", noop, retry={"kind": "fixed"}), "retry must be a RetryPolicy"),
     (lambda: Step("a", noop, queue=""), "queue must be a non-empty string"),
+    (lambda: Step("a", noop, lease="1"), "lease must be a number of seconds > 0, got '1'"),
 ])
 def test_bad_step_options_are_refused_naming_the_value(make, message):
     with pytest.raises(DefinitionError, match=message):
