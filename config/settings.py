@@ -36,6 +36,7 @@ class Settings:
     stall_timeout: int = 600
     recovery_interval: int = 30
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
+    saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -46,6 +47,11 @@ class Settings:
             database_url=env.get("SAGAFLOW_DATABASE_URL") or f"sqlite:///{home / 'sagaflow.db'}",
             broker_url=env.get("SAGAFLOW_BROKER_URL", ""),
             imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "tasks").split(",") if m.strip()),
+            # Explicit, no default file: a file found relative to the working directory would be loaded by
+            # some processes (a worker started here) and not others (gunicorn started there). Resolved now,
+            # so every child process gets the same absolute paths.
+            saga_files=tuple(Path(f.strip()).expanduser().resolve()
+                             for f in env.get("SAGAFLOW_SAGA_FILES", "").split(",") if f.strip()),
             visibility_timeout=_int(env, "SAGAFLOW_VISIBILITY_TIMEOUT", 7200),
             default_step_timeout=_int(env, "SAGAFLOW_DEFAULT_STEP_TIMEOUT", 300),
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
@@ -78,6 +84,7 @@ class Settings:
             "SAGAFLOW_DATABASE_URL": self.database_url,
             "SAGAFLOW_BROKER_URL": self.broker_url,
             "SAGAFLOW_IMPORTS": ",".join(self.imports),
+            "SAGAFLOW_SAGA_FILES": ",".join(str(f) for f in self.saga_files),
             "SAGAFLOW_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "SAGAFLOW_DEFAULT_STEP_TIMEOUT": str(self.default_step_timeout),
             "SAGAFLOW_WORKER_POOL": self.worker_pool,

@@ -10,13 +10,14 @@ import click
 import sqlalchemy.exc
 
 from sagaflow.app import celery_app, configure, get_store
+from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import setup_logging
 from sagaflow.store import Run
 
 
 def load_sagas(settings) -> None:
-    """Import the modules named in SAGAFLOW_IMPORTS, which register the sagas."""
+    """Import the modules named in SAGAFLOW_IMPORTS, then load the files in SAGAFLOW_SAGA_FILES."""
     for module in settings.imports:
         try:
             importlib.import_module(module)
@@ -25,6 +26,10 @@ def load_sagas(settings) -> None:
                 f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS ({exc}); "
                 f"run from the project folder or fix SAGAFLOW_IMPORTS"
             ) from None
+    try:
+        app_load_sagas(settings)
+    except SagaflowError as exc:  # an invalid saga file: its message names the file, line, saga, handler
+        raise click.ClickException(str(exc)) from None
 
 
 def _setup(need_schema: bool = True):

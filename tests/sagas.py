@@ -2,7 +2,7 @@
 
 import time
 
-from sagaflow import RetryPolicy, Saga, StepContext
+from sagaflow import NonRetryableError, RetryPolicy, Saga, Step, StepContext
 from sagaflow.app import get_store
 
 from tasks.effects import do, undo
@@ -129,3 +129,60 @@ def record_alert(run) -> None:
 
     with open(get_settings().home / "alerts.jsonl", "a") as f:
         f.write(json.dumps({"run_id": run.id, "status": run.status, "error": run.error}) + "\n")
+
+
+# A step with a fixed-delay policy and no jitter: every retry waits exactly the same, whatever the attempt.
+FIXED = RetryPolicy(kind="fixed", max_attempts=4, initial_interval=0.3, max_interval=5.0, jitter=False)
+fixed_retry = Saga("fixed_retry")
+
+
+@fixed_retry.step(retry=FIXED)
+def poll_partner(ctx: StepContext):
+    do(ctx)
+    return {"partner": "ready"}
+
+
+@poll_partner.compensation
+def forget_partner(ctx: StepContext):
+    undo(ctx)
+
+
+@fixed_retry.step(retry=FAST)
+def confirm(ctx: StepContext):
+    do(ctx)
+    return {"confirmed": True}
+
+
+# Two versions of one saga, both registered in the worker (v1 first, as a deploy that adds v2 keeps v1
+# for the runs still in flight). Steps that share a name run a different function in each version, and
+# each function checks it is handed a run of its own version, so a v1 run that executed (or compensated)
+# a v2 step fails loudly instead of passing by accident.
+#   v1: reserve (undo) -> notify -> charge (undo)
+#   v2: check_fraud -> reserve (undo) -> notify (undo) -> charge (undo) -> receipt
+def _versioned(version: int):
+    def action(ctx: StepContext):
+        do(ctx)
+        return {"version": version, "step": ctx.step}
+
+    def compensation(ctx: StepContext):
+        if ctx.result.get("version") != version:
+            raise NonRetryableError(f"version {version} compensation of {ctx.step} got {ctx.result}")
+        undo(ctx)
+
+    return action, compensation
+
+
+_v1, _undo_v1 = _versioned(1)
+_v2, _undo_v2 = _versioned(2)
+versioned_v1 = Saga("versioned", version=1, steps=[
+    Step("reserve", _v1, _undo_v1, retry=FAST),
+    Step("notify", _v1, retry=FAST),
+    Step("charge", _v1, _undo_v1, retry=FAST),
+])
+versioned_v2 = Saga("versioned", version=2, steps=[
+    Step("check_fraud", _v2, retry=FAST),
+    Step("reserve", _v2, _undo_v2, retry=FAST),
+    Step("notify", _v2, _undo_v2, retry=FAST),
+    Step("charge", _v2, _undo_v2, retry=FAST),
+    Step("receipt", _v2, retry=FAST),
+])

@@ -7,11 +7,12 @@ from flask import Flask, jsonify
 from sqlalchemy import text
 from werkzeug.exceptions import HTTPException
 
-from sagaflow.app import celery_app, configure, get_store
+from sagaflow.app import celery_app, configure, get_store, load_sagas
 
 
 def create_app(settings=None) -> Flask:
     settings = configure(settings)
+    load_sagas(settings)  # the API starts and shows sagas by name: Python modules and saga files alike
     app = Flask(__name__)
     app.config["SAGAFLOW"] = settings
 

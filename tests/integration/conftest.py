@@ -7,7 +7,8 @@ import pytest
 import redis
 
 from config.settings import Settings
-from sagaflow.app import configure
+from sagaflow.app import configure, load_sagas
+from tests.conftest import ROOT
 from tests.services import find_services, fresh_database
 from tests.workers import start_worker, stop_worker
 
@@ -31,13 +32,13 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_DATABASE_URL": database_url,
         "SAGAFLOW_BROKER_URL": services.redis_url,
         "SAGAFLOW_IMPORTS": "tasks,tests.sagas",
+        "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
     })
     upgrade(database_url)
     configure(settings)
-    import tasks  # noqa: F401  register the sagas in this process too
-    import tests.sagas  # noqa: F401
+    load_sagas(settings)  # register the sagas in this process too: the modules, then the saga file
     from tasks.effects import ensure_table
 
     ensure_table()
