@@ -7,6 +7,7 @@ listens on SQLAlchemy's Engine and Pool classes, so it sees every engine the pro
   begin       psycopg2 sends BEGIN as its own query, before the first statement of a transaction
   commit      COMMIT
   rollback    ROLLBACK (a read-only `engine.connect()` block ends with one)
+              (none of the three on an autocommit connection, where psycopg2 sends nothing)
   checkout,   pool_pre_ping sends SELECT 1 on each checkout of a pooled connection, except the first
   connect     checkout of a new one; it runs below the Engine events, so the harness counts those pings
               as checkouts minus new connections (sagaflow's PostgreSQL engine has pre_ping on)
@@ -44,19 +45,27 @@ def _statement(conn, cursor, statement, parameters, context, executemany):
     _add("statement")
 
 
+def _autocommit(conn) -> bool:
+    """An autocommit connection sends no BEGIN, COMMIT or ROLLBACK: psycopg2 skips them."""
+    return bool(getattr(conn.connection.driver_connection, "autocommit", False))
+
+
 @event.listens_for(Engine, "begin")
 def _begin(conn):
-    _add("begin")
+    if not _autocommit(conn):
+        _add("begin")
 
 
 @event.listens_for(Engine, "commit")
 def _commit(conn):
-    _add("commit")
+    if not _autocommit(conn):
+        _add("commit")
 
 
 @event.listens_for(Engine, "rollback")
 def _rollback(conn):
-    _add("rollback")
+    if not _autocommit(conn):
+        _add("rollback")
 
 
 @event.listens_for(Pool, "checkout")

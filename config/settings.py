@@ -20,6 +20,17 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _bool(env: dict, name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -36,6 +47,7 @@ class Settings:
     stall_timeout: int = 600
     recovery_interval: int = 30
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
+    prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
     saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
 
     @classmethod
@@ -60,6 +72,7 @@ class Settings:
             stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
             recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
+            prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
         )
 
     @property
@@ -93,4 +106,5 @@ class Settings:
             "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
+            "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
         }

@@ -74,7 +74,7 @@ def get_store() -> Store:
     settings = get_settings()
     with _lock:
         if _store is None:
-            _store = Store(settings.database_url)
+            _store = Store(settings.database_url, prepared_statements=settings.prepared_statements)
         return _store
 
 

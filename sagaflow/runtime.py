@@ -1,5 +1,6 @@
-"""The Celery tasks that execute sagas: one task per step and per compensation, plus four generic tasks
-(finish, on_step_failed, finish_compensation, on_compensation_failed).
+"""The Celery tasks that execute sagas: one task per step and per compensation, plus the generic tasks
+(on_step_failed, on_compensation_failed; finish and finish_compensation, which the recovery sweeper
+publishes when only the finishing of a run is left; recover, the sweeper itself).
 
 Every task first *claims* its work in SQL (a compare-and-set, see store/repository.py). A delivery that
 loses the claim is a duplicate and stops with ``Ignore``: no errback, no chain continuation, nothing
@@ -33,7 +34,7 @@ from sagaflow.compiler import (
 )
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
 from sagaflow.errors import AlreadyFailed, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
-from sagaflow.store import ClaimOutcome
+from sagaflow.store import ClaimOutcome, RunStatus
 from sagaflow.store.repository import ensure_json
 
 log = logging.getLogger("sagaflow.runtime")
@@ -201,10 +202,19 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
             note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
             give_up=lambda error: store.fail_step(run_id, index, token, error),
         )
-    if not store.complete_step(run_id, index, token, value):
+    if index < len(saga.steps) - 1:
+        if not store.complete_step(run_id, index, token, value):
+            log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+            raise Ignore()
+        log.info("step_succeeded", extra=fields)
+        return {**results, step.name: value}
+    status = store.complete_last_step(run_id, index, token, value)  # finishes the run too
+    if status is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
-    log.info("step_succeeded", extra=fields)
+    if status == RunStatus.RUNNING.value:  # a cancel came in: undo every step, this one included
+        return FailedForGood(SagaCancelled(f"run {run_id} was cancelled before it finished"))
+    log.info("run_succeeded", extra=fields)
     return {**results, step.name: value}
 
 
@@ -239,9 +249,12 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
             note_retry=lambda error, delay: store.retry_compensation(run_id, index, token, error, delay, lease),
             give_up=lambda error: store.fail_compensation(run_id, index, token, error),
         )
-    if not store.complete_compensation(run_id, index, token):
+    status = store.complete_compensation(run_id, index, token)  # the last undo ends the run too
+    if status is None:
         raise Ignore()
     log.info("compensation_succeeded", extra=fields)
+    if status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
+        log.info(f"run_{status}", extra={"run_id": run_id})
     return None
 
 

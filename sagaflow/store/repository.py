@@ -21,27 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import (
-    and_,
-    case,
-    create_engine,
-    event,
-    exists,
-    func,
-    insert,
-    inspect,
-    literal,
-    null,
-    or_,
-    select,
-    true,
-    update,
-)
+from sqlalchemy import and_, case, create_engine, event, exists, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DisconnectionError, IntegrityError
 
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
+from sagaflow.store.fastpath import FastPath
 from sagaflow.store.models import Event, Run, RunStatus, StepState, StepStatus
 
 
@@ -149,17 +135,21 @@ class Recovery:
 
 
 class Store:
-    def __init__(self, url: str, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, engine: Engine | None = None, prepared_statements: bool = True) -> None:
         self.url = url
         self.engine = engine or create_db_engine(url)
-        # PostgreSQL: the transitions of the success path are one statement each (data-modifying CTEs keep
-        # the update, its event and the run's touch atomic), sent on an autocommit connection: one round
-        # trip, no BEGIN and COMMIT. SQLite runs the same transitions as short transactions, in process.
-        self.fast = self.engine.dialect.name == "postgresql"
+        # PostgreSQL: the success path's transitions are one statement each, one round trip (fastpath.py).
         self.autocommit = None
-        if self.fast:
+        self.fast: FastPath | None = None
+        if self.engine.dialect.name == "postgresql":
             self.autocommit = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if engine is not None
                                else create_db_engine(url, autocommit=True))
+            self.fast = FastPath(self.autocommit, prepared=prepared_statements)
+
+    def _reading(self):
+        """A connection for reads: on PostgreSQL an autocommit one, so a read is one round trip, not three
+        (BEGIN, SELECT, ROLLBACK). Each statement sees its own snapshot either way (READ COMMITTED)."""
+        return (self.autocommit or self.engine).connect()
 
     def dispose(self, close: bool = True) -> None:
         """Drop pooled connections; ``close=False`` after a fork, so the parent's stay usable by it."""
@@ -197,6 +187,12 @@ class Store:
         Returns ``(run, created)``; with an idempotency key already used, the existing run and False.
         """
         now = utcnow()
+        steps = list(steps)
+        if self.fast:
+            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
+            if event_id is None:
+                return self._existing(idempotency_key), False
+            return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -228,23 +224,46 @@ class Store:
                         for i, (name, has_comp) in enumerate(steps)
                     ],
                 )
-                self._event(conn, run_id, "run_started", None, {"saga": saga, "version": version}, now)
+                event_id = conn.execute(
+                    insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
+                                            detail={"saga": saga, "version": version}).returning(t.events.c.id)
+                ).scalar_one()
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            existing = self.find_by_idempotency_key(idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
-        return self.get_run(run_id), True
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
+
+    def _existing(self, idempotency_key: str | None) -> Run:
+        existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
+        if existing is None:  # the insert conflicted on something else: only a reused run id can
+            raise InvalidTransition("a run with this id exists already")
+        return existing
+
+    @staticmethod
+    def _new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id) -> Run:
+        """The snapshot of a run just inserted, built from what was written rather than read back."""
+        return Run(
+            id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+            idempotency_key=idempotency_key, cancel_requested=False, error=None, created_at=now, updated_at=now,
+            finished_at=None,
+            steps=tuple(
+                StepState(index=i, name=name, status=StepStatus.PENDING.value, has_compensation=has_comp,
+                          attempts=0, compensation_attempts=0, result=None, error=None, compensation_error=None,
+                          task_id=None, compensation_task_id=None, started_at=None, finished_at=None,
+                          compensated_at=None)
+                for i, (name, has_comp) in enumerate(steps)),
+            events=(Event(id=event_id, kind="run_started", step=None, at=now,
+                          detail={"saga": saga, "version": version}),),
+        )
 
     def find_by_idempotency_key(self, key: str) -> Run | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.idempotency_key == key)).first()
             return self._load(conn, row) if row is not None else None
 
     def get_run(self, run_id: str, history: bool = True) -> Run:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
             if row is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
@@ -264,7 +283,7 @@ class Store:
             conditions.append(t.runs.c.status == status)
         if saga:
             conditions.append(t.runs.c.saga == saga)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(t.runs)
                 .where(*conditions)
@@ -324,33 +343,10 @@ class Store:
 
     def _claim_step_in_one_statement(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                                      lease_seconds: float) -> Claim | None:
-        """claim_step on PostgreSQL, in one statement. None when a cancel was requested: the transaction
-        above decides that rare case."""
+        """claim_step on PostgreSQL. None when a cancel was requested: the transaction above decides."""
         now = utcnow()
-        s, r = t.steps.c, t.runs.c
-        run = select(r.status, r.cancel_requested, r.input).where(r.id == run_id).cte("run")
-        go = select(run.c.status).where(run.c.status.in_(_LIVE_RUN), run.c.cancel_requested.is_(False)).exists()
-        claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
-        claimed = (
-            update(t.steps)
-            .where(s.run_id == run_id, s.idx == idx, claimable, go)
-            .values(status=StepStatus.RUNNING.value, attempts=s.attempts + 1, claim=token,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                    started_at=func.coalesce(s.started_at, now), task_id=token.rsplit(":", 1)[0])
-            .returning(s.attempts, s.name)
-        ).cte("claimed")
-        started = (update(t.runs)
-                   .where(r.id == run_id, r.status == RunStatus.PENDING.value, select(claimed.c.name).exists())
-                   .values(status=RunStatus.RUNNING.value, updated_at=now)).cte("started")
-        event = self._event_from(claimed, run_id, "step_started", now, None, "attempts")
-        # Read in the statement's snapshot: what the step was, for a delivery that did not claim it.
-        current = select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx).cte("current")
-        query = (select(run.c.status, run.c.cancel_requested, run.c.input, claimed.c.attempts,
-                        current.c.status.label("step_status"), current.c.result, current.c.error)
-                 .select_from(run.outerjoin(claimed, true()).outerjoin(current, true()))
-                 .add_cte(started, event))
-        with self.autocommit.connect() as conn:
-            row = conn.execute(query).first()
+        row = self.fast.claim_step(run_id, idx, token, earlier_tokens,
+                                   now + dt.timedelta(seconds=lease_seconds), now)
         if row is None or row.status not in _LIVE_RUN:
             return Claim(ClaimOutcome.GONE)
         if row.attempts is not None:
@@ -369,17 +365,53 @@ class Store:
 
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
         """Record the result; False if this delivery no longer holds the step."""
+        if self.fast:
+            return self.fast.update_held("step_succeeded", run_id, idx, token, utcnow(), result=result)
         return self._update_held(
             run_id, idx, token, StepStatus.RUNNING, "step_succeeded", {}, "attempts",
             status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=utcnow(),
             lease_expires_at=None,
         )
 
+    def complete_last_step(self, run_id: str, idx: int, token: str, result: Any) -> str | None:
+        """Record the last step's result and finish the run with it (``succeeded``), unless a cancel came in
+        (the run stays ``running``: the caller raises SagaCancelled into the errback). Returns the run's
+        status after, or None when this delivery no longer holds the step."""
+        now = utcnow()
+        if self.fast:
+            return self.fast.complete_last_step(run_id, idx, token, result, now)
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+                .values(status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=now,
+                        lease_expires_at=None)
+                .returning(s.name, s.attempts)
+            ).first()
+            if held is None:
+                return None
+            self._event(conn, run_id, "step_succeeded", held.name, {"attempt": held.attempts}, now)
+            finished = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
+                .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+            ).rowcount
+            if finished:
+                self._event(conn, run_id, "run_succeeded", None, None, now)
+                return RunStatus.SUCCEEDED.value
+            self._touch(conn, run_id, now)
+            return conn.execute(select(r.status).where(r.id == run_id)).scalar()
+
     def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float) -> bool:
+        if self.fast:
+            return self._fast_retry("step_retried", run_id, idx, token, error, delay, lease_seconds)
         return self._note_retry(run_id, idx, token, error, delay, lease_seconds, StepStatus.RUNNING,
                                 "step_retried", "attempts")
 
     def fail_step(self, run_id: str, idx: int, token: str, error: str) -> bool:
+        if self.fast:
+            return self.fast.update_held("step_failed", run_id, idx, token, utcnow(), error=error)
         return self._end_claim(run_id, idx, token, StepStatus.RUNNING, StepStatus.FAILED, "step_failed",
                                {"error": error}, error=error, finished_at=utcnow())
 
@@ -387,24 +419,20 @@ class Store:
         """The last link of the chain: running -> succeeded, unless a cancel came in meanwhile."""
         now = utcnow()
         r = t.runs.c
-        done = (update(t.runs)
-                .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
-                .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-                .returning(r.id))
         if self.fast:
-            done = done.cte("done")
-            named = select(done.c.id, null().label("name")).cte("named")  # a run event names no step
-            event = self._event_from(named, run_id, "run_succeeded", now, None)
-            with self.autocommit.connect() as conn:
-                finished = conn.execute(select(func.count()).select_from(done).add_cte(event)).scalar()
+            finished = self.fast.finish_run(run_id, now)
         else:
             with self.engine.begin() as conn:
-                finished = conn.execute(done).first() is not None
+                finished = conn.execute(
+                    update(t.runs)
+                    .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
+                    .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+                ).rowcount == 1
                 if finished:
                     self._event(conn, run_id, "run_succeeded", None, None, now)
         if finished:
             return ClaimOutcome.CLAIMED
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             run = conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first()
         if run is not None and run.status == RunStatus.RUNNING.value and run.cancel_requested:
             return ClaimOutcome.CANCELLED
@@ -444,7 +472,7 @@ class Store:
         included (a re-published chain then starts where the original is, and backs off if it is busy).
         None when the run is not compensating."""
         s = t.steps.c
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             status = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
             if status != RunStatus.COMPENSATING.value:
                 return None
@@ -459,39 +487,9 @@ class Store:
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
         now = utcnow()
-        s, r = t.steps.c, t.runs.c
-        run = select(r.status, r.input).where(r.id == run_id)
-        claimed = (
-            update(t.steps)
-            .where(s.run_id == run_id, s.idx == idx,
-                   self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
-            .values(
-                status=StepStatus.COMPENSATING.value,
-                compensation_attempts=s.compensation_attempts + 1,
-                compensation_round_attempts=case(
-                    (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
-                ),
-                claim=token,
-                lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                compensation_task_id=token.rsplit(":", 1)[0],
-            )
-            .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
-        )
-        current = select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
-        if self.fast:  # one statement, as in claim_step
-            run = run.cte("run")
-            claimed = claimed.where(select(run.c.status).where(run.c.status == RunStatus.COMPENSATING.value)
-                                    .exists()).cte("claimed")
-            event = self._event_from(claimed, run_id, "compensation_started", now, None, "compensation_attempts")
-            current = current.cte("current")
-            with self.autocommit.connect() as conn:
-                row = conn.execute(
-                    select(run.c.status, run.c.input, claimed.c.compensation_attempts,
-                           claimed.c.compensation_round_attempts, claimed.c.result,
-                           current.c.status.label("step_status"), current.c.compensation_error)
-                    .select_from(run.outerjoin(claimed, true()).outerjoin(current, true()))
-                    .add_cte(event)
-                ).first()
+        lease = now + dt.timedelta(seconds=lease_seconds)
+        if self.fast:
+            row = self.fast.claim_compensation(run_id, idx, token, earlier_tokens, lease, now)
             if row is None or row.status != RunStatus.COMPENSATING.value:
                 return Claim(ClaimOutcome.GONE)
             if row.compensation_attempts is None:
@@ -499,31 +497,75 @@ class Store:
                                         StepStatus.COMPENSATION_FAILED)
             return Claim(ClaimOutcome.CLAIMED, attempt=row.compensation_attempts,
                          round_attempt=row.compensation_round_attempts, input=row.input, result=row.result)
+        s = t.steps.c
         with self.engine.begin() as conn:
-            run = conn.execute(run).first()
+            run = conn.execute(select(t.runs.c.status, t.runs.c.input).where(t.runs.c.id == run_id)).first()
             if run is None or run.status != RunStatus.COMPENSATING.value:
                 return Claim(ClaimOutcome.GONE)
-            row = conn.execute(claimed).first()
-            if row is not None:
-                self._event(conn, run_id, "compensation_started", row.name,
-                            {"attempt": row.compensation_attempts}, now)
-                return Claim(ClaimOutcome.CLAIMED, attempt=row.compensation_attempts,
-                             round_attempt=row.compensation_round_attempts, input=run.input, result=row.result)
-            current = conn.execute(current).first()
+            claimed = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx,
+                       self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
+                .values(
+                    status=StepStatus.COMPENSATING.value,
+                    compensation_attempts=s.compensation_attempts + 1,
+                    compensation_round_attempts=case(
+                        (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
+                    ),
+                    claim=token,
+                    lease_expires_at=lease,
+                    compensation_task_id=token.rsplit(":", 1)[0],
+                )
+                .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
+            ).first()
+            if claimed is not None:
+                self._event(conn, run_id, "compensation_started", claimed.name,
+                            {"attempt": claimed.compensation_attempts}, now)
+                return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts,
+                             round_attempt=claimed.compensation_round_attempts, input=run.input,
+                             result=claimed.result)
+            current = conn.execute(
+                select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
+            ).first()
         status, error = current if current is not None else (None, None)
         return self._claim_lost(status, None, error, StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
 
-    def complete_compensation(self, run_id: str, idx: int, token: str) -> bool:
+    def complete_compensation(self, run_id: str, idx: int, token: str) -> str | None:
+        """Record the undo; the last undo still to do also ends the run (``compensated``, or ``cancelled``
+        when a cancel started the compensation). Returns the run's status after, or None when this delivery
+        no longer holds the compensation."""
         now = utcnow()
-        return self._end_claim(run_id, idx, token, StepStatus.COMPENSATING, StepStatus.COMPENSATED,
-                               "compensation_succeeded", None, compensation_error=None, compensated_at=now)
+        if self.fast:
+            return self.fast.complete_compensation(run_id, idx, token, now)
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.COMPENSATING.value,
+                       s.claim == token)
+                .values(status=StepStatus.COMPENSATED.value, compensation_error=None, compensated_at=now,
+                        lease_expires_at=None)
+                .returning(s.name)
+            ).first()
+            if held is None:
+                return None
+            self._event(conn, run_id, "compensation_succeeded", held.name, None, now)
+            if not self._to_compensate(conn, run_id, in_progress=True):
+                self._finish_compensation(conn, run_id, now)
+            else:
+                self._touch(conn, run_id, now)
+            return conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
 
     def retry_compensation(self, run_id: str, idx: int, token: str, error: str, delay: float,
                            lease_seconds: float) -> bool:
+        if self.fast:
+            return self._fast_retry("compensation_retried", run_id, idx, token, error, delay, lease_seconds)
         return self._note_retry(run_id, idx, token, error, delay, lease_seconds, StepStatus.COMPENSATING,
                                 "compensation_retried", "compensation_attempts")
 
     def fail_compensation(self, run_id: str, idx: int, token: str, error: str) -> bool:
+        if self.fast:
+            return self.fast.update_held("compensation_failed", run_id, idx, token, utcnow(), error=error)
         return self._end_claim(run_id, idx, token, StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED,
                                "compensation_failed", {"error": error}, compensation_error=error)
 
@@ -586,7 +628,7 @@ class Store:
     def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
         """(run id, updated_at) of the stalled runs, longest stalled first."""
         r = t.runs.c
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(r.id, r.updated_at).where(self._stalled(utcnow(), stall_timeout))
                 .order_by(r.updated_at).limit(limit)
@@ -733,26 +775,26 @@ class Store:
         return self._update_held(run_id, idx, token, active, kind, detail, None,
                                  status=final.value, lease_expires_at=None, **values)
 
+    def _fast_retry(self, kind: str, run_id, idx, token, error: str, delay: float, lease_seconds: float) -> bool:
+        now = utcnow()
+        lease = now + dt.timedelta(seconds=delay + lease_seconds)  # see _note_retry
+        return self.fast.update_held(kind, run_id, idx, token, now, error=error, lease=lease,
+                                     retry_in=round(delay, 3))
+
     def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail: dict | None,
                      attempt_column: str | None, **values) -> bool:
         """Update the step this delivery holds (status ``active``, claim ``token``), record ``kind`` with
         ``detail`` (plus ``attempt`` from ``attempt_column`` after the update) and touch the run; False,
-        changing nothing, when it does not hold it any more."""
+        changing nothing, when it does not hold it any more. fastpath.HELD does the same on PostgreSQL."""
         now = utcnow()
         s = t.steps.c
-        held = (update(t.steps)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx, s.status == active.value, s.claim == token)
                 .values(**values)
-                .returning(s.name, s.attempts, s.compensation_attempts))
-        if self.fast:
-            held = held.cte("held")
-            event = self._event_from(held, run_id, kind, now, detail, attempt_column)
-            touch = update(t.runs).where(t.runs.c.id == run_id, select(held.c.name).exists()).values(updated_at=now)
-            with self.autocommit.connect() as conn:
-                return bool(conn.execute(
-                    select(func.count()).select_from(held).add_cte(event, touch.cte("touch"))).scalar())
-        with self.engine.begin() as conn:
-            row = conn.execute(held).first()
+                .returning(s.name, s.attempts, s.compensation_attempts)
+            ).first()
             if row is None:
                 return False
             attempt = {"attempt": row._mapping[attempt_column]} if attempt_column else {}
@@ -760,28 +802,13 @@ class Store:
             self._touch(conn, run_id, now)
         return True
 
-    @staticmethod
-    def _event_from(source, run_id: str, kind: str, now: dt.datetime, detail: dict | None,
-                    attempt_column: str | None = None):
-        """PostgreSQL: an INSERT of the event for each row ``source`` (a data-modifying CTE) returns, as a
-        CTE of the same statement."""
-        pairs = []
-        if attempt_column:
-            pairs += [literal("attempt"), source.c[attempt_column]]
-        for key, value in (detail or {}).items():
-            pairs += [literal(key), literal(value)]
-        detail_sql = func.json_build_object(*pairs) if pairs else null()
-        return insert(t.events).from_select(
-            ["run_id", "kind", "step", "at", "detail"],
-            select(literal(run_id), literal(kind), source.c.name, literal(now, t.UTCDateTime()),
-                   detail_sql).select_from(source),
-        ).cte(f"{kind}_event")
-
-    def _to_compensate(self, conn, run_id: str) -> list[int]:
+    def _to_compensate(self, conn, run_id: str, in_progress: bool = False) -> list[int]:
+        """Steps completed and not yet undone, latest first; with ``in_progress``, those being undone too."""
         s = t.steps.c
+        statuses = [StepStatus.SUCCEEDED.value] + ([StepStatus.COMPENSATING.value] if in_progress else [])
         rows = conn.execute(
             select(s.idx)
-            .where(s.run_id == run_id, s.status == StepStatus.SUCCEEDED.value, s.has_compensation.is_(True))
+            .where(s.run_id == run_id, s.status.in_(statuses), s.has_compensation.is_(True))
             .order_by(s.idx.desc())
         )
         return [r.idx for r in rows]

@@ -52,5 +52,5 @@ def test_smoke_run_produces_every_figure_with_every_outcome_checked(services, tm
         assert f["sagaflow"] is not None and f["sagaflow"] > 0, f
     for name in ("w1_throughput", "w2_latency_p50", "step_cost_64", "runs_20_throughput", "worker_rss_after"):
         assert figures[name]["plain"] > 0 and figures[name]["ratio"] > 0
-    assert figures["sql_round_trips_per_step_wire"]["extra"]["agrees_with_listeners"] is True
+    assert figures["sql_round_trips_per_step"]["extra"]["agrees_with_listeners"] is True
     assert "W1 throughput" in done.stdout and "outcome checks: every run ended as it should" in done.stdout

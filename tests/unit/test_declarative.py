@@ -119,7 +119,7 @@ def test_a_valid_file_registers_its_sagas_with_handlers_options_and_defaults(loa
 def test_loaded_sagas_compile_like_python_ones(load):
     saga = load(VALID)[0]
     links = compile_run(celery_app, saga, "run-1").tasks
-    assert [s.task for s in links] == ["ingest_document.ingest", "ingest_document.parse_again", "sagaflow.finish"]
+    assert [s.task for s in links] == ["ingest_document.ingest", "ingest_document.parse_again"]
     assert links[0].kwargs["version"] == 2
     assert links[0].options["soft_time_limit"] == 30 and links[1].options["soft_time_limit"] == 5
     assert links[1].options["queue"] == "heavy"
