@@ -19,11 +19,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import and_, case, create_engine, event, exists, func, insert, inspect, or_, select, update
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
@@ -58,8 +58,11 @@ def create_db_engine(url: str, autocommit: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
-    engine = create_engine(url, pool_size=5, max_overflow=5, **options)
+    if not autocommit:
+        # The transactions of the rare paths and of operator requests: a connection the server dropped
+        # (restart, pg_terminate_backend) is replaced before use, for one round trip per checkout.
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=5, max_overflow=5)
     _ping_when_idle(engine)
     return engine
 
@@ -68,10 +71,10 @@ IDLE_PING_SECONDS = 10.0
 
 
 def _ping_when_idle(engine: Engine) -> None:
-    """Replace a pooled connection the server dropped (restart, idle timeout, pg_terminate_backend) before
-    using it. pool_pre_ping would cost a round trip at every checkout, as much as a whole transition;
-    this pings only a connection that sat idle. One that drops while busy raises, and the task's
-    database-outage retry takes over."""
+    """The hot path's engine: replace a pooled connection the server dropped (restart, idle timeout,
+    pg_terminate_backend) before using it. pool_pre_ping would cost a round trip at every checkout, as much
+    as a whole transition; this pings only a connection that sat idle. One that drops while busy raises:
+    a task's database-outage retry takes over, and a read is tried again (Store._read)."""
 
     @event.listens_for(engine, "checkin")
     def _idle_since(dbapi_conn, record):
@@ -146,10 +149,20 @@ class Store:
                                else create_db_engine(url, autocommit=True))
             self.fast = FastPath(self.autocommit, prepared=prepared_statements)
 
-    def _reading(self):
-        """A connection for reads: on PostgreSQL an autocommit one, so a read is one round trip, not three
-        (BEGIN, SELECT, ROLLBACK). Each statement sees its own snapshot either way (READ COMMITTED)."""
-        return (self.autocommit or self.engine).connect()
+    def _read(self, read: Callable[[Connection], Any]) -> Any:
+        """Run ``read(conn)``. On PostgreSQL the connection is an autocommit one, so a read is one round trip,
+        not three (BEGIN, SELECT, ROLLBACK); each statement sees its own snapshot either way (READ
+        COMMITTED). Reads change nothing, so one that meets a connection the server dropped (restart,
+        pg_terminate_backend) is tried once more, on a fresh connection."""
+        engine = self.autocommit or self.engine
+        try:
+            with engine.connect() as conn:
+                return read(conn)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+        with engine.connect() as conn:
+            return read(conn)
 
     def dispose(self, close: bool = True) -> None:
         """Drop pooled connections; ``close=False`` after a fork, so the parent's stay usable by it."""
@@ -258,16 +271,20 @@ class Store:
         )
 
     def find_by_idempotency_key(self, key: str) -> Run | None:
-        with self._reading() as conn:
+        def read(conn):
             row = conn.execute(select(t.runs).where(t.runs.c.idempotency_key == key)).first()
             return self._load(conn, row) if row is not None else None
 
+        return self._read(read)
+
     def get_run(self, run_id: str, history: bool = True) -> Run:
-        with self._reading() as conn:
+        def read(conn):
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
             if row is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
             return self._load(conn, row) if history else Run.from_row(row)
+
+        return self._read(read)
 
     def _load(self, conn, row) -> Run:
         steps = conn.execute(select(t.steps).where(t.steps.c.run_id == row.id).order_by(t.steps.c.idx))
@@ -283,7 +300,7 @@ class Store:
             conditions.append(t.runs.c.status == status)
         if saga:
             conditions.append(t.runs.c.saga == saga)
-        with self._reading() as conn:
+        def read(conn):
             rows = conn.execute(
                 select(t.runs)
                 .where(*conditions)
@@ -292,8 +309,9 @@ class Store:
                 .offset(offset)
             )
             runs = [Run.from_row(r) for r in rows]
-            total = conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one()
-        return runs, total
+            return runs, conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one()
+
+        return self._read(read)
 
     # ---------------------------------------------------------------- the forward path
 
@@ -432,8 +450,7 @@ class Store:
                     self._event(conn, run_id, "run_succeeded", None, None, now)
         if finished:
             return ClaimOutcome.CLAIMED
-        with self._reading() as conn:
-            run = conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first()
+        run = self._read(lambda conn: conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first())
         if run is not None and run.status == RunStatus.RUNNING.value and run.cancel_requested:
             return ClaimOutcome.CANCELLED
         return ClaimOutcome.GONE
@@ -471,18 +488,11 @@ class Store:
         """For a run still compensating: the steps not yet undone, latest first, the one in progress
         included (a re-published chain then starts where the original is, and backs off if it is busy).
         None when the run is not compensating."""
-        s = t.steps.c
-        with self._reading() as conn:
+        def read(conn):
             status = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
-            if status != RunStatus.COMPENSATING.value:
-                return None
-            rows = conn.execute(
-                select(s.idx)
-                .where(s.run_id == run_id, s.has_compensation.is_(True),
-                       s.status.in_([StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value]))
-                .order_by(s.idx.desc())
-            )
-            return [r.idx for r in rows]
+            return self._to_compensate(conn, run_id, in_progress=True) if status == RunStatus.COMPENSATING.value else None
+
+        return self._read(read)
 
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
@@ -628,12 +638,10 @@ class Store:
     def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
         """(run id, updated_at) of the stalled runs, longest stalled first."""
         r = t.runs.c
-        with self._reading() as conn:
-            rows = conn.execute(
-                select(r.id, r.updated_at).where(self._stalled(utcnow(), stall_timeout))
-                .order_by(r.updated_at).limit(limit)
-            )
-            return [(row.id, row.updated_at) for row in rows]
+        rows = self._read(lambda conn: conn.execute(
+            select(r.id, r.updated_at).where(self._stalled(utcnow(), stall_timeout)).order_by(r.updated_at).limit(limit)
+        ).all())
+        return [(row.id, row.updated_at) for row in rows]
 
     def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float) -> Recovery | None:
         """Claim the re-drive of a stalled run (compare-and-set on updated_at, so of two sweepers one
