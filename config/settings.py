@@ -20,6 +20,20 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _positive(env: dict, name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _http_url(env: dict, name: str) -> str:
+    value = env.get(name, "").strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"{name} must be an http:// or https:// URL, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -31,6 +45,11 @@ class Settings:
     worker_pool: str
     worker_concurrency: int
     log_level: str
+    # The web app (web/): a bearer token for state-changing requests ("" = none), the Flower address that
+    # the status page links to ("" = no links), and the largest request body the API accepts, in bytes.
+    api_token: str = ""
+    flower_url: str = ""
+    api_max_body: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -46,6 +65,9 @@ class Settings:
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
             log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
+            api_token=env.get("SAGAFLOW_API_TOKEN", "").strip(),
+            flower_url=_http_url(env, "SAGAFLOW_FLOWER_URL"),
+            api_max_body=_positive(env, "SAGAFLOW_API_MAX_BODY", 1024 * 1024),
         )
 
     @property
@@ -75,4 +97,7 @@ class Settings:
             "SAGAFLOW_WORKER_POOL": self.worker_pool,
             "SAGAFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "SAGAFLOW_LOG_LEVEL": self.log_level,
+            "SAGAFLOW_API_TOKEN": self.api_token,
+            "SAGAFLOW_FLOWER_URL": self.flower_url,
+            "SAGAFLOW_API_MAX_BODY": str(self.api_max_body),
         }
