@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 
 import click
@@ -108,6 +109,8 @@ def web(host, port) -> None:
     from web import create_app
 
     settings = _setup()
+    # Quiet by default: werkzeug logs every request at INFO, shown only with SAGAFLOW_LOG_LEVEL=INFO.
+    logging.getLogger("werkzeug").setLevel(settings.log_level)
     click.echo(f"sagaflow web on http://{host}:{port}/", err=True)
     run_simple(host, port, create_app(settings), threaded=True)
 

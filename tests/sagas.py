@@ -73,3 +73,14 @@ def stubborn(ctx: StepContext):
         except SoftTimeLimitExceeded:
             pass  # misbehaving on purpose
     return {}
+
+
+# A step whose error message is whatever the input says: the status page must show it as text.
+echo_error = Saga("echo_error")
+
+
+@echo_error.step(retry=FAST)
+def say(ctx: StepContext):
+    from sagaflow import NonRetryableError
+
+    raise NonRetryableError(str(ctx.input.get("message", "")))
