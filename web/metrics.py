@@ -120,5 +120,6 @@ _registry = make_registry()
 
 @metrics.get("/metrics")
 def scrape():
-    return Response(generate_latest(_registry), content_type=CONTENT_TYPE_PLAIN_0_0_4,  # the text format every Prometheus reads
+    # Text format 0.0.4: the one every Prometheus version reads.
+    return Response(generate_latest(_registry), content_type=CONTENT_TYPE_PLAIN_0_0_4,
                     headers={"Cache-Control": "no-store"})

@@ -11,7 +11,6 @@ import urllib.parse
 import pytest
 
 from tests.conftest import ARTIFACTS
-from tests.helpers import wait_for
 from tests.integration.conftest import WEB_TOKEN
 from tests.web_client import call
 
@@ -84,6 +83,8 @@ def test_the_list_shows_a_run_started_over_the_api_and_refreshes_itself(page, we
     later = call("POST", f"{web_url}/api/runs", {"saga": "collect_payment", "input": {}}).json
     page.locator(f"tr[data-run-id='{later['id']}']").wait_for(timeout=15000)
     client.wait(later["id"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "run-list.png"))
     assert not page.console_errors, page.console_errors
 
 
@@ -114,7 +115,8 @@ def test_the_detail_page_shows_the_steps_and_compensations_of_a_failed_run_in_or
     link = page.locator("#timeline tr[data-kind=step][data-step=create_invoice] a")
     assert link.get_attribute("href") == f"http://127.0.0.1:5555/task/{run.step('create_invoice').task_id}"
     # Bars: each starts no earlier than the one before it.
-    lefts = [float(x) for x in page.locator("#timeline rect.bar").evaluate_all("els => els.map(e => e.getAttribute('x'))")]
+    lefts = [float(x) for x in
+             page.locator("#timeline rect.bar").evaluate_all("els => els.map(e => e.getAttribute('x'))")]
     assert lefts == sorted(lefts)
     assert not page.locator("#cancel-button").count() and not page.locator("#retry-button").count()
 
