@@ -34,5 +34,16 @@ def celery_settings(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        # The recovery sweeper (sagaflow/recovery.py). Beat only schedules it: any worker runs it, and
+        # several at once are safe. Expires so a backlog of sweeps never piles up behind a stopped worker.
+        "beat_schedule": {
+            "sagaflow-recover": {
+                "task": "sagaflow.recover",
+                "schedule": float(settings.recovery_interval),
+                "kwargs": {"stall_timeout": settings.stall_timeout},  # the scheduler's setting decides
+                "options": {"expires": float(settings.recovery_interval)},
+            },
+        },
+        "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
         "enable_utc": True,
     }

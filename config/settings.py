@@ -20,6 +20,15 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _bool(env: dict, name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 def _positive(env: dict, name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
@@ -45,6 +54,13 @@ class Settings:
     worker_pool: str
     worker_concurrency: int
     log_level: str
+    # Recovery (sagaflow/recovery.py): a live run that holds no lease and has not moved for stall_timeout
+    # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
+    stall_timeout: int = 600
+    recovery_interval: int = 30
+    alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
+    prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
+    saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
     # The web app (web/): a bearer token for state-changing requests ("" = none), the Flower address that
     # the status page links to ("" = no links), and the largest request body the API accepts, in bytes.
     api_token: str = ""
@@ -60,11 +76,20 @@ class Settings:
             database_url=env.get("SAGAFLOW_DATABASE_URL") or f"sqlite:///{home / 'sagaflow.db'}",
             broker_url=env.get("SAGAFLOW_BROKER_URL", ""),
             imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "tasks").split(",") if m.strip()),
+            # Explicit, no default file: a file found relative to the working directory would be loaded by
+            # some processes (a worker started here) and not others (gunicorn started there). Resolved now,
+            # so every child process gets the same absolute paths.
+            saga_files=tuple(Path(f.strip()).expanduser().resolve()
+                             for f in env.get("SAGAFLOW_SAGA_FILES", "").split(",") if f.strip()),
             visibility_timeout=_int(env, "SAGAFLOW_VISIBILITY_TIMEOUT", 7200),
             default_step_timeout=_int(env, "SAGAFLOW_DEFAULT_STEP_TIMEOUT", 300),
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
             log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
+            stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
+            recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
+            alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
+            prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
             api_token=env.get("SAGAFLOW_API_TOKEN", "").strip(),
             flower_url=_http_url(env, "SAGAFLOW_FLOWER_URL"),
             api_max_body=_positive(env, "SAGAFLOW_API_MAX_BODY", 1024 * 1024),
@@ -92,11 +117,16 @@ class Settings:
             "SAGAFLOW_DATABASE_URL": self.database_url,
             "SAGAFLOW_BROKER_URL": self.broker_url,
             "SAGAFLOW_IMPORTS": ",".join(self.imports),
+            "SAGAFLOW_SAGA_FILES": ",".join(str(f) for f in self.saga_files),
             "SAGAFLOW_VISIBILITY_TIMEOUT": str(self.visibility_timeout),
             "SAGAFLOW_DEFAULT_STEP_TIMEOUT": str(self.default_step_timeout),
             "SAGAFLOW_WORKER_POOL": self.worker_pool,
             "SAGAFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "SAGAFLOW_LOG_LEVEL": self.log_level,
+            "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
+            "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
+            "SAGAFLOW_ALERT_HOOK": self.alert_hook,
+            "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
             "SAGAFLOW_API_TOKEN": self.api_token,
             "SAGAFLOW_FLOWER_URL": self.flower_url,
             "SAGAFLOW_API_MAX_BODY": str(self.api_max_body),

@@ -1,7 +1,8 @@
 """sagaflow: sagas (ordered steps, each undone by its compensation if a later step fails) on Celery,
 with their state in SQL."""
 
-from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.definition import RetryKind, RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.declarative import SagaFileError, handler
 from sagaflow.errors import (
     BrokerUnavailable,
     DefinitionError,
@@ -21,6 +22,7 @@ from sagaflow.client import SagaClient  # noqa: E402
 
 __all__ = [
     "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError",
-    "ResultNotSerializable", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled", "SagaClient",
-    "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "registry",
+    "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled", "SagaClient",
+    "SagaFileError", "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "handler",
+    "registry",
 ]

@@ -1,15 +1,17 @@
 """The Celery app and the process-wide settings and store, configured once from the environment.
 
-``celery -A sagaflow.app worker`` works as well as ``sagaflow worker``; both import the modules named in
-SAGAFLOW_IMPORTS so every saga's tasks are declared before the worker consumes.
+``celery -A sagaflow.app worker`` works as well as ``sagaflow worker``; both load the sagas (the modules
+named in SAGAFLOW_IMPORTS, then the files in SAGAFLOW_SAGA_FILES: ``load_sagas``) so every saga's tasks are
+declared before the worker consumes.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, import_modules, worker_process_init
 
 from config.celeryconfig import celery_settings
 from config.settings import Settings
@@ -42,12 +44,37 @@ def get_settings() -> Settings:
     return _settings or configure()
 
 
+def load_sagas(settings: Settings | None = None) -> None:
+    """Register every saga these settings name: import the modules in SAGAFLOW_IMPORTS (their Python sagas
+    and their handlers register themselves), then load the files in SAGAFLOW_SAGA_FILES, whose steps name
+    those handlers. Safe to call again: modules import once and an unchanged file loads once.
+
+    Workers call it through Celery's import step (below); the CLI, the web app and ``SagaClient.from_env``
+    call it directly. Raises ImportError, or DefinitionError (``SagaFileError``) for an invalid file."""
+    settings = settings or get_settings()
+    for module in settings.imports:
+        importlib.import_module(module)
+    if settings.saga_files:
+        from sagaflow.declarative import load_saga_files
+
+        load_saga_files(settings.saga_files)
+
+
+@import_modules.connect
+def _load_sagas_with_celery_imports(sender=None, **_):
+    # Celery sends this from loader.import_default_modules, in the worker (and beat) before it imports
+    # conf.imports, and in each pool child started by spawn. Loading here too means
+    # `celery -A sagaflow.app worker` sees the declarative sagas as well as `sagaflow worker`.
+    if sender is celery_app:
+        load_sagas()
+
+
 def get_store() -> Store:
     global _store
     settings = get_settings()
     with _lock:
         if _store is None:
-            _store = Store(settings.database_url)
+            _store = Store(settings.database_url, prepared_statements=settings.prepared_statements)
         return _store
 
 
@@ -55,7 +82,7 @@ def get_store() -> Store:
 def _fresh_connections_after_fork(**_):
     # A pooled connection inherited from the parent must not be shared by two processes.
     if _store is not None:
-        _store.engine.dispose(close=False)
+        _store.dispose(close=False)
 
 
 @after_setup_logger.connect

@@ -1,4 +1,4 @@
-"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | retry | db | demo."""
+"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | retry | recover | db | demo."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import click
 import sqlalchemy.exc
 
 from sagaflow.app import celery_app, configure, get_store
+from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import setup_logging
 from sagaflow.store import Run
 
 
 def load_sagas(settings) -> None:
-    """Import the modules named in SAGAFLOW_IMPORTS, which register the sagas."""
+    """Import the modules named in SAGAFLOW_IMPORTS, then load the files in SAGAFLOW_SAGA_FILES."""
     for module in settings.imports:
         try:
             importlib.import_module(module)
@@ -26,6 +27,10 @@ def load_sagas(settings) -> None:
                 f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS ({exc}); "
                 f"run from the project folder or fix SAGAFLOW_IMPORTS"
             ) from None
+    try:
+        app_load_sagas(settings)
+    except SagaflowError as exc:  # an invalid saga file: its message names the file, line, saga, handler
+        raise click.ClickException(str(exc)) from None
 
 
 def _setup(need_schema: bool = True):
@@ -74,9 +79,17 @@ def main() -> None:
 @click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume (default: celery).")
 @click.option("-l", "--loglevel", default=None, help="Log level (default SAGAFLOW_LOG_LEVEL or WARNING).")
 @click.option("-n", "--hostname", default=None, help="Worker node name, as shown in Flower.")
-def worker(pool, concurrency, queues, loglevel, hostname) -> None:
+@click.option("-B", "--beat", is_flag=True,
+              help="Also run beat in this worker, which schedules the recovery sweeper (one such worker per "
+                   "deployment; or run `celery -A sagaflow.app beat` on its own).")
+def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     """Run a Celery worker for every registered saga, with task events on for Flower."""
     settings = _setup()
+    from sagaflow.alerts import load_hook
+    from sagaflow.runtime import check_visibility_timeout
+
+    check_visibility_timeout(settings)
+    load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
     broker = None
     if settings.embedded_broker:
         from sagaflow.embedded import start_unless_running
@@ -91,6 +104,9 @@ def worker(pool, concurrency, queues, loglevel, hostname) -> None:
         argv += ["-Q", queues]
     if hostname:
         argv += ["-n", hostname]
+    if beat:
+        settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
+        argv += ["-B"]
     try:
         celery_app.worker_main(argv)
     finally:
@@ -207,6 +223,29 @@ def retry(run_id, as_json) -> None:
     """Resume the compensations of a run in compensation_failed."""
     _setup()
     _print_run(_client().retry(run_id), as_json, history=False)
+
+
+@main.command()
+@click.option("--stall-timeout", type=float, default=None,
+              help="Seconds without progress before a run counts as stalled (default SAGAFLOW_STALL_TIMEOUT).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
+def recover(stall_timeout, as_json) -> None:
+    """Re-drive stalled runs now: the recovery sweeper that beat runs every SAGAFLOW_RECOVERY_INTERVAL.
+    Safe to run while workers and other sweepers run."""
+    settings = _setup()
+    from sagaflow.recovery import recover_stalled
+
+    done = recover_stalled(stall_timeout)
+    for r in done:
+        if as_json:
+            click.echo(json.dumps({"run_id": r.run_id, "saga": r.saga, "action": r.action, "index": r.index,
+                                   "revoked": list(r.revoked)}))
+        else:
+            click.echo(f"{r.run_id}  {r.saga:<18} {r.action}"
+                       + (f" from step {r.index}" if r.action in ("resume", "errback") else ""))
+    if not as_json:
+        stall = settings.stall_timeout if stall_timeout is None else stall_timeout
+        click.echo(f"{len(done)} stalled runs re-driven (stall timeout {stall:g} s)", err=True)
 
 
 def _print_run(run: Run, as_json: bool, history: bool = True) -> None:

@@ -13,7 +13,7 @@ import uuid
 import redis
 
 from config.settings import Settings
-from sagaflow.app import celery_app, configure, get_settings, get_store
+from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput
@@ -39,9 +39,11 @@ class SagaClient:
 
     @classmethod
     def from_env(cls, settings: Settings | None = None) -> "SagaClient":
-        """Settings from SAGAFLOW_DATABASE_URL, SAGAFLOW_BROKER_URL... (embedded defaults when unset)."""
+        """Settings from SAGAFLOW_DATABASE_URL, SAGAFLOW_BROKER_URL... (embedded defaults when unset), and the
+        sagas they name (SAGAFLOW_IMPORTS, SAGAFLOW_SAGA_FILES), so ``start`` knows declarative sagas too."""
         if settings is not None or get_settings() != Settings.from_env():
             configure(settings)
+        load_sagas()
         return cls()
 
     # ------------------------------------------------------------------ commands

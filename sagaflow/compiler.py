@@ -1,9 +1,13 @@
 """Definition + run -> Celery canvas. Pure: builds signatures by task name, publishes nothing.
 
-Forward:  chain(<saga>.<step_0>, ..., <saga>.<step_n-1>, sagaflow.finish)
+Forward:  chain(<saga>.<step_0>, ..., <saga>.<step_n-1>)
           each link with link_error = sagaflow.on_step_failed.si(run_id, index)
-Backward: chain(<saga>.<step_k>.compensate, ..., <saga>.<step_0>.compensate, sagaflow.finish_compensation)
+Backward: chain(<saga>.<step_k>.compensate, ..., <saga>.<step_0>.compensate)
           each compensation with link_error = sagaflow.on_compensation_failed.si(run_id, index)
+
+The last step's completion finishes the run, and the last undo's the compensation, in the same SQL
+statement (store/fastpath.py): no extra task per run. sagaflow.finish and sagaflow.finish_compensation
+remain for the recovery sweeper, which publishes them alone when only the finishing is left.
 
 Errbacks are immutable signatures of bind=True tasks, so Celery sends them as messages (visible in
 Flower) instead of calling them inside the failing process, where an exception would be swallowed.
@@ -20,6 +24,7 @@ FINISH = "sagaflow.finish"
 ON_STEP_FAILED = "sagaflow.on_step_failed"
 FINISH_COMPENSATION = "sagaflow.finish_compensation"
 ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
+RECOVER = "sagaflow.recover"  # the recovery sweeper, scheduled by beat
 HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
 
 
@@ -40,20 +45,23 @@ def _limits(step: Step) -> dict:
     return options
 
 
-def compile_run(app: Celery, saga: Saga, run_id: str) -> Signature:
+def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None) -> Signature:
+    """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
+    of the steps before it read from SQL). From ``start == len(saga.steps)``: the finish task alone."""
+    n = len(saga.steps)
+    if start == n:
+        return app.signature(FINISH, args=(results or {},), kwargs={"run_id": run_id},
+                             link_error=[app.signature(ON_STEP_FAILED, args=(run_id, n), immutable=True)])
     links = []
-    for index, step in enumerate(saga.steps):
-        # The first link gets the empty results map; later links receive the previous link's return.
-        args = ({},) if index == 0 else ()
+    for index, step in enumerate(saga.steps[start:], start):
+        # The first link gets the results so far; later links receive the previous link's return.
+        args = (results or {},) if index == start else ()
         links.append(
             app.signature(step_task_name(saga, step), args=args,
                           kwargs={"run_id": run_id, "index": index, "version": saga.version},
                           link_error=[app.signature(ON_STEP_FAILED, args=(run_id, index), immutable=True)],
                           **_limits(step))
         )
-    n = len(saga.steps)
-    links.append(app.signature(FINISH, kwargs={"run_id": run_id},
-                               link_error=[app.signature(ON_STEP_FAILED, args=(run_id, n), immutable=True)]))
     return chain(*links)
 
 
@@ -69,5 +77,4 @@ def compile_compensation(app: Celery, saga: Saga, run_id: str, indexes: list[int
                           link_error=[app.signature(ON_COMPENSATION_FAILED, args=(run_id, index), immutable=True)],
                           **_limits(step))
         )
-    links.append(app.signature(FINISH_COMPENSATION, args=(run_id,), immutable=True))
     return chain(*links)

@@ -18,9 +18,11 @@ declares the matching Celery tasks.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Callable, Iterable
 
 from sagaflow.errors import DefinitionError, UnknownSaga
@@ -28,38 +30,107 @@ from sagaflow.errors import DefinitionError, UnknownSaga
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+class RetryKind(str, Enum):
+    """How the delay between attempts grows."""
+
+    EXPONENTIAL = "exponential"  # initial_interval * backoff ** (n - 1)
+    LINEAR = "linear"  # initial_interval + increment * (n - 1)
+    FIXED = "fixed"  # initial_interval every time
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how fast a failing action (or compensation) is tried again.
 
-    The delay before attempt n+1 is ``initial_interval * backoff ** (n - 1)``, capped at ``max_interval``.
-    With ``jitter`` the delay is drawn between half and all of that ("equal jitter"), so retries of many
-    runs spread out but never fire at once. Exceptions in ``non_retryable`` (and sagaflow's
-    ``NonRetryableError``) fail at the first attempt.
+    The delay before attempt n+1 (after attempt n failed) depends on ``kind``:
+
+    - ``"exponential"`` (the default): ``initial_interval * backoff ** (n - 1)``;
+    - ``"linear"``: ``initial_interval + increment * (n - 1)``, where ``increment`` defaults to
+      ``initial_interval`` (so 1, 2, 3... for an interval of 1);
+    - ``"fixed"``: ``initial_interval`` every time.
+
+    Every kind is capped at ``max_interval``. With ``jitter`` the delay is drawn between half and all of
+    that ("equal jitter"), so retries of many runs spread out but never fire at once. Exceptions in
+    ``non_retryable`` (and sagaflow's ``NonRetryableError``) fail at the first attempt.
+
+    ``backoff`` applies to the exponential kind only and ``increment`` to the linear kind only; setting
+    either for another kind is refused rather than silently ignored.
     """
 
     max_attempts: int = 3
     initial_interval: float = 1.0
-    backoff: float = 2.0
+    backoff: float | None = None  # exponential only; None means 2.0
     max_interval: float = 60.0
     jitter: bool = True
     non_retryable: tuple[type[BaseException], ...] = ()
+    # New fields go last, so positional arguments written for the earlier constructor keep their meaning.
+    kind: RetryKind | str = RetryKind.EXPONENTIAL
+    increment: float | None = None  # linear only; None means initial_interval
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        try:
+            kind = RetryKind(self.kind)
+        except ValueError:
+            allowed = ", ".join(repr(k.value) for k in RetryKind)
+            raise DefinitionError(f"retry kind must be one of {allowed}, got {self.kind!r}") from None
+        object.__setattr__(self, "kind", kind)
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise DefinitionError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
-        if self.initial_interval < 0 or self.max_interval < 0:
-            raise DefinitionError("retry intervals must be >= 0")
-        if self.backoff < 1:
-            raise DefinitionError(f"backoff must be >= 1, got {self.backoff!r}")
-        object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        for name in ("initial_interval", "max_interval"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise DefinitionError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not isinstance(self.jitter, bool):
+            raise DefinitionError(f"jitter must be True or False, got {self.jitter!r}")
+        if kind is RetryKind.EXPONENTIAL:
+            if self.backoff is None:
+                object.__setattr__(self, "backoff", 2.0)
+            elif not _is_number(self.backoff) or self.backoff < 1:
+                raise DefinitionError(f"backoff must be a number >= 1, got {self.backoff!r}")
+        elif self.backoff is not None:
+            raise DefinitionError(f"backoff applies to kind 'exponential' only, got backoff={self.backoff!r} "
+                                  f"with kind {kind.value!r}")
+        if kind is RetryKind.LINEAR:
+            if self.increment is None:
+                object.__setattr__(self, "increment", self.initial_interval)
+            elif not _is_number(self.increment) or self.increment < 0:
+                raise DefinitionError(f"increment must be a number of seconds >= 0, got {self.increment!r}")
+        elif self.increment is not None:
+            raise DefinitionError(f"increment applies to kind 'linear' only, got increment={self.increment!r} "
+                                  f"with kind {kind.value!r}")
+        try:
+            object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        except TypeError:
+            raise DefinitionError(f"non_retryable must be a tuple of exception classes, "
+                                  f"got {self.non_retryable!r}") from None
         for exc_type in self.non_retryable:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise DefinitionError(f"non_retryable must hold exception classes, got {exc_type!r}")
 
+    def nominal_delay(self, failed_attempt: int) -> float:
+        """The delay after attempt ``failed_attempt`` (1-based) failed, capped, before jitter."""
+        n = max(1, failed_attempt)
+        if self.kind is RetryKind.FIXED:
+            base = self.initial_interval
+        elif self.kind is RetryKind.LINEAR:
+            base = self.initial_interval + self.increment * (n - 1)
+        else:
+            try:
+                base = self.initial_interval * self.backoff ** (n - 1)
+            except OverflowError:  # a huge attempt number: the cap applies anyway
+                base = math.inf
+        return min(self.max_interval, base)
+
     def delay(self, failed_attempt: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
-        base = min(self.max_interval, self.initial_interval * self.backoff ** (failed_attempt - 1))
+        base = self.nominal_delay(failed_attempt)
         return base * (0.5 + rand() / 2) if self.jitter else base
 
     def allows_retry(self, exc: BaseException, failed_attempt: int) -> bool:
@@ -92,6 +163,16 @@ class StepContext:
     idempotency_key: str
     results: dict[str, Any] = field(default_factory=dict)
     result: Any = None
+    _heartbeat: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self) -> None:
+        """Tell sagaflow this step is alive: push its lease forward. A long step that sets ``lease`` shorter
+        than its ``timeout`` calls this more often than ``lease`` seconds apart; if its worker dies, the
+        recovery sweeper re-drives the step once the lease runs out, instead of after the whole timeout.
+        Raises LeaseLost if another delivery took the step over (stop: that one does the work), and
+        SagaCancelled if the run was cancelled meanwhile (the step fails and the run is compensated)."""
+        if self._heartbeat is not None:
+            self._heartbeat()
 
 
 Action = Callable[[StepContext], Any]
@@ -109,6 +190,7 @@ class Step:
         retry: RetryPolicy | None = None,
         compensation_retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        lease: float | None = None,
         queue: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -117,19 +199,30 @@ class Step:
             raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
         if compensation is not None and not callable(compensation):
             raise DefinitionError(f"step {name!r}: compensation must be callable, got {compensation!r}")
-        if timeout is not None and timeout <= 0:
-            raise DefinitionError(f"step {name!r}: timeout must be > 0 seconds, got {timeout!r}")
+        if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+            raise DefinitionError(f"step {name!r}: timeout must be a number of seconds > 0, got {timeout!r}")
+        for option, policy in (("retry", retry), ("compensation_retry", compensation_retry)):
+            if policy is not None and not isinstance(policy, RetryPolicy):
+                raise DefinitionError(f"step {name!r}: {option} must be a RetryPolicy, got {policy!r}")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise DefinitionError(f"step {name!r}: queue must be a non-empty string, got {queue!r}")
+        if lease is not None and (not _is_number(lease) or lease <= 0):
+            raise DefinitionError(f"step {name!r}: lease must be a number of seconds > 0, got {lease!r}")
         self.name = name
         self.action = action
         self.compensate = compensation
         self.retry = retry or DEFAULT_RETRY
         self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
-        self.timeout = timeout
+        self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
+        self.lease = lease  # how long the step counts as alive without a heartbeat; None: the time limit
         self.queue = queue
         self.saga: Saga | None = None
 
     def compensation(self, fn: Action | None = None, *, retry: RetryPolicy | None = None):
         """Decorator: register ``fn`` as the compensation of this step."""
+
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise DefinitionError(f"step {self.name!r}: compensation retry must be a RetryPolicy, got {retry!r}")
 
         def register(func: Action) -> Action:
             if not callable(func):
@@ -177,6 +270,7 @@ class Saga:
         retry: RetryPolicy | None = None,
         compensation_retry: RetryPolicy | None = None,
         timeout: float | None = None,
+        lease: float | None = None,
         queue: str | None = None,
     ):
         """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
@@ -188,6 +282,7 @@ class Saga:
                 retry=retry,
                 compensation_retry=compensation_retry,
                 timeout=timeout,
+                lease=lease,
                 queue=queue,
             )
             self._append(step)

@@ -42,6 +42,11 @@ class SagaCancelled(SagaflowError):
     """Raised inside a step task when its run was cancelled: stops the chain and starts compensation."""
 
 
+class LeaseLost(SagaflowError):
+    """Raised by ``ctx.heartbeat()`` when this delivery no longer holds its step: its lease expired and the
+    recovery sweeper gave the step to another delivery. Stop: the other delivery does the work."""
+
+
 class BrokerUnavailable(SagaflowError):
     """The broker cannot be reached: nothing can be published."""
 

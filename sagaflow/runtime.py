@@ -1,5 +1,6 @@
-"""The Celery tasks that execute sagas: one task per step and per compensation, plus four generic tasks
-(finish, on_step_failed, finish_compensation, on_compensation_failed).
+"""The Celery tasks that execute sagas: one task per step and per compensation, plus the generic tasks
+(on_step_failed, on_compensation_failed; finish and finish_compensation, which the recovery sweeper
+publishes when only the finishing of a run is left; recover, the sweeper itself).
 
 Every task first *claims* its work in SQL (a compare-and-set, see store/repository.py). A delivery that
 loses the claim is a duplicate and stops with ``Ignore``: no errback, no chain continuation, nothing
@@ -18,6 +19,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from sagaflow import alerts, recovery
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import (
     FINISH,
@@ -25,19 +27,22 @@ from sagaflow.compiler import (
     HARD_LIMIT_GRACE,
     ON_COMPENSATION_FAILED,
     ON_STEP_FAILED,
+    RECOVER,
     compensation_task_name,
     compile_compensation,
     step_task_name,
 )
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
-from sagaflow.errors import AlreadyFailed, NonRetryableError, ResultNotSerializable, SagaCancelled
-from sagaflow.store import ClaimOutcome
+from sagaflow.errors import AlreadyFailed, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
+from sagaflow.store import ClaimOutcome, RunStatus
 from sagaflow.store.repository import ensure_json
 
 log = logging.getLogger("sagaflow.runtime")
 
 LOST_STEP = ("the step's worker process was lost or hit its hard time limit before it could record an error; "
              "check the worker's log")
+LEASE_MARGIN = 2.0  # seconds a lease outlives the hard time limit
+
 LOST_COMPENSATION = ("the compensation's worker process was lost or hit its hard time limit; check the worker's "
                      "log, fix the cause, then `sagaflow retry <run_id>`")
 
@@ -118,7 +123,25 @@ class SagaTask(Task):
         raise Ignore()
 
     def lease_seconds(self, step: Step) -> float:
-        return (step.timeout + HARD_LIMIT_GRACE) if step.timeout else get_settings().default_step_timeout
+        """How long a claim counts as alive without a heartbeat: past the hard time limit by a margin, so a
+        step killed at its limit is handled by its errback, not by the recovery sweeper."""
+        if step.lease:
+            return step.lease
+        return (step.timeout or get_settings().default_step_timeout) + HARD_LIMIT_GRACE + LEASE_MARGIN
+
+    def heartbeat(self, run_id: str, index: int, token: str, lease: float, stop_on_cancel: bool):
+        def beat() -> None:
+            try:
+                held, cancel = get_store().extend_lease(run_id, index, token, lease)
+            except DB_OUTAGE as exc:  # a missed beat is not fatal: the lease has some time left
+                log.warning("heartbeat_not_recorded", extra={"run_id": run_id, "error": describe(exc)})
+                return
+            if not held:
+                raise LeaseLost(f"run {run_id}: another delivery took over step {index} after its lease expired")
+            if cancel and stop_on_cancel:
+                raise SagaCancelled(f"run {run_id} was cancelled while the step ran")
+
+        return beat
 
 
 def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int) -> dict:
@@ -156,7 +179,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         raise Ignore()
 
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
-                      idempotency_key=f"{run_id}:{step.name}", results=dict(results))
+                      idempotency_key=f"{run_id}:{step.name}", results=dict(results),
+                      _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=True))
     try:
         value = step.action(ctx)
         try:
@@ -165,16 +189,32 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
             raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
     except (Retry, Ignore):
         raise
+    except LeaseLost:
+        log.warning("step_lease_lost", extra=fields)
+        raise Ignore()
+    except SagaCancelled as exc:  # from ctx.heartbeat(): no retry, compensate
+        if store.fail_step(run_id, index, token, describe(exc)):
+            return FailedForGood(exc)
+        raise Ignore()
     except Exception as exc:
         return self.retry_or_give_up(
             exc, claim, step.retry, "step", fields,
             note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
             give_up=lambda error: store.fail_step(run_id, index, token, error),
         )
-    if not store.complete_step(run_id, index, token, value):
+    if index < len(saga.steps) - 1:
+        if not store.complete_step(run_id, index, token, value):
+            log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+            raise Ignore()
+        log.info("step_succeeded", extra=fields)
+        return {**results, step.name: value}
+    status = store.complete_last_step(run_id, index, token, value)  # finishes the run too
+    if status is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
-    log.info("step_succeeded", extra=fields)
+    if status == RunStatus.RUNNING.value:  # a cancel came in: undo every step, this one included
+        return FailedForGood(SagaCancelled(f"run {run_id} was cancelled before it finished"))
+    log.info("run_succeeded", extra=fields)
     return {**results, step.name: value}
 
 
@@ -194,25 +234,36 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
         raise Ignore()
 
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
-                      idempotency_key=f"{run_id}:{step.name}", result=claim.result)
+                      idempotency_key=f"{run_id}:{step.name}", result=claim.result,
+                      _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=False))
     try:
         step.compensate(ctx)
     except (Retry, Ignore):
         raise
+    except LeaseLost:
+        log.warning("compensation_lease_lost", extra=fields)
+        raise Ignore()
     except Exception as exc:
         return self.retry_or_give_up(
             exc, claim, step.compensation_retry, "compensation", fields,
             note_retry=lambda error, delay: store.retry_compensation(run_id, index, token, error, delay, lease),
             give_up=lambda error: store.fail_compensation(run_id, index, token, error),
         )
-    if not store.complete_compensation(run_id, index, token):
+    status = store.complete_compensation(run_id, index, token)  # the last undo ends the run too
+    if status is None:
         raise Ignore()
     log.info("compensation_succeeded", extra=fields)
+    if status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
+        log.info(f"run_{status}", extra={"run_id": run_id})
     return None
 
 
 def declare_tasks(saga: Saga) -> None:
-    """Registry listener: declare ``<saga>.<step>`` and ``<saga>.<step>.compensate`` Celery tasks."""
+    """Registry listener: declare ``<saga>.<step>`` and ``<saga>.<step>.compensate`` Celery tasks.
+
+    A step without a timeout gets SAGAFLOW_DEFAULT_STEP_TIMEOUT as its time limit here, on the worker's
+    side; a step's own timeout travels in its messages (compiler.py) and takes precedence."""
+    default = get_settings().default_step_timeout
     for step in saga.steps:
         wanted = [(step_task_name(saga, step), run_step)]
         if step.compensate is not None:
@@ -220,6 +271,7 @@ def declare_tasks(saga: Saga) -> None:
         for name, body in wanted:
             if name not in celery_app.tasks:
                 celery_app.task(name=name, bind=True, base=SagaTask, saga_name=saga.name, step_name=step.name,
+                                soft_time_limit=default, time_limit=default + HARD_LIMIT_GRACE,
                                 shared=False)(body)
 
 
@@ -258,16 +310,45 @@ def on_step_failed(self, run_id: str, index: int) -> None:
 
 @celery_app.task(name=ON_COMPENSATION_FAILED, **GENERIC_TASK)
 def on_compensation_failed(self, run_id: str, index: int) -> None:
-    if get_store().mark_compensation_failed(run_id, index, LOST_COMPENSATION):
-        log.error("run_compensation_failed",
-                  extra={"run_id": run_id, "index": index,
-                         "next": f"fix the cause, then run `sagaflow retry {run_id}`"})
+    store = get_store()
+    if store.mark_compensation_failed(run_id, index, LOST_COMPENSATION):
+        alerts.compensation_failed(store.get_run(run_id), get_settings().alert_hook)
+
+
+@celery_app.task(name=RECOVER, **GENERIC_TASK)
+def recover(self, stall_timeout: float | None = None) -> int:
+    """The beat task: re-drive stalled runs (sagaflow/recovery.py)."""
+    return len(recovery.recover_stalled(stall_timeout))
 
 
 @celery_app.task(name=FINISH_COMPENSATION, **GENERIC_TASK)
 def finish_compensation(self, run_id: str) -> None:
     if get_store().finish_compensation(run_id):
         log.info("run_compensated", extra={"run_id": run_id})
+
+
+def check_visibility_timeout(settings) -> None:
+    """On Redis, a message unacked for longer than the visibility timeout is delivered again, and a retry
+    waits unacked in its worker for its whole countdown: the timeout must exceed the longest countdown plus
+    the longest time limit, or waiting retries run twice (celery-facts.md, section 4). Checked at worker
+    start, against every registered saga."""
+    if not settings.effective_broker_url.startswith("redis"):
+        return  # RabbitMQ redelivers on a dropped connection, not after a timeout
+    grace = HARD_LIMIT_GRACE
+    worst = settings.default_step_timeout + grace + DB_RETRY.max_interval
+    where = "a database-outage retry of a step with the default timeout"
+    for saga in registry.all():
+        for step in saga.steps:
+            wait = (step.timeout or settings.default_step_timeout) + grace + max(
+                step.retry.max_interval, step.compensation_retry.max_interval, DB_RETRY.max_interval)
+            if wait > worst:
+                worst, where = wait, f"step {saga.name}.{step.name}"
+    if settings.visibility_timeout <= worst:
+        raise SagaflowError(
+            f"SAGAFLOW_VISIBILITY_TIMEOUT={settings.visibility_timeout} s is not above {worst:.0f} s, the longest "
+            f"time limit plus retry delay ({where}): a waiting retry would be delivered twice. Raise "
+            f"SAGAFLOW_VISIBILITY_TIMEOUT, or lower that step's timeout or max_interval"
+        )
 
 
 def publish_compensation(run_id: str, indexes: list[int]) -> None:

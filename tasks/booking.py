@@ -8,7 +8,7 @@ from tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 booking = Saga("create_booking", version=1)
 
 
-@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def create_invoice(ctx: StepContext):
     do(ctx)
     return {"invoice_id": f"inv-{ctx.run_id[:8]}", "customer": ctx.input.get("customer")}
@@ -19,7 +19,7 @@ def cancel_invoice(ctx: StepContext):
     undo(ctx)  # a real one: api.cancel_invoice(ctx.result["invoice_id"], idempotency_key=ctx.idempotency_key)
 
 
-@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def send_email(ctx: StepContext):
     do(ctx)
     return {"message_id": f"mail-{ctx.run_id[:8]}", "invoice_id": ctx.results["create_invoice"]["invoice_id"]}
@@ -30,7 +30,7 @@ def send_cancellation_email(ctx: StepContext):
     undo(ctx)
 
 
-@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def send_whatsapp(ctx: StepContext):
     do(ctx)
     return {"message_id": f"wa-{ctx.run_id[:8]}"}
@@ -41,7 +41,7 @@ def send_whatsapp_cancellation(ctx: StepContext):
     undo(ctx)
 
 
-@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@booking.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def add_calendar(ctx: StepContext):
     do(ctx)
     return {"event_id": f"cal-{ctx.run_id[:8]}"}

@@ -8,7 +8,7 @@ from tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 payment = Saga("collect_payment", version=1)
 
 
-@payment.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@payment.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def process_payment(ctx: StepContext):
     do(ctx)
     return {"payment_id": f"pay-{ctx.run_id[:8]}", "amount": ctx.input.get("amount", 0)}
@@ -19,7 +19,7 @@ def refund_payment(ctx: StepContext):
     undo(ctx)
 
 
-@payment.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=30)
+@payment.step(retry=STEP_RETRY, compensation_retry=COMPENSATION_RETRY, timeout=10)
 def create_invoice(ctx: StepContext):
     do(ctx)
     return {"invoice_id": f"inv-{ctx.run_id[:8]}", "payment_id": ctx.results["process_payment"]["payment_id"]}
@@ -30,13 +30,13 @@ def void_invoice(ctx: StepContext):
     undo(ctx)
 
 
-@payment.step(retry=STEP_RETRY, timeout=30)
+@payment.step(retry=STEP_RETRY, timeout=10)
 def send_receipt(ctx: StepContext):
     do(ctx)
     return {"sent": True}
 
 
-@payment.step(retry=STEP_RETRY, timeout=30)
+@payment.step(retry=STEP_RETRY, timeout=10)
 def log_analytics(ctx: StepContext):
     do(ctx)
     return None

@@ -2,7 +2,7 @@
 
 import time
 
-from sagaflow import RetryPolicy, Saga, StepContext
+from sagaflow import NonRetryableError, RetryPolicy, Saga, Step, StepContext
 from sagaflow.app import get_store
 
 from tasks.effects import do, undo
@@ -75,6 +75,117 @@ def stubborn(ctx: StepContext):
     return {}
 
 
+# For the crash tests: its own queue, so only the worker a test kills and restarts runs its steps, and a
+# short time limit, so a dead holder's lease (timeout + 5 s grace + 2 s) runs out within seconds.
+faults = Saga("faults")
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def book(ctx: StepContext):
+    do(ctx)
+    return {"booked": True}
+
+
+@book.compensation
+def unbook(ctx: StepContext):
+    undo(ctx)
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def charge(ctx: StepContext):
+    do(ctx)
+    return {"charged": True}
+
+
+@charge.compensation
+def refund(ctx: StepContext):
+    undo(ctx)
+
+
+@faults.step(retry=FAST, compensation_retry=FAST, timeout=3, queue="faults")
+def notify(ctx: StepContext):
+    do(ctx)
+    return {"notified": True}
+
+
+# A long step that stays alive past its lease by heartbeating.
+long_running = Saga("long_running")
+
+
+@long_running.step(retry=RetryPolicy(max_attempts=1), timeout=20, lease=1, queue="faults")
+def crunch(ctx: StepContext):
+    for _ in range(int(ctx.input.get("beats", 6))):
+        time.sleep(0.5)
+        ctx.heartbeat()
+    do(ctx)
+    return {"crunched": True}
+
+
+def record_alert(run) -> None:
+    """SAGAFLOW_ALERT_HOOK of the test workers: append the alert to a file under SAGAFLOW_HOME."""
+    import json
+
+    from sagaflow.app import get_settings
+
+    with open(get_settings().home / "alerts.jsonl", "a") as f:
+        f.write(json.dumps({"run_id": run.id, "status": run.status, "error": run.error}) + "\n")
+
+
+# A step with a fixed-delay policy and no jitter: every retry waits exactly the same, whatever the attempt.
+FIXED = RetryPolicy(kind="fixed", max_attempts=4, initial_interval=0.3, max_interval=5.0, jitter=False)
+fixed_retry = Saga("fixed_retry")
+
+
+@fixed_retry.step(retry=FIXED)
+def poll_partner(ctx: StepContext):
+    do(ctx)
+    return {"partner": "ready"}
+
+
+@poll_partner.compensation
+def forget_partner(ctx: StepContext):
+    undo(ctx)
+
+
+@fixed_retry.step(retry=FAST)
+def confirm(ctx: StepContext):
+    do(ctx)
+    return {"confirmed": True}
+
+
+# Two versions of one saga, both registered in the worker (v1 first, as a deploy that adds v2 keeps v1
+# for the runs still in flight). Steps that share a name run a different function in each version, and
+# each function checks it is handed a run of its own version, so a v1 run that executed (or compensated)
+# a v2 step fails loudly instead of passing by accident.
+#   v1: reserve (undo) -> notify -> charge (undo)
+#   v2: check_fraud -> reserve (undo) -> notify (undo) -> charge (undo) -> receipt
+def _versioned(version: int):
+    def action(ctx: StepContext):
+        do(ctx)
+        return {"version": version, "step": ctx.step}
+
+    def compensation(ctx: StepContext):
+        if ctx.result.get("version") != version:
+            raise NonRetryableError(f"version {version} compensation of {ctx.step} got {ctx.result}")
+        undo(ctx)
+
+    return action, compensation
+
+
+_v1, _undo_v1 = _versioned(1)
+_v2, _undo_v2 = _versioned(2)
+versioned_v1 = Saga("versioned", version=1, steps=[
+    Step("reserve", _v1, _undo_v1, retry=FAST),
+    Step("notify", _v1, retry=FAST),
+    Step("charge", _v1, _undo_v1, retry=FAST),
+])
+versioned_v2 = Saga("versioned", version=2, steps=[
+    Step("check_fraud", _v2, retry=FAST),
+    Step("reserve", _v2, _undo_v2, retry=FAST),
+    Step("notify", _v2, _undo_v2, retry=FAST),
+    Step("charge", _v2, _undo_v2, retry=FAST),
+    Step("receipt", _v2, retry=FAST),
+])
 # A step whose error message is whatever the input says: the status page must show it as text.
 echo_error = Saga("echo_error")
 

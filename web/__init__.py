@@ -13,8 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from sagaflow.app import celery_app, configure, get_store
-from sagaflow.cli import load_sagas
+from sagaflow.app import celery_app, configure, get_store, load_sagas
 
 log = logging.getLogger("sagaflow.web")
 
@@ -28,7 +27,7 @@ JSON_PATHS = ("/api/", "/metrics", "/healthz")
 
 def create_app(settings=None) -> Flask:
     settings = configure(settings)
-    load_sagas(settings)  # the API validates saga names against the registry; the page lists them
+    load_sagas(settings)  # the API starts and shows sagas by name: Python modules and saga files alike
     app = Flask(__name__)
     app.config["SAGAFLOW"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.api_max_body

@@ -7,7 +7,8 @@ changes nothing. Each method is one transaction.
 A step (or compensation) is *claimed* by one delivery at a time. The claim token is
 ``"<celery task id>:<retries>"``: a retry of the holder (same task id, a higher retries number: a policy
 retry, a retry after a lost pool child or a database outage) takes the claim over; a redelivery of the same
-message (worker died) may take it over once the lease expired; anything else is a duplicate and backs off.
+message (worker died) may take it over once the lease expired; so may any delivery once the recovery
+sweeper revoked an expired claim; anything else is a duplicate and backs off.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from sqlalchemy import and_, case, create_engine, event, func, insert, inspect, or_, select, update
+from sqlalchemy import and_, case, create_engine, event, exists, func, insert, inspect, or_, select, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
+from sagaflow.store.fastpath import FastPath
 from sagaflow.store.models import Event, Run, RunStatus, StepState, StepStatus
 
 
@@ -32,7 +35,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, autocommit: bool = False) -> Engine:
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -55,8 +58,37 @@ def create_db_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    # pre_ping: a connection the server dropped (restart, pg_terminate_backend) is replaced, not used.
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    options = {"isolation_level": "AUTOCOMMIT"} if autocommit else {}
+    engine = create_engine(url, pool_size=5, max_overflow=5, **options)
+    _ping_when_idle(engine)
+    return engine
+
+
+IDLE_PING_SECONDS = 10.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Replace a pooled connection the server dropped (restart, idle timeout, pg_terminate_backend) before
+    using it. pool_pre_ping would cost a round trip at every checkout, as much as a whole transition;
+    this pings only a connection that sat idle. One that drops while busy raises, and the task's
+    database-outage retry takes over."""
+
+    @event.listens_for(engine, "checkin")
+    def _idle_since(dbapi_conn, record):
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn, record, proxy):
+        idle_since = record.info.pop("idle_since", None)
+        if idle_since is None or time.monotonic() - idle_since < IDLE_PING_SECONDS:
+            return
+        try:
+            with dbapi_conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            if not dbapi_conn.autocommit:
+                dbapi_conn.rollback()
+        except Exception as exc:  # the driver's OperationalError / InterfaceError
+            raise DisconnectionError(str(exc)) from exc  # the pool retries with a new connection
 
 
 class ClaimOutcome(enum.Enum):
@@ -79,15 +111,51 @@ class Claim:
 
 
 _LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
+_IN_PROGRESS_RUN = (*_LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches
+_HELD_STEP = (StepStatus.RUNNING.value, StepStatus.COMPENSATING.value)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the sweeper must publish to move a stalled run on, decided from SQL in one transaction.
+
+    action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
+    the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
+    empty: finish the compensation).
+    """
+
+    run_id: str
+    saga: str
+    version: int
+    action: str
+    index: int = 0
+    results: dict | None = None
+    indexes: tuple[int, ...] = ()
+    revoked: tuple[str, ...] = ()  # steps whose expired claim was taken back
 
 
 class Store:
-    def __init__(self, url: str, engine: Engine | None = None) -> None:
+    def __init__(self, url: str, engine: Engine | None = None, prepared_statements: bool = True) -> None:
         self.url = url
         self.engine = engine or create_db_engine(url)
+        # PostgreSQL: the success path's transitions are one statement each, one round trip (fastpath.py).
+        self.autocommit = None
+        self.fast: FastPath | None = None
+        if self.engine.dialect.name == "postgresql":
+            self.autocommit = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if engine is not None
+                               else create_db_engine(url, autocommit=True))
+            self.fast = FastPath(self.autocommit, prepared=prepared_statements)
 
-    def dispose(self) -> None:
-        self.engine.dispose()
+    def _reading(self):
+        """A connection for reads: on PostgreSQL an autocommit one, so a read is one round trip, not three
+        (BEGIN, SELECT, ROLLBACK). Each statement sees its own snapshot either way (READ COMMITTED)."""
+        return (self.autocommit or self.engine).connect()
+
+    def dispose(self, close: bool = True) -> None:
+        """Drop pooled connections; ``close=False`` after a fork, so the parent's stay usable by it."""
+        self.engine.dispose(close=close)
+        if self.autocommit is not None:
+            self.autocommit.dispose(close=close)
 
     def check_schema(self) -> None:
         """Raise SchemaMissing, saying what to run, unless the database is at the latest migration."""
@@ -119,6 +187,12 @@ class Store:
         Returns ``(run, created)``; with an idempotency key already used, the existing run and False.
         """
         now = utcnow()
+        steps = list(steps)
+        if self.fast:
+            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
+            if event_id is None:
+                return self._existing(idempotency_key), False
+            return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
         try:
             with self.engine.begin() as conn:
                 conn.execute(
@@ -150,23 +224,46 @@ class Store:
                         for i, (name, has_comp) in enumerate(steps)
                     ],
                 )
-                self._event(conn, run_id, "run_started", None, {"saga": saga, "version": version}, now)
+                event_id = conn.execute(
+                    insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
+                                            detail={"saga": saga, "version": version}).returning(t.events.c.id)
+                ).scalar_one()
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            existing = self.find_by_idempotency_key(idempotency_key)
-            if existing is None:
-                raise
-            return existing, False
-        return self.get_run(run_id), True
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
+
+    def _existing(self, idempotency_key: str | None) -> Run:
+        existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
+        if existing is None:  # the insert conflicted on something else: only a reused run id can
+            raise InvalidTransition("a run with this id exists already")
+        return existing
+
+    @staticmethod
+    def _new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id) -> Run:
+        """The snapshot of a run just inserted, built from what was written rather than read back."""
+        return Run(
+            id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+            idempotency_key=idempotency_key, cancel_requested=False, error=None, created_at=now, updated_at=now,
+            finished_at=None,
+            steps=tuple(
+                StepState(index=i, name=name, status=StepStatus.PENDING.value, has_compensation=has_comp,
+                          attempts=0, compensation_attempts=0, result=None, error=None, compensation_error=None,
+                          task_id=None, compensation_task_id=None, started_at=None, finished_at=None,
+                          compensated_at=None)
+                for i, (name, has_comp) in enumerate(steps)),
+            events=(Event(id=event_id, kind="run_started", step=None, at=now,
+                          detail={"saga": saga, "version": version}),),
+        )
 
     def find_by_idempotency_key(self, key: str) -> Run | None:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.idempotency_key == key)).first()
             return self._load(conn, row) if row is not None else None
 
     def get_run(self, run_id: str, history: bool = True) -> Run:
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
             if row is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
@@ -186,7 +283,7 @@ class Store:
             conditions.append(t.runs.c.status == status)
         if saga:
             conditions.append(t.runs.c.saga == saga)
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             rows = conn.execute(
                 select(t.runs)
                 .where(*conditions)
@@ -202,6 +299,10 @@ class Store:
 
     def claim_step(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                    lease_seconds: float) -> Claim:
+        if self.fast:
+            claim = self._claim_step_in_one_statement(run_id, idx, token, earlier_tokens, lease_seconds)
+            if claim is not None:
+                return claim
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -237,42 +338,102 @@ class Store:
             current = conn.execute(
                 select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx)
             ).first()
-        if current is not None and current.status == StepStatus.SUCCEEDED.value:
-            return Claim(ClaimOutcome.DONE, result=current.result)
-        if current is not None and current.status == StepStatus.FAILED.value:
-            return Claim(ClaimOutcome.FAILED, error=current.error)
+        status, result, error = current if current is not None else (None, None, None)
+        return self._claim_lost(status, result, error, StepStatus.SUCCEEDED, StepStatus.FAILED)
+
+    def _claim_step_in_one_statement(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
+                                     lease_seconds: float) -> Claim | None:
+        """claim_step on PostgreSQL. None when a cancel was requested: the transaction above decides."""
+        now = utcnow()
+        row = self.fast.claim_step(run_id, idx, token, earlier_tokens,
+                                   now + dt.timedelta(seconds=lease_seconds), now)
+        if row is None or row.status not in _LIVE_RUN:
+            return Claim(ClaimOutcome.GONE)
+        if row.attempts is not None:
+            return Claim(ClaimOutcome.CLAIMED, attempt=row.attempts, round_attempt=row.attempts, input=row.input)
+        if row.cancel_requested:
+            return None
+        return self._claim_lost(row.step_status, row.result, row.error, StepStatus.SUCCEEDED, StepStatus.FAILED)
+
+    @staticmethod
+    def _claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:
+        if status == done.value:
+            return Claim(ClaimOutcome.DONE, result=result)
+        if status == failed.value:
+            return Claim(ClaimOutcome.FAILED, error=error)
         return Claim(ClaimOutcome.BUSY)
 
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
         """Record the result; False if this delivery no longer holds the step."""
+        if self.fast:
+            return self.fast.update_held("step_succeeded", run_id, idx, token, utcnow(), result=result)
         return self._update_held(
-            run_id, idx, token, StepStatus.RUNNING, "step_succeeded", lambda row: {"attempt": row["attempts"]},
+            run_id, idx, token, StepStatus.RUNNING, "step_succeeded", {}, "attempts",
             status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=utcnow(),
             lease_expires_at=None,
         )
 
+    def complete_last_step(self, run_id: str, idx: int, token: str, result: Any) -> str | None:
+        """Record the last step's result and finish the run with it (``succeeded``), unless a cancel came in
+        (the run stays ``running``: the caller raises SagaCancelled into the errback). Returns the run's
+        status after, or None when this delivery no longer holds the step."""
+        now = utcnow()
+        if self.fast:
+            return self.fast.complete_last_step(run_id, idx, token, result, now)
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+                .values(status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=now,
+                        lease_expires_at=None)
+                .returning(s.name, s.attempts)
+            ).first()
+            if held is None:
+                return None
+            self._event(conn, run_id, "step_succeeded", held.name, {"attempt": held.attempts}, now)
+            finished = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
+                .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+            ).rowcount
+            if finished:
+                self._event(conn, run_id, "run_succeeded", None, None, now)
+                return RunStatus.SUCCEEDED.value
+            self._touch(conn, run_id, now)
+            return conn.execute(select(r.status).where(r.id == run_id)).scalar()
+
     def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float) -> bool:
+        if self.fast:
+            return self._fast_retry("step_retried", run_id, idx, token, error, delay, lease_seconds)
         return self._note_retry(run_id, idx, token, error, delay, lease_seconds, StepStatus.RUNNING,
                                 "step_retried", "attempts")
 
     def fail_step(self, run_id: str, idx: int, token: str, error: str) -> bool:
+        if self.fast:
+            return self.fast.update_held("step_failed", run_id, idx, token, utcnow(), error=error)
         return self._end_claim(run_id, idx, token, StepStatus.RUNNING, StepStatus.FAILED, "step_failed",
                                {"error": error}, error=error, finished_at=utcnow())
 
     def finish_run(self, run_id: str) -> ClaimOutcome:
         """The last link of the chain: running -> succeeded, unless a cancel came in meanwhile."""
         now = utcnow()
-        with self.engine.begin() as conn:
-            done = conn.execute(
-                update(t.runs)
-                .where(t.runs.c.id == run_id, t.runs.c.status == RunStatus.RUNNING.value,
-                       t.runs.c.cancel_requested.is_(False))
-                .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-            ).rowcount
-            if done:
-                self._event(conn, run_id, "run_succeeded", None, None, now)
-                return ClaimOutcome.CLAIMED
-            run = conn.execute(select(t.runs.c.status, t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).first()
+        r = t.runs.c
+        if self.fast:
+            finished = self.fast.finish_run(run_id, now)
+        else:
+            with self.engine.begin() as conn:
+                finished = conn.execute(
+                    update(t.runs)
+                    .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
+                    .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+                ).rowcount == 1
+                if finished:
+                    self._event(conn, run_id, "run_succeeded", None, None, now)
+        if finished:
+            return ClaimOutcome.CLAIMED
+        with self._reading() as conn:
+            run = conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first()
         if run is not None and run.status == RunStatus.RUNNING.value and run.cancel_requested:
             return ClaimOutcome.CANCELLED
         return ClaimOutcome.GONE
@@ -311,7 +472,7 @@ class Store:
         included (a re-published chain then starts where the original is, and backs off if it is busy).
         None when the run is not compensating."""
         s = t.steps.c
-        with self.engine.connect() as conn:
+        with self._reading() as conn:
             status = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
             if status != RunStatus.COMPENSATING.value:
                 return None
@@ -326,6 +487,16 @@ class Store:
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                            lease_seconds: float) -> Claim:
         now = utcnow()
+        lease = now + dt.timedelta(seconds=lease_seconds)
+        if self.fast:
+            row = self.fast.claim_compensation(run_id, idx, token, earlier_tokens, lease, now)
+            if row is None or row.status != RunStatus.COMPENSATING.value:
+                return Claim(ClaimOutcome.GONE)
+            if row.compensation_attempts is None:
+                return self._claim_lost(row.step_status, None, row.compensation_error, StepStatus.COMPENSATED,
+                                        StepStatus.COMPENSATION_FAILED)
+            return Claim(ClaimOutcome.CLAIMED, attempt=row.compensation_attempts,
+                         round_attempt=row.compensation_round_attempts, input=row.input, result=row.result)
         s = t.steps.c
         with self.engine.begin() as conn:
             run = conn.execute(select(t.runs.c.status, t.runs.c.input).where(t.runs.c.id == run_id)).first()
@@ -342,7 +513,7 @@ class Store:
                         (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
                     ),
                     claim=token,
-                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                    lease_expires_at=lease,
                     compensation_task_id=token.rsplit(":", 1)[0],
                 )
                 .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
@@ -356,23 +527,45 @@ class Store:
             current = conn.execute(
                 select(s.status, s.compensation_error).where(s.run_id == run_id, s.idx == idx)
             ).first()
-        if current is not None and current.status == StepStatus.COMPENSATED.value:
-            return Claim(ClaimOutcome.DONE)
-        if current is not None and current.status == StepStatus.COMPENSATION_FAILED.value:
-            return Claim(ClaimOutcome.FAILED, error=current.compensation_error)
-        return Claim(ClaimOutcome.BUSY)
+        status, error = current if current is not None else (None, None)
+        return self._claim_lost(status, None, error, StepStatus.COMPENSATED, StepStatus.COMPENSATION_FAILED)
 
-    def complete_compensation(self, run_id: str, idx: int, token: str) -> bool:
+    def complete_compensation(self, run_id: str, idx: int, token: str) -> str | None:
+        """Record the undo; the last undo still to do also ends the run (``compensated``, or ``cancelled``
+        when a cancel started the compensation). Returns the run's status after, or None when this delivery
+        no longer holds the compensation."""
         now = utcnow()
-        return self._end_claim(run_id, idx, token, StepStatus.COMPENSATING, StepStatus.COMPENSATED,
-                               "compensation_succeeded", None, compensation_error=None, compensated_at=now)
+        if self.fast:
+            return self.fast.complete_compensation(run_id, idx, token, now)
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.COMPENSATING.value,
+                       s.claim == token)
+                .values(status=StepStatus.COMPENSATED.value, compensation_error=None, compensated_at=now,
+                        lease_expires_at=None)
+                .returning(s.name)
+            ).first()
+            if held is None:
+                return None
+            self._event(conn, run_id, "compensation_succeeded", held.name, None, now)
+            if not self._to_compensate(conn, run_id, in_progress=True):
+                self._finish_compensation(conn, run_id, now)
+            else:
+                self._touch(conn, run_id, now)
+            return conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id)).scalar()
 
     def retry_compensation(self, run_id: str, idx: int, token: str, error: str, delay: float,
                            lease_seconds: float) -> bool:
+        if self.fast:
+            return self._fast_retry("compensation_retried", run_id, idx, token, error, delay, lease_seconds)
         return self._note_retry(run_id, idx, token, error, delay, lease_seconds, StepStatus.COMPENSATING,
                                 "compensation_retried", "compensation_attempts")
 
     def fail_compensation(self, run_id: str, idx: int, token: str, error: str) -> bool:
+        if self.fast:
+            return self.fast.update_held("compensation_failed", run_id, idx, token, utcnow(), error=error)
         return self._end_claim(run_id, idx, token, StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED,
                                "compensation_failed", {"error": error}, compensation_error=error)
 
@@ -402,6 +595,94 @@ class Store:
         now = utcnow()
         with self.engine.begin() as conn:
             return self._finish_compensation(conn, run_id, now)
+
+    # ---------------------------------------------------------------- leases and recovery
+
+    def extend_lease(self, run_id: str, idx: int, token: str, lease_seconds: float) -> tuple[bool, bool]:
+        """A long step's heartbeat: push its lease forward. Returns (still held, cancel requested)."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status.in_(_HELD_STEP), s.claim == token)
+                .values(lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            ).rowcount
+            cancel = conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar()
+        return bool(held), bool(cancel)
+
+    @staticmethod
+    def _stalled(now: dt.datetime, stall_timeout: float):
+        """Run is in progress, no step holds a live lease, and either a holder's lease expired (it died) or
+        nothing moved for stall_timeout seconds (a message was lost: broker restart, a crash before publish,
+        a start whose publish failed)."""
+        r, s = t.runs.c, t.steps.c
+        held = (s.run_id == r.id) & s.status.in_(_HELD_STEP)
+        return and_(
+            r.status.in_(_IN_PROGRESS_RUN),
+            ~exists().where(held, s.lease_expires_at >= now),
+            or_(exists().where(held, s.lease_expires_at < now),
+                r.updated_at < now - dt.timedelta(seconds=stall_timeout)),
+        )
+
+    def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
+        """(run id, updated_at) of the stalled runs, longest stalled first."""
+        r = t.runs.c
+        with self._reading() as conn:
+            rows = conn.execute(
+                select(r.id, r.updated_at).where(self._stalled(utcnow(), stall_timeout))
+                .order_by(r.updated_at).limit(limit)
+            )
+            return [(row.id, row.updated_at) for row in rows]
+
+    def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float) -> Recovery | None:
+        """Claim the re-drive of a stalled run (compare-and-set on updated_at, so of two sweepers one
+        wins, and a run that moved meanwhile is left alone), take back expired claims, and decide from
+        SQL what to publish. None when this caller did not win."""
+        now = utcnow()
+        r, s = t.runs.c, t.steps.c
+        with self.engine.begin() as conn:
+            run = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.updated_at == seen_updated_at, self._stalled(now, stall_timeout))
+                .values(updated_at=now)
+                .returning(r.status, r.saga, r.saga_version)
+            ).first()
+            if run is None:
+                return None
+            # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
+            revoked = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.status.in_(_HELD_STEP), s.lease_expires_at < now)
+                .values(claim=None, lease_expires_at=None)
+                .returning(s.name)
+            ).all()
+            steps = conn.execute(
+                select(s.idx, s.name, s.status, s.result, s.has_compensation)
+                .where(s.run_id == run_id).order_by(s.idx)
+            ).all()
+            recovery = self._recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
+            self._event(conn, run_id, "run_recovered", None,
+                        {"action": recovery.action, "revoked": list(recovery.revoked),
+                         **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
+                            else {})}, now)
+        return recovery
+
+    @staticmethod
+    def _recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
+        base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
+        if run.status == RunStatus.COMPENSATING.value:
+            todo = [st.idx for st in reversed(steps) if st.has_compensation
+                    and st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)]
+            return Recovery(action="compensate", indexes=tuple(todo), **base)
+        done = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
+        frontier = next((st for st in steps if st.status not in done), None)
+        results = {st.name: st.result for st in steps if st.status == StepStatus.SUCCEEDED.value}
+        if frontier is None:
+            return Recovery(action="finish", index=len(steps), results=results, **base)
+        if frontier.status == StepStatus.FAILED.value:
+            return Recovery(action="errback", index=frontier.idx, **base)
+        return Recovery(action="resume", index=frontier.idx, results=results, **base)
 
     # ---------------------------------------------------------------- operator requests
 
@@ -471,6 +752,7 @@ class Store:
         options = [
             s.status == start.value,
             and_(s.status == active.value, s.claim == token, s.lease_expires_at < now),
+            and_(s.status == active.value, s.claim.is_(None)),  # revoked by the recovery sweeper
         ]
         if earlier_tokens:
             # Any earlier retry, not only the previous one: a retry that died before claiming (database
@@ -484,19 +766,26 @@ class Store:
         lease = utcnow() + dt.timedelta(seconds=delay + lease_seconds)
         error_column = "error" if active is StepStatus.RUNNING else "compensation_error"
         return self._update_held(
-            run_id, idx, token, active, kind,
-            lambda row: {"attempt": row[attempts_column], "error": error, "retry_in": round(delay, 3)},
+            run_id, idx, token, active, kind, {"error": error, "retry_in": round(delay, 3)}, attempts_column,
             lease_expires_at=lease, **{error_column: error},
         )
 
     def _end_claim(self, run_id, idx, token, active: StepStatus, final: StepStatus, kind: str, detail,
                    **values) -> bool:
-        return self._update_held(run_id, idx, token, active, kind, lambda row: detail,
+        return self._update_held(run_id, idx, token, active, kind, detail, None,
                                  status=final.value, lease_expires_at=None, **values)
 
-    def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail, **values) -> bool:
-        """Update the step this delivery holds (status ``active``, claim ``token``) and record ``kind``;
-        False, changing nothing, when it does not hold it any more."""
+    def _fast_retry(self, kind: str, run_id, idx, token, error: str, delay: float, lease_seconds: float) -> bool:
+        now = utcnow()
+        lease = now + dt.timedelta(seconds=delay + lease_seconds)  # see _note_retry
+        return self.fast.update_held(kind, run_id, idx, token, now, error=error, lease=lease,
+                                     retry_in=round(delay, 3))
+
+    def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail: dict | None,
+                     attempt_column: str | None, **values) -> bool:
+        """Update the step this delivery holds (status ``active``, claim ``token``), record ``kind`` with
+        ``detail`` (plus ``attempt`` from ``attempt_column`` after the update) and touch the run; False,
+        changing nothing, when it does not hold it any more. fastpath.HELD does the same on PostgreSQL."""
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -508,15 +797,18 @@ class Store:
             ).first()
             if row is None:
                 return False
-            self._event(conn, run_id, kind, row.name, detail(row._mapping), now)
+            attempt = {"attempt": row._mapping[attempt_column]} if attempt_column else {}
+            self._event(conn, run_id, kind, row.name, ({**attempt, **detail} if detail or attempt else None), now)
             self._touch(conn, run_id, now)
         return True
 
-    def _to_compensate(self, conn, run_id: str) -> list[int]:
+    def _to_compensate(self, conn, run_id: str, in_progress: bool = False) -> list[int]:
+        """Steps completed and not yet undone, latest first; with ``in_progress``, those being undone too."""
         s = t.steps.c
+        statuses = [StepStatus.SUCCEEDED.value] + ([StepStatus.COMPENSATING.value] if in_progress else [])
         rows = conn.execute(
             select(s.idx)
-            .where(s.run_id == run_id, s.status == StepStatus.SUCCEEDED.value, s.has_compensation.is_(True))
+            .where(s.run_id == run_id, s.status.in_(statuses), s.has_compensation.is_(True))
             .order_by(s.idx.desc())
         )
         return [r.idx for r in rows]

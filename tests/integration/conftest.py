@@ -1,20 +1,16 @@
-"""A real prefork worker (``sagaflow worker`` in a subprocess) against real Redis and PostgreSQL.
-Never eager mode: it hides exactly the errback and chain behaviour under test (celery-facts.md, 8)."""
+"""A real prefork worker (``sagaflow worker`` in a subprocess, tests/workers.py) against real Redis and
+PostgreSQL."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-import time
 
 import pytest
 import redis
 
 from config.settings import Settings
-from sagaflow.app import celery_app, configure
-from tests.conftest import ARTIFACTS, ROOT
+from sagaflow.app import configure, load_sagas
+from tests.conftest import ROOT
 from tests.services import find_services, fresh_database
+from tests.workers import start_worker, stop_worker
 
 
 @pytest.fixture(scope="session")
@@ -36,40 +32,17 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_DATABASE_URL": database_url,
         "SAGAFLOW_BROKER_URL": services.redis_url,
         "SAGAFLOW_IMPORTS": "tasks,tests.sagas",
+        "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
+        "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
     })
     upgrade(database_url)
     configure(settings)
-    import tasks  # noqa: F401  register the sagas in this process too
-    import tests.sagas  # noqa: F401
+    load_sagas(settings)  # register the sagas in this process too: the modules, then the saga file
     from tasks.effects import ensure_table
 
     ensure_table()
     return settings
-
-
-def start_worker(settings: Settings, name: str, concurrency: int = 4, log_name: str = "worker.log"):
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = open(ARTIFACTS / log_name, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sagaflow", "worker", "-P", "prefork", "-c", str(concurrency), "-n", f"{name}@%h"],
-        env={**os.environ, **settings.as_env()}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while not celery_app.control.ping(destination=[f"{name}@{os.uname().nodename}"], timeout=0.5):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"worker {name} did not start; see {ARTIFACTS / log_name}")
-    return proc
-
-
-def stop_worker(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")

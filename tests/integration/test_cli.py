@@ -94,3 +94,20 @@ def test_a_fresh_home_says_to_create_the_schema(tmp_path):
     done = sagaflow("start", "create_booking", env=env)
     assert done.returncode == 1
     assert "no sagaflow tables: run `sagaflow db upgrade` first" in done.stderr
+
+
+def test_the_cli_sees_the_declarative_sagas_of_saga_files(env):
+    done = sagaflow("start", "ingest_document", "--input", '{"fail_at": "publish"}', "--wait", "--json", env=env)
+    assert done.returncode == 1, done.stderr
+    run = json.loads(done.stdout)
+    assert run["status"] == "compensated"
+    assert [s["name"] for s in run["steps"]] == ["ingest", "parse", "embed", "publish"]
+
+
+def test_an_invalid_saga_file_stops_the_cli_with_an_error_naming_file_saga_and_handler(env, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sagas:\n  - name: broken\n    steps:\n      - action: ingest\n        compensation: nope\n")
+    done = sagaflow("runs", env={**env, "SAGAFLOW_SAGA_FILES": str(bad)})
+    assert done.returncode != 0
+    assert f"{bad}:5: saga 'broken' version 1, step 'ingest': unknown handler 'nope' for the compensation" in done.stderr
+    assert "Traceback" not in done.stderr

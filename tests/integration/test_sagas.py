@@ -3,6 +3,7 @@ happened outside) and in the event history (what sagaflow recorded)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -86,7 +87,7 @@ def test_compensation_that_fails_a_few_times_is_retried(client):
     assert effects_of(run.id) == expected_after_failure("create_booking", "add_calendar")
 
 
-def test_compensation_that_keeps_failing_waits_for_an_operator_then_retry_finishes_it(client):
+def test_compensation_that_keeps_failing_waits_for_an_operator_then_retry_finishes_it(client, settings):
     # COMPENSATION_RETRY allows 3 attempts a round: 4 failures outlast the first round, not the second.
     run = client.wait(client.start("create_booking", {"fail_at": "add_calendar",
                                                       "fail_compensation": {"send_email": 4}}).id)
@@ -98,6 +99,9 @@ def test_compensation_that_keeps_failing_waits_for_an_operator_then_retry_finish
     assert effects_of(run.id) == [("do", "create_invoice"), ("do", "send_email"), ("do", "send_whatsapp"),
                                   ("undo", "send_whatsapp")]
     assert kinds(run)[-1] == ("run_compensation_failed", "send_email")
+    alerts = [json.loads(line) for line in (settings.home / "alerts.jsonl").read_text().splitlines()]
+    assert [a for a in alerts if a["run_id"] == run.id] == [
+        {"run_id": run.id, "status": "compensation_failed", "error": run.error}]  # the alert hook, once
 
     client.retry(run.id)
     run = client.wait(run.id)

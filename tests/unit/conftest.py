@@ -1,13 +1,39 @@
+"""The store under test: SQLite (always) and PostgreSQL (when a server answers, as on this project's
+machines and CI), because PostgreSQL runs the success-path transitions as single statements of their own
+(store/repository.py) and both paths must hold the same guarantees."""
+
+import os
+
 import pytest
+from sqlalchemy import text
 
 from sagaflow.store import Store
 from sagaflow.store.migrate import upgrade
+from tests.services import DEFAULT_PG, TEST_DATABASE, fresh_database, pg_answers
 
 
-@pytest.fixture
-def store(tmp_path):
-    url = f"sqlite:///{tmp_path / 'unit.db'}"
+@pytest.fixture(scope="session")
+def postgres_url():
+    admin = os.environ.get("SAGAFLOW_TEST_PG_URL") or DEFAULT_PG
+    if not pg_answers(admin):
+        return None
+    url = fresh_database(admin, f"{TEST_DATABASE}_unit")
     upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path, postgres_url):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'unit.db'}"
+        upgrade(url)
+    else:
+        if postgres_url is None:
+            pytest.skip("no PostgreSQL answers; the integration tests start one")
+        url = postgres_url
     s = Store(url)
+    if request.param == "postgresql":
+        with s.engine.begin() as conn:
+            conn.execute(text("TRUNCATE saga_events, saga_steps, saga_runs"))
     yield s
     s.dispose()

@@ -10,20 +10,20 @@ from sagaflow.definition import registry
 import tasks  # noqa: F401
 
 
-def test_forward_chain_has_one_named_task_per_step_then_finish():
+def test_forward_chain_has_one_named_task_per_step():
     saga = registry.get("create_booking")
     links = compile_run(celery_app, saga, "run-1").tasks
     assert [s.task for s in links] == [
         "create_booking.create_invoice", "create_booking.send_email", "create_booking.send_whatsapp",
-        "create_booking.add_calendar", "sagaflow.finish",
-    ]
+        "create_booking.add_calendar",
+    ]  # no finish task: the last step's completion finishes the run
     assert links[0].args == ({},) and links[1].args == ()
     assert links[2].kwargs == {"run_id": "run-1", "index": 2, "version": 1}
     for index, link in enumerate(links):
         (errback,) = map(signature, link.options["link_error"])
         assert errback.task == "sagaflow.on_step_failed" and errback.immutable
         assert tuple(errback.args) == ("run-1", index)
-    assert links[0].options["soft_time_limit"] == 30 and links[0].options["time_limit"] == 35
+    assert links[0].options["soft_time_limit"] == 10 and links[0].options["time_limit"] == 15
 
 
 def test_errback_tasks_are_bound_so_celery_sends_them_as_messages():
@@ -39,7 +39,29 @@ def test_backward_chain_undoes_the_given_steps_in_order_then_finishes():
     links = compile_compensation(celery_app, saga, "run-2", [1, 0]).tasks
     assert [s.task for s in links] == [
         "collect_payment.create_invoice.compensate", "collect_payment.process_payment.compensate",
-        "sagaflow.finish_compensation",
-    ]
+    ]  # no finish task: the last undo's completion ends the run
     assert all(link.immutable for link in links)
-    assert [tuple(signature(link.options["link_error"][0]).args) for link in links[:-1]] == [("run-2", 1), ("run-2", 0)]
+    assert [tuple(signature(link.options["link_error"][0]).args) for link in links] == [("run-2", 1), ("run-2", 0)]
+
+
+def test_a_resumed_chain_starts_at_the_given_step_with_the_results_so_far():
+    # What the recovery sweeper publishes for a run that stalled at step 2.
+    saga = registry.get("create_booking")
+    results = {"create_invoice": {"invoice_id": "i"}, "send_email": {"message_id": "m"}}
+    links = compile_run(celery_app, saga, "run-3", start=2, results=results).tasks
+    assert [s.task for s in links] == ["create_booking.send_whatsapp", "create_booking.add_calendar"]
+    assert links[0].args == (results,) and links[1].args == ()
+    assert [tuple(signature(link.options["link_error"][0]).args) for link in links] == [("run-3", 2), ("run-3", 3)]
+    finish = compile_run(celery_app, saga, "run-3", start=4, results=results)  # only the finishing is left
+    assert finish.task == "sagaflow.finish" and finish.args == (results,)
+    assert tuple(signature(finish.options["link_error"][0]).args) == ("run-3", 4)
+
+
+def test_every_step_task_has_the_default_time_limit_which_a_step_timeout_overrides_per_message():
+    from sagaflow.app import get_settings
+
+    default = get_settings().default_step_timeout
+    step_tasks = [t for name, t in celery_app.tasks.items() if name.startswith("create_booking.")]
+    assert len(step_tasks) == 8  # 4 actions, 4 compensations
+    for t in step_tasks:
+        assert (t.soft_time_limit, t.time_limit) == (default, default + 5), t.name

@@ -1,6 +1,8 @@
+import random
+
 import pytest
 
-from sagaflow import DefinitionError, NonRetryableError, RetryPolicy, Saga, Step, UnknownSaga
+from sagaflow import DefinitionError, NonRetryableError, RetryKind, RetryPolicy, Saga, Step, UnknownSaga
 from sagaflow.definition import Registry, registry
 
 
@@ -115,3 +117,88 @@ def test_retry_decision_respects_attempts_and_non_retryable_types():
     assert not policy.allows_retry(ValueError(), 3)
     assert not policy.allows_retry(Rejected(), 1)
     assert not policy.allows_retry(NonRetryableError(), 1)
+
+
+# ---------------------------------------------------------------------------------------------- retry kinds
+
+
+def test_the_default_kind_is_exponential_and_the_old_constructor_still_works():
+    positional = RetryPolicy(4, 0.5, 3.0, 10.0, False, (Rejected,))
+    assert positional.kind is RetryKind.EXPONENTIAL and positional.kind == "exponential"
+    assert (positional.max_attempts, positional.backoff, positional.non_retryable) == (4, 3.0, (Rejected,))
+    assert [positional.delay(n) for n in range(1, 5)] == [0.5, 1.5, 4.5, 10.0]
+    assert RetryPolicy().backoff == 2.0 and RetryPolicy() == RetryPolicy(backoff=2.0)
+
+
+def test_exponential_delays_without_jitter_are_exact_and_capped():
+    policy = RetryPolicy(kind="exponential", initial_interval=0.25, backoff=3, max_interval=5, jitter=False)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.25, 0.75, 2.25, 5, 5]
+
+
+def test_exponential_delay_of_a_huge_attempt_number_is_the_cap():
+    policy = RetryPolicy(initial_interval=1, backoff=10, max_interval=30, jitter=False)
+    assert policy.delay(100_000) == 30
+
+
+def test_linear_delays_grow_by_the_increment_up_to_the_cap():
+    policy = RetryPolicy(kind="linear", initial_interval=1, increment=2, max_interval=6, jitter=False)
+    assert [policy.delay(n) for n in range(1, 6)] == [1, 3, 5, 6, 6]
+
+
+def test_linear_increment_defaults_to_the_initial_interval():
+    policy = RetryPolicy(kind=RetryKind.LINEAR, initial_interval=0.5, max_interval=60, jitter=False)
+    assert policy.increment == 0.5
+    assert [policy.delay(n) for n in range(1, 5)] == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_fixed_delays_are_the_same_every_time_and_capped():
+    policy = RetryPolicy(kind="fixed", initial_interval=0.2, jitter=False)
+    assert [policy.delay(n) for n in range(1, 6)] == [0.2] * 5
+    assert RetryPolicy(kind="fixed", initial_interval=90, max_interval=30, jitter=False).delay(1) == 30
+
+
+@pytest.mark.parametrize("policy", [
+    RetryPolicy(kind="exponential", initial_interval=0.5, backoff=2, max_interval=5),
+    RetryPolicy(kind="linear", initial_interval=0.5, increment=1, max_interval=3),
+    RetryPolicy(kind="fixed", initial_interval=2, max_interval=3),
+])
+def test_jitter_keeps_every_kind_between_half_and_all_of_its_nominal_delay(policy):
+    nominal = [policy.nominal_delay(n) for n in range(1, 8)]
+    rng = random.Random(7)
+    for n, expected in enumerate(nominal, start=1):
+        drawn = [policy.delay(n, rand=rng.random) for _ in range(200)]
+        assert all(expected / 2 <= d <= expected for d in drawn), (n, expected, min(drawn), max(drawn))
+        assert max(drawn) - min(drawn) > expected / 4  # it does spread
+    assert policy.delay(3, rand=lambda: 0.0) == nominal[2] / 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="expo"), "retry kind must be one of 'exponential', 'linear', 'fixed', got 'expo'"),
+    (dict(kind=None), "retry kind must be one of .* got None"),
+    (dict(max_attempts=True), "max_attempts must be an integer >= 1, got True"),
+    (dict(max_attempts=2.5), "max_attempts must be an integer >= 1, got 2.5"),
+    (dict(initial_interval=-1), "initial_interval must be a number of seconds >= 0, got -1"),
+    (dict(initial_interval="1"), "initial_interval must be a number of seconds >= 0, got '1'"),
+    (dict(max_interval=float("nan")), "max_interval must be a number of seconds >= 0, got nan"),
+    (dict(jitter="yes"), "jitter must be True or False, got 'yes'"),
+    (dict(backoff=0.5), "backoff must be a number >= 1, got 0.5"),
+    (dict(kind="linear", backoff=2), "backoff applies to kind 'exponential' only, got backoff=2 with kind 'linear'"),
+    (dict(kind="fixed", backoff=2), "backoff applies to kind 'exponential' only"),
+    (dict(kind="linear", increment=-0.1), "increment must be a number of seconds >= 0, got -0.1"),
+    (dict(increment=1), "increment applies to kind 'linear' only, got increment=1 with kind 'exponential'"),
+    (dict(non_retryable=ValueError), "non_retryable must be a tuple of exception classes"),
+])
+def test_bad_retry_arguments_are_refused_naming_the_value(kwargs, message):
+    with pytest.raises(DefinitionError, match=message):
+        RetryPolicy(**kwargs)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: Step("a", noop, timeout="10"), "timeout must be a number of seconds > 0, got '10'"),
+    (lambda: Step("a", noop, retry={"kind": "fixed"}), "retry must be a RetryPolicy"),
+    (lambda: Step("a", noop, queue=""), "queue must be a non-empty string"),
+    (lambda: Step("a", noop, lease="1"), "lease must be a number of seconds > 0, got '1'"),
+])
+def test_bad_step_options_are_refused_naming_the_value(make, message):
+    with pytest.raises(DefinitionError, match=message):
+        make()

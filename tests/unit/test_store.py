@@ -22,6 +22,11 @@ def test_create_run_writes_run_steps_and_first_event(store):
     assert [e.kind for e in run.events] == ["run_started"]
 
 
+def test_the_snapshot_create_run_returns_is_what_was_stored(store):
+    run, created = store.create_run("r1", "s", 1, {"x": [1, "a"]}, STEPS, "key-1")
+    assert created and run == store.get_run("r1")
+
+
 def test_idempotency_key_returns_the_existing_run(store):
     first = new_run(store, "r1", key="k")
     again, created = store.create_run("r2", "s", 1, {}, STEPS, "k")
@@ -108,6 +113,36 @@ def test_an_errback_for_a_step_still_marked_running_records_it_lost_and_skips_th
                                                          ("skipped", None)]
 
 
+def test_the_last_step_finishes_the_run_in_the_same_transition(store):
+    new_run(store)
+    for i, tok in enumerate(["a:0", "b:0"]):
+        store.claim_step("r1", i, tok, [], 60)
+        assert store.complete_step("r1", i, tok, i)
+    store.claim_step("r1", 2, "c:0", [], 60)
+    assert store.complete_last_step("r1", 2, "c:0", {"done": True}) == "succeeded"
+    run = store.get_run("r1")
+    assert run.status == "succeeded" and run.finished_at is not None and run.step("c").result == {"done": True}
+    assert [e.kind for e in run.events][-2:] == ["step_succeeded", "run_succeeded"]
+    assert store.complete_last_step("r1", 2, "c:0", {"again": 1}) is None  # a late duplicate changes nothing
+    assert store.finish_run("r1") is C.GONE
+
+
+def test_a_cancel_before_the_last_step_completes_leaves_the_run_to_its_errback(store):
+    new_run(store)
+    for i, tok in enumerate(["a:0", "b:0"]):
+        store.claim_step("r1", i, tok, [], 60)
+        store.complete_step("r1", i, tok, i)
+    store.claim_step("r1", 2, "c:0", [], 60)
+    store.request_cancel("r1")
+    assert store.complete_last_step("r1", 2, "c:0", 2) == "running"  # recorded, but not finished
+    assert store.begin_compensation("r1", 2, "lost") == [1, 0]  # "c" has no compensation (STEPS)
+    store.claim_compensation("r1", 1, "u1:0", [], 60)
+    assert store.complete_compensation("r1", 1, "u1:0") == "compensating"
+    store.claim_compensation("r1", 0, "u0:0", [], 60)
+    assert store.complete_compensation("r1", 0, "u0:0") == "cancelled"
+    assert [e.kind for e in store.get_run("r1").events][-1] == "run_cancelled"
+
+
 def _to_compensating(store):
     new_run(store)
     store.claim_step("r1", 0, "a:0", [], 60)
@@ -122,11 +157,11 @@ def test_compensation_claims_follow_the_same_rules(store):
     claim = store.claim_compensation("r1", 0, "u:0", [], 60)
     assert claim.outcome is C.CLAIMED and claim.result == {"v": 1} and claim.attempt == 1
     assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.BUSY
-    assert store.complete_compensation("r1", 0, "u:0")
-    assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.DONE
-    assert store.finish_compensation("r1") and not store.finish_compensation("r1")
-    assert store.get_run("r1").status == "compensated"
-    assert store.claim_compensation("r1", 0, "u2:0", [], 60).outcome is C.GONE
+    assert store.complete_compensation("r1", 0, "u:0") == "compensated"  # the last undo ends the run
+    assert [e.kind for e in store.get_run("r1").events][-2:] == ["compensation_succeeded", "run_compensated"]
+    assert not store.finish_compensation("r1")
+    assert store.claim_compensation("r1", 0, "u:0", [], 60).outcome is C.GONE  # a late duplicate
+    assert store.complete_compensation("r1", 0, "u:0") is None
 
 
 def test_compensation_failed_waits_for_retry_which_resumes_it(store):
@@ -237,11 +272,8 @@ def test_compensations_still_to_do_include_the_one_in_progress_so_a_redrive_keep
     assert store.compensations_to_redrive("r1") == [1, 0]  # the chain was never published
     store.claim_compensation("r1", 1, "u1:0", [], 60)
     assert store.compensations_to_redrive("r1") == [1, 0]  # 1 is in progress: a re-drive starts there
-    store.complete_compensation("r1", 1, "u1:0")
+    assert store.complete_compensation("r1", 1, "u1:0") == "compensating"
     assert store.compensations_to_redrive("r1") == [0]
     store.claim_compensation("r1", 0, "u0:0", [], 60)
-    store.complete_compensation("r1", 0, "u0:0")
-    assert store.compensations_to_redrive("r1") == []
-    assert store.get_run("r1").status == "compensating"  # finish_compensation was lost too
-    assert store.finish_compensation("r1")
+    assert store.complete_compensation("r1", 0, "u0:0") == "compensated"
     assert store.compensations_to_redrive("r1") is None  # final: nothing to re-drive

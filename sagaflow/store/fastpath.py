@@ -1,0 +1,288 @@
+"""PostgreSQL: the hot transitions as one hand-written statement each, sent on an autocommit connection.
+
+A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT. Data-
+modifying CTEs keep each transition atomic: the guarded UPDATE, its event and the run's ``updated_at``
+commit together or not at all, and a concurrent claim re-checks the guard on the row it waited for
+(READ COMMITTED), so the compare-and-set semantics of repository.py hold unchanged. The statements are
+plain SQL text because building the same CTEs with SQLAlchemy Core cost ten times the database's own time
+per call (bench/, "Performance").
+
+repository.py runs the same transitions as short transactions on SQLite, and on PostgreSQL for the rare
+cases these statements hand back (a cancel at claim time). The store's unit tests run on both.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Sequence
+
+from sqlalchemy import JSON, bindparam, event, text
+from sqlalchemy.engine import Engine
+
+from sagaflow.store.tables import UTCDateTime
+
+# Every parameter the statements use: its PostgreSQL type (for PREPARE) and, where Python values need
+# converting, its SQLAlchemy type.
+PARAMS = {
+    "run_id": ("varchar", None), "idx": ("integer", None), "token": ("varchar", None),
+    "earlier": ("varchar[]", None), "task_id": ("varchar", None), "start": ("varchar", None),
+    "active": ("varchar", None), "now": ("timestamp", UTCDateTime()), "lease": ("timestamp", UTCDateTime()),
+    "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
+    "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
+    "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
+}
+_PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
+
+
+class Statement:
+    """One statement, run either as a server-side prepared statement (planned once per connection: the
+    plan is about half of each statement's cost here) or as plain text."""
+
+    def __init__(self, name: str, sql: str) -> None:
+        self.name = f"sagaflow_{name}"
+        self.params = list(dict.fromkeys(_PLACEHOLDER.findall(sql)))  # in order of first use
+        typed = [bindparam(p, type_=PARAMS[p][1]) for p in self.params if PARAMS[p][1] is not None]
+        self.plain = text(sql).bindparams(*typed)
+        self.execute = text(f"EXECUTE {self.name}({', '.join(':' + p for p in self.params)})").bindparams(*typed)
+        numbered = _PLACEHOLDER.sub(lambda m: f"${self.params.index(m.group(1)) + 1}", sql)
+        self.prepare = (f"PREPARE {self.name}({', '.join(PARAMS[p][0] for p in self.params)}) AS {numbered}")
+
+
+def _sql(name: str, sql: str) -> Statement:
+    return Statement(name, sql)
+
+
+# The claim guard of repository.Store._claimable, for a step moving from :start to :active.
+_CLAIMABLE = """(status = :start
+           OR (status = :active AND claim = :token AND lease_expires_at < :now)
+           OR (status = :active AND claim IS NULL)
+           OR (status = :active AND claim = ANY(:earlier)))"""
+
+CREATE_RUN = _sql("create_run", """
+WITH run AS (
+    INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
+                           created_at, updated_at)
+    VALUES (:run_id, :saga, :version, 'pending', :input, :key, false, :now, :now)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), steps AS (
+    INSERT INTO saga_steps (run_id, idx, name, status, has_compensation, attempts, compensation_attempts,
+                            compensation_round_attempts)
+    SELECT run.id, step.idx - 1, step.name, 'pending', step.has_compensation, 0, 0, 0
+    FROM run, unnest(:names, :compensable)
+              WITH ORDINALITY AS step(name, has_compensation, idx)
+), event AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT id, 'run_started', NULL, :now, :detail FROM run
+    RETURNING id
+)
+SELECT id FROM event""")
+
+CLAIM_STEP = _sql("claim_step", f"""
+WITH run AS (
+    SELECT status, cancel_requested, input FROM saga_runs WHERE id = :run_id
+), claimed AS (
+    UPDATE saga_steps
+    SET status = 'running', attempts = attempts + 1, claim = :token, lease_expires_at = :lease,
+        started_at = coalesce(started_at, :now), task_id = :task_id
+    WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
+      AND EXISTS (SELECT 1 FROM run WHERE status IN ('pending', 'running') AND NOT cancel_requested)
+    RETURNING attempts, name
+), started AS (
+    UPDATE saga_runs SET status = 'running', updated_at = :now
+    WHERE id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM claimed)
+), event AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, 'step_started', name, :now, json_build_object('attempt', attempts) FROM claimed
+)
+SELECT run.status, run.cancel_requested, run.input, claimed.attempts,
+       step.status AS step_status, step.result, step.error
+FROM run
+LEFT JOIN claimed ON true
+LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
+
+CLAIM_COMPENSATION = _sql("claim_compensation", f"""
+WITH run AS (
+    SELECT status, input FROM saga_runs WHERE id = :run_id
+), claimed AS (
+    UPDATE saga_steps
+    SET status = 'compensating', compensation_attempts = compensation_attempts + 1,
+        compensation_round_attempts = CASE WHEN status = 'succeeded' THEN 1
+                                           ELSE compensation_round_attempts + 1 END,
+        claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id
+    WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
+      AND EXISTS (SELECT 1 FROM run WHERE status = 'compensating')
+    RETURNING compensation_attempts, compensation_round_attempts, name, result
+), event AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, 'compensation_started', name, :now, json_build_object('attempt', compensation_attempts)
+    FROM claimed
+)
+SELECT run.status, run.input, claimed.compensation_attempts, claimed.compensation_round_attempts,
+       claimed.result, step.status AS step_status, step.compensation_error
+FROM run
+LEFT JOIN claimed ON true
+LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
+
+
+def _update_held(active: str, assignments: str, kind: str, detail: str):
+    """A transition of the step this delivery holds: status :active and claim :token."""
+    return _sql(kind, f"""
+WITH held AS (
+    UPDATE saga_steps SET {assignments}
+    WHERE run_id = :run_id AND idx = :idx AND status = '{active}' AND claim = :token
+    RETURNING name, attempts, compensation_attempts
+), event AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, '{kind}', name, :now, {detail} FROM held
+), touch AS (
+    UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
+)
+SELECT count(*) FROM held""")
+
+
+HELD = {
+    "step_succeeded": _update_held(
+        "running", "status = 'succeeded', result = :result, error = NULL, finished_at = :now, "
+                   "lease_expires_at = NULL",
+        "step_succeeded", "json_build_object('attempt', attempts)"),
+    "step_retried": _update_held(
+        "running", "lease_expires_at = :lease, error = :error",
+        "step_retried", "json_build_object('attempt', attempts, 'error', :error, "
+                        "'retry_in', :retry_in)"),
+    "step_failed": _update_held(
+        "running", "status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL",
+        "step_failed", "json_build_object('error', :error)"),
+    "compensation_retried": _update_held(
+        "compensating", "lease_expires_at = :lease, compensation_error = :error",
+        "compensation_retried", "json_build_object('attempt', compensation_attempts, "
+                                "'error', :error, 'retry_in', :retry_in)"),
+    "compensation_failed": _update_held(
+        "compensating", "status = 'compensation_failed', compensation_error = :error, lease_expires_at = NULL",
+        "compensation_failed", "json_build_object('error', :error)"),
+}
+
+# The last step's completion finishes the run in the same statement (no separate finish task), unless a
+# cancel came in: then the run stays running and the step's task raises SagaCancelled into its errback.
+# One INSERT writes both events, so their ids keep their order (CTEs run in no defined order).
+COMPLETE_LAST_STEP = _sql("complete_last_step", """
+WITH held AS (
+    UPDATE saga_steps
+    SET status = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_expires_at = NULL
+    WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND claim = :token
+    RETURNING name, attempts
+), run AS (
+    UPDATE saga_runs
+    SET updated_at = :now,
+        status = CASE WHEN status = 'running' AND NOT cancel_requested THEN 'succeeded' ELSE status END,
+        finished_at = CASE WHEN status = 'running' AND NOT cancel_requested THEN :now ELSE finished_at END
+    WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
+    RETURNING status
+), events AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, 'step_succeeded', name, :now, json_build_object('attempt', attempts) FROM held
+    UNION ALL
+    SELECT :run_id, 'run_succeeded', NULL, :now, CAST(NULL AS json) FROM run WHERE status = 'succeeded'
+)
+SELECT (SELECT status FROM run) AS status""")
+
+# A compensation's completion finishes the compensation when no other undo remains (compensated, or
+# cancelled when a cancel started it), whatever the position of the step in its chain.
+COMPLETE_COMPENSATION = _sql("complete_compensation", """
+WITH held AS (
+    UPDATE saga_steps
+    SET status = 'compensated', compensation_error = NULL, compensated_at = :now, lease_expires_at = NULL
+    WHERE run_id = :run_id AND idx = :idx AND status = 'compensating' AND claim = :token
+    RETURNING name
+), remaining AS (
+    SELECT count(*) AS n FROM saga_steps
+    WHERE run_id = :run_id AND idx <> :idx AND has_compensation AND status IN ('succeeded', 'compensating')
+), run AS (
+    UPDATE saga_runs
+    SET updated_at = :now,
+        status = CASE WHEN status = 'compensating' AND (SELECT n FROM remaining) = 0
+                      THEN CASE WHEN cancel_requested THEN 'cancelled' ELSE 'compensated' END
+                      ELSE status END,
+        finished_at = CASE WHEN status = 'compensating' AND (SELECT n FROM remaining) = 0 THEN :now
+                           ELSE finished_at END
+    WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
+    RETURNING status
+), events AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, 'compensation_succeeded', name, :now, CAST(NULL AS json) FROM held
+    UNION ALL
+    SELECT :run_id, 'run_' || status, NULL, :now, NULL FROM run WHERE status IN ('compensated', 'cancelled')
+)
+SELECT (SELECT status FROM run) AS status""")
+
+FINISH_RUN = _sql("finish_run", """
+WITH done AS (
+    UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
+    WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
+    RETURNING id
+), event AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail) SELECT id, 'run_succeeded', NULL, :now, NULL FROM done
+)
+SELECT count(*) FROM done""")
+
+
+ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, FINISH_RUN,
+       *HELD.values())
+
+
+class FastPath:
+    """The statements above, on an autocommit engine. Each method returns the raw row; repository.Store
+    turns it into its usual answer. ``prepared=False`` sends them as text, for a connection pooler that
+    does not keep sessions (PgBouncer in transaction mode)."""
+
+    def __init__(self, engine: Engine, prepared: bool = True) -> None:
+        self.engine = engine
+        self.prepared = prepared
+        if prepared:
+            @event.listens_for(engine, "connect")
+            def _prepare(dbapi_conn, _record):
+                with dbapi_conn.cursor() as cur:
+                    for statement in ALL:
+                        cur.execute(statement.prepare)
+
+    def _one(self, statement: Statement, **params):
+        sql = statement.execute if self.prepared else statement.plain
+        with self.engine.connect() as conn:
+            return conn.execute(sql, {p: params[p] for p in statement.params}).first()
+
+    def create_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
+                   steps: Sequence[tuple[str, bool]], now: dt.datetime):
+        """The new run_started event's id, or None when the idempotency key is taken."""
+        row = self._one(CREATE_RUN, run_id=run_id, saga=saga, version=version, input=input, key=key, now=now,
+                        names=[name for name, _ in steps], compensable=[comp for _, comp in steps],
+                        detail={"saga": saga, "version": version})
+        return row.id if row is not None else None
+
+    def claim_step(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
+                   now: dt.datetime):
+        return self._one(CLAIM_STEP, run_id=run_id, idx=idx, token=token, earlier=list(earlier), lease=lease,
+                         now=now, task_id=token.rsplit(":", 1)[0], start="pending", active="running")
+
+    def claim_compensation(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
+                           now: dt.datetime):
+        return self._one(CLAIM_COMPENSATION, run_id=run_id, idx=idx, token=token, earlier=list(earlier),
+                         lease=lease, now=now, task_id=token.rsplit(":", 1)[0], start="succeeded",
+                         active="compensating")
+
+    def update_held(self, kind: str, run_id: str, idx: int, token: str, now: dt.datetime, *,
+                    result: Any = None, error: str | None = None, lease: dt.datetime | None = None,
+                    retry_in: float | None = None) -> bool:
+        return bool(self._one(HELD[kind], run_id=run_id, idx=idx, token=token, now=now, result=result,
+                              error=error, lease=lease, retry_in=retry_in)[0])
+
+    def complete_last_step(self, run_id: str, idx: int, token: str, result: Any, now: dt.datetime) -> str | None:
+        """The run's status after, or None when this delivery no longer held the step."""
+        return self._one(COMPLETE_LAST_STEP, run_id=run_id, idx=idx, token=token, result=result, now=now).status
+
+    def complete_compensation(self, run_id: str, idx: int, token: str, now: dt.datetime) -> str | None:
+        """The run's status after, or None when this delivery no longer held the compensation."""
+        return self._one(COMPLETE_COMPENSATION, run_id=run_id, idx=idx, token=token, now=now).status
+
+    def finish_run(self, run_id: str, now: dt.datetime) -> bool:
+        return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])
