@@ -29,6 +29,18 @@ def _bool(env: dict, name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+def _positive(env: dict, name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return value
+
+
+def _http_url(env: dict, name: str) -> str:
+    value = env.get(name, "").strip().rstrip("/")
+    if value and not value.startswith(("http://", "https://")):
+        raise ValueError(f"{name} must be an http:// or https:// URL, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,11 @@ class Settings:
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
     saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
+    # The web app (web/): a bearer token for state-changing requests ("" = none), the Flower address that
+    # the status page links to ("" = no links), and the largest request body the API accepts, in bytes.
+    api_token: str = ""
+    flower_url: str = ""
+    api_max_body: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -73,6 +90,9 @@ class Settings:
             recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
+            api_token=env.get("SAGAFLOW_API_TOKEN", "").strip(),
+            flower_url=_http_url(env, "SAGAFLOW_FLOWER_URL"),
+            api_max_body=_positive(env, "SAGAFLOW_API_MAX_BODY", 1024 * 1024),
         )
 
     @property
@@ -107,4 +127,7 @@ class Settings:
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
+            "SAGAFLOW_API_TOKEN": self.api_token,
+            "SAGAFLOW_FLOWER_URL": self.flower_url,
+            "SAGAFLOW_API_MAX_BODY": str(self.api_max_body),
         }

@@ -1,9 +1,10 @@
-"""The `sagaflow` command: worker | start | status | runs | cancel | retry | recover | db | demo."""
+"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | retry | recover | db | demo."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 
 import click
@@ -111,6 +112,46 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     finally:
         if broker is not None:
             broker.stop()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True)
+def web(host, port) -> None:
+    """Serve the status page and the JSON API (one process, for a laptop; use gunicorn in production:
+    gunicorn 'web:create_app()')."""
+    from werkzeug.serving import run_simple
+
+    from web import create_app
+
+    settings = _setup()
+    # Quiet by default: werkzeug logs every request at INFO, shown only with SAGAFLOW_LOG_LEVEL=INFO.
+    logging.getLogger("werkzeug").setLevel(settings.log_level)
+    click.echo(f"sagaflow web on http://{host}:{port}/", err=True)
+    run_simple(host, port, create_app(settings), threaded=True)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--url-prefix", default="", help="Serve under this path, e.g. 'flower' behind a proxy.")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(address, port, url_prefix, flower_args) -> None:
+    """Run Flower against the configured broker: every step and compensation shows up as a task named
+    <saga>.<step> (or <saga>.<step>.compensate). Other Flower options pass through, e.g.
+    --basic_auth=user:password, --persistent=True --db=flower.db, --max_tasks=100000."""
+    settings = _setup(need_schema=False)
+    if settings.embedded_broker:
+        from sagaflow.embedded import EmbeddedRedis
+
+        if not EmbeddedRedis(settings.embedded_socket).is_running():
+            raise click.ClickException(
+                "the embedded broker is not running: start `sagaflow worker` first (it starts the broker), "
+                "or set SAGAFLOW_BROKER_URL")
+    argv = ["flower", f"--address={address}", f"--port={port}"]
+    if url_prefix:
+        argv.append(f"--url_prefix={url_prefix.strip('/')}")
+    celery_app.start(argv + list(flower_args))
 
 
 # ---------------------------------------------------------------------------------------------- runs

@@ -186,3 +186,12 @@ versioned_v2 = Saga("versioned", version=2, steps=[
     Step("charge", _v2, _undo_v2, retry=FAST),
     Step("receipt", _v2, retry=FAST),
 ])
+# A step whose error message is whatever the input says: the status page must show it as text.
+echo_error = Saga("echo_error")
+
+
+@echo_error.step(retry=FAST)
+def say(ctx: StepContext):
+    from sagaflow import NonRetryableError
+
+    raise NonRetryableError(str(ctx.input.get("message", "")))

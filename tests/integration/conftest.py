@@ -57,3 +57,50 @@ def client(worker):
     from sagaflow import SagaClient
 
     return SagaClient()
+
+
+# ---------------------------------------------------------------------------------------------- the web app
+
+WEB_TOKEN = "test-token-7f3a9c"
+WEB_MAX_BODY = 16 * 1024
+
+
+def serve(app):
+    """Serve a Flask app on a free port in a thread (a real HTTP server, as gunicorn would be); returns
+    (base URL, stop)."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from tests.services import free_port
+
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="web-test-server", daemon=True)
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        thread.join(10)
+
+    return f"http://127.0.0.1:{server.server_port}", stop
+
+
+@pytest.fixture(scope="session")
+def web_url(settings, worker):
+    """The web app with no token (anyone may act), linking to Flower at a fixed address."""
+    from web import create_app
+
+    url, stop = serve(create_app(settings.with_(flower_url="http://127.0.0.1:5555", api_max_body=WEB_MAX_BODY)))
+    yield url
+    stop()
+
+
+@pytest.fixture(scope="session")
+def web_token_url(settings, worker, web_url):
+    """The same app with SAGAFLOW_API_TOKEN set."""
+    from web import create_app
+
+    url, stop = serve(create_app(settings.with_(api_token=WEB_TOKEN, flower_url="http://127.0.0.1:5555",
+                                                api_max_body=WEB_MAX_BODY)))
+    yield url
+    stop()

@@ -1,0 +1,225 @@
+"""Read-only aggregate queries over the runs, steps and events tables: what /api/stats, the status page's
+counts and the Prometheus collector (web/metrics.py) report.
+
+Nothing here writes, and nothing here is called on the runtime's path: the numbers are derived from the
+rows the runtime records anyway, at the moment someone asks. That keeps them right whatever the number of
+worker processes and hosts, across restarts, and at no cost to a running step.
+
+Every query runs on PostgreSQL and on SQLite. Durations are computed in SQL (``_seconds``), so histograms
+are counted by the database, not by pulling every row into Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from sqlalchemy import case, func, select
+from sqlalchemy.engine import Engine
+
+from sagaflow.store import tables as t
+from sagaflow.store.models import FINAL_RUN_STATUSES, RunStatus
+
+# Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)
+END_EVENTS = {  # event kind -> the final run status it records
+    "run_succeeded": RunStatus.SUCCEEDED.value,
+    "run_compensated": RunStatus.COMPENSATED.value,
+    "run_cancelled": RunStatus.CANCELLED.value,
+    "run_compensation_failed": RunStatus.COMPENSATION_FAILED.value,
+    "run_failed": RunStatus.FAILED.value,
+}
+STEP_EVENTS = ("step_succeeded", "step_failed", "step_retried",
+               "compensation_succeeded", "compensation_failed", "compensation_retried")
+_COMPENSATION_END = ("compensation_succeeded", "compensation_failed")
+
+
+@dataclass
+class Histogram:
+    """Cumulative counts per upper bound (Prometheus style), plus the count and the sum of the values."""
+
+    buckets: tuple[float, ...]
+    cumulative: list[int] = field(default_factory=list)
+    count: int = 0
+    sum: float = 0.0
+
+
+def _seconds(engine: Engine, start, end):
+    """``end - start`` in seconds, as a SQL expression of this engine's dialect."""
+    if engine.dialect.name == "postgresql":
+        return func.extract("epoch", end - start)
+    # SQLite: the difference of two Julian day numbers is exact to about 50 microseconds; rounded to the
+    # millisecond, a duration that falls on a bucket bound is counted in that bucket.
+    return func.round((func.julianday(end) - func.julianday(start)) * 86400.0, 3)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_counts(engine: Engine, saga: str | None = None) -> dict[tuple[str, str], int]:
+    """{(saga, status): runs in that status now}."""
+    r = t.runs.c
+    query = select(r.saga, r.status, func.count()).group_by(r.saga, r.status)
+    if saga:
+        query = query.where(r.saga == saga)
+    with engine.connect() as conn:
+        return {(row[0], row[1]): row[2] for row in conn.execute(query)}
+
+
+def by_status(counts: dict[tuple[str, str], int]) -> dict[str, int]:
+    """Every run status (zeros included, in the order of RunStatus) -> count."""
+    totals = {s.value: 0 for s in RunStatus}
+    for (_, status), n in counts.items():
+        totals[status] = totals.get(status, 0) + n
+    return totals
+
+
+def compensation_rate(counts: dict[tuple[str, str], int]) -> float | None:
+    """Of the runs that reached a final status, the share a failed step sent back (compensated, or
+    compensation_failed); None before any run finished. Cancelled runs count as finished, not as failures."""
+    final = {s.value for s in FINAL_RUN_STATUSES}
+    finished = sum(n for (_, status), n in counts.items() if status in final)
+    failed = sum(n for (_, status), n in counts.items()
+                 if status in (RunStatus.COMPENSATED.value, RunStatus.COMPENSATION_FAILED.value))
+    return round(failed / finished, 4) if finished else None
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+def run_end_counts(engine: Engine) -> dict[tuple[str, str], int]:
+    """{(saga, final status): times a run reached it}, from the event history, which only grows: a run
+    retried out of compensation_failed that then compensates counts once under each status."""
+    e, r = t.events.c, t.runs.c
+    query = (select(r.saga, e.kind, func.count())
+             .select_from(t.events.join(t.runs, e.run_id == r.id))
+             .where(e.kind.in_(list(END_EVENTS)))
+             .group_by(r.saga, e.kind))
+    with engine.connect() as conn:
+        return {(row[0], END_EVENTS[row[1]]): row[2] for row in conn.execute(query)}
+
+
+def step_event_counts(engine: Engine) -> dict[tuple[str, str, str], int]:
+    """{(saga, step, kind): events} for the step and compensation outcomes and retries."""
+    e, r = t.events.c, t.runs.c
+    query = (select(r.saga, e.step, e.kind, func.count())
+             .select_from(t.events.join(t.runs, e.run_id == r.id))
+             .where(e.kind.in_(STEP_EVENTS))
+             .group_by(r.saga, e.step, e.kind))
+    with engine.connect() as conn:
+        return {(row[0], row[1], row[2]): row[3] for row in conn.execute(query)}
+
+
+# ------------------------------------------------------------------------------------------------ durations
+
+
+def _step_durations(engine: Engine):
+    """(saga, step, seconds) of every step that finished (succeeded or failed for good): from its first
+    start to its end, retries and their waits included."""
+    s, r = t.steps.c, t.runs.c
+    return (select(r.saga.label("saga"), s.name.label("step"),
+                   _seconds(engine, s.started_at, s.finished_at).label("seconds"))
+            .select_from(t.steps.join(t.runs, s.run_id == r.id))
+            .where(s.started_at.is_not(None), s.finished_at.is_not(None))
+            .subquery("durations"))
+
+
+def _compensation_durations(engine: Engine):
+    """(saga, step, seconds) of every compensation that ended (succeeded or failed for good), from the event
+    pairs: the first compensation_started of a round to the compensation_succeeded or compensation_failed
+    that ends it. A round is what one failure (or one operator retry) starts; its attempts are included."""
+    e = t.events.c
+    is_end = case((e.kind.in_(_COMPENSATION_END), 1), else_=0)
+    ordered = (
+        select(e.run_id, e.step, e.kind, e.at,
+               func.coalesce(func.sum(is_end).over(partition_by=(e.run_id, e.step), order_by=e.id,
+                                                   rows=(None, -1)), 0).label("round"))
+        .where(e.kind.in_(("compensation_started", *_COMPENSATION_END)))
+        .subquery("ordered")
+    )
+    o = ordered.c
+    rounds = (
+        select(o.run_id, o.step,
+               func.min(case((o.kind == "compensation_started", o.at))).label("started"),
+               func.max(case((o.kind.in_(_COMPENSATION_END), o.at))).label("ended"))
+        .group_by(o.run_id, o.step, o.round)
+        .subquery("rounds")
+    )
+    c, r = rounds.c, t.runs.c
+    return (select(r.saga.label("saga"), c.step.label("step"), _seconds(engine, c.started, c.ended).label("seconds"))
+            .select_from(rounds.join(t.runs, c.run_id == r.id))
+            .where(c.started.is_not(None), c.ended.is_not(None))
+            .subquery("durations"))
+
+
+def _histograms(engine: Engine, durations, buckets: Sequence[float]) -> dict[tuple[str, str], Histogram]:
+    d = durations.c
+    seconds = func.greatest(d.seconds, 0.0) if engine.dialect.name == "postgresql" else func.max(d.seconds, 0.0)
+    columns = [func.sum(case((seconds <= b, 1), else_=0)) for b in buckets]
+    query = (select(d.saga, d.step, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
+             .group_by(d.saga, d.step))
+    out = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            out[(row[0], row[1])] = Histogram(tuple(buckets), [int(v or 0) for v in row[4:]], int(row[2]),
+                                              float(row[3]))
+    return out
+
+
+def step_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS):
+    """{(saga, step): Histogram} of step durations, counted in SQL."""
+    return _histograms(engine, _step_durations(engine), buckets)
+
+
+def compensation_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS):
+    """{(saga, step): Histogram} of compensation durations, counted in SQL."""
+    return _histograms(engine, _compensation_durations(engine), buckets)
+
+
+def step_duration_percentiles(engine: Engine, quantiles: Iterable[float] = (0.5, 0.9, 0.99),
+                              saga: str | None = None) -> dict[tuple[str, str], dict]:
+    """{(saga, step): {"count", "p50", "p90", "p99", "max"}} in seconds, for the steps that finished.
+    PostgreSQL computes them (percentile_cont); SQLite, which lacks it, returns the durations to sort here."""
+    quantiles = tuple(quantiles)
+    d = _step_durations(engine).c
+    where = [d.saga == saga] if saga else []
+    out: dict[tuple[str, str], dict] = {}
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            query = (select(d.saga, d.step, func.count(), func.max(d.seconds),
+                            *[func.percentile_cont(q).within_group(d.seconds) for q in quantiles])
+                     .where(*where).group_by(d.saga, d.step))
+            for row in conn.execute(query):
+                out[(row[0], row[1])] = _percentile_entry(row[2], row[3], row[4:], quantiles)
+            return out
+        values: dict[tuple[str, str], list[float]] = {}
+        for row in conn.execute(select(d.saga, d.step, d.seconds).where(*where)):
+            values.setdefault((row[0], row[1]), []).append(float(row[2]))
+    for key, seconds in values.items():
+        seconds.sort()
+        out[key] = _percentile_entry(len(seconds), seconds[-1], [_interpolate(seconds, q) for q in quantiles],
+                                     quantiles)
+    return out
+
+
+def _interpolate(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks: what PostgreSQL's percentile_cont computes."""
+    position = q * (len(sorted_values) - 1)
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+def _percentile_entry(count, maximum, values, quantiles) -> dict:
+    entry = {"count": int(count), "max": round(max(float(maximum), 0.0), 6)}
+    for q, v in zip(quantiles, values):
+        entry[f"p{round(q * 100):g}"] = round(max(float(v), 0.0), 6)
+    return entry
+
+
+__all__ = [
+    "DURATION_BUCKETS", "Histogram", "by_status", "compensation_duration_histograms", "compensation_rate",
+    "run_counts", "run_end_counts", "step_duration_histograms", "step_duration_percentiles", "step_event_counts",
+]

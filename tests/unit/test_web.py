@@ -1,0 +1,99 @@
+"""The web app's settings and pure helpers (no servers): token and flower settings, redirects after login,
+the timeline's order, and the metrics collector on SQLite."""
+
+import datetime as dt
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from config.settings import Settings
+from sagaflow.store import Event, Run, StepState
+from tests.unit.test_stats import filled  # noqa: F401  (fixture)
+from web.metrics import SagaflowCollector
+from web.present import flower_link, timeline
+from web.security import safe_next
+
+
+def test_web_settings_come_from_the_environment_and_round_trip():
+    s = Settings.from_env({"SAGAFLOW_API_TOKEN": " s3cret ", "SAGAFLOW_FLOWER_URL": "https://ops.example/flower/",
+                           "SAGAFLOW_API_MAX_BODY": "2048"})
+    assert (s.api_token, s.flower_url, s.api_max_body) == ("s3cret", "https://ops.example/flower", 2048)
+    assert Settings.from_env(s.as_env()) == s
+    defaults = Settings.from_env({})
+    assert (defaults.api_token, defaults.flower_url, defaults.api_max_body) == ("", "", 1024 * 1024)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SAGAFLOW_API_MAX_BODY": "0"}, "SAGAFLOW_API_MAX_BODY must be a positive integer"),
+    ({"SAGAFLOW_API_MAX_BODY": "1MB"}, "SAGAFLOW_API_MAX_BODY must be an integer"),
+    ({"SAGAFLOW_FLOWER_URL": "javascript:alert(1)"}, "SAGAFLOW_FLOWER_URL must be an http:// or https:// URL"),
+])
+def test_bad_web_settings_are_refused_with_a_clear_error(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+
+
+def test_flower_links():
+    assert flower_link("http://f:5555", "abc-1") == "http://f:5555/task/abc-1"
+    assert flower_link("", "abc") is None and flower_link("http://f", None) is None
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("/runs/x", "/runs/x"), ("/?status=failed", "/?status=failed"), (None, "/"), ("", "/"),
+    ("https://evil.example/", "/"), ("//evil.example/", "/"), ("/\\evil.example", "/"), ("runs", "/"),
+])
+def test_after_login_only_local_paths_are_followed(target, expected):
+    assert safe_next(target) == expected
+
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def _step(i, name, status, started, finished, **kw):
+    values = dict(index=i, name=name, status=status, has_compensation=True, attempts=1, compensation_attempts=0,
+                  result=None, error=None, compensation_error=None, task_id=f"t{i}", compensation_task_id=None,
+                  started_at=T0 + dt.timedelta(seconds=started) if started is not None else None,
+                  finished_at=T0 + dt.timedelta(seconds=finished) if finished is not None else None,
+                  compensated_at=None)
+    values.update(kw)
+    return StepState(**values)
+
+
+def test_the_timeline_puts_compensations_after_the_failure_latest_step_first():
+    steps = [_step(0, "a", "compensated", 0, 1, compensation_attempts=2, compensation_task_id="c0"),
+             _step(1, "b", "compensated", 1, 2, compensation_task_id="c1"),
+             _step(2, "c", "failed", 2, 3, error="boom <b>"),
+             _step(3, "d", "skipped", None, None)]
+    at = lambda s: T0 + dt.timedelta(seconds=s)  # noqa: E731
+    events = [Event(1, "compensation_started", "b", at(4), {"attempt": 1}),
+              Event(2, "compensation_succeeded", "b", at(5), None),
+              Event(3, "compensation_started", "a", at(5), {"attempt": 1}),
+              Event(4, "compensation_retried", "a", at(5.5), {"attempt": 1, "error": "E: flaky"}),
+              Event(5, "compensation_started", "a", at(6), {"attempt": 2}),
+              Event(6, "compensation_succeeded", "a", at(8), None)]
+    run = Run("r", "s", 1, "compensated", {}, None, False, None, T0, at(8), at(8), tuple(steps), tuple(events))
+
+    bars, idle = timeline(run, "http://f")
+    assert [(b.kind, b.name, b.status) for b in bars] == [
+        ("step", "a", "succeeded"), ("step", "b", "succeeded"), ("step", "c", "failed"),
+        ("compensation", "b", "compensated"), ("compensation", "a", "compensated")]
+    assert [s.name for s in idle] == ["d"]
+    assert bars[2].errors == ["failed: boom <b>"]  # raw here; the template escapes it
+    assert bars[4].errors == ["attempt 1: E: flaky"] and bars[4].attempts == 2 and bars[4].seconds == 3.0
+    assert bars[4].flower_url == "http://f/task/c0"
+    assert bars[0].left == 0 and bars[4].left + bars[4].width == 100
+
+
+def test_the_collector_exposes_counters_gauges_and_histograms(filled):  # noqa: F811
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SagaflowCollector(lambda: filled))
+    text = generate_latest(registry).decode()
+
+    assert 'sagaflow_runs_started_total{saga="pay"} 3.0' in text
+    assert 'sagaflow_runs_finished_total{saga="pay",status="compensation_failed"} 2.0' in text
+    assert 'sagaflow_runs_compensation_failed{saga="pay"} 1.0' in text
+    assert 'sagaflow_runs{saga="book",status="pending"} 0.0' in text
+    assert 'sagaflow_retries_total{phase="action",saga="book",step="b"} 1.0' in text
+    assert 'sagaflow_compensations_total{outcome="failed",saga="pay",step="a"} 2.0' in text
+    assert 'sagaflow_step_duration_seconds_bucket{le="0.25",saga="book",step="a"} 1.0' in text
+    assert 'sagaflow_compensation_duration_seconds_count{saga="pay",step="a"} 3.0' in text

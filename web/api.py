@@ -1,0 +1,194 @@
+"""The JSON API under /api: a contract that code outside this repository relies on (README, "HTTP API").
+
+Every error is ``{"error": "..."}`` with its status code, and a refused request changes nothing:
+400 bad input (unknown saga, input not an object, malformed JSON, a bad query parameter), 401 missing or
+wrong token, 403 a browser request from another site, 404 unknown run, 405 wrong method, 409 the run's
+status does not allow it, 413 body over SAGAFLOW_API_MAX_BODY, 415 a body that is not JSON, 503 broker down.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, current_app, jsonify, request, url_for
+
+from sagaflow.client import SagaClient
+from sagaflow.definition import NAME_PATTERN, registry
+from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
+from sagaflow.store import RunStatus, stats
+from web import security
+from web.present import run_json, saga_json
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+START_FIELDS = ("saga", "input", "idempotency_key")
+LIST_PARAMS = ("status", "saga", "limit", "offset")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@api.errorhandler(ApiError)
+def _api_error(exc: ApiError):
+    return jsonify(error=exc.message), exc.status, exc.headers
+
+
+@api.before_request
+def _guard_changes():
+    if request.method in SAFE_METHODS:
+        return
+    if not security.same_origin():
+        raise ApiError(403, "cross-site request refused: call the API from a service, or use the status page")
+    if not security.bearer_ok():
+        raise ApiError(401, "missing or wrong token: send 'Authorization: Bearer <SAGAFLOW_API_TOKEN>'",
+                       {"WWW-Authenticate": 'Bearer realm="sagaflow"'})
+    body = request.get_data(cache=True)  # over SAGAFLOW_API_MAX_BODY: 413, raised here
+    if (body or request.content_type) and not request.is_json:
+        raise ApiError(415, f"the body must be JSON (Content-Type: application/json), got "
+                            f"{request.content_type or 'no Content-Type'}")
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _client() -> SagaClient:
+    return SagaClient()
+
+
+def _flower() -> str:
+    return current_app.config["SAGAFLOW"].flower_url
+
+
+def _json_body() -> dict:
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        raise ApiError(400, "malformed JSON: the body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@api.post("/runs")
+def start_run():
+    body = _json_body()
+    unknown = sorted(set(body) - set(START_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: expected {', '.join(START_FIELDS)}")
+    saga = body.get("saga")
+    if not isinstance(saga, str) or not saga:
+        raise ApiError(400, "saga is required: the name of a registered saga as a string (GET /api/sagas)")
+    data = body.get("input")
+    if data is None:
+        data = {}  # absent or null: an empty input
+    if not isinstance(data, dict):
+        raise ApiError(400, f"input must be a JSON object, got {_json_type(data)}")
+    key = body.get("idempotency_key")
+    try:
+        run = _client().start(saga, data, idempotency_key=key)
+    except (UnknownSaga, InvalidInput) as exc:
+        raise ApiError(400, str(exc)) from None
+    except BrokerUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
+    return jsonify(run_json(run, _flower())), 202, {"Location": url_for("api.get_run", run_id=run.id)}
+
+
+@api.get("/runs")
+def list_runs():
+    unknown = sorted(set(request.args) - set(LIST_PARAMS))
+    if unknown:
+        raise ApiError(400, f"unknown parameter(s) {', '.join(unknown)}: expected {', '.join(LIST_PARAMS)}")
+    status = request.args.get("status") or None
+    if status is not None and status not in {s.value for s in RunStatus}:
+        raise ApiError(400, f"unknown status {status!r} (one of: {', '.join(s.value for s in RunStatus)})")
+    saga = request.args.get("saga") or None
+    if saga is not None and not NAME_PATTERN.match(saga):
+        raise ApiError(400, f"saga must be a saga name (letters, digits, underscore), got {saga!r}")
+    limit = _int_arg("limit", 50, 1, 1000)
+    offset = _int_arg("offset", 0, 0, None)
+    page = _client().list(status=status, saga=saga, limit=limit, offset=offset)
+    return jsonify(items=[run_json(r, history=False) for r in page], total=page.total, limit=limit, offset=offset)
+
+
+def _int_arg(name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        bounds = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ApiError(400, f"{name} must be an integer {bounds}, got {raw!r}")
+    return int(raw)
+
+
+@api.get("/runs/<run_id>")
+def get_run(run_id: str):
+    try:
+        return jsonify(run_json(_client().get(run_id), _flower()))
+    except UnknownRun as exc:
+        raise ApiError(404, str(exc)) from None
+
+
+@api.post("/runs/<run_id>/cancel")
+def cancel_run(run_id: str):
+    return _act(run_id, _client().cancel)
+
+
+@api.post("/runs/<run_id>/retry")
+def retry_run(run_id: str):
+    return _act(run_id, _client().retry)
+
+
+def _act(run_id: str, action):
+    try:
+        run = action(run_id)
+    except UnknownRun as exc:
+        raise ApiError(404, str(exc)) from None
+    except InvalidTransition as exc:
+        raise ApiError(409, str(exc)) from None
+    except BrokerUnavailable as exc:
+        raise ApiError(503, str(exc)) from None
+    return jsonify(run_json(run, _flower())), 202
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+
+
+@api.get("/sagas")
+def list_sagas():
+    return jsonify(items=[saga_json(s) for s in registry.all()])
+
+
+@api.get("/stats")
+def get_stats():
+    if request.args:
+        raise ApiError(400, f"/api/stats takes no parameters, got {', '.join(sorted(request.args))}")
+    engine = _client().store.engine
+    counts = stats.run_counts(engine)
+    by_saga: dict[str, dict[str, int]] = {}
+    for (saga, status), n in sorted(counts.items()):
+        by_saga.setdefault(saga, {})[status] = n
+    durations: dict[str, dict[str, dict]] = {}
+    for (saga, step), entry in sorted(stats.step_duration_percentiles(engine).items()):
+        durations.setdefault(saga, {})[step] = entry
+    return jsonify(
+        total=sum(counts.values()),
+        by_status=stats.by_status(counts),
+        by_saga=by_saga,
+        compensation_rate=stats.compensation_rate(counts),
+        step_duration_seconds=durations,
+    )
+

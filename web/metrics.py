@@ -1,0 +1,125 @@
+"""Prometheus metrics on /metrics, derived at scrape time from the SQL store.
+
+Why not counters incremented where things happen? Steps run in prefork pool processes, on any number of
+hosts, which come and go: in-process counters would each see a slice, reset on every restart, and need
+prometheus_client's multiprocess directory on every host plus a way to scrape each worker. Every fact the
+metrics need is already a row (runs, steps) or an append-only event, written by the runtime in the same
+transaction as the transition it describes. So a custom Collector runs a few GROUP BY queries per scrape
+(sagaflow/store/stats.py): the numbers are the same whichever web process answers, survive restarts,
+and the runtime's hot path does nothing extra.
+
+The cost moves to the scrape: four aggregate queries over the runs, steps and events tables, which grow
+with history (``sagaflow_metrics_collect_seconds`` says how long they took). Counters are counted from the
+event history, which only grows, so they never go down.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import Blueprint, Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from sagaflow.app import get_store
+from sagaflow.definition import registry as sagas
+from sagaflow.store import RunStatus, stats
+
+log = logging.getLogger("sagaflow.web")
+
+metrics = Blueprint("metrics", __name__)
+
+
+class SagaflowCollector(Collector):
+    def __init__(self, engine_factory=lambda: get_store().engine) -> None:
+        self.engine_factory = engine_factory
+
+    def describe(self):
+        return []  # collected lazily: registering must not query the database
+
+    def collect(self):
+        began = time.perf_counter()
+        engine = self.engine_factory()
+        counts = stats.run_counts(engine)
+        ends = stats.run_end_counts(engine)
+        events = stats.step_event_counts(engine)
+        step_hist = stats.step_duration_histograms(engine)
+        comp_hist = stats.compensation_duration_histograms(engine)
+
+        known = sorted({s.name for s in sagas.all()} | {saga for saga, _ in counts})
+        started = CounterMetricFamily("sagaflow_runs_started", "Runs started, by saga.", labels=["saga"])
+        in_status = GaugeMetricFamily("sagaflow_runs", "Runs in each status now, by saga.", labels=["saga", "status"])
+        failed_now = GaugeMetricFamily("sagaflow_runs_compensation_failed",
+                                       "Runs waiting for an operator now (compensation_failed), by saga.",
+                                       labels=["saga"])
+        for saga in known:
+            per_status = {status: n for (s, status), n in counts.items() if s == saga}
+            started.add_metric([saga], sum(per_status.values()))
+            for status in RunStatus:
+                in_status.add_metric([saga, status.value], per_status.get(status.value, 0))
+            failed_now.add_metric([saga], per_status.get(RunStatus.COMPENSATION_FAILED.value, 0))
+
+        finished = CounterMetricFamily("sagaflow_runs_finished",
+                                       "Times a run reached a final status, by saga and status.",
+                                       labels=["saga", "status"])
+        for (saga, status), n in sorted(ends.items()):
+            finished.add_metric([saga, status], n)
+
+        steps = CounterMetricFamily("sagaflow_steps", "Step actions that ended, by outcome.",
+                                    labels=["saga", "step", "outcome"])
+        retries = CounterMetricFamily("sagaflow_retries", "Retries scheduled, of actions and of compensations.",
+                                      labels=["saga", "step", "phase"])
+        compensations = CounterMetricFamily("sagaflow_compensations", "Compensations that ended, by outcome.",
+                                            labels=["saga", "step", "outcome"])
+        for (saga, step, kind), n in sorted(events.items()):
+            if kind in ("step_succeeded", "step_failed"):
+                steps.add_metric([saga, step, kind.removeprefix("step_")], n)
+            elif kind == "step_retried":
+                retries.add_metric([saga, step, "action"], n)
+            elif kind == "compensation_retried":
+                retries.add_metric([saga, step, "compensation"], n)
+            else:
+                compensations.add_metric([saga, step, kind.removeprefix("compensation_")], n)
+
+        yield from (started, finished, in_status, failed_now, steps, retries, compensations)
+        yield _histogram("sagaflow_step_duration_seconds",
+                         "Step durations, first start to success or final failure (retries included).", step_hist)
+        yield _histogram("sagaflow_compensation_duration_seconds",
+                         "Compensation durations, first start to success or final failure (retries included).",
+                         comp_hist)
+        took = GaugeMetricFamily("sagaflow_metrics_collect_seconds", "Time the queries behind this scrape took.")
+        took.add_metric([], time.perf_counter() - began)
+        yield took
+
+
+def _histogram(name: str, doc: str, data: dict) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=["saga", "step"])
+    for (saga, step), h in sorted(data.items()):
+        buckets = [(_bound(b), c) for b, c in zip(h.buckets, h.cumulative)] + [("+Inf", h.count)]
+        family.add_metric([saga, step], buckets, sum_value=h.sum)
+    return family
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def make_registry() -> CollectorRegistry:
+    """A registry of sagaflow's metrics only: no per-process Python metrics, which would differ between the
+    web processes that happen to answer a scrape."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(SagaflowCollector())
+    return reg
+
+
+_registry = make_registry()
+
+
+@metrics.get("/metrics")
+def scrape():
+    # Text format 0.0.4: the one every Prometheus version reads.
+    return Response(generate_latest(_registry), content_type=CONTENT_TYPE_PLAIN_0_0_4,
+                    headers={"Cache-Control": "no-store"})

@@ -1,0 +1,163 @@
+"""The status page: server-rendered HTML (Jinja, autoescaped), a little static JS and CSS, no CDN.
+
+  /                 runs, newest first; filters by status and saga; counts at the top; refreshes itself
+  /runs/<id>        the run's timeline: every action and compensation as a bar, in time order
+  POST /runs/<id>/cancel, /runs/<id>/retry   the buttons (CSRF-checked; operator login with a token)
+  /login, /logout   only when SAGAFLOW_API_TOKEN is set (see web/security.py)
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
+
+from sagaflow.client import SagaClient
+from sagaflow.definition import NAME_PATTERN, registry
+from sagaflow.errors import BrokerUnavailable, InvalidTransition, UnknownRun
+from sagaflow.store import RunStatus, stats
+from web import security
+from web.present import age, duration, human_seconds, run_json, timeline
+
+pages = Blueprint("pages", __name__)
+
+PAGE_SIZE = 50
+LIVE_STATUSES = ("pending", "running", "compensating")
+NOTICES = {  # ?done=... after a redirect: fixed texts, never echoed from the request
+    "cancel": "Cancel requested: the run stops before its next step and undoes what completed.",
+    "retry": "Retry requested: the compensations resume where they stopped.",
+    "login": "Logged in: you can cancel and retry runs.",
+    "logout": "Logged out.",
+}
+
+
+@pages.app_template_global()
+def csrf_token() -> str:
+    return security.csrf_value()
+
+
+@pages.app_context_processor
+def _common():
+    settings = current_app.config["SAGAFLOW"]
+    return {"token_required": bool(settings.api_token), "operator": security.is_operator(),
+            "flower_url": settings.flower_url, "human_seconds": human_seconds, "age": age}
+
+
+@pages.after_app_request
+def _cookies(response):
+    return security.set_cookies(response)
+
+
+def _settings():
+    return current_app.config["SAGAFLOW"]
+
+
+def _page_error(status: int, message: str):
+    return render_template("error.html", code=status, message=message), status
+
+
+# ---------------------------------------------------------------------------------------------- list
+
+
+@pages.get("/")
+def runs():
+    status = request.args.get("status") or None
+    saga = request.args.get("saga") or None
+    if status is not None and status not in {s.value for s in RunStatus}:
+        return _page_error(400, f"Unknown status {status!r}.")
+    if saga is not None and not NAME_PATTERN.match(saga):
+        return _page_error(400, f"{saga!r} is not a saga name.")
+    offset = request.args.get("offset", "0")
+    if not offset.isdigit():
+        return _page_error(400, f"offset must be a whole number, got {offset!r}.")
+    offset = int(offset)
+    client = SagaClient()
+    page = client.list(status=status, saga=saga, limit=PAGE_SIZE, offset=offset)
+    counts = stats.run_counts(client.store.engine)
+    scoped = {k: n for k, n in counts.items() if saga is None or k[0] == saga}
+    saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
+    return render_template(
+        "runs.html", runs=page, total=page.total, status=status, saga=saga, offset=offset, page_size=PAGE_SIZE,
+        by_status=stats.by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
+        saga_names=saga_names, duration=duration,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- detail
+
+
+def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
+    try:
+        run = SagaClient().get(run_id)
+    except UnknownRun:
+        return _page_error(404, f"There is no run with id {run_id!r}.")
+    bars, not_started = timeline(run, _settings().flower_url)
+    notice = NOTICES.get(request.args.get("done", ""))
+    return render_template(
+        "run.html", run=run, bars=bars, not_started=not_started, duration=duration(run),
+        input_json=json.dumps(run.input, indent=2, ensure_ascii=False, sort_keys=True),
+        data=run_json(run), live=run.status in LIVE_STATUSES, notice=notice, error=error,
+        can_cancel=run.status in ("pending", "running") and not run.cancel_requested,
+        can_retry=run.status == "compensation_failed", pretty=_pretty,
+    ), status_code
+
+
+def _pretty(value) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+
+
+@pages.get("/runs/<run_id>")
+def run_detail(run_id: str):
+    return _render_run(run_id)
+
+
+@pages.post("/runs/<run_id>/cancel")
+def cancel(run_id: str):
+    return _act(run_id, "cancel", lambda client: client.cancel(run_id))
+
+
+@pages.post("/runs/<run_id>/retry")
+def retry(run_id: str):
+    return _act(run_id, "retry", lambda client: client.retry(run_id))
+
+
+def _act(run_id: str, what: str, action):
+    if not security.csrf_ok():
+        return _page_error(403, "This form is out of date or was sent from another site. Reload the page and "
+                                "try again.")
+    back = url_for("pages.run_detail", run_id=run_id)
+    if not security.is_operator():
+        return redirect(url_for("pages.login", next=back), 303)
+    try:
+        action(SagaClient())
+    except UnknownRun:
+        return _page_error(404, f"There is no run with id {run_id!r}.")
+    except (InvalidTransition, BrokerUnavailable) as exc:
+        return _render_run(run_id, 409 if isinstance(exc, InvalidTransition) else 503, error=str(exc))
+    return redirect(url_for("pages.run_detail", run_id=run_id, done=what), 303)
+
+
+# ---------------------------------------------------------------------------------------------- login
+
+
+@pages.route("/login", methods=["GET", "POST"])
+def login():
+    if not _settings().api_token:
+        abort(404)  # nothing to log in to: anyone may act
+    target = security.safe_next(request.values.get("next"))
+    if request.method == "GET":
+        return render_template("login.html", next=target, error=None)
+    if not security.csrf_ok():
+        return _page_error(403, "This form is out of date or was sent from another site. Reload the page and "
+                                "try again.")
+    if not security.token_matches(request.form.get("token", "")):
+        return render_template("login.html", next=target, error="Wrong token."), 401
+    sep = "&" if "?" in target else "?"
+    return security.login(redirect(f"{target}{sep}done=login", 303))
+
+
+@pages.post("/logout")
+def logout():
+    if not security.csrf_ok():
+        return _page_error(403, "This form is out of date or was sent from another site.")
+    return security.logout(redirect(url_for("pages.runs", done="logout"), 303))

@@ -1,0 +1,150 @@
+"""How runs are shown: the API's JSON, Flower links, and the timeline of the status page."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from sagaflow.definition import Saga
+from sagaflow.store import Run, StepState
+
+COMPENSATION_START = "compensation_started"
+COMPENSATION_END = ("compensation_succeeded", "compensation_failed")
+
+
+def flower_link(flower_url: str, task_id: str | None) -> str | None:
+    """Flower's page for a Celery task (``SAGAFLOW_FLOWER_URL`` + ``/task/<id>``), or None."""
+    if not flower_url or not task_id:
+        return None
+    return f"{flower_url}/task/{quote(task_id, safe='')}"
+
+
+def step_json(step: StepState, flower_url: str) -> dict:
+    data = step.to_dict()
+    data["flower_url"] = flower_link(flower_url, step.task_id)
+    data["compensation_flower_url"] = flower_link(flower_url, step.compensation_task_id)
+    return data
+
+
+def run_json(run: Run, flower_url: str = "", history: bool = True) -> dict:
+    data = run.to_dict(history=False)
+    data["duration_seconds"] = duration(run)
+    if history:
+        data["steps"] = [step_json(s, flower_url) for s in run.steps]
+        data["events"] = [e.to_dict() for e in run.events]
+    return data
+
+
+def saga_json(saga: Saga) -> dict:
+    return {
+        "name": saga.name,
+        "version": saga.version,
+        "steps": [
+            {"name": s.name, "has_compensation": s.compensate is not None, "timeout": s.timeout, "queue": s.queue,
+             "max_attempts": s.retry.max_attempts,
+             "compensation_max_attempts": s.compensation_retry.max_attempts if s.compensate else None}
+            for s in saga.steps
+        ],
+    }
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def duration(run: Run) -> float | None:
+    """Seconds from creation to the final status (or to now, for a live run)."""
+    end = run.finished_at or (None if run.is_final else now())
+    return round((end - run.created_at).total_seconds(), 3) if end else None
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{int(seconds // 86400)} d {int(seconds % 86400 // 3600)} h"
+
+
+def age(when: dt.datetime) -> str:
+    return human_seconds(max((now() - when).total_seconds(), 0.0)) + " ago"
+
+
+# ---------------------------------------------------------------------------------------------- timeline
+
+
+@dataclass
+class Bar:
+    """One action or compensation of a run, placed on the run's time axis (left and width in percent)."""
+
+    kind: str  # "step" or "compensation"
+    index: int
+    name: str
+    status: str
+    attempts: int
+    start: dt.datetime
+    end: dt.datetime | None  # None: still going
+    errors: list[str]
+    task_id: str | None
+    flower_url: str | None
+    left: float = 0.0
+    width: float = 0.0
+
+    @property
+    def seconds(self) -> float | None:
+        return (self.end - self.start).total_seconds() if self.end else None
+
+
+def timeline(run: Run, flower_url: str = "") -> tuple[list[Bar], list[StepState]]:
+    """The bars in time order, and the steps that never started (shown after them)."""
+    bars: list[Bar] = []
+    retry_errors: dict[tuple[str, str | None], list[str]] = {}
+    comp_spans: dict[str, list[list]] = {}  # step -> [[start, end, status], ...], one per compensation round
+    for e in run.events:
+        if e.kind in ("step_retried", "compensation_retried") and e.detail and e.detail.get("error"):
+            retry_errors.setdefault((e.kind, e.step), []).append(f"attempt {e.detail.get('attempt')}: "
+                                                                 f"{e.detail['error']}")
+        elif e.kind == COMPENSATION_START:
+            spans = comp_spans.setdefault(e.step, [])
+            if not spans or spans[-1][1] is not None:
+                spans.append([e.at, None, "compensating"])
+        elif e.kind in COMPENSATION_END and comp_spans.get(e.step) and comp_spans[e.step][-1][1] is None:
+            comp_spans[e.step][-1][1:] = [e.at, "compensated" if e.kind == COMPENSATION_END[0]
+                                          else "compensation_failed"]
+    not_started = []
+    for s in run.steps:
+        if s.started_at is None:
+            not_started.append(s)
+            continue
+        step_status = s.status if s.status in ("running", "failed", "skipped", "pending") else "succeeded"
+        errors = list(retry_errors.get(("step_retried", s.name), []))
+        if s.error and s.status == "failed":
+            errors.append(f"failed: {s.error}")
+        bars.append(Bar("step", s.index, s.name, step_status, s.attempts, s.started_at,
+                        s.finished_at if s.status != "running" else None, errors, s.task_id,
+                        flower_link(flower_url, s.task_id)))
+        rounds = comp_spans.get(s.name, [])
+        for n, (start, end, status) in enumerate(rounds):
+            errors = list(retry_errors.get(("compensation_retried", s.name), [])) if n == len(rounds) - 1 else []
+            if status == "compensation_failed" and s.compensation_error:
+                errors.append(f"failed: {s.compensation_error}")
+            bars.append(Bar("compensation", s.index, s.name, status, s.compensation_attempts, start, end, errors,
+                            s.compensation_task_id, flower_link(flower_url, s.compensation_task_id)))
+    bars.sort(key=lambda b: (b.start, 0 if b.kind == "step" else 1, b.index if b.kind == "step" else -b.index))
+    if bars:
+        t0 = min(b.start for b in bars)
+        t1 = max([b.end or now() for b in bars] + [run.finished_at or t0])
+        span = max((t1 - t0).total_seconds(), 0.001)
+        for b in bars:
+            b.left = round((b.start - t0).total_seconds() / span * 100, 2)
+            end = b.end or now()
+            b.width = round(max((end - b.start).total_seconds() / span * 100, 0.4), 2)
+            b.left = min(b.left, 100 - b.width)
+    return bars, not_started
