@@ -45,13 +45,20 @@ def _limits(step: Step) -> dict:
     return options
 
 
+def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signature:
+    # The saga's name and version ride along, so the errback compiles the compensations without reading
+    # the run back.
+    return app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga.name, "version": saga.version},
+                         immutable=True)
+
+
 def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None) -> Signature:
     """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
     of the steps before it read from SQL). From ``start == len(saga.steps)``: the finish task alone."""
     n = len(saga.steps)
     if start == n:
         return app.signature(FINISH, args=(results or {},), kwargs={"run_id": run_id},
-                             link_error=[app.signature(ON_STEP_FAILED, args=(run_id, n), immutable=True)])
+                             link_error=[_on_step_failed(app, saga, run_id, n)])
     links = []
     for index, step in enumerate(saga.steps[start:], start):
         # The first link gets the results so far; later links receive the previous link's return.
@@ -59,7 +66,7 @@ def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: d
         links.append(
             app.signature(step_task_name(saga, step), args=args,
                           kwargs={"run_id": run_id, "index": index, "version": saga.version},
-                          link_error=[app.signature(ON_STEP_FAILED, args=(run_id, index), immutable=True)],
+                          link_error=[_on_step_failed(app, saga, run_id, index)],
                           **_limits(step))
         )
     return chain(*links)

@@ -53,7 +53,8 @@ def publish(recovery: Recovery) -> None:
     if recovery.action in ("resume", "finish"):
         compile_run(celery_app, saga, run_id, start=recovery.index, results=recovery.results).apply_async()
     elif recovery.action == "errback":
-        celery_app.signature(ON_STEP_FAILED, args=(run_id, recovery.index), immutable=True).apply_async()
+        celery_app.signature(ON_STEP_FAILED, args=(run_id, recovery.index),
+                             kwargs={"saga": recovery.saga, "version": recovery.version}, immutable=True).apply_async()
     elif recovery.indexes:
         compile_compensation(celery_app, saga, run_id, list(recovery.indexes)).apply_async()
     else:

@@ -288,7 +288,7 @@ def finish(self, results: dict, *, run_id: str) -> None:
 
 
 @celery_app.task(name=ON_STEP_FAILED, **GENERIC_TASK)
-def on_step_failed(self, run_id: str, index: int) -> None:
+def on_step_failed(self, run_id: str, index: int, saga: str | None = None, version: int | None = None) -> None:
     """Errback of every forward link: compensate the steps SQL records as completed, latest first."""
     store = get_store()
     todo = store.begin_compensation(run_id, index, LOST_STEP)
@@ -305,7 +305,7 @@ def on_step_failed(self, run_id: str, index: int) -> None:
     else:
         log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
     if todo:
-        publish_compensation(run_id, todo)
+        publish_compensation(run_id, todo, saga, version)
 
 
 @celery_app.task(name=ON_COMPENSATION_FAILED, **GENERIC_TASK)
@@ -351,7 +351,8 @@ def check_visibility_timeout(settings) -> None:
         )
 
 
-def publish_compensation(run_id: str, indexes: list[int]) -> None:
-    run = get_store().get_run(run_id, history=False)
-    saga = registry.get(run.saga, run.saga_version)
-    compile_compensation(celery_app, saga, run_id, indexes).apply_async()
+def publish_compensation(run_id: str, indexes: list[int], saga: str | None = None, version: int | None = None) -> None:
+    if saga is None or version is None:  # not given by the caller (recovery, an operator's retry): read it
+        run = get_store().get_run(run_id, history=False)
+        saga, version = run.saga, run.saga_version
+    compile_compensation(celery_app, registry.get(saga, version), run_id, indexes).apply_async()

@@ -216,6 +216,37 @@ WITH held AS (
 )
 SELECT (SELECT status FROM run) AS status""")
 
+# The errback: running -> compensating, with the step it was fired for recorded as failed if it is still
+# running (lost: hard time limit, dead process) and the steps that never started as skipped; with nothing
+# to undo, the run ends at once. The steps to undo are read in the statement's snapshot: in a linear saga
+# no other step can complete meanwhile (the chain is at the failed step).
+BEGIN_COMPENSATION = _sql("begin_compensation", """
+WITH todo AS (
+    SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
+), run AS (
+    UPDATE saga_runs
+    SET updated_at = :now,
+        status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
+                      WHEN cancel_requested THEN 'cancelled' ELSE 'compensated' END,
+        finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
+    WHERE id = :run_id AND status IN ('pending', 'running')
+    RETURNING status
+), lost AS (
+    UPDATE saga_steps SET status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL
+    WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND EXISTS (SELECT 1 FROM run)
+    RETURNING name
+), skipped AS (
+    UPDATE saga_steps SET status = 'skipped'
+    WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
+), events AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, 'step_failed', name, :now, json_build_object('error', :error) FROM lost
+    UNION ALL
+    SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
+)
+SELECT (SELECT status FROM run) AS status,
+       (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
+
 FINISH_RUN = _sql("finish_run", """
 WITH done AS (
     UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
@@ -227,8 +258,8 @@ WITH done AS (
 SELECT count(*) FROM done""")
 
 
-ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, FINISH_RUN,
-       *HELD.values())
+ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, BEGIN_COMPENSATION,
+       FINISH_RUN, *HELD.values())
 
 
 class FastPath:
@@ -283,6 +314,13 @@ class FastPath:
     def complete_compensation(self, run_id: str, idx: int, token: str, now: dt.datetime) -> str | None:
         """The run's status after, or None when this delivery no longer held the compensation."""
         return self._one(COMPLETE_COMPENSATION, run_id=run_id, idx=idx, token=token, now=now).status
+
+    def begin_compensation(self, run_id: str, idx: int, lost_error: str, now: dt.datetime) -> list[int] | None:
+        """The steps to undo, latest first; None when the run was not live (another errback began it)."""
+        row = self._one(BEGIN_COMPENSATION, run_id=run_id, idx=idx, error=lost_error, now=now)
+        if row.status is None:
+            return None
+        return list(row.todo or []) if row.status == "compensating" else []
 
     def finish_run(self, run_id: str, now: dt.datetime) -> bool:
         return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])

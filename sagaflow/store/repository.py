@@ -460,8 +460,11 @@ class Store:
     def begin_compensation(self, run_id: str, failed_idx: int, lost_error: str) -> list[int] | None:
         """running -> compensating. Returns the indexes to compensate, latest first, or None when another
         errback got here first. A step still marked running was lost (hard time limit, dead process): it is
-        recorded as failed. Steps that never started are marked skipped."""
+        recorded as failed. Steps that never started are marked skipped. With nothing to undo, the run ends
+        at once."""
         now = utcnow()
+        if self.fast:
+            return self.fast.begin_compensation(run_id, failed_idx, lost_error, now)
         s = t.steps.c
         with self.engine.begin() as conn:
             if not self._set_run_status(conn, run_id, _LIVE_RUN, RunStatus.COMPENSATING, now):
