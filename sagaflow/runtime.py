@@ -214,6 +214,9 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         raise Ignore()
     if status == RunStatus.RUNNING.value:  # a cancel came in: undo every step, this one included
         return FailedForGood(SagaCancelled(f"run {run_id} was cancelled before it finished"))
+    if status != RunStatus.SUCCEEDED.value:  # an errback moved the run on meanwhile: it owns it now
+        log.warning("step_result_late", extra={**fields, "run_status": status})
+        raise Ignore()
     log.info("run_succeeded", extra=fields)
     return {**results, step.name: value}
 
