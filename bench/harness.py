@@ -27,7 +27,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -696,7 +696,6 @@ class Bench:
         from sagaflow.app import get_store
 
         store = get_store()
-        pre_ping = bool(store.engine.pool._pre_ping)
         results = {}
         try:
             self.start_sagaflow_worker("counting", "bench.sagas,bench.sqlcount",
@@ -721,7 +720,7 @@ class Bench:
 
         def totals(counts: dict, prefix: str = "") -> dict:
             t = {k: counts.get(prefix + k, 0) for k in ("statement", "begin", "commit", "rollback")}
-            t["ping"] = counts.get(prefix + "checkout", 0) - counts.get(prefix + "connect", 0) if pre_ping else 0
+            t["ping"] = counts.get(prefix + "ping", 0)
             t["round_trips"] = sum(t.values())
             return t
 
@@ -858,12 +857,21 @@ class LocalCounter:
                 (engine, "begin", lambda conn: _autocommit(conn) or self._add("begin")),
                 (engine, "commit", lambda conn: _autocommit(conn) or self._add("commit")),
                 (engine, "rollback", lambda conn: _autocommit(conn) or self._add("rollback")),
-                (engine.pool, "checkout", lambda *a: self._add("checkout")),
-                (engine.pool, "connect", lambda *a: self._add("connect")),
+                (engine.pool, "checkout", self._checkout),
+                (engine.pool, "connect", self._connect),
             ]
 
     def _add(self, kind: str) -> None:
         self.counts[kind] += 1
+
+    def _checkout(self, dbapi_connection, record, proxy) -> None:  # as bench/sqlcount.py
+        self._add("checkout")
+        if proxy._pool._pre_ping and not record.info.pop("bench_fresh", False):
+            self._add("ping")
+
+    def _connect(self, dbapi_connection, record) -> None:
+        record.info["bench_fresh"] = True
+        self._add("connect")
 
     def __enter__(self) -> "LocalCounter":
         from sqlalchemy import event

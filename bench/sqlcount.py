@@ -8,9 +8,9 @@ listens on SQLAlchemy's Engine and Pool classes, so it sees every engine the pro
   commit      COMMIT
   rollback    ROLLBACK (a read-only `engine.connect()` block ends with one)
               (none of the three on an autocommit connection, where psycopg2 sends nothing)
-  checkout,   pool_pre_ping sends SELECT 1 on each checkout of a pooled connection, except the first
-  connect     checkout of a new one; it runs below the Engine events, so the harness counts those pings
-              as checkouts minus new connections (sagaflow's PostgreSQL engine has pre_ping on)
+  ping        pool_pre_ping sends SELECT 1 on each checkout of a pooled connection, except the first
+              checkout of a new one, on the pools that have it (sagaflow's transactional engine, not
+              its hot-path autocommit engine); it runs below the Engine events
 
 Counts are kept per process and, after each task (task_postrun), added to a hash in the benchmark's Redis
 db (BENCH_REDIS_URL), as "<kind>" and "<task name>|<kind>" fields. The harness resets the hash after a
@@ -71,10 +71,15 @@ def _rollback(conn):
 @event.listens_for(Pool, "checkout")
 def _checkout(dbapi_connection, record, proxy):
     _add("checkout")
+    # pool_pre_ping pings an existing connection at checkout, not a new one (and only on pools that have
+    # it: sagaflow's hot-path engine has not).
+    if proxy._pool._pre_ping and not record.info.pop("bench_fresh", False):
+        _add("ping")
 
 
 @event.listens_for(Pool, "connect")
 def _connect(dbapi_connection, record):
+    record.info["bench_fresh"] = True
     _add("connect")
 
 
