@@ -25,6 +25,7 @@ ON_STEP_FAILED = "sagaflow.on_step_failed"
 FINISH_COMPENSATION = "sagaflow.finish_compensation"
 ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
 RECOVER = "sagaflow.recover"  # the recovery sweeper, scheduled by beat
+CHAIN_WINDOW = 8  # steps per published chain (compile_run)
 HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
 
 
@@ -52,20 +53,27 @@ def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signatu
                          immutable=True)
 
 
-def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None) -> Signature:
+def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None,
+                window: int = CHAIN_WINDOW) -> Signature:
     """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
-    of the steps before it read from SQL). From ``start == len(saga.steps)``: the finish task alone."""
+    of the steps before it read from SQL), ``window`` steps at most: the window's last step, marked
+    ``window_end``, publishes the next window once its result is committed. A Celery chain carries every
+    remaining link in each message; windows keep a long saga's messages, and its cost per step, flat.
+    From ``start == len(saga.steps)``: the finish task alone."""
     n = len(saga.steps)
     if start == n:
         return app.signature(FINISH, args=(results or {},), kwargs={"run_id": run_id},
                              link_error=[_on_step_failed(app, saga, run_id, n)])
     links = []
-    for index, step in enumerate(saga.steps[start:], start):
+    end = min(n, start + window)
+    for index, step in enumerate(saga.steps[start:end], start):
         # The first link gets the results so far; later links receive the previous link's return.
         args = (results or {},) if index == start else ()
+        kwargs = {"run_id": run_id, "index": index, "version": saga.version}
+        if index == end - 1 < n - 1:
+            kwargs["window_end"] = True
         links.append(
-            app.signature(step_task_name(saga, step), args=args,
-                          kwargs={"run_id": run_id, "index": index, "version": saga.version},
+            app.signature(step_task_name(saga, step), args=args, kwargs=kwargs,
                           link_error=[_on_step_failed(app, saga, run_id, index)],
                           **_limits(step))
         )

@@ -30,6 +30,7 @@ from sagaflow.compiler import (
     RECOVER,
     compensation_task_name,
     compile_compensation,
+    compile_run,
     step_task_name,
 )
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
@@ -144,12 +145,26 @@ class SagaTask(Task):
         return beat
 
 
-def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int) -> dict:
+def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int,
+             window_end: bool = False) -> dict:
     with self.database_outage_retries():
         outcome = _run_step(self, results, run_id, index, version)
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_step_failed
+    if window_end:
+        publish_next_window(run_id, version, self.saga_name, index + 1, outcome)
     return outcome
+
+
+def publish_next_window(run_id: str, version: int, saga_name: str, start: int, results: dict) -> None:
+    """The step that ends a chain window committed its result: publish the next window. If the broker
+    refuses, the run holds no lease and stops moving: the recovery sweeper re-drives it from SQL."""
+    try:
+        compile_run(celery_app, registry.get(saga_name, version), run_id, start=start, results=results).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the step's success is recorded; never fire its errback now
+        log.error("chain_window_not_published",
+                  extra={"run_id": run_id, "from_step": start, "error": describe(exc),
+                         "next": "the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT"})
 
 
 def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -> None:

@@ -195,3 +195,15 @@ def say(ctx: StepContext):
     from sagaflow import NonRetryableError
 
     raise NonRetryableError(str(ctx.input.get("message", "")))
+
+
+def _long_step(i: int):
+    def action(ctx: StepContext):
+        do(ctx)
+        return {"i": i}
+
+    return Step(f"l{i}", action, undo, retry=FAST, compensation_retry=FAST)
+
+
+# Longer than a chain window (compiler.CHAIN_WINDOW): published window by window.
+long_saga = Saga("long_saga", [_long_step(i) for i in range(20)])

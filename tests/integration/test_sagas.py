@@ -196,3 +196,14 @@ def test_a_step_killed_at_its_hard_time_limit_is_compensated_once(client):
     assert kinds(again, "compensation_started", "run_compensated") == [
         ("compensation_started", "reserve"), ("run_compensated", None)]
     assert effects_of(run.id) == [("do", "reserve"), ("undo", "reserve")]
+
+
+def test_a_saga_longer_than_a_chain_window_runs_every_step_once_and_compensates_across_windows(client):
+    ok = client.wait(client.start("long_saga", {}).id, timeout=60)
+    assert ok.status == "succeeded"
+    assert effects_of(ok.id) == [("do", f"l{i}") for i in range(20)]
+    assert ok.step("l19").result == {"i": 19}
+
+    failed = client.wait(client.start("long_saga", {"fail_at": "l17"}).id, timeout=60)
+    assert failed.status == "compensated"
+    assert effects_of(failed.id) == [("do", f"l{i}") for i in range(17)] + [("undo", f"l{i}") for i in range(16, -1, -1)]

@@ -65,3 +65,17 @@ def test_every_step_task_has_the_default_time_limit_which_a_step_timeout_overrid
     assert len(step_tasks) == 8  # 4 actions, 4 compensations
     for t in step_tasks:
         assert (t.soft_time_limit, t.time_limit) == (default, default + 5), t.name
+
+
+def test_a_long_saga_is_published_in_windows_whose_last_step_publishes_the_next():
+    from sagaflow import Saga, Step
+    from sagaflow.compiler import CHAIN_WINDOW
+
+    saga = Saga("windowed", [Step(f"s{i}", lambda ctx: None) for i in range(CHAIN_WINDOW * 2 + 3)], register=False)
+    first = compile_run(celery_app, saga, "run-4").tasks
+    assert [s.task for s in first] == [f"windowed.s{i}" for i in range(CHAIN_WINDOW)]
+    assert [bool(s.kwargs.get("window_end")) for s in first] == [False] * (CHAIN_WINDOW - 1) + [True]
+    last = compile_run(celery_app, saga, "run-4", start=CHAIN_WINDOW * 2, results={"x": 1}).tasks
+    assert [s.task for s in last] == [f"windowed.s{i}" for i in range(CHAIN_WINDOW * 2, CHAIN_WINDOW * 2 + 3)]
+    assert not any(s.kwargs.get("window_end") for s in last)  # the saga's last step finishes the run instead
+    assert last[0].args == ({"x": 1},)
