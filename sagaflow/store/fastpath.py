@@ -7,8 +7,9 @@ commit together or not at all, and a concurrent claim re-checks the guard on the
 plain SQL text because building the same CTEs with SQLAlchemy Core cost ten times the database's own time
 per call (bench/, "Performance").
 
-repository.py runs the same transitions as short transactions on SQLite, and on PostgreSQL for the rare
-cases these statements hand back (a cancel at claim time). The store's unit tests run on both.
+repository.py runs the same transitions as short transactions on SQLite, and on PostgreSQL the rare ones
+(recovery, operator requests) and the case these statements hand back (a cancel at claim time). The
+store's unit tests run on both.
 """
 
 from __future__ import annotations
@@ -49,17 +50,13 @@ class Statement:
         self.prepare = (f"PREPARE {self.name}({', '.join(PARAMS[p][0] for p in self.params)}) AS {numbered}")
 
 
-def _sql(name: str, sql: str) -> Statement:
-    return Statement(name, sql)
-
-
 # The claim guard of repository.Store._claimable, for a step moving from :start to :active.
 _CLAIMABLE = """(status = :start
            OR (status = :active AND claim = :token AND lease_expires_at < :now)
            OR (status = :active AND claim IS NULL)
            OR (status = :active AND claim = ANY(:earlier)))"""
 
-CREATE_RUN = _sql("create_run", """
+CREATE_RUN = Statement("create_run", """
 WITH run AS (
     INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
                            created_at, updated_at)
@@ -79,7 +76,7 @@ WITH run AS (
 )
 SELECT id FROM event""")
 
-CLAIM_STEP = _sql("claim_step", f"""
+CLAIM_STEP = Statement("claim_step", f"""
 WITH run AS (
     SELECT status, cancel_requested, input FROM saga_runs WHERE id = :run_id
 ), claimed AS (
@@ -102,7 +99,7 @@ FROM run
 LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
-CLAIM_COMPENSATION = _sql("claim_compensation", f"""
+CLAIM_COMPENSATION = Statement("claim_compensation", f"""
 WITH run AS (
     SELECT status, input FROM saga_runs WHERE id = :run_id
 ), claimed AS (
@@ -128,7 +125,7 @@ LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
 def _update_held(active: str, assignments: str, kind: str, detail: str):
     """A transition of the step this delivery holds: status :active and claim :token."""
-    return _sql(kind, f"""
+    return Statement(kind, f"""
 WITH held AS (
     UPDATE saga_steps SET {assignments}
     WHERE run_id = :run_id AND idx = :idx AND status = '{active}' AND claim = :token
@@ -166,7 +163,7 @@ HELD = {
 # The last step's completion finishes the run in the same statement (no separate finish task), unless a
 # cancel came in: then the run stays running and the step's task raises SagaCancelled into its errback.
 # One INSERT writes both events, so their ids keep their order (CTEs run in no defined order).
-COMPLETE_LAST_STEP = _sql("complete_last_step", """
+COMPLETE_LAST_STEP = Statement("complete_last_step", """
 WITH held AS (
     UPDATE saga_steps
     SET status = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_expires_at = NULL
@@ -189,7 +186,7 @@ SELECT (SELECT status FROM run) AS status""")
 
 # A compensation's completion finishes the compensation when no other undo remains (compensated, or
 # cancelled when a cancel started it), whatever the position of the step in its chain.
-COMPLETE_COMPENSATION = _sql("complete_compensation", """
+COMPLETE_COMPENSATION = Statement("complete_compensation", """
 WITH held AS (
     UPDATE saga_steps
     SET status = 'compensated', compensation_error = NULL, compensated_at = :now, lease_expires_at = NULL
@@ -220,7 +217,7 @@ SELECT (SELECT status FROM run) AS status""")
 # running (lost: hard time limit, dead process) and the steps that never started as skipped; with nothing
 # to undo, the run ends at once. The steps to undo are read in the statement's snapshot: in a linear saga
 # no other step can complete meanwhile (the chain is at the failed step).
-BEGIN_COMPENSATION = _sql("begin_compensation", """
+BEGIN_COMPENSATION = Statement("begin_compensation", """
 WITH todo AS (
     SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
 ), run AS (
@@ -247,7 +244,7 @@ WITH todo AS (
 SELECT (SELECT status FROM run) AS status,
        (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
 
-FINISH_RUN = _sql("finish_run", """
+FINISH_RUN = Statement("finish_run", """
 WITH done AS (
     UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
     WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
