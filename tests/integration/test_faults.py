@@ -45,6 +45,18 @@ def kill_main_process(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def rescue(settings, client, doomed: subprocess.Popen, run_id: str, name: str, timeout: float = 60):
+    """SIGKILL ``doomed``'s main process, start a new worker with the sweeper in its beat, and wait for the
+    run to end; then stop the new worker and reap what the dead one left behind."""
+    kill_main_process(doomed)
+    rescuer = fault_worker(settings, name, beat=True)
+    try:
+        return client.wait(run_id, timeout=timeout)
+    finally:
+        stop_worker(rescuer)
+        stop_worker(doomed)
+
+
 @pytest.fixture
 def client(settings):
     return SagaClient()
@@ -54,14 +66,7 @@ def test_main_process_killed_mid_step_a_new_worker_recovers_the_run(settings, cl
     doomed = fault_worker(settings, "doomed")
     run = client.start("faults", {"sleep": {"charge": 2.5}})
     wait_for(lambda: client.get(run.id).step("charge").status == "running", what="charge to start")
-    kill_main_process(doomed)
-
-    rescuer = fault_worker(settings, "rescuer", beat=True)
-    try:
-        run = client.wait(run.id, timeout=60)
-    finally:
-        stop_worker(rescuer)
-        stop_worker(doomed)  # reap what the dead main process left behind
+    run = rescue(settings, client, doomed, run.id, "rescuer")
 
     assert run.status == "succeeded"
     assert effects_of(run.id) == ALL_DONE
@@ -75,14 +80,7 @@ def test_main_process_killed_mid_compensation_the_compensation_resumes_and_undoe
     run = client.start("faults", {"fail_at": "notify", "sleep": {"charge": 2.0}})  # undo of charge sleeps too
     wait_for(lambda: client.get(run.id).step("charge").status == "compensating", timeout=30,
              what="the undo of charge to start")
-    kill_main_process(doomed)
-
-    rescuer = fault_worker(settings, "rescuer-comp", beat=True)
-    try:
-        run = client.wait(run.id, timeout=60)
-    finally:
-        stop_worker(rescuer)
-        stop_worker(doomed)
+    run = rescue(settings, client, doomed, run.id, "rescuer-comp")
 
     assert run.status == "compensated"
     assert effects_of(run.id) == [("do", "book"), ("do", "charge"), ("undo", "charge"), ("undo", "book")]
@@ -102,14 +100,8 @@ def test_a_step_that_heartbeats_outlives_its_lease_and_a_dead_one_is_recovered_a
     doomed = fault_worker(settings, "heartbeat-doomed")
     run = client.start("long_running", {"beats": 4})
     wait_for(lambda: client.get(run.id).step("crunch").status == "running", what="crunch to start")
-    kill_main_process(doomed)
-    rescuer = fault_worker(settings, "heartbeat-rescuer", beat=True)
-    try:
-        # Recovered after the 1 s lease, well before the 20 s time limit (+ 7 s) would have expired.
-        run = client.wait(run.id, timeout=20)
-    finally:
-        stop_worker(rescuer)
-        stop_worker(doomed)
+    # Recovered after the 1 s lease, well before the 20 s time limit (+ 7 s) would have expired.
+    run = rescue(settings, client, doomed, run.id, "heartbeat-rescuer", timeout=20)
     assert run.status == "succeeded"
     assert ("run_recovered", None) in kinds(run)
     assert effects_of(run.id) == [("do", "crunch")]
