@@ -1,7 +1,7 @@
 """sagaflow: sagas (ordered steps, each undone by its compensation if a later step fails) on Celery,
 with their state in SQL."""
 
-from sagaflow.definition import RetryKind, RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.definition import Parallel, RetryKind, RetryPolicy, Saga, Step, StepContext, StepKind, registry
 from sagaflow.declarative import SagaFileError, handler
 from sagaflow.errors import (
     BrokerUnavailable,
@@ -21,8 +21,8 @@ from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of e
 from sagaflow.client import SagaClient  # noqa: E402
 
 __all__ = [
-    "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError",
+    "BrokerUnavailable", "DefinitionError", "InvalidInput", "InvalidTransition", "NonRetryableError", "Parallel",
     "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled", "SagaClient",
-    "SagaFileError", "SagaflowError", "Step", "StepContext", "StepStatus", "UnknownRun", "UnknownSaga", "handler",
+    "SagaFileError", "SagaflowError", "Step", "StepContext", "StepKind", "StepStatus", "UnknownRun", "UnknownSaga", "handler",
     "registry",
 ]

@@ -18,7 +18,7 @@ from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput
 from sagaflow.runtime import publish_compensation
-from sagaflow.store import Run, RunStatus, Store
+from sagaflow.store import Run, RunStatus, StepSpec, Store
 from sagaflow.store.repository import ensure_json
 
 MAX_IDEMPOTENCY_KEY = 200
@@ -72,7 +72,7 @@ class SagaClient:
         self._check_broker()
         run, created = self.store.create_run(
             str(uuid.uuid4()), definition.name, definition.version, input,
-            [(s.name, s.compensate is not None) for s in definition.steps], idempotency_key,
+            [StepSpec.of(s) for s in definition.steps], idempotency_key,
         )
         if created:
             try:

@@ -5,6 +5,12 @@ Forward:  chain(<saga>.<step_0>, ..., <saga>.<step_n-1>)
 Backward: chain(<saga>.<step_k>.compensate, ..., <saga>.<step_0>.compensate)
           each compensation with link_error = sagaflow.on_compensation_failed.si(run_id, index)
 
+A chain stops early, and its last link (marked ``window_end``) publishes what comes next once its result is
+committed, at: every CHAIN_WINDOW steps; a gate or a child step (it may wait: whoever ends the wait
+publishes the rest from SQL); the step before a parallel group. A group is no chain and no chord
+(celery-facts.md section 3): each branch is published as its own message (``Fanout``), records its outcome
+in SQL, and the branch that completes the group publishes the rest.
+
 The last step's completion finishes the run, and the last undo's the compensation, in the same SQL
 statement (store/fastpath.py): no extra task per run. sagaflow.finish and sagaflow.finish_compensation
 remain for the recovery sweeper, which publishes them alone when only the finishing is left.
@@ -18,7 +24,7 @@ from __future__ import annotations
 from celery import Celery, chain
 from celery.canvas import Signature
 
-from sagaflow.definition import Saga, Step
+from sagaflow.definition import Saga, Step, StepKind
 
 FINISH = "sagaflow.finish"
 ON_STEP_FAILED = "sagaflow.on_step_failed"
@@ -53,19 +59,51 @@ def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signatu
                          immutable=True)
 
 
+class Fanout:
+    """The branches of a parallel group, each published as its own message (no Celery group or chord)."""
+
+    def __init__(self, branches: list[Signature]) -> None:
+        self.tasks = branches
+
+    def apply_async(self) -> None:
+        for branch in self.tasks:
+            branch.apply_async()
+
+
+def segment_end(saga: Saga, start: int, window: int = CHAIN_WINDOW) -> int:
+    """The index after the last step of the chain that starts at ``start`` (not a group's first step)."""
+    end = min(len(saga.steps), start + window)
+    for index in range(start, end):
+        step = saga.steps[index]
+        if step.group is not None:
+            return index  # the group is published by the step before it
+        if step.kind is not StepKind.ACTION:
+            return index + 1  # a gate or child step may wait: it ends the chain
+    return end
+
+
 def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None,
-                window: int = CHAIN_WINDOW) -> Signature:
+                window: int = CHAIN_WINDOW) -> Signature | Fanout:
     """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
-    of the steps before it read from SQL), ``window`` steps at most: the window's last step, marked
-    ``window_end``, publishes the next window once its result is committed. A Celery chain carries every
-    remaining link in each message; windows keep a long saga's messages, and its cost per step, flat.
-    From ``start == len(saga.steps)``: the finish task alone."""
+    of the steps before it read from SQL), ``window`` steps at most (see segment_end): the chain's last
+    step, marked ``window_end``, publishes the next one once its result is committed. A Celery chain carries
+    every remaining link in each message; windows keep a long saga's messages, and its cost per step, flat.
+    From a parallel group's first step: its branches (Fanout). From ``start == len(saga.steps)``: the finish
+    task alone."""
     n = len(saga.steps)
     if start == n:
         return app.signature(FINISH, args=(results or {},), kwargs={"run_id": run_id},
                              link_error=[_on_step_failed(app, saga, run_id, n)])
+    first = saga.steps[start]
+    if first.group is not None:
+        return Fanout([
+            app.signature(step_task_name(saga, saga.steps[index]), args=(results or {},),
+                          kwargs={"run_id": run_id, "index": index, "version": saga.version, "branch": True},
+                          link_error=[_on_step_failed(app, saga, run_id, index)], **_limits(saga.steps[index]))
+            for index in saga.groups()[first.group]
+        ])
     links = []
-    end = min(n, start + window)
+    end = segment_end(saga, start, window)
     for index, step in enumerate(saga.steps[start:end], start):
         # The first link gets the results so far; later links receive the previous link's return.
         args = (results or {},) if index == start else ()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable, Iterable
@@ -176,10 +177,31 @@ class StepContext:
 
 
 Action = Callable[[StepContext], Any]
+ChildInput = Callable[[StepContext], dict]
+
+
+class StepKind(str, Enum):
+    """What a step does when the chain reaches it."""
+
+    ACTION = "action"  # call the action
+    GATE = "gate"  # wait, holding no worker, for a named signal (client.signal) or its timeout
+    CHILD = "child"  # start another saga as a child run; done when the child succeeds
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Step:
-    """One step: an action, optionally a compensation, and options."""
+    """One step: an action, optionally a compensation, and options.
+
+    - ``best_effort``: a failure (after its retries) is recorded and the run goes on; nothing is undone.
+    - ``non_atomic``: the action may have done part of its work when it fails, so its own compensation
+      runs too (first) when it fails for good.
+    - ``pivot``: once it succeeds the saga can no longer be undone; later steps retry forward, and a step
+      that still fails leaves the run ``stuck``, waiting for an operator, never half-compensated.
+    - ``group``: set by ``Saga.parallel``: the steps of one group run at the same time, joined before the
+      next step.
+    """
 
     def __init__(
         self,
@@ -192,11 +214,44 @@ class Step:
         timeout: float | None = None,
         lease: float | None = None,
         queue: str | None = None,
+        best_effort: bool = False,
+        non_atomic: bool = False,
+        pivot: bool = False,
+        kind: StepKind | str = StepKind.ACTION,
+        signal: str | None = None,
+        child_saga: str | None = None,
+        child_input: ChildInput | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
-        if not callable(action):
+        try:
+            kind = StepKind(kind)
+        except ValueError:
+            raise DefinitionError(f"step {name!r}: kind must be one of "
+                                  f"{', '.join(k.value for k in StepKind)}, got {kind!r}") from None
+        if kind is StepKind.ACTION and not callable(action):
             raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
+        for option, flag in (("best_effort", best_effort), ("non_atomic", non_atomic), ("pivot", pivot)):
+            if not isinstance(flag, bool):
+                raise DefinitionError(f"step {name!r}: {option} must be True or False, got {flag!r}")
+        if best_effort and pivot:
+            raise DefinitionError(f"step {name!r}: a pivot cannot be best-effort (its success is what commits "
+                                  f"the saga)")
+        if kind is StepKind.GATE:
+            if not isinstance(signal, str) or not NAME_PATTERN.match(signal):
+                raise DefinitionError(f"gate {name!r}: signal must be an identifier, got {signal!r}")
+            if timeout is None:
+                raise DefinitionError(f"gate {name!r}: give a timeout (seconds): a gate never waits forever")
+        elif signal is not None:
+            raise DefinitionError(f"step {name!r}: only a gate waits for a signal")
+        if kind is StepKind.CHILD:
+            if not isinstance(child_saga, str) or not NAME_PATTERN.match(child_saga):
+                raise DefinitionError(f"child step {name!r}: saga must be a saga name, got {child_saga!r}")
+            if child_input is not None and not callable(child_input):
+                raise DefinitionError(f"child step {name!r}: input must be callable (ctx -> dict), "
+                                      f"got {child_input!r}")
+        elif child_saga is not None or child_input is not None:
+            raise DefinitionError(f"step {name!r}: only a child step names a child saga")
         if compensation is not None and not callable(compensation):
             raise DefinitionError(f"step {name!r}: compensation must be callable, got {compensation!r}")
         if timeout is not None and (not _is_number(timeout) or timeout <= 0):
@@ -216,7 +271,21 @@ class Step:
         self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
         self.lease = lease  # how long the step counts as alive without a heartbeat; None: the time limit
         self.queue = queue
+        self.best_effort = best_effort
+        self.non_atomic = non_atomic
+        self.pivot = pivot
+        self.kind = kind
+        self.signal = signal  # a gate's signal name
+        self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
+        self.child_input = child_input  # ctx -> the child's input; None: the parent's input
+        self.group: int | None = None  # Saga.parallel: the index of the group's first step
         self.saga: Saga | None = None
+
+    @property
+    def special(self) -> bool:
+        """Whether the step needs more than the linear fast path (store/fastpath.py) can record."""
+        return (self.kind is not StepKind.ACTION or self.best_effort or self.non_atomic or self.pivot
+                or self.group is not None)
 
     def compensation(self, fn: Action | None = None, *, retry: RetryPolicy | None = None):
         """Decorator: register ``fn`` as the compensation of this step."""
@@ -246,6 +315,15 @@ class Step:
         return f"<Step {self.name}{' +compensation' if self.compensate else ''}>"
 
 
+class Parallel:
+    """Steps that run at the same time, for the plain form: ``Saga(name, steps=[a, Parallel(b, c), d])``."""
+
+    def __init__(self, *steps: Step) -> None:
+        if len(steps) < 2:
+            raise DefinitionError("a parallel group needs at least two steps")
+        self.steps = steps
+
+
 class Saga:
     """A named, versioned, ordered list of steps."""
 
@@ -257,8 +335,14 @@ class Saga:
         self.name = name
         self.version = version
         self.steps: list[Step] = []
+        self._group: int | None = None  # inside ``with saga.parallel():``
         for step in steps:
-            self._append(step)
+            if isinstance(step, Parallel):
+                with self.parallel():
+                    for branch in step.steps:
+                        self._append(branch)
+            else:
+                self._append(step)
         if register:
             registry.add(self)
 
@@ -272,6 +356,9 @@ class Saga:
         timeout: float | None = None,
         lease: float | None = None,
         queue: str | None = None,
+        best_effort: bool = False,
+        non_atomic: bool = False,
+        pivot: bool = False,
     ):
         """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
 
@@ -284,12 +371,62 @@ class Saga:
                 timeout=timeout,
                 lease=lease,
                 queue=queue,
+                best_effort=best_effort,
+                non_atomic=non_atomic,
+                pivot=pivot,
             )
             self._append(step)
             registry.changed(self)
             return step
 
         return register(fn) if fn is not None else register
+
+    def gate(self, name: str, *, signal: str, timeout: float, compensation: Action | None = None) -> Step:
+        """Append an approval gate: the run waits (status ``waiting``, holding no worker) until
+        ``client.signal(run_id, signal, payload)`` delivers the signal; the payload becomes the step's
+        result. After ``timeout`` seconds the step fails and the run is compensated."""
+        step = Step(name, None, compensation, kind=StepKind.GATE, signal=signal, timeout=timeout)
+        self._append(step)
+        registry.changed(self)
+        return step
+
+    def child(self, name: str, *, saga: str, input: ChildInput | None = None,
+              compensation: Action | None = None) -> Step:
+        """Append a step that runs saga ``saga`` as a child run and completes when the child succeeds (its
+        result: the child's step results). The child's failure is the step's failure; a later failure of
+        this saga compensates the child's completed steps. ``input(ctx)`` builds the child's input
+        (default: this run's input)."""
+        step = Step(name, None, compensation, kind=StepKind.CHILD, child_saga=saga, child_input=input)
+        self._append(step)
+        registry.changed(self)
+        return step
+
+    @contextmanager
+    def parallel(self):
+        """Steps appended inside ``with saga.parallel():`` form one group: they run at the same time and
+        are joined before the next step."""
+        if self._group is not None:
+            raise DefinitionError(f"saga {self.name!r}: parallel groups do not nest")
+        first = self._group = len(self.steps)
+        try:
+            yield self
+        finally:
+            self._group = None
+        if len([s for s in self.steps if s.group == first]) < 2:
+            raise DefinitionError(f"saga {self.name!r}: a parallel group needs at least two steps")
+
+    @property
+    def linear(self) -> bool:
+        """No step needs more than the linear fast path: plain actions, one after the other."""
+        return not any(step.special for step in self.steps)
+
+    def groups(self) -> dict[int, list[int]]:
+        """Each parallel group's first index -> the indexes of its steps."""
+        found: dict[int, list[int]] = {}
+        for index, step in enumerate(self.steps):
+            if step.group is not None:
+                found.setdefault(step.group, []).append(index)
+        return found
 
     def _append(self, step: Step) -> None:
         if not isinstance(step, Step):
@@ -298,6 +435,11 @@ class Saga:
             raise DefinitionError(f"saga {self.name!r} already has a step named {step.name!r}")
         if step.saga is not None and step.saga is not self:
             raise DefinitionError(f"step {step.name!r} already belongs to saga {step.saga.name!r}")
+        if self._group is not None:
+            if step.kind is StepKind.GATE or step.pivot:
+                raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
+                                      f"(gates and pivots run alone)")
+            step.group = self._group
         step.saga = self
         self.steps.append(step)
 

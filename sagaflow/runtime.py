@@ -145,8 +145,18 @@ class SagaTask(Task):
         return beat
 
 
+def store_for(saga: Saga):
+    """The linear fast path for plain linear sagas; repository.py's transactions for the rest (gates, child
+    steps, parallel groups, step flags), whose transitions decide more than the fast statements do."""
+    store = get_store()
+    return store if saga.linear else store.transactional
+
+
 def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int,
-             window_end: bool = False) -> dict:
+             window_end: bool = False, branch: bool = False, plain: bool = False) -> dict:
+    """``window_end``: publish the next chain once this step's result is committed. ``branch``: a step of a
+    parallel group, published on its own (compiler.Fanout). ``plain``: a run that policy switched to a plain
+    chain (no claims, no step rows)."""
     with self.database_outage_retries():
         outcome = _run_step(self, results, run_id, index, version)
     if isinstance(outcome, FailedForGood):
@@ -176,7 +186,7 @@ def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -
 
 def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int) -> dict | FailedForGood:
     saga, step = self.definition(version)
-    store = get_store()
+    store = store_for(saga)
     token, earlier_tokens = self.tokens()
     lease = self.lease_seconds(step)
     fields = {"run_id": run_id, "step": step.name}
@@ -238,7 +248,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
 
 def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> FailedForGood | None:
     saga, step = self.definition(version)
-    store = get_store()
+    store = store_for(saga)
     token, earlier_tokens = self.tokens()
     lease = self.lease_seconds(step)
     fields = {"run_id": run_id, "step": step.name}
@@ -309,6 +319,8 @@ def finish(self, results: dict, *, run_id: str) -> None:
 def on_step_failed(self, run_id: str, index: int, saga: str | None = None, version: int | None = None) -> None:
     """Errback of every forward link: compensate the steps SQL records as completed, latest first."""
     store = get_store()
+    if saga is not None and not registry.get(saga, version).linear:
+        store = store.transactional
     todo = store.begin_compensation(run_id, index, LOST_STEP)
     if todo is None:
         # Another errback began it. Were we redelivered because the worker died before publishing the

@@ -280,10 +280,10 @@ class FastPath:
             return conn.execute(sql, {p: params[p] for p in statement.params}).first()
 
     def create_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
-                   steps: Sequence[tuple[str, bool]], now: dt.datetime):
+                   steps: Sequence, now: dt.datetime):
         """The new run_started event's id, or None when the idempotency key is taken."""
         row = self._one(CREATE_RUN, run_id=run_id, saga=saga, version=version, input=input, key=key, now=now,
-                        names=[name for name, _ in steps], compensable=[comp for _, comp in steps],
+                        names=[s.name for s in steps], compensable=[s.has_compensation for s in steps],
                         detail={"saga": saga, "version": version})
         return row.id if row is not None else None
 

@@ -17,14 +17,17 @@ class RunStatus(str, Enum):
     COMPENSATION_FAILED = "compensation_failed"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    WAITING = "waiting"  # at a gate (for a signal) or a child step (for the child run): holds no worker
+    STUCK = "stuck"  # a step after the pivot failed for good: waits for an operator (client.retry)
 
     def __str__(self) -> str:
         return self.value
 
 
-# compensation_failed is final for the runtime but waits for an operator (client.retry).
+# compensation_failed and stuck are final for the runtime but wait for an operator (client.retry).
 FINAL_RUN_STATUSES = frozenset(
-    {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED, RunStatus.CANCELLED, RunStatus.FAILED}
+    {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED, RunStatus.CANCELLED, RunStatus.FAILED,
+     RunStatus.STUCK}
 )
 
 
@@ -37,9 +40,37 @@ class StepStatus(str, Enum):
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
     SKIPPED = "skipped"
+    WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run
+    FAILED_BEST_EFFORT = "failed_best_effort"  # a best-effort step failed for good; the run went on
 
     def __str__(self) -> str:
         return self.value
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What a run's step row records of its definition (definition.Step) when the run starts."""
+
+    name: str
+    has_compensation: bool
+    kind: str = "action"
+    best_effort: bool = False
+    non_atomic: bool = False
+    pivot: bool = False
+    group: int | None = None
+    signal: str | None = None
+
+    @property
+    def special(self) -> bool:
+        return (self.kind != "action" or self.best_effort or self.non_atomic or self.pivot
+                or self.group is not None)
+
+    @classmethod
+    def of(cls, step) -> "StepSpec":
+        """From a definition.Step (duck-typed: the store does not import definitions)."""
+        return cls(name=step.name, has_compensation=step.compensate is not None, kind=str(step.kind),
+                   best_effort=step.best_effort, non_atomic=step.non_atomic, pivot=step.pivot, group=step.group,
+                   signal=step.signal)
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,14 @@ class StepState:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     compensated_at: dt.datetime | None
+    kind: str = "action"
+    best_effort: bool = False
+    non_atomic: bool = False
+    pivot: bool = False
+    group: int | None = None
+    signal: str | None = None
+    deadline_at: dt.datetime | None = None
+    child_run_id: str | None = None
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -81,6 +120,14 @@ class StepState:
             started_at=row.started_at,
             finished_at=row.finished_at,
             compensated_at=row.compensated_at,
+            kind=row.kind,
+            best_effort=row.best_effort,
+            non_atomic=row.non_atomic,
+            pivot=row.pivot,
+            group=row.branch_group,
+            signal=row.signal,
+            deadline_at=row.deadline_at,
+            child_run_id=row.child_run_id,
         )
 
 
@@ -115,14 +162,19 @@ class Run:
     finished_at: dt.datetime | None
     steps: tuple[StepState, ...] = field(default=())
     events: tuple[Event, ...] = field(default=())
+    mode: str = "saga"
+    parent_run_id: str | None = None
+    parent_step: int | None = None
+    children: tuple[str, ...] = field(default=())  # child runs' ids, in the order they started
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_RUN_STATUSES
 
     def to_dict(self, history: bool = True) -> dict:
-        data = _jsonable({k: v for k, v in asdict(self).items() if k not in ("steps", "events")})
+        data = _jsonable({k: v for k, v in asdict(self).items() if k not in ("steps", "events", "children")})
         if history:
+            data["children"] = list(self.children)
             data["steps"] = [s.to_dict() for s in self.steps]
             data["events"] = [e.to_dict() for e in self.events]
         return data
@@ -134,7 +186,7 @@ class Run:
         raise KeyError(name)
 
     @classmethod
-    def from_row(cls, row, steps=(), events=()) -> "Run":
+    def from_row(cls, row, steps=(), events=(), children=()) -> "Run":
         return cls(
             id=row.id,
             saga=row.saga,
@@ -149,6 +201,10 @@ class Run:
             finished_at=row.finished_at,
             steps=tuple(steps),
             events=tuple(events),
+            mode=row.mode,
+            parent_run_id=row.parent_run_id,
+            parent_step=row.parent_step,
+            children=tuple(children),
         )
 
 

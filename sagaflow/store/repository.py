@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
 from sagaflow.store.fastpath import FastPath
-from sagaflow.store.models import Event, Run, RunStatus, StepState, StepStatus
+from sagaflow.store.models import Event, Run, RunStatus, StepSpec, StepState, StepStatus
 
 
 def utcnow() -> dt.datetime:
@@ -149,6 +149,20 @@ class Store:
                                else create_db_engine(url, autocommit=True))
             self.fast = FastPath(self.autocommit, prepared=prepared_statements)
 
+    @property
+    def transactional(self) -> "Store":
+        """This store without the PostgreSQL fast path: every transition in repository.py's transactions,
+        on the same connection pools. Runs of sagas with gates, child steps, parallel groups or step flags
+        (best-effort, non-atomic, pivot) use it: their transitions decide more than the fast statements do."""
+        if self.fast is None:
+            return self
+        clone = self.__dict__.get("_transactional")
+        if clone is None:
+            clone = object.__new__(Store)
+            clone.__dict__.update(self.__dict__, fast=None)
+            self._transactional = clone
+        return clone
+
     def _read(self, read: Callable[[Connection], Any]) -> Any:
         """Run ``read(conn)``. On PostgreSQL the connection is an autocommit one, so a read is one round trip,
         not three (BEGIN, SELECT, ROLLBACK); each statement sees its own snapshot either way (READ
@@ -192,16 +206,25 @@ class Store:
         saga: str,
         version: int,
         input: dict,
-        steps: Iterable[tuple[str, bool]],
+        steps: Iterable[StepSpec | tuple[str, bool]],
         idempotency_key: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+        parent_step: int | None = None,
+        mode: str = "saga",
     ) -> tuple[Run, bool]:
         """Insert the run, one row per step and the first event in one transaction.
 
-        Returns ``(run, created)``; with an idempotency key already used, the existing run and False.
+        ``steps``: StepSpec, or (name, has compensation) pairs. ``mode="plain"``: policy switched
+        compensation off for this run: the run row alone (no step rows, no event). Returns ``(run, created)``;
+        with an idempotency key already used, the existing run and False.
         """
         now = utcnow()
-        steps = list(steps)
-        if self.fast:
+        steps = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
+        if mode == "plain":
+            steps = []
+        linear = mode == "saga" and parent_run_id is None and not any(s.special for s in steps)
+        if self.fast and linear:
             event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
             if event_id is None:
                 return self._existing(idempotency_key), False
@@ -219,33 +242,49 @@ class Store:
                         cancel_requested=False,
                         created_at=now,
                         updated_at=now,
+                        mode=mode,
+                        parent_run_id=parent_run_id,
+                        parent_step=parent_step,
                     )
                 )
-                conn.execute(
-                    insert(t.steps),
-                    [
-                        dict(
-                            run_id=run_id,
-                            idx=i,
-                            name=name,
-                            status=StepStatus.PENDING.value,
-                            has_compensation=has_comp,
-                            attempts=0,
-                            compensation_attempts=0,
-                            compensation_round_attempts=0,
-                        )
-                        for i, (name, has_comp) in enumerate(steps)
-                    ],
-                )
-                event_id = conn.execute(
-                    insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
-                                            detail={"saga": saga, "version": version}).returning(t.events.c.id)
-                ).scalar_one()
+                if steps:
+                    conn.execute(
+                        insert(t.steps),
+                        [
+                            dict(
+                                run_id=run_id,
+                                idx=i,
+                                name=spec.name,
+                                status=StepStatus.PENDING.value,
+                                has_compensation=spec.has_compensation,
+                                attempts=0,
+                                compensation_attempts=0,
+                                compensation_round_attempts=0,
+                                kind=spec.kind,
+                                best_effort=spec.best_effort,
+                                non_atomic=spec.non_atomic,
+                                pivot=spec.pivot,
+                                branch_group=spec.group,
+                                signal=spec.signal,
+                            )
+                            for i, spec in enumerate(steps)
+                        ],
+                    )
+                event_id = None
+                if mode != "plain":
+                    detail = {"saga": saga, "version": version}
+                    if parent_run_id is not None:
+                        detail.update(parent_run_id=parent_run_id, parent_step=parent_step)
+                    event_id = conn.execute(
+                        insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
+                                                detail=detail).returning(t.events.c.id)
+                    ).scalar_one()
         except IntegrityError:
             if idempotency_key is None:
                 raise
             return self._existing(idempotency_key), False
-        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
+        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id, mode=mode,
+                             parent_run_id=parent_run_id, parent_step=parent_step), True
 
     def _existing(self, idempotency_key: str | None) -> Run:
         existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
@@ -254,20 +293,27 @@ class Store:
         return existing
 
     @staticmethod
-    def _new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id) -> Run:
+    def _new_run(run_id, saga, version, input, idempotency_key, steps: list[StepSpec], now, event_id,
+                 mode="saga", parent_run_id=None, parent_step=None) -> Run:
         """The snapshot of a run just inserted, built from what was written rather than read back."""
+        detail = {"saga": saga, "version": version}
+        if parent_run_id is not None:
+            detail.update(parent_run_id=parent_run_id, parent_step=parent_step)
         return Run(
             id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
             idempotency_key=idempotency_key, cancel_requested=False, error=None, created_at=now, updated_at=now,
             finished_at=None,
             steps=tuple(
-                StepState(index=i, name=name, status=StepStatus.PENDING.value, has_compensation=has_comp,
-                          attempts=0, compensation_attempts=0, result=None, error=None, compensation_error=None,
-                          task_id=None, compensation_task_id=None, started_at=None, finished_at=None,
-                          compensated_at=None)
-                for i, (name, has_comp) in enumerate(steps)),
-            events=(Event(id=event_id, kind="run_started", step=None, at=now,
-                          detail={"saga": saga, "version": version}),),
+                StepState(index=i, name=spec.name, status=StepStatus.PENDING.value,
+                          has_compensation=spec.has_compensation, attempts=0, compensation_attempts=0, result=None,
+                          error=None, compensation_error=None, task_id=None, compensation_task_id=None,
+                          started_at=None, finished_at=None, compensated_at=None, kind=spec.kind,
+                          best_effort=spec.best_effort, non_atomic=spec.non_atomic, pivot=spec.pivot,
+                          group=spec.group, signal=spec.signal)
+                for i, spec in enumerate(steps)),
+            events=(Event(id=event_id, kind="run_started", step=None, at=now, detail=detail),)
+            if event_id is not None else (),
+            mode=mode, parent_run_id=parent_run_id, parent_step=parent_step,
         )
 
     def find_by_idempotency_key(self, key: str) -> Run | None:
@@ -289,7 +335,9 @@ class Store:
     def _load(self, conn, row) -> Run:
         steps = conn.execute(select(t.steps).where(t.steps.c.run_id == row.id).order_by(t.steps.c.idx))
         events = conn.execute(select(t.events).where(t.events.c.run_id == row.id).order_by(t.events.c.id))
-        return Run.from_row(row, map(StepState.from_row, steps), map(Event.from_row, events))
+        children = conn.execute(select(t.runs.c.id).where(t.runs.c.parent_run_id == row.id)
+                                .order_by(t.runs.c.created_at, t.runs.c.id)).scalars()
+        return Run.from_row(row, map(StepState.from_row, steps), map(Event.from_row, events), children)
 
     def list_runs(
         self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0

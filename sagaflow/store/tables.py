@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 
 metadata = MetaData()
@@ -56,10 +57,16 @@ runs = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Column("finished_at", UTCDateTime, nullable=True),
+    # "saga", or "plain" when policy switched compensation off for this run: no step rows, no events.
+    Column("mode", String(16), nullable=False, server_default="saga"),
+    # A child run (a parent's child step): the parent run and the index of that step.
+    Column("parent_run_id", String(36), nullable=True),
+    Column("parent_step", Integer, nullable=True),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
     Index("ix_saga_runs_created", "created_at"),
+    Index("ix_saga_runs_parent", "parent_run_id"),
 )
 
 steps = Table(
@@ -85,6 +92,15 @@ steps = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("compensated_at", UTCDateTime, nullable=True),
+    # What the definition said of the step when the run started (definition.Step), so SQL alone decides.
+    Column("kind", String(16), nullable=False, server_default="action"),  # action | gate | child
+    Column("best_effort", Boolean, nullable=False, server_default=false()),
+    Column("non_atomic", Boolean, nullable=False, server_default=false()),
+    Column("pivot", Boolean, nullable=False, server_default=false()),
+    Column("branch_group", Integer, nullable=True),  # a parallel group: the index of its first step
+    Column("signal", String(200), nullable=True),  # a gate: the signal it waits for
+    Column("deadline_at", UTCDateTime, nullable=True),  # a waiting gate: when it times out
+    Column("child_run_id", String(36), nullable=True),  # a child step: the child run
 )
 
 events = Table(
@@ -97,4 +113,15 @@ events = Table(
     Column("at", UTCDateTime, nullable=False),
     Column("detail", JSON, nullable=True),
     Index("ix_saga_events_run_id", "run_id", "id"),
+)
+
+# Signals delivered to a run (client.signal), kept whether or not a gate waits for them yet: a signal that
+# arrives before the run reaches its gate is taken when it does. One per name and run.
+signals = Table(
+    "saga_signals",
+    metadata,
+    Column("run_id", String(36), ForeignKey("saga_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("name", String(200), primary_key=True),
+    Column("payload", JSON, nullable=True),
+    Column("received_at", UTCDateTime, nullable=False),
 )

@@ -34,6 +34,6 @@ def store(request, tmp_path, postgres_url):
     s = Store(url)
     if request.param == "postgresql":
         with s.engine.begin() as conn:
-            conn.execute(text("TRUNCATE saga_events, saga_steps, saga_runs"))
+            conn.execute(text("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs"))
     yield s
     s.dispose()

@@ -79,3 +79,29 @@ def test_a_long_saga_is_published_in_windows_whose_last_step_publishes_the_next(
     assert [s.task for s in last] == [f"windowed.s{i}" for i in range(CHAIN_WINDOW * 2, CHAIN_WINDOW * 2 + 3)]
     assert not any(s.kwargs.get("window_end") for s in last)  # the saga's last step finishes the run instead
     assert last[0].args == ({"x": 1},)
+
+
+def test_gates_child_steps_and_groups_end_chains_and_a_group_fans_out_without_a_chord():
+    from sagaflow import Parallel, Saga, Step
+    from sagaflow.compiler import Fanout
+
+    def noop(ctx):
+        return None
+
+    saga = Saga("t_segments", [Step("a", noop), Step("b", noop), Parallel(Step("c", noop), Step("d", noop)),
+                               Step("e", noop)], register=False)
+    saga.gate("approve", signal="approved", timeout=60)
+    saga.step(noop, name="f")
+    first = compile_run(celery_app, saga, "r").tasks
+    assert [s.task for s in first] == ["t_segments.a", "t_segments.b"]
+    assert first[-1].kwargs["window_end"] is True  # b publishes the group
+    group = compile_run(celery_app, saga, "r", start=2, results={"a": 1})
+    assert isinstance(group, Fanout)
+    assert [(s.task, s.args, s.kwargs["branch"]) for s in group.tasks] == [
+        ("t_segments.c", ({"a": 1},), True), ("t_segments.d", ({"a": 1},), True)]
+    assert compile_run(celery_app, saga, "r", start=3).tasks[0].task == "t_segments.c"  # a group is whole
+    after = compile_run(celery_app, saga, "r", start=4)
+    assert [s.task for s in after.tasks] == ["t_segments.e", "t_segments.approve"]
+    assert after.tasks[-1].kwargs["window_end"] is True  # the gate publishes f once it passes
+    last = compile_run(celery_app, saga, "r", start=6)
+    assert "window_end" not in (last.tasks[0].kwargs if hasattr(last, "tasks") else last.kwargs)

@@ -202,3 +202,72 @@ def test_bad_retry_arguments_are_refused_naming_the_value(kwargs, message):
 def test_bad_step_options_are_refused_naming_the_value(make, message):
     with pytest.raises(DefinitionError, match=message):
         make()
+
+
+# ------------------------------------------------------------------ gates, child steps, groups, step flags
+
+def test_gates_child_steps_groups_and_flags_are_recorded_and_make_a_saga_non_linear():
+    from sagaflow import Parallel, StepKind
+
+    plain = Saga("t_linear", [Step("a", lambda c: 1)], register=False)
+    assert plain.linear
+    s = Saga("t_shapes", [
+        Step("a", lambda c: 1, lambda c: None, non_atomic=True),
+        Parallel(Step("b", lambda c: 1), Step("c", lambda c: 1, best_effort=True)),
+        Step("d", lambda c: 1, pivot=True),
+    ], register=False)
+    s.gate("approve", signal="approved", timeout=60)
+    s.child("sub", saga="t_linear")
+    assert not s.linear
+    assert [st.group for st in s.steps] == [None, 1, 1, None, None, None]
+    assert s.groups() == {1: [1, 2]}
+    assert s.steps[4].kind is StepKind.GATE and s.steps[4].signal == "approved"
+    assert s.steps[5].kind is StepKind.CHILD and s.steps[5].child_saga == "t_linear"
+
+
+def test_the_decorator_form_groups_steps_with_a_context_manager():
+    s = Saga("t_group_decorators", register=False)
+
+    @s.step
+    def first(ctx):
+        return 1
+
+    with s.parallel():
+        @s.step
+        def left(ctx):
+            return 1
+
+        @s.step
+        def right(ctx):
+            return 2
+
+    assert [st.group for st in s.steps] == [None, 1, 1]
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: Step("a", lambda c: 1, best_effort=True, pivot=True), "cannot be best-effort"),
+    (lambda: Step("a", lambda c: 1, pivot="yes"), "pivot must be True or False"),
+    (lambda: Saga("t_bad", register=False).gate("g", signal="bad name", timeout=5), "signal must be an identifier"),
+    (lambda: Step("g", None, kind="gate", signal="ok"), "give a timeout"),
+    (lambda: Step("a", lambda c: 1, signal="ok"), "only a gate waits"),
+    (lambda: Saga("t_bad", register=False).child("c", saga="no such"), "saga must be a saga name"),
+    (lambda: Saga("t_bad", register=False).child("c", saga="x", input="nope"), "input must be callable"),
+    (lambda: Step("a", lambda c: 1, kind="loop"), "kind must be one of"),
+    (lambda: Saga("t_bad", [Step("a", lambda c: 1), __import__("sagaflow").Parallel(Step("b", lambda c: 1))],
+                  register=False), "at least two steps"),
+])
+def test_bad_shapes_are_refused_with_a_clear_error(build, message):
+    with pytest.raises(DefinitionError, match=message):
+        build()
+
+
+def test_gates_and_pivots_do_not_run_in_parallel_groups():
+    from sagaflow import Parallel
+
+    with pytest.raises(DefinitionError, match="cannot be in a parallel group"):
+        Saga("t_bad", [Parallel(Step("a", lambda c: 1), Step("b", lambda c: 1, pivot=True))], register=False)
+    s = Saga("t_bad2", register=False)
+    with pytest.raises(DefinitionError, match="cannot be in a parallel group"):
+        with s.parallel():
+            s.step(lambda c: 1, name="x")
+            s.gate("g", signal="go", timeout=5)

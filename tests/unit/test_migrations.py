@@ -30,5 +30,5 @@ def test_a_database_behind_the_latest_migration_is_refused_with_what_to_run(tmp_
     store.check_schema()
     with store.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
-    with pytest.raises(SchemaMissing, match="at schema revision 0000, this sagaflow needs 0001: run `sagaflow db"):
+    with pytest.raises(SchemaMissing, match="at schema revision 0000, this sagaflow needs 0002: run `sagaflow db"):
         store.check_schema()
