@@ -31,7 +31,7 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_HOME": str(tmp_path_factory.mktemp("sagaflow-home")),
         "SAGAFLOW_DATABASE_URL": database_url,
         "SAGAFLOW_BROKER_URL": services.redis_url,
-        "SAGAFLOW_IMPORTS": "tasks,tests.sagas",
+        "SAGAFLOW_IMPORTS": "tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches",
         "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
