@@ -14,7 +14,7 @@ from flask import Blueprint, abort, current_app, redirect, render_template, requ
 
 from sagaflow.client import SagaClient
 from sagaflow.definition import NAME_PATTERN, registry
-from sagaflow.errors import BrokerUnavailable, InvalidTransition, UnknownRun
+from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
 from sagaflow.store import RunStatus, stats
 from web import security
 from web.present import age, duration, human_seconds, run_json, timeline
@@ -22,10 +22,11 @@ from web.present import age, duration, human_seconds, run_json, timeline
 pages = Blueprint("pages", __name__)
 
 PAGE_SIZE = 50
-LIVE_STATUSES = ("pending", "running", "compensating")
+LIVE_STATUSES = ("pending", "running", "compensating", "waiting")
 NOTICES = {  # ?done=... after a redirect: fixed texts, never echoed from the request
     "cancel": "Cancel requested: the run stops before its next step and undoes what completed.",
-    "retry": "Retry requested: the compensations resume where they stopped.",
+    "retry": "Retry requested: the run resumes where it stopped.",
+    "signal": "Signal delivered: the run goes on past its gate.",
     "login": "Logged in: you can cancel and retry runs.",
     "logout": "Logged out.",
 }
@@ -92,13 +93,15 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     except UnknownRun:
         return _page_error(404, f"There is no run with id {run_id!r}.")
     bars, not_started = timeline(run, _settings().flower_url)
+    past_pivot = next((s.name for s in run.steps if s.pivot and s.status == "succeeded"), None)
     notice = NOTICES.get(request.args.get("done", ""))
     return render_template(
         "run.html", run=run, bars=bars, not_started=not_started, duration=duration(run),
         input_json=json.dumps(run.input, indent=2, ensure_ascii=False, sort_keys=True),
         data=run_json(run), live=run.status in LIVE_STATUSES, notice=notice, error=error,
-        can_cancel=run.status in ("pending", "running") and not run.cancel_requested,
-        can_retry=run.status == "compensation_failed", pretty=_pretty,
+        can_cancel=run.status in ("pending", "running", "waiting") and not run.cancel_requested and not past_pivot,
+        can_retry=run.status in ("compensation_failed", "stuck"), pretty=_pretty,
+        past_pivot=past_pivot, waiting=[s for s in run.steps if s.status == "waiting"],
     ), status_code
 
 
@@ -121,6 +124,20 @@ def retry(run_id: str):
     return _act(run_id, "retry", lambda client: client.retry(run_id))
 
 
+@pages.post("/runs/<run_id>/signals/<name>")
+def signal(run_id: str, name: str):
+    """An operator approves at a gate: the form's optional JSON payload becomes the gate's result."""
+    def deliver(client):
+        text = request.form.get("payload", "").strip()
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError as exc:
+            raise InvalidInput(f"The payload is not JSON ({exc}): leave it empty or fix it.") from None
+        client.signal(run_id, name, payload)
+
+    return _act(run_id, "signal", deliver)
+
+
 def _act(run_id: str, what: str, action):
     if not security.csrf_ok():
         return _page_error(403, "This form is out of date or was sent from another site. Reload the page and "
@@ -132,6 +149,8 @@ def _act(run_id: str, what: str, action):
         action(SagaClient())
     except UnknownRun:
         return _page_error(404, f"There is no run with id {run_id!r}.")
+    except InvalidInput as exc:
+        return _render_run(run_id, 400, error=str(exc))
     except (InvalidTransition, BrokerUnavailable) as exc:
         return _render_run(run_id, 409 if isinstance(exc, InvalidTransition) else 503, error=str(exc))
     return redirect(url_for("pages.run_detail", run_id=run_id, done=what), 303)

@@ -41,9 +41,11 @@ def saga_json(saga: Saga) -> dict:
         "name": saga.name,
         "version": saga.version,
         "steps": [
-            {"name": s.name, "has_compensation": s.compensate is not None, "timeout": s.timeout, "queue": s.queue,
-             "max_attempts": s.retry.max_attempts,
-             "compensation_max_attempts": s.compensation_retry.max_attempts if s.compensate else None}
+            {"name": s.name, "kind": str(s.kind), "has_compensation": s.compensate is not None, "timeout": s.timeout,
+             "queue": s.queue, "max_attempts": s.retry.max_attempts,
+             "compensation_max_attempts": s.compensation_retry.max_attempts if s.compensate else None,
+             "best_effort": s.best_effort, "non_atomic": s.non_atomic, "pivot": s.pivot, "group": s.group,
+             "signal": s.signal, "child_saga": s.child_saga}
             for s in saga.steps
         ],
     }
@@ -123,12 +125,13 @@ def timeline(run: Run, flower_url: str = "") -> tuple[list[Bar], list[StepState]
         if s.started_at is None:
             not_started.append(s)
             continue
-        step_status = s.status if s.status in ("running", "failed", "skipped", "pending") else "succeeded"
+        step_status = (s.status if s.status in ("running", "failed", "skipped", "pending", "waiting",
+                                                 "failed_best_effort") else "succeeded")
         errors = list(retry_errors.get(("step_retried", s.name), []))
-        if s.error and s.status == "failed":
+        if s.error and s.status in ("failed", "failed_best_effort"):
             errors.append(f"failed: {s.error}")
         bars.append(Bar("step", s.index, s.name, step_status, s.attempts, s.started_at,
-                        s.finished_at if s.status != "running" else None, errors, s.task_id,
+                        s.finished_at if s.status not in ("running", "waiting") else None, errors, s.task_id,
                         flower_link(flower_url, s.task_id)))
         rounds = comp_spans.get(s.name, [])
         for n, (start, end, status) in enumerate(rounds):
