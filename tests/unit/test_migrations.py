@@ -32,3 +32,27 @@ def test_a_database_behind_the_latest_migration_is_refused_with_what_to_run(tmp_
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
     with pytest.raises(SchemaMissing, match="at schema revision 0000, this sagaflow needs 0002: run `sagaflow db"):
         store.check_schema()
+
+
+def test_runs_recorded_before_0002_read_back_with_the_defaults_of_the_new_columns(tmp_path):
+    import datetime as dt
+
+    from sqlalchemy import text
+
+    from sagaflow.store import Store
+
+    url = f"sqlite:///{tmp_path / 'old-runs.db'}"
+    upgrade(url, "0001")
+    now = dt.datetime(2026, 11, 30, 12, 0)
+    with create_engine(url).begin() as conn:
+        conn.execute(text("INSERT INTO saga_runs (id, saga, saga_version, status, input, cancel_requested, "
+                          "created_at, updated_at) VALUES ('r1', 's', 1, 'succeeded', '{}', 0, :now, :now)"),
+                     {"now": now})
+        conn.execute(text("INSERT INTO saga_steps (run_id, idx, name, status, has_compensation, attempts, "
+                          "compensation_attempts, compensation_round_attempts) "
+                          "VALUES ('r1', 0, 'a', 'succeeded', 1, 1, 0, 0)"))
+    upgrade(url)
+    run = Store(url).get_run("r1")
+    assert (run.mode, run.parent_run_id, run.children) == ("saga", None, ())
+    step = run.steps[0]
+    assert (step.kind, step.best_effort, step.non_atomic, step.pivot, step.group) == ("action", False, False, False, None)
