@@ -859,6 +859,7 @@ class LocalCounter:
 
         self.counts: Counter = Counter()
         self._listeners = []
+        self._engines = [e for e in engines if e is not None]
         for engine in engines:
             if engine is None:
                 continue
@@ -874,6 +875,10 @@ class LocalCounter:
     def _add(self, kind: str) -> None:
         self.counts[kind] += 1
 
+    def _fast_statement(self, engine) -> None:  # the fast path's statements skip the events above
+        if engine in self._engines:
+            self._add("statement")
+
     def _checkout(self, dbapi_connection, record, proxy) -> None:  # as bench/sqlcount.py
         self._add("checkout")
         if proxy._pool._pre_ping and not record.info.pop("bench_fresh", False):
@@ -886,15 +891,21 @@ class LocalCounter:
     def __enter__(self) -> "LocalCounter":
         from sqlalchemy import event
 
+        from sagaflow.store import fastpath
+
         for target, name, fn in self._listeners:
             event.listen(target, name, fn)
+        fastpath.STATEMENT_HOOKS.append(self._fast_statement)
         return self
 
     def __exit__(self, *exc) -> None:
         from sqlalchemy import event
 
+        from sagaflow.store import fastpath
+
         for target, name, fn in self._listeners:
             event.remove(target, name, fn)
+        fastpath.STATEMENT_HOOKS.remove(self._fast_statement)
 
 
 def run_info(bench: Bench) -> dict:

@@ -28,6 +28,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
+from sagaflow.store import fastpath
+
 KEY = "bench:sql"
 
 _counts: Counter = Counter()
@@ -43,6 +45,10 @@ def _add(kind: str, n: int = 1) -> None:
 @event.listens_for(Engine, "before_cursor_execute")
 def _statement(conn, cursor, statement, parameters, context, executemany):
     _add("statement")
+
+
+# The fast path's prepared statements go to the driver directly, past SQLAlchemy's execution events.
+fastpath.STATEMENT_HOOKS.append(lambda engine: _add("statement"))
 
 
 def _autocommit(conn) -> bool:

@@ -15,11 +15,14 @@ store's unit tests run on both.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
-from typing import Any, Sequence
+from collections import namedtuple
+from typing import Any, Callable, Sequence
 
 from sqlalchemy import JSON, bindparam, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from sagaflow.store.tables import UTCDateTime
 
@@ -36,6 +39,22 @@ PARAMS = {
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
 
+def _json_param(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _timestamp_param(value: dt.datetime | None) -> dt.datetime | None:
+    """Naive UTC, as UTCDateTime stores it: an aware value would be cast through the session's time zone."""
+    if value is not None and value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+# How the prepared path turns a Python value into the driver's parameter (what the SQLAlchemy type does
+# for the text path).
+_CONVERT: dict[str, Callable[[Any], Any]] = {"json": _json_param, "timestamp": _timestamp_param}
+
+
 class Statement:
     """One statement, run either as a server-side prepared statement (planned once per connection: the
     plan is about half of each statement's cost here) or as plain text."""
@@ -45,9 +64,16 @@ class Statement:
         self.params = list(dict.fromkeys(_PLACEHOLDER.findall(sql)))  # in order of first use
         typed = [bindparam(p, type_=PARAMS[p][1]) for p in self.params if PARAMS[p][1] is not None]
         self.plain = text(sql).bindparams(*typed)
-        self.execute = text(f"EXECUTE {self.name}({', '.join(':' + p for p in self.params)})").bindparams(*typed)
+        # EXECUTE goes to the driver as is, with positional parameters converted by _CONVERT.
+        self.execute = f"EXECUTE {self.name}({', '.join(['%s'] * len(self.params))})"
+        self.converters = [_CONVERT.get(PARAMS[p][0], None) for p in self.params]
+        self.row_type = None  # a namedtuple of the result's columns, made at the first execution
         numbered = _PLACEHOLDER.sub(lambda m: f"${self.params.index(m.group(1)) + 1}", sql)
         self.prepare = (f"PREPARE {self.name}({', '.join(PARAMS[p][0] for p in self.params)}) AS {numbered}")
+
+    def arguments(self, params: dict) -> tuple:
+        return tuple(params[p] if convert is None else convert(params[p])
+                     for p, convert in zip(self.params, self.converters))
 
 
 # The claim guard of repository.Store._claimable, for a step moving from :start to :active.
@@ -255,6 +281,10 @@ WITH done AS (
 SELECT count(*) FROM done""")
 
 
+# Called with the engine after each prepared statement, which bypasses SQLAlchemy's execution events: the
+# bench's statement counters listen here too (bench/sqlcount.py).
+STATEMENT_HOOKS: list[Callable[[Engine], None]] = []
+
 ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, BEGIN_COMPENSATION,
        FINISH_RUN, *HELD.values())
 
@@ -275,9 +305,35 @@ class FastPath:
                         cur.execute(statement.prepare)
 
     def _one(self, statement: Statement, **params):
-        sql = statement.execute if self.prepared else statement.plain
-        with self.engine.connect() as conn:
-            return conn.execute(sql, {p: params[p] for p in statement.params}).first()
+        if not self.prepared:
+            with self.engine.connect() as conn:
+                return conn.execute(statement.plain, {p: params[p] for p in statement.params}).first()
+        # The prepared statements go straight to the driver: going through SQLAlchemy's Connection and
+        # result objects cost about as much Python time as the database spent on the statement.
+        arguments = statement.arguments(params)
+        conn = self.engine.raw_connection()
+        try:
+            cursor = conn.cursor()
+            try:
+                cursor.execute(statement.execute, arguments)
+                row = cursor.fetchone()
+                if statement.row_type is None:
+                    statement.row_type = namedtuple("Row", [d[0] for d in cursor.description], rename=True)
+            finally:
+                cursor.close()
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
+            # (OperationalError...), which the runtime's database-outage retries catch.
+            invalidated = self.engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)
+            if invalidated:
+                conn.invalidate(exc)
+            raise DBAPIError.instance(statement.execute, arguments, exc, self.engine.dialect.loaded_dbapi.Error,
+                                      connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
+        finally:
+            conn.close()
+        for hook in STATEMENT_HOOKS:
+            hook(self.engine)
+        return statement.row_type(*row) if row is not None else None
 
     def create_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
                    steps: Sequence, now: dt.datetime):
