@@ -149,8 +149,13 @@ LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
 
-def _update_held(active: str, assignments: str, kind: str, detail: str):
-    """A transition of the step this delivery holds: status :active and claim :token."""
+def _update_held(active: str, assignments: str, kind: str, detail: str, touch: bool = True):
+    """A transition of the step this delivery holds: status :active and claim :token. ``touch`` moves the
+    run's updated_at too; a step's success does not (one row write less per step): the recovery sweeper
+    reads its finished_at instead (repository.Store._stalled)."""
+    touch_run = """, touch AS (
+    UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
+)""" if touch else ""
     return Statement(kind, f"""
 WITH held AS (
     UPDATE saga_steps SET {assignments}
@@ -159,9 +164,7 @@ WITH held AS (
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{kind}', name, :now, {detail} FROM held
-), touch AS (
-    UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
-)
+){touch_run}
 SELECT count(*) FROM held""")
 
 
@@ -169,7 +172,7 @@ HELD = {
     "step_succeeded": _update_held(
         "running", "status = 'succeeded', result = :result, error = NULL, finished_at = :now, "
                    "lease_expires_at = NULL",
-        "step_succeeded", "json_build_object('attempt', attempts)"),
+        "step_succeeded", "json_build_object('attempt', attempts)", touch=False),
     "step_retried": _update_held(
         "running", "lease_expires_at = :lease, error = :error",
         "step_retried", "json_build_object('attempt', attempts, 'error', :error, "

@@ -436,7 +436,7 @@ class Store:
         return self._update_held(
             run_id, idx, token, StepStatus.RUNNING, "step_succeeded", {}, "attempts",
             status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=utcnow(),
-            lease_expires_at=None,
+            lease_expires_at=None, touch=False,
         )
 
     def complete_last_step(self, run_id: str, idx: int, token: str, result: Any) -> str | None:
@@ -676,14 +676,17 @@ class Store:
     def _stalled(now: dt.datetime, stall_timeout: float):
         """Run is in progress, no step holds a live lease, and either a holder's lease expired (it died) or
         nothing moved for stall_timeout seconds (a message was lost: broker restart, a crash before publish,
-        a start whose publish failed)."""
+        a start whose publish failed). A step's success moves no run column (one row write less on the hot
+        path), so "moved" is the run's updated_at or its latest step's finished_at."""
         r, s = t.runs.c, t.steps.c
         held = (s.run_id == r.id) & s.status.in_(_HELD_STEP)
+        quiet_since = now - dt.timedelta(seconds=stall_timeout)
         return and_(
             r.status.in_(_IN_PROGRESS_RUN),
             ~exists().where(held, s.lease_expires_at >= now),
             or_(exists().where(held, s.lease_expires_at < now),
-                r.updated_at < now - dt.timedelta(seconds=stall_timeout)),
+                and_(r.updated_at < quiet_since,
+                     ~exists().where(s.run_id == r.id, s.finished_at >= quiet_since))),
         )
 
     def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
@@ -841,10 +844,11 @@ class Store:
                                      retry_in=round(delay, 3))
 
     def _update_held(self, run_id, idx, token, active: StepStatus, kind: str, detail: dict | None,
-                     attempt_column: str | None, **values) -> bool:
+                     attempt_column: str | None, touch: bool = True, **values) -> bool:
         """Update the step this delivery holds (status ``active``, claim ``token``), record ``kind`` with
-        ``detail`` (plus ``attempt`` from ``attempt_column`` after the update) and touch the run; False,
-        changing nothing, when it does not hold it any more. fastpath.HELD does the same on PostgreSQL."""
+        ``detail`` (plus ``attempt`` from ``attempt_column`` after the update) and, with ``touch``, the run's
+        updated_at; False, changing nothing, when it does not hold it any more. fastpath.HELD does the same on
+        PostgreSQL."""
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -858,7 +862,8 @@ class Store:
                 return False
             attempt = {"attempt": row._mapping[attempt_column]} if attempt_column else {}
             self._event(conn, run_id, kind, row.name, ({**attempt, **detail} if detail or attempt else None), now)
-            self._touch(conn, run_id, now)
+            if touch:
+                self._touch(conn, run_id, now)
         return True
 
     def _to_compensate(self, conn, run_id: str, in_progress: bool = False) -> list[int]:

@@ -119,3 +119,23 @@ def test_a_heartbeat_extends_the_lease_and_tells_a_stale_holder_and_a_cancel(sto
     store.request_cancel("r1")
     assert store.extend_lease("r1", 0, "t0:0", 60) == (True, True)
     assert store.extend_lease("r1", 0, "other:0", 60) == (False, True)
+
+
+def test_a_step_that_finished_within_the_stall_timeout_counts_as_progress(store):
+    # A step's success moves no run column (one write less per step): its finished_at is the progress.
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from sagaflow.store import tables as t
+
+    new_run(store)
+    store.claim_step("r1", 0, "t0:0", [], 60)
+    store.complete_step("r1", 0, "t0:0", {"id": 7})
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    with store.engine.begin() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.id == "r1").values(updated_at=long_ago))
+    assert stalled(store, stall=60) == []  # step a finished just now
+    with store.engine.begin() as conn:
+        conn.execute(update(t.steps).where(t.steps.c.run_id == "r1").values(finished_at=long_ago))
+    assert stalled(store, stall=60) == ["r1"]
