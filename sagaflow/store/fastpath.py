@@ -314,7 +314,12 @@ class FastPath:
         # The prepared statements go straight to the driver: going through SQLAlchemy's Connection and
         # result objects cost about as much Python time as the database spent on the statement.
         arguments = statement.arguments(params)
-        conn = self.engine.raw_connection()
+        dbapi_error = self.engine.dialect.loaded_dbapi.Error
+        try:
+            conn = self.engine.raw_connection()
+        except dbapi_error as exc:  # connecting, or preparing on connect (_prepare), failed
+            raise DBAPIError.instance(None, None, exc, dbapi_error, connection_invalidated=True,
+                                      dialect=self.engine.dialect) from exc
         try:
             cursor = conn.cursor()
             try:
@@ -324,13 +329,13 @@ class FastPath:
                     statement.row_type = namedtuple("Row", [d[0] for d in cursor.description], rename=True)
             finally:
                 cursor.close()
-        except self.engine.dialect.loaded_dbapi.Error as exc:
+        except dbapi_error as exc:
             # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
             # (OperationalError...), which the runtime's database-outage retries catch.
             invalidated = self.engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)
             if invalidated:
                 conn.invalidate(exc)
-            raise DBAPIError.instance(statement.execute, arguments, exc, self.engine.dialect.loaded_dbapi.Error,
+            raise DBAPIError.instance(statement.execute, arguments, exc, dbapi_error,
                                       connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
         finally:
             conn.close()

@@ -49,3 +49,12 @@ def test_a_dropped_connection_raises_operational_error_and_the_next_call_gets_a_
         pg_store.complete_step("r2", 0, "t1:0", {"v": 1})
     assert caught.value.connection_invalidated
     assert pg_store.complete_step("r2", 0, "t1:0", {"v": 1})  # a new connection, prepared again
+
+
+def test_a_database_that_cannot_be_reached_raises_sqlalchemy_operational_error():
+    from tests.services import free_port
+
+    store = Store(f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/nowhere")
+    assert store.fast is not None
+    with pytest.raises(OperationalError):  # what the runtime's outage retries catch, not psycopg2's own
+        store.claim_step("r", 0, "t:0", [], 30)
