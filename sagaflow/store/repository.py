@@ -116,6 +116,8 @@ class Claim:
 _LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 _IN_PROGRESS_RUN = (*_LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches
 _HELD_STEP = (StepStatus.RUNNING.value, StepStatus.COMPENSATING.value)
+# A non-atomic step that failed may have done part of its work: it is undone too (step flags).
+_FAILED_NON_ATOMIC = and_(t.steps.c.non_atomic.is_(True), t.steps.c.status == StepStatus.FAILED.value)
 
 
 @dataclass(frozen=True)
@@ -219,10 +221,10 @@ class Store:
         compensation off for this run: the run row alone (no step rows, no event). Returns ``(run, created)``;
         with an idempotency key already used, the existing run and False.
         """
+        if mode == "plain":
+            return self._create_plain_run(run_id, saga, version, input, idempotency_key)
         now = utcnow()
         steps = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
-        if mode == "plain":
-            steps = []
         linear = mode == "saga" and parent_run_id is None and not any(s.special for s in steps)
         if self.fast and linear:
             event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
@@ -378,7 +380,9 @@ class Store:
             if run is None or run.status not in _LIVE_RUN:
                 return Claim(ClaimOutcome.GONE)
             claimable = self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
-            if run.cancel_requested:
+            # Step flags: a cancel that lost the race with the pivot's success is overruled, never acted on.
+            cancel = run.cancel_requested and not self._overrule_cancel_past_pivot(conn, run_id, now)
+            if cancel:
                 if self._stop_for_cancel(conn, run_id, idx, claimable, now):
                     return Claim(ClaimOutcome.CANCELLED)
             else:
@@ -399,12 +403,15 @@ class Store:
                 ).first()
                 if claimed is not None:
                     self._event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
-                    return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts, round_attempt=claimed.attempts,
-                             input=run.input)
+                    return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts,
+                                 round_attempt=self._round_attempt(conn, run_id, claimed.name, claimed.attempts),
+                                 input=run.input)
             current = conn.execute(
                 select(s.status, s.result, s.error).where(s.run_id == run_id, s.idx == idx)
             ).first()
         status, result, error = current if current is not None else (None, None, None)
+        if status == StepStatus.FAILED_BEST_EFFORT.value:  # step flags: done, with no result
+            return Claim(ClaimOutcome.DONE, result=None)
         return self._claim_lost(status, result, error, StepStatus.SUCCEEDED, StepStatus.FAILED)
 
     def _claim_step_in_one_statement(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
@@ -566,12 +573,15 @@ class Store:
             claimed = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx,
-                       self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens, now))
+                       or_(self._claimable(StepStatus.SUCCEEDED, StepStatus.COMPENSATING, token, earlier_tokens,
+                                           now),
+                           _FAILED_NON_ATOMIC))  # step flags: a non-atomic step undoes its partial work
                 .values(
                     status=StepStatus.COMPENSATING.value,
                     compensation_attempts=s.compensation_attempts + 1,
                     compensation_round_attempts=case(
-                        (s.status == StepStatus.SUCCEEDED.value, 1), else_=s.compensation_round_attempts + 1
+                        (s.status.in_([StepStatus.SUCCEEDED.value, StepStatus.FAILED.value]), 1),
+                        else_=s.compensation_round_attempts + 1
                     ),
                     claim=token,
                     lease_expires_at=lease,
@@ -683,6 +693,7 @@ class Store:
         quiet_since = now - dt.timedelta(seconds=stall_timeout)
         return and_(
             r.status.in_(_IN_PROGRESS_RUN),
+            r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
             ~exists().where(held, s.lease_expires_at >= now),
             or_(exists().where(held, s.lease_expires_at < now),
                 and_(r.updated_at < quiet_since,
@@ -720,7 +731,7 @@ class Store:
                 .returning(s.name)
             ).all()
             steps = conn.execute(
-                select(s.idx, s.name, s.status, s.result, s.has_compensation)
+                select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic)
                 .where(s.run_id == run_id).order_by(s.idx)
             ).all()
             recovery = self._recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
@@ -735,11 +746,14 @@ class Store:
         base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
         if run.status == RunStatus.COMPENSATING.value:
             todo = [st.idx for st in reversed(steps) if st.has_compensation
-                    and st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)]
+                    and (st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)
+                         or (st.non_atomic and st.status == StepStatus.FAILED.value))]
             return Recovery(action="compensate", indexes=tuple(todo), **base)
-        done = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value)
+        # A best-effort step that failed counts as done: the run went on without its result.
+        done = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value, StepStatus.FAILED_BEST_EFFORT.value)
         frontier = next((st for st in steps if st.status not in done), None)
-        results = {st.name: st.result for st in steps if st.status == StepStatus.SUCCEEDED.value}
+        results = {st.name: st.result for st in steps
+                   if st.status in (StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value)}
         if frontier is None:
             return Recovery(action="finish", index=len(steps), results=results, **base)
         if frontier.status == StepStatus.FAILED.value:
@@ -751,6 +765,7 @@ class Store:
     def request_cancel(self, run_id: str) -> Run:
         now = utcnow()
         with self.engine.begin() as conn:
+            self._refuse_cancel(conn, run_id)  # step flags and policy: past the pivot, or a plain run
             changed = conn.execute(
                 update(t.runs)
                 .where(t.runs.c.id == run_id, t.runs.c.status.in_(_LIVE_RUN), t.runs.c.cancel_requested.is_(False))
@@ -774,19 +789,257 @@ class Store:
                 if status is None:
                     raise UnknownRun(f"unknown run id {run_id!r}")
                 raise InvalidTransition(
-                    f"run {run_id} is {status}: only runs in compensation_failed can be retried"
+                    f"run {run_id} is {status}: only runs in compensation_failed or stuck can be retried"
                 )
             # Back to "completed, not yet undone"; the attempt count keeps growing across retries.
             conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.status == StepStatus.COMPENSATION_FAILED.value)
-                .values(status=StepStatus.SUCCEEDED.value, claim=None, lease_expires_at=None)
+                .values(status=case((and_(s.non_atomic.is_(True), s.error.is_not(None)), StepStatus.FAILED.value),
+                                    else_=StepStatus.SUCCEEDED.value),
+                        claim=None, lease_expires_at=None)
             )
             self._event(conn, run_id, "retry_requested", None, None, now)
             todo = self._to_compensate(conn, run_id)
             if not todo:
                 self._finish_compensation(conn, run_id, now)
         return todo
+
+    # ---------------------------------------------------------------- step flags and plain runs (issue 5, A)
+    #
+    # Best-effort, non-atomic and pivot steps (definition.Step) and the runs policy switched to a plain chain
+    # (sagaflow/policy.py). Only sagas with such steps take these paths, always on the transactional store
+    # (runtime.store_for): the linear fast path never sees them.
+
+    def fail_best_effort(self, run_id: str, idx: int, token: str, error: str, finish: bool = False) -> str | None:
+        """A best-effort step gave up: ``failed_best_effort``, and the run goes on without its result. With
+        ``finish`` (the last step) the run ends ``succeeded`` in the same transaction, unless a cancel came
+        in (it stays running: the caller compensates). Returns the run's status after, or None when this
+        delivery no longer holds the step."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+                .values(status=StepStatus.FAILED_BEST_EFFORT.value, result=None, error=error, finished_at=now,
+                        lease_expires_at=None)
+                .returning(s.name, s.attempts)
+            ).first()
+            if held is None:
+                return None
+            self._event(conn, run_id, "step_failed_best_effort", held.name,
+                        {"attempt": held.attempts, "error": error}, now)
+            if finish:
+                finished = conn.execute(
+                    update(t.runs)
+                    .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
+                    .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+                ).rowcount
+                if finished:
+                    self._event(conn, run_id, "run_succeeded", None, None, now)
+                    return RunStatus.SUCCEEDED.value
+            self._touch(conn, run_id, now)
+            return conn.execute(select(r.status).where(r.id == run_id)).scalar()
+
+    def best_effort_lost(self, run_id: str, idx: int, lost_error: str) -> tuple[str, dict | None] | None:
+        """The errback of a best-effort step whose worker was lost (hard time limit, dead process): record
+        ``failed_best_effort`` and return ("resume", results so far) so the caller publishes the next step.
+        ("done", None): a duplicate errback, the step already ended. None: not this case (a cancel, or the run
+        is not live): the caller compensates as usual."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            run = conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first()
+            if run is None or run.status not in _LIVE_RUN or run.cancel_requested:
+                return None
+            lost = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.best_effort.is_(True),
+                       s.status == StepStatus.RUNNING.value)
+                .values(status=StepStatus.FAILED_BEST_EFFORT.value, result=None, error=lost_error, finished_at=now,
+                        lease_expires_at=None, claim=None)
+                .returning(s.name)
+            ).first()
+            if lost is not None:
+                self._event(conn, run_id, "step_failed_best_effort", lost.name, {"error": lost_error}, now)
+                self._touch(conn, run_id, now)
+                return "resume", self._results(conn, run_id)
+            status = conn.execute(select(s.status).where(s.run_id == run_id, s.idx == idx)).scalar()
+        if status in (StepStatus.FAILED_BEST_EFFORT.value, StepStatus.SUCCEEDED.value):
+            return "done", None
+        return None
+
+    def stop_past_pivot(self, run_id: str, failed_idx: int, lost_error: str) -> bool | None:
+        """The errback of a step that failed for good. None when the run's pivot has not succeeded (or it has
+        none): the caller compensates as usual. Past the pivot the saga can no longer be undone: the run goes
+        ``stuck`` (waits for an operator, nothing compensated, later steps stay pending) and this returns
+        True; False when another errback got there first."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            pivot = self._past_pivot(conn, run_id)
+            if pivot is None:
+                return None
+            if not self._set_run_status(conn, run_id, _LIVE_RUN, RunStatus.STUCK, now, finished_at=now):
+                return False
+            lost = conn.execute(  # its worker was lost before it could record an error
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == failed_idx, s.status == StepStatus.RUNNING.value)
+                .values(status=StepStatus.FAILED.value, error=lost_error, finished_at=now, lease_expires_at=None)
+                .returning(s.name)
+            ).first()
+            if lost is not None:
+                self._event(conn, run_id, "step_failed", lost.name, {"error": lost_error}, now)
+            step = conn.execute(select(s.name, s.error).where(s.run_id == run_id, s.idx == failed_idx)).first()
+            if step is not None:
+                error = f"step {step.name!r} failed after the pivot {pivot!r} succeeded: {step.error}"
+            else:
+                error = f"the run could not finish after the pivot {pivot!r} succeeded"
+            conn.execute(update(t.runs).where(r.id == run_id).values(error=error))
+            self._event(conn, run_id, "run_stuck", step.name if step is not None else None,
+                        {"error": error, "pivot": pivot}, now)
+        return True
+
+    def finish_past_pivot(self, run_id: str) -> str | None:
+        """The last step completed, but a cancel came in first: past the pivot the cancel is overruled and
+        the run ends ``succeeded``. Returns the run's status after; None when the run is not past its pivot
+        (the caller compensates, as for any cancel)."""
+        now = utcnow()
+        r = t.runs.c
+        with self.engine.begin() as conn:
+            if not self._overrule_cancel_past_pivot(conn, run_id, now):
+                return None
+            if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
+                self._event(conn, run_id, "run_succeeded", None, None, now)
+            return conn.execute(select(r.status).where(r.id == run_id)).scalar()
+
+    def request_forward_retry(self, run_id: str) -> tuple[int, dict] | None:
+        """stuck -> running: the failed step goes back to pending (its attempt count keeps growing; its retry
+        policy starts a new round). Returns (the index to resume from, the results before it), or None when
+        the run is not stuck (the caller tries the other kinds of retry)."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            if not self._set_run_status(conn, run_id, RunStatus.STUCK, RunStatus.RUNNING, now, error=None,
+                                        finished_at=None):
+                return None
+            reset = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.status == StepStatus.FAILED.value)
+                .values(status=StepStatus.PENDING.value, claim=None, lease_expires_at=None, finished_at=None)
+                .returning(s.idx, s.name)
+            ).all()
+            first = min(reset, default=None, key=lambda row: row.idx)
+            self._event(conn, run_id, "retry_requested", first.name if first is not None else None,
+                        {"forward": True}, now)
+            rows = conn.execute(select(s.idx, s.status).where(s.run_id == run_id).order_by(s.idx)).all()
+            done = (StepStatus.SUCCEEDED.value, StepStatus.SKIPPED.value, StepStatus.FAILED_BEST_EFFORT.value)
+            frontier = next((row.idx for row in rows if row.status not in done), len(rows))
+            return frontier, self._results(conn, run_id)
+
+    def finish_plain_run(self, run_id: str) -> bool:
+        """The last step of a plain run (policy: compensation off) succeeded: one UPDATE of the run row."""
+        return self._end_plain_run(run_id, RunStatus.SUCCEEDED, None)
+
+    def fail_plain_run(self, run_id: str, error: str) -> bool:
+        """A step of a plain run failed for good (or its worker was lost): the run is ``failed``, nothing is
+        undone. One UPDATE of the run row; False when the run already ended (a duplicate errback)."""
+        return self._end_plain_run(run_id, RunStatus.FAILED, error)
+
+    def _end_plain_run(self, run_id: str, final: RunStatus, error: str | None) -> bool:
+        now = utcnow()
+        r = t.runs.c
+        # On PostgreSQL the autocommit engine: one statement, one round trip (no BEGIN, COMMIT, pre-ping).
+        with (self.autocommit or self.engine).begin() as conn:
+            return bool(conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.mode == "plain", r.status.in_(_LIVE_RUN))
+                .values(status=final.value, error=error, updated_at=now, finished_at=now)
+            ).rowcount)
+
+    def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
+                          idempotency_key: str | None) -> tuple[Run, bool]:
+        """create_run(mode="plain"): the run row alone, one INSERT (autocommit on PostgreSQL)."""
+        now = utcnow()
+        try:
+            with (self.autocommit or self.engine).begin() as conn:
+                conn.execute(insert(t.runs).values(
+                    id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+                    idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
+                    mode="plain"))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
+
+    def _results(self, conn, run_id: str) -> dict:
+        """The results so far, by step name, as the chain would carry them (a best-effort failure: None)."""
+        s = t.steps.c
+        rows = conn.execute(
+            select(s.name, s.result)
+            .where(s.run_id == run_id,
+                   s.status.in_([StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value]))
+            .order_by(s.idx)
+        )
+        return {row.name: row.result for row in rows}
+
+    @staticmethod
+    def _past_pivot(conn, run_id: str) -> str | None:
+        """The name of the run's pivot step if it succeeded: from then on the run can no longer be undone."""
+        s = t.steps.c
+        return conn.execute(
+            select(s.name).where(s.run_id == run_id, s.pivot.is_(True), s.status == StepStatus.SUCCEEDED.value)
+            .limit(1)
+        ).scalar()
+
+    def _overrule_cancel_past_pivot(self, conn, run_id: str, now: dt.datetime) -> bool:
+        """A cancel requested while the pivot ran (accepted then) is noticed after the pivot succeeded: it can
+        no longer be honoured without leaving the saga half undone, so it is cleared and recorded
+        (``cancel_overruled``), and the run goes forward. True when the run is past its pivot."""
+        pivot = self._past_pivot(conn, run_id)
+        if pivot is None:
+            return False
+        r = t.runs.c
+        if conn.execute(update(t.runs).where(r.id == run_id, r.cancel_requested.is_(True))
+                        .values(cancel_requested=False, updated_at=now)).rowcount:
+            self._event(conn, run_id, "cancel_overruled", None,
+                        {"pivot": pivot, "reason": f"the pivot {pivot!r} succeeded before the cancel took effect: "
+                                                   f"the run can no longer be undone and goes forward"}, now)
+        return True
+
+    def _refuse_cancel(self, conn, run_id: str) -> None:
+        """Raise InvalidTransition (nothing written) for a live run that cannot be cancelled: a plain run
+        (policy), or one past its pivot."""
+        run = conn.execute(select(t.runs.c.status, t.runs.c.mode, t.runs.c.saga)
+                           .where(t.runs.c.id == run_id)).first()
+        if run is None or run.status not in _LIVE_RUN:
+            return
+        if run.mode == "plain":
+            raise InvalidTransition(f"run {run_id} runs as a plain Celery chain (compensation is off by policy "
+                                    f"for saga {run.saga!r}): it cannot be cancelled")
+        pivot = self._past_pivot(conn, run_id)
+        if pivot is not None:
+            raise InvalidTransition(f"run {run_id} is past its pivot step {pivot!r}, which succeeded: it can no "
+                                    f"longer be undone, so it cannot be cancelled; it goes forward (to "
+                                    f"succeeded, or stuck for an operator)")
+
+    @staticmethod
+    def _round_attempt(conn, run_id: str, step: str, attempts: int) -> int:
+        """The step's executions since the last operator retry (what its retry policy counts): a step that
+        an operator sent forward again (request_forward_retry) starts a new round; its attempts keep growing."""
+        if attempts <= 1:
+            return attempts
+        e = t.events.c
+        last_retry = (select(func.max(e.id)).where(e.run_id == run_id, e.kind == "retry_requested")
+                      .scalar_subquery())
+        count = conn.execute(
+            select(func.count()).select_from(t.events)
+            .where(e.run_id == run_id, e.kind == "step_started", e.step == step,
+                   e.id > func.coalesce(last_retry, 0))
+        ).scalar()
+        return min(attempts, count or attempts)
 
     # ---------------------------------------------------------------- helpers
 
@@ -872,7 +1125,7 @@ class Store:
         statuses = [StepStatus.SUCCEEDED.value] + ([StepStatus.COMPENSATING.value] if in_progress else [])
         rows = conn.execute(
             select(s.idx)
-            .where(s.run_id == run_id, s.status.in_(statuses), s.has_compensation.is_(True))
+            .where(s.run_id == run_id, or_(s.status.in_(statuses), _FAILED_NON_ATOMIC), s.has_compensation.is_(True))
             .order_by(s.idx.desc())
         )
         return [r.idx for r in rows]
