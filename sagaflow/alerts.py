@@ -1,5 +1,6 @@
-"""Telling a person that a run needs them: a run that ends in ``compensation_failed`` could not be undone
-and waits for an operator (``sagaflow retry <run_id>`` once the cause is fixed).
+"""Telling a person that a run needs them: a run that ends in ``compensation_failed`` could not be undone,
+and a run ``stuck`` after its pivot could not go forward; each waits for an operator (``sagaflow retry
+<run_id>`` once the cause is fixed).
 
 Two channels: an ERROR log record ``run_compensation_failed`` that an operator can grep or route, and the
 optional SAGAFLOW_ALERT_HOOK, ``"module:callable"``, called with the Run (pager, chat, ticket...).
@@ -40,6 +41,23 @@ def compensation_failed(run: Run, hook_spec: str) -> None:
     log.error("run_compensation_failed", extra={
         "run_id": run.id, "saga": run.saga, "step": failed, "error": run.error,
         "next": f"fix the cause, then run `sagaflow retry {run.id}`",
+    })
+    try:
+        hook = load_hook(hook_spec)
+        if hook is not None:
+            hook(run)
+    except Exception as exc:  # noqa: BLE001 - an alert channel's failure must not touch the run
+        log.error("alert_hook_failed", extra={"run_id": run.id, "hook": hook_spec,
+                                              "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_stuck(run: Run, hook_spec: str) -> None:
+    """A step after the pivot failed for good: the run is ``stuck`` (it can no longer be undone) and waits
+    for an operator to fix the cause and send it forward again. Same channels as compensation_failed."""
+    failed = next((s.name for s in run.steps if s.status == "failed"), None)
+    log.error("run_stuck", extra={
+        "run_id": run.id, "saga": run.saga, "step": failed, "error": run.error,
+        "next": f"fix the cause, then sagaflow retry {run.id}",
     })
     try:
         hook = load_hook(hook_spec)

@@ -89,6 +89,10 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     from sagaflow.runtime import check_visibility_timeout
 
     check_visibility_timeout(settings)
+    from sagaflow.definition import registry
+
+    for saga in registry.all():  # a non-atomic step without a compensation fails now, not at its first failure
+        saga.check_runnable()
     load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
     broker = None
     if settings.embedded_broker:

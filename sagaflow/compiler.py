@@ -30,6 +30,7 @@ FINISH = "sagaflow.finish"
 ON_STEP_FAILED = "sagaflow.on_step_failed"
 FINISH_COMPENSATION = "sagaflow.finish_compensation"
 ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
+ON_PLAIN_FAILED = "sagaflow.on_plain_failed"  # the errback of a plain run (policy: compensation off)
 RECOVER = "sagaflow.recover"  # the recovery sweeper, scheduled by beat
 CHAIN_WINDOW = 8  # steps per published chain (compile_run)
 HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
@@ -82,14 +83,22 @@ def segment_end(saga: Saga, start: int, window: int = CHAIN_WINDOW) -> int:
     return end
 
 
+def _on_plain_failed(app: Celery, run_id: str, index: int) -> Signature:
+    return app.signature(ON_PLAIN_FAILED, args=(run_id, index), immutable=True)
+
+
 def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: dict | None = None,
-                window: int = CHAIN_WINDOW) -> Signature | Fanout:
+                window: int = CHAIN_WINDOW, *, plain: bool = False, input: dict | None = None) -> Signature | Fanout:
     """The forward chain from step ``start`` (the recovery sweeper resumes a run there, with the results
     of the steps before it read from SQL), ``window`` steps at most (see segment_end): the chain's last
     step, marked ``window_end``, publishes the next one once its result is committed. A Celery chain carries
     every remaining link in each message; windows keep a long saga's messages, and its cost per step, flat.
     From a parallel group's first step: its branches (Fanout). From ``start == len(saga.steps)``: the finish
-    task alone."""
+    task alone.
+
+    ``plain``: the run's compensation is off by policy (sagaflow/policy.py): the same step tasks with
+    ``plain=True`` and the run's ``input`` in their kwargs (they read nothing from SQL), each with the
+    errback ``sagaflow.on_plain_failed``. No gates, child steps or groups there (policy refuses them)."""
     n = len(saga.steps)
     if start == n:
         return app.signature(FINISH, args=(results or {},), kwargs={"run_id": run_id},
@@ -110,9 +119,11 @@ def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: d
         kwargs = {"run_id": run_id, "index": index, "version": saga.version}
         if index == end - 1 < n - 1:
             kwargs["window_end"] = True
+        if plain:
+            kwargs.update(plain=True, input=input or {})
+        errback = _on_plain_failed(app, run_id, index) if plain else _on_step_failed(app, saga, run_id, index)
         links.append(
-            app.signature(step_task_name(saga, step), args=args, kwargs=kwargs,
-                          link_error=[_on_step_failed(app, saga, run_id, index)],
+            app.signature(step_task_name(saga, step), args=args, kwargs=kwargs, link_error=[errback],
                           **_limits(step))
         )
     return chain(*links)

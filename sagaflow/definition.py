@@ -143,6 +143,9 @@ class RetryPolicy:
 
 
 DEFAULT_RETRY = RetryPolicy()
+# A step after the pivot that sets no retry of its own: the saga can no longer be undone, so it tries harder
+# to go forward before it leaves the run stuck for an operator (about 4 minutes of retries in all).
+DEFAULT_FORWARD_RETRY = RetryPolicy(max_attempts=8, initial_interval=1.0, backoff=2.0, max_interval=60.0)
 # An undo must happen: compensations try harder before a run is left to an operator.
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=1.0, backoff=2.0, max_interval=60.0)
 
@@ -419,6 +422,26 @@ class Saga:
     def linear(self) -> bool:
         """No step needs more than the linear fast path: plain actions, one after the other."""
         return not any(step.special for step in self.steps)
+
+    def retry_policy(self, index: int) -> RetryPolicy:
+        """The retry policy of step ``index``: its own, or, after a pivot, DEFAULT_FORWARD_RETRY when it set
+        none (``Step.retry is DEFAULT_RETRY``: the default object itself, not an equal one given explicitly)."""
+        step = self.steps[index]
+        if step.retry is DEFAULT_RETRY and any(s.pivot for s in self.steps[:index]):
+            return DEFAULT_FORWARD_RETRY
+        return step.retry
+
+    def check_runnable(self) -> None:
+        """What can only be checked once the whole saga is written: a non-atomic step needs a compensation
+        (its own undo runs when it fails). Not checked as each step is appended: the decorator form adds the
+        compensation afterwards (``@step.compensation``). Called by ``client.start`` and at worker start."""
+        for step in self.steps:
+            if step.non_atomic and step.compensate is None:
+                raise DefinitionError(
+                    f"saga {self.name!r} version {self.version}, step {step.name!r}: non_atomic=True needs a "
+                    f"compensation (it undoes the step's partial work when the step fails); add one with "
+                    f"@{step.name}.compensation, or drop non_atomic"
+                )
 
     def groups(self) -> dict[int, list[int]]:
         """Each parallel group's first index -> the indexes of its steps."""

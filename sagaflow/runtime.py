@@ -26,6 +26,7 @@ from sagaflow.compiler import (
     FINISH_COMPENSATION,
     HARD_LIMIT_GRACE,
     ON_COMPENSATION_FAILED,
+    ON_PLAIN_FAILED,
     ON_STEP_FAILED,
     RECOVER,
     compensation_task_name,
@@ -46,6 +47,10 @@ LEASE_MARGIN = 2.0  # seconds a lease outlives the hard time limit
 
 LOST_COMPENSATION = ("the compensation's worker process was lost or hit its hard time limit; check the worker's "
                      "log, fix the cause, then `sagaflow retry <run_id>`")
+
+
+LOST_PLAIN = ("a step of this plain run (compensation off by policy) failed, and its worker was lost or could not "
+              "record the error; check the worker's log")
 
 
 # Connection lost, server restarting, connections terminated: worth trying again, for about 25 minutes.
@@ -153,10 +158,15 @@ def store_for(saga: Saga):
 
 
 def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version: int,
-             window_end: bool = False, branch: bool = False, plain: bool = False) -> dict:
+             window_end: bool = False, branch: bool = False, plain: bool = False, input: dict | None = None) -> dict:
     """``window_end``: publish the next chain once this step's result is committed. ``branch``: a step of a
     parallel group, published on its own (compiler.Fanout). ``plain``: a run that policy switched to a plain
-    chain (no claims, no step rows)."""
+    chain (no claims, no step rows), with the run's ``input`` in the message."""
+    if plain:
+        outcome = _run_plain_step(self, results, run_id, index, version, input or {})
+        if window_end:
+            publish_next_window(run_id, version, self.saga_name, index + 1, outcome, plain=True, input=input)
+        return outcome
     with self.database_outage_retries():
         outcome = _run_step(self, results, run_id, index, version)
     if isinstance(outcome, FailedForGood):
@@ -166,11 +176,13 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     return outcome
 
 
-def publish_next_window(run_id: str, version: int, saga_name: str, start: int, results: dict) -> None:
+def publish_next_window(run_id: str, version: int, saga_name: str, start: int, results: dict, *,
+                        plain: bool = False, input: dict | None = None) -> None:
     """The step that ends a chain window committed its result: publish the next window. If the broker
     refuses, the run holds no lease and stops moving: the recovery sweeper re-drives it from SQL."""
     try:
-        compile_run(celery_app, registry.get(saga_name, version), run_id, start=start, results=results).apply_async()
+        compile_run(celery_app, registry.get(saga_name, version), run_id, start=start, results=results,
+                    plain=plain, input=input).apply_async()
     except Exception as exc:  # noqa: BLE001 - the step's success is recorded; never fire its errback now
         log.error("chain_window_not_published",
                   extra={"run_id": run_id, "from_step": start, "error": describe(exc),
@@ -203,9 +215,12 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
 
+    # Step flags: past the pivot a cancel is never acted on (the saga can no longer be undone).
+    past_pivot = any(s.pivot for s in saga.steps[:index])
+    policy = saga.retry_policy(index)
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results),
-                      _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=True))
+                      _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=not past_pivot))
     try:
         value = step.action(ctx)
         try:
@@ -222,8 +237,10 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
             return FailedForGood(exc)
         raise Ignore()
     except Exception as exc:
+        if step.best_effort and not policy.allows_retry(exc, claim.round_attempt):
+            return _give_up_best_effort(store, saga, step, run_id, index, token, exc, claim, results, fields)
         return self.retry_or_give_up(
-            exc, claim, step.retry, "step", fields,
+            exc, claim, policy, "step", fields,
             note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
             give_up=lambda error: store.fail_step(run_id, index, token, error),
         )
@@ -237,6 +254,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     if status is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
+    if status == RunStatus.RUNNING.value and any(s.pivot for s in saga.steps):
+        status = store.finish_past_pivot(run_id) or status  # step flags: past the pivot a cancel is overruled
     if status == RunStatus.RUNNING.value:  # a cancel came in: undo every step, this one included
         return FailedForGood(SagaCancelled(f"run {run_id} was cancelled before it finished"))
     if status != RunStatus.SUCCEEDED.value:  # an errback moved the run on meanwhile: it owns it now
@@ -244,6 +263,72 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         raise Ignore()
     log.info("run_succeeded", extra=fields)
     return {**results, step.name: value}
+
+
+def _give_up_best_effort(store, saga: Saga, step: Step, run_id: str, index: int, token: str, exc: Exception,
+                         claim, results: dict, fields: dict) -> dict | FailedForGood:
+    """A best-effort step failed for good: record it (``failed_best_effort``) and go on with the next step,
+    its result None. Never compensated; no errback. As the last step it finishes the run (``succeeded``)."""
+    error = describe(exc)
+    last = index == len(saga.steps) - 1
+    status = store.fail_best_effort(run_id, index, token, error, finish=last)
+    if status is None:
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+        raise Ignore()
+    log.warning("step_failed_best_effort", extra={**fields, "attempt": claim.attempt, "error": error,
+                                                  "next": "nothing: the step is best-effort, the run goes on"})
+    if last and status == RunStatus.RUNNING.value and any(s.pivot for s in saga.steps):
+        status = store.finish_past_pivot(run_id) or status
+    if last and status == RunStatus.RUNNING.value:  # a cancel came in: compensate, as for any last step
+        return FailedForGood(SagaCancelled(f"run {run_id} was cancelled before it finished"))
+    if last and status != RunStatus.SUCCEEDED.value:
+        log.warning("step_result_late", extra={**fields, "run_status": status})
+        raise Ignore()
+    if last:
+        log.info("run_succeeded", extra=fields)
+    return {**results, step.name: None}
+
+
+def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, version: int, input: dict) -> dict:
+    """A step of a plain run (policy: compensation off): the action with its retry policy as Celery retries,
+    no claim and no SQL, except the run row at the end: the last step marks it ``succeeded``; a final
+    failure marks it ``failed`` with its error, then raises (errback ``sagaflow.on_plain_failed``, which
+    covers a worker lost before it could record anything). Nothing is ever compensated."""
+    saga, step = self.definition(version)
+    attempt = (self.request.retries or 0) + 1
+    fields = {"run_id": run_id, "step": step.name, "mode": "plain"}
+    ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=input, attempt=attempt,
+                      idempotency_key=f"{run_id}:{step.name}", results=dict(results))
+    try:
+        value = step.action(ctx)
+        try:
+            value = ensure_json(value, f"the result of step {step.name!r}")
+        except TypeError as exc:
+            raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
+    except (Retry, Ignore):
+        raise
+    except Exception as exc:
+        if step.retry.allows_retry(exc, attempt):
+            delay = step.retry.delay(attempt)
+            log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
+        if not step.best_effort:
+            error = describe(exc)
+            log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
+            try:
+                get_store().fail_plain_run(run_id, f"step {step.name!r} failed: {error}")
+            except DB_OUTAGE as db_exc:  # the errback tries again
+                log.warning("database_unreachable", extra={**fields, "error": describe(db_exc)})
+            raise
+        log.warning("step_failed_best_effort", extra={**fields, "attempt": attempt, "error": describe(exc),
+                                                      "next": "nothing: the step is best-effort, the run goes on"})
+        value = None
+    results = {**results, step.name: value}
+    if index == len(saga.steps) - 1:
+        with self.database_outage_retries():
+            get_store().finish_plain_run(run_id)
+        log.info("run_succeeded", extra=fields)
+    return results
 
 
 def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> FailedForGood | None:
@@ -321,6 +406,8 @@ def on_step_failed(self, run_id: str, index: int, saga: str | None = None, versi
     store = get_store()
     if saga is not None and not registry.get(saga, version).linear:
         store = store.transactional
+        if _step_flags_errback(store, registry.get(saga, version), run_id, index):
+            return
     todo = store.begin_compensation(run_id, index, LOST_STEP)
     if todo is None:
         # Another errback began it. Were we redelivered because the worker died before publishing the
@@ -336,6 +423,39 @@ def on_step_failed(self, run_id: str, index: int, saga: str | None = None, versi
         log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
     if todo:
         publish_compensation(run_id, todo, saga, version)
+
+
+def _step_flags_errback(store, definition: Saga, run_id: str, index: int) -> bool:
+    """on_step_failed for sagas with step flags; True when handled here (nothing to compensate).
+
+    - A best-effort step whose worker was lost: recorded as ``failed_best_effort``, and the run goes on.
+    - Past the pivot: the run goes ``stuck`` (nothing undone) and an operator is alerted."""
+    if index < len(definition.steps) and definition.steps[index].best_effort:
+        outcome = store.best_effort_lost(run_id, index, LOST_STEP)
+        if outcome is not None:
+            action, results = outcome
+            if action == "resume":
+                log.warning("step_failed_best_effort", extra={
+                    "run_id": run_id, "step": definition.steps[index].name, "error": LOST_STEP,
+                    "next": "nothing: the step is best-effort, the run goes on"})
+                compile_run(celery_app, definition, run_id, start=index + 1, results=results).apply_async()
+            return True
+    if any(s.pivot for s in definition.steps):
+        stuck = store.stop_past_pivot(run_id, index, LOST_STEP)
+        if stuck is not None:
+            if stuck:
+                alerts.run_stuck(store.get_run(run_id), get_settings().alert_hook)
+            return True
+    return False
+
+
+@celery_app.task(name=ON_PLAIN_FAILED, **GENERIC_TASK)
+def on_plain_failed(self, run_id: str, index: int) -> None:
+    """Errback of a plain run's steps: the run is ``failed`` (nothing is undone). The step that gave up
+    recorded its own error already; this covers a worker lost before it could (hard time limit, dead
+    process, the database unreachable then)."""
+    if get_store().fail_plain_run(run_id, LOST_PLAIN):
+        log.warning("run_failed", extra={"run_id": run_id, "index": index, "error": LOST_PLAIN})
 
 
 @celery_app.task(name=ON_COMPENSATION_FAILED, **GENERIC_TASK)
