@@ -29,6 +29,19 @@ def _bool(env: dict, name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
+
+
+def _names(env: dict, name: str) -> tuple[str, ...] | None:
+    """A comma-separated list of saga names; None when unset or ``*`` (every saga)."""
+    raw = env.get(name, "").strip()
+    if not raw or raw == "*":
+        return None
+    names = tuple(n.strip() for n in raw.split(",") if n.strip())
+    if "*" in names:
+        raise ValueError(f"{name}: `*` means every saga and stands alone, got {raw!r}")
+    return names
+
+
 def _positive(env: dict, name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
@@ -66,6 +79,13 @@ class Settings:
     api_token: str = ""
     flower_url: str = ""
     api_max_body: int = 1024 * 1024
+    # Policy (sagaflow/policy.py): compensation on or off per saga, decided at start. saga_enabled=False
+    # switches it off for every saga; saga_operations names the sagas that keep it (None: all); the policy
+    # file's per-saga entries override both. The default file may be absent; one named explicitly may not.
+    saga_enabled: bool = True
+    saga_operations: tuple[str, ...] | None = None
+    policy_file: Path = Path("config/policy.yaml").resolve()
+    policy_file_required: bool = False
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -93,6 +113,11 @@ class Settings:
             api_token=env.get("SAGAFLOW_API_TOKEN", "").strip(),
             flower_url=_http_url(env, "SAGAFLOW_FLOWER_URL"),
             api_max_body=_positive(env, "SAGAFLOW_API_MAX_BODY", 1024 * 1024),
+            saga_enabled=_bool(env, "SAGAFLOW_SAGA_ENABLED", True),
+            saga_operations=_names(env, "SAGAFLOW_SAGA_OPERATIONS"),
+            # Resolved now, like the saga files, so every child process reads the same file.
+            policy_file=Path(env.get("SAGAFLOW_POLICY_FILE", "").strip() or "config/policy.yaml").expanduser().resolve(),
+            policy_file_required=bool(env.get("SAGAFLOW_POLICY_FILE", "").strip()),
         )
 
     @property
@@ -130,4 +155,7 @@ class Settings:
             "SAGAFLOW_API_TOKEN": self.api_token,
             "SAGAFLOW_FLOWER_URL": self.flower_url,
             "SAGAFLOW_API_MAX_BODY": str(self.api_max_body),
+            "SAGAFLOW_SAGA_ENABLED": "1" if self.saga_enabled else "0",
+            "SAGAFLOW_SAGA_OPERATIONS": ",".join(self.saga_operations) if self.saga_operations is not None else "*",
+            "SAGAFLOW_POLICY_FILE": str(self.policy_file) if self.policy_file_required else "",
         }

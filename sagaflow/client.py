@@ -13,6 +13,7 @@ import uuid
 import redis
 
 from config.settings import Settings
+from sagaflow import policy
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
@@ -69,14 +70,19 @@ class SagaClient:
                                f"characters")
         if not definition.steps:
             raise InvalidInput(f"saga {saga!r} has no steps")
+        definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
+        mode = policy.mode_for(definition)  # PolicyError: an invalid policy file, or a saga that cannot run plain
         self._check_broker()
         run, created = self.store.create_run(
             str(uuid.uuid4()), definition.name, definition.version, input,
-            [StepSpec.of(s) for s in definition.steps], idempotency_key,
+            [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode,
         )
         if created:
             try:
-                compile_run(self.app, definition, run.id).apply_async()
+                if mode == policy.PLAIN:
+                    compile_run(self.app, definition, run.id, plain=True, input=input).apply_async()
+                else:
+                    compile_run(self.app, definition, run.id).apply_async()
             except Exception as exc:
                 raise BrokerUnavailable(
                     f"run {run.id} was recorded but its first step could not be published ({exc}); "
@@ -89,7 +95,15 @@ class SagaClient:
         return self.store.request_cancel(run_id)
 
     def retry(self, run_id: str) -> Run:
-        """Resume the compensations of a run in ``compensation_failed``, where they stopped."""
+        """Resume the compensations of a run in ``compensation_failed``, where they stopped; or send a run
+        ``stuck`` after its pivot forward again, from the step that failed (earlier results read from SQL)."""
+        forward = self.store.transactional.request_forward_retry(run_id)
+        if forward is not None:
+            start, results = forward
+            run = self.store.get_run(run_id, history=False)
+            compile_run(self.app, registry.get(run.saga, run.saga_version), run_id, start=start,
+                        results=results).apply_async()
+            return self.get(run_id)
         todo = self.store.request_retry(run_id)
         if todo:
             publish_compensation(run_id, todo)

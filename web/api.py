@@ -14,7 +14,9 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 
 from sagaflow.client import SagaClient
 from sagaflow.definition import NAME_PATTERN, registry
-from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
+from sagaflow.errors import (BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun,
+                             UnknownSaga)
+from sagaflow.policy import PolicyError
 from sagaflow.store import RunStatus, stats
 from web import security
 from web.present import run_json, saga_json
@@ -102,7 +104,9 @@ def start_run():
         run = _client().start(saga, data, idempotency_key=key)
     except (UnknownSaga, InvalidInput) as exc:
         raise ApiError(400, str(exc)) from None
-    except BrokerUnavailable as exc:
+    except (BrokerUnavailable, PolicyError, DefinitionError) as exc:
+        # PolicyError / DefinitionError: the server's policy file or saga definition refuses runs of this
+        # saga until fixed (the message says what to fix).
         raise ApiError(503, str(exc)) from None
     return jsonify(run_json(run, _flower())), 202, {"Location": url_for("api.get_run", run_id=run.id)}
 
