@@ -220,6 +220,26 @@ def test_a_lost_step_after_the_pivot_is_recorded_failed_and_the_run_stuck(store)
     assert s.get_run("r1").step("c").error == "worker lost"
 
 
+def test_a_stalled_run_past_its_pivot_goes_forward_never_compensates(store):
+    s = past_pivot(store)
+    s.claim_step("r1", 2, "t2:0", [], 0.01)  # its worker dies: the lease runs out
+    import time
+
+    time.sleep(0.05)
+    [(run_id, seen)] = s.stalled_runs(60)
+    recovery = s.take_over_stalled(run_id, seen, 60)
+    assert (recovery.action, recovery.index, recovery.revoked) == ("resume", 2, ("c",))
+    # A failure recorded whose errback was lost: the sweeper publishes the errback, which goes stuck.
+    s.claim_step("r1", 2, "t2:1", [], 60)
+    s.fail_step("r1", 2, "t2:1", "boom")
+    with s.engine.begin() as conn:
+        conn.execute(t.runs.update().values(updated_at=dt.datetime(2020, 1, 1)))
+    [(run_id, seen)] = s.stalled_runs(60)
+    assert s.take_over_stalled(run_id, seen, 60).action == "errback"
+    assert s.stop_past_pivot("r1", 2, "lost") is True
+    assert s.stalled_runs(0) == []  # stuck waits for an operator, not for the sweeper
+
+
 def test_retry_of_a_stuck_run_resumes_from_the_failed_step_with_a_new_round_of_attempts(store):
     s = past_pivot(store)
     for attempt in range(2):
