@@ -122,7 +122,7 @@ def test_cancel_a_slow_run_is_202_then_409_once_it_is_over(web_url, client):
     assert again.status == 409
     assert again.json == {"error": f"run {run['id']} is cancelled: only pending or running runs can be cancelled"}
     retry = call("POST", f"{web_url}/api/runs/{run['id']}/retry")
-    assert retry.status == 409 and "only runs in compensation_failed can be retried" in retry.json["error"]
+    assert retry.status == 409 and "only runs in compensation_failed or stuck can be retried" in retry.json["error"]
 
 
 def test_retry_resumes_a_run_in_compensation_failed(web_url, client):
