@@ -433,9 +433,15 @@ class Saga:
 
     def check_runnable(self) -> None:
         """What can only be checked once the whole saga is written: a non-atomic step needs a compensation
-        (its own undo runs when it fails). Not checked as each step is appended: the decorator form adds the
+        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the decorator form adds the
         compensation afterwards (``@step.compensation``). Called by ``client.start`` and at worker start."""
         for step in self.steps:
+            if step.non_atomic and step.best_effort:
+                raise DefinitionError(
+                    f"saga {self.name!r} version {self.version}, step {step.name!r}: a step cannot be both "
+                    f"best_effort (its failure is never undone) and non_atomic (its failure undoes its partial "
+                    f"work and the saga); choose one"
+                )
             if step.non_atomic and step.compensate is None:
                 raise DefinitionError(
                     f"saga {self.name!r} version {self.version}, step {step.name!r}: non_atomic=True needs a "

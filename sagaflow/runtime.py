@@ -395,6 +395,10 @@ registry.listen(declare_tasks)
 def finish(self, results: dict, *, run_id: str) -> None:
     outcome = get_store().finish_run(run_id)
     if outcome is ClaimOutcome.CANCELLED:
+        # Step flags: past the pivot the cancel is overruled and the run finishes (None: no pivot succeeded).
+        if get_store().transactional.finish_past_pivot(run_id) == RunStatus.SUCCEEDED.value:
+            log.info("run_succeeded", extra={"run_id": run_id})
+            return
         raise SagaCancelled(f"run {run_id} was cancelled before it finished")
     if outcome is ClaimOutcome.CLAIMED:
         log.info("run_succeeded", extra={"run_id": run_id})

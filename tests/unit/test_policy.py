@@ -190,6 +190,12 @@ def test_a_non_atomic_step_without_a_compensation_is_refused_once_the_saga_is_wr
     saga.check_runnable()  # the decorator form had its chance
 
 
+def test_a_step_cannot_be_both_best_effort_and_non_atomic():
+    saga = Saga("pol_both", [Step("a", noop, noop, best_effort=True, non_atomic=True)], register=False)
+    with pytest.raises(DefinitionError, match="cannot be both best_effort .* and non_atomic"):
+        saga.check_runnable()
+
+
 def test_steps_after_the_pivot_retry_forward_harder_unless_they_set_a_policy():
     own = RetryPolicy(max_attempts=2)
     saga = Saga("pol_pivot", [Step("a", noop), Step("p", noop, pivot=True), Step("b", noop),
