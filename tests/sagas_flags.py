@@ -188,3 +188,75 @@ def unfund(ctx):
 @policy_saga.step(retry=FAST)
 def welcome(ctx):
     return act(ctx)
+
+
+# ---------------------------------------------------------------------------------------------- lost workers
+
+def _stubborn(ctx: StepContext):
+    """Records its effect, then ignores its soft time limit: the pool kills it at the hard limit (timeout +
+    5 s), and Celery fires its errback twice (celery-facts.md 1.2)."""
+    import time
+
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    do(ctx)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            pass  # misbehaving on purpose
+    return {}
+
+
+# prep -> hang (best-effort, killed at its hard limit) -> after
+lost_best_effort = Saga("flags_lost_best_effort")
+
+
+@lost_best_effort.step(retry=FAST, compensation_retry=FAST)
+def prep(ctx):
+    return act(ctx)
+
+
+@prep.compensation
+def unprep(ctx):
+    undo(ctx)
+
+
+@lost_best_effort.step(retry=RetryPolicy(max_attempts=1), timeout=1, best_effort=True)
+def hang(ctx):
+    return _stubborn(ctx)
+
+
+@lost_best_effort.step(retry=FAST)
+def after(ctx):
+    return act(ctx)
+
+
+# setup -> partial (non-atomic, killed at its hard limit after its effect) -> never
+lost_non_atomic = Saga("flags_lost_non_atomic")
+
+
+@lost_non_atomic.step(retry=FAST, compensation_retry=FAST)
+def setup(ctx):
+    return act(ctx)
+
+
+@setup.compensation
+def teardown(ctx):
+    undo(ctx)
+
+
+@lost_non_atomic.step(retry=RetryPolicy(max_attempts=1), compensation_retry=FAST, timeout=1, non_atomic=True)
+def partial(ctx):
+    return _stubborn(ctx)
+
+
+@partial.compensation
+def unpartial(ctx):
+    undo(ctx)
+
+
+@lost_non_atomic.step(retry=FAST)
+def never(ctx):
+    return act(ctx)

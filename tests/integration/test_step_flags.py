@@ -221,3 +221,26 @@ def test_a_cancel_before_the_pivot_compensates(client):
 
     assert run.status == "cancelled"
     assert effects_of(run.id) == [("do", "hold"), ("undo", "hold")]
+
+
+# ---------------------------------------------------------------------------------------------- lost workers
+
+def test_a_best_effort_step_killed_at_its_hard_limit_lets_the_run_go_on_once(client):
+    # The hard time limit fires the errback twice: the run goes on once, nothing is undone.
+    run = client.wait(client.start("flags_lost_best_effort", {}).id, timeout=60)
+
+    assert run.status == "succeeded", run
+    assert effects_of(run.id) == [("do", "prep"), ("do", "hang"), ("do", "after")]
+    assert run.step("hang").status == "failed_best_effort" and "lost" in run.step("hang").error
+    assert kinds(run, "step_failed_best_effort") == [("step_failed_best_effort", "hang")]
+    assert kinds(run, "step_started").count(("step_started", "after")) == 1
+
+
+def test_a_non_atomic_step_killed_at_its_hard_limit_is_undone_first_exactly_once(client):
+    run = client.wait(client.start("flags_lost_non_atomic", {}).id, timeout=60)
+
+    assert run.status == "compensated", run
+    assert effects_of(run.id) == [("do", "setup"), ("do", "partial"), ("undo", "partial"), ("undo", "setup")]
+    assert kinds(run, "compensation_started") == [("compensation_started", "partial"),
+                                                  ("compensation_started", "setup")]
+    assert run.step("partial").status == "compensated" and run.step("never").status == "skipped"
