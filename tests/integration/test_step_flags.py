@@ -143,6 +143,8 @@ def test_a_failure_after_the_pivot_retries_then_leaves_the_run_stuck_with_an_ale
     assert "'ship'" in run.error and "'charge'" in run.error and "blocked" in run.error
     assert kinds(run)[-1] == ("run_stuck", "ship")
     assert not kinds(run, "compensation_started")
+    # The alert follows the commit that made the run stuck (as for compensation_failed): wait for it.
+    wait_for(lambda: alerts_for(settings, run.id), what="the alert hook")
     assert alerts_for(settings, run.id) == [{"run_id": run.id, "status": "stuck", "error": run.error}]
     from tests.conftest import ARTIFACTS
 
@@ -178,7 +180,7 @@ def test_a_stuck_run_retried_before_the_cause_is_fixed_goes_stuck_again(client, 
     assert run.status == "stuck"
     assert run.step("receipt").attempts == 6  # a full new round of 3
     assert kinds(run, "run_stuck") == [("run_stuck", "receipt")] * 2
-    assert len(alerts_for(settings, run.id)) == 2
+    wait_for(lambda: len(alerts_for(settings, run.id)) == 2, what="the second alert")
     assert effects_of(run.id) == [("do", "hold"), ("do", "charge"), ("do", "ship")]
     blocked_file(run.id).unlink()
 
