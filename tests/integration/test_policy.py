@@ -121,3 +121,15 @@ def test_a_malformed_policy_file_refuses_new_runs_until_fixed_and_writes_nothing
         client.start("create_booking", {})
     with client.store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(t.runs)).scalar() == before
+
+
+def test_a_plain_run_whose_worker_is_lost_is_marked_failed_by_its_errback(client, policy):
+    # The step is killed at its hard time limit before it can record anything: the errback
+    # (sagaflow.on_plain_failed, fired twice by Celery here) marks the run failed, once.
+    policy("sagas:\n  flags_lost_non_atomic: {compensation: off}\n")
+    run = client.wait(client.start("flags_lost_non_atomic", {}).id, timeout=60)
+
+    assert (run.status, run.mode) == ("failed", "plain")
+    assert "worker was lost" in run.error
+    assert effects_of(run.id) == [("do", "setup"), ("do", "partial")]  # nothing undone, nothing after
+    assert rows(client, run.id) == (1, 0, 0)
