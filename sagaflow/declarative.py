@@ -41,6 +41,7 @@ import yaml
 from sagaflow.definition import (
     NAME_PATTERN,
     Action,
+    Parallel,
     Registry,
     RetryPolicy,
     Saga,
@@ -210,7 +211,10 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_list)
 FILE_KEYS = {"sagas"}
 SAGA_KEYS = {"name", "version", "description", "defaults", "steps"}
 STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "lease", "queue"}
-STEP_KEYS = {"name", "action", "compensation", "description"} | STEP_OPTIONS
+STEP_FLAGS = ("best_effort", "non_atomic", "pivot")
+STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS} | STEP_OPTIONS
+GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description"}
+CHILD_KEYS = {"child", "saga", "compensation", "description"}
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
 
@@ -344,10 +348,66 @@ def _step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry
     action = _handler(spec, "action", handlers, where)
     compensation = _handler(spec, "compensation", handlers, where)
     options = {**defaults, **_options(spec, where)}
+    for flag in STEP_FLAGS:
+        if flag in spec:
+            if not isinstance(spec[flag], bool):
+                raise where.error(f"{flag} must be true or false, got {_type_name(spec[flag])} {spec[flag]!r}",
+                                  _line(spec, flag))
+            options[flag] = spec[flag]
     try:
         return Step(name, action, compensation, **options)
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec)) from None
+
+
+def _waiting_step(spec: _Map, line: int | None, handlers: HandlerRegistry, where: _Where) -> Step:
+    """``{gate: name, signal: ..., timeout: seconds}`` or ``{child: name, saga: ...}``: a step that waits."""
+    kind = "gate" if "gate" in spec else "child"
+    where.step = spec[kind] if isinstance(spec[kind], str) else None
+    _check_keys(spec, GATE_KEYS if kind == "gate" else CHILD_KEYS,
+                ("gate", "signal", "timeout") if kind == "gate" else ("child", "saga"), f"a {kind} step", where, line)
+    name = spec[kind]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise where.error(f"{kind} must be the step's name (an identifier), got {name!r}", _line(spec, kind))
+    compensation = _handler(spec, "compensation", handlers, where)
+    try:
+        if kind == "gate":
+            return Step(name, None, compensation, kind="gate", signal=spec["signal"], timeout=spec["timeout"])
+        return Step(name, None, compensation, kind="child", child_saga=spec["saga"])
+    except DefinitionError as exc:
+        raise where.error(str(exc), _line(spec)) from None
+
+
+def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: _Where, step_lines: dict, *,
+           nested: bool = False) -> list:
+    """A saga's steps: Step, or Parallel for ``{parallel: [step, step, ...]}`` (not nested). ``step_lines``
+    gets each Step's line, for errors found later."""
+    built: list = []
+    for spec, line in zip(specs, lines):
+        where.step = None
+        if isinstance(spec, dict) and "parallel" in spec:
+            _check_keys(spec, {"parallel"}, ("parallel",), "a parallel group", where, line)
+            group = spec["parallel"]
+            if nested:
+                raise where.error("parallel groups do not nest", _line(spec, "parallel"))
+            if not isinstance(group, list) or len(group) < 2:
+                raise where.error("parallel must list at least two steps", _line(spec, "parallel"))
+            branches = _steps(group, group.item_lines, defaults, handlers, where, step_lines, nested=True)
+            try:
+                built.append(Parallel(*branches))
+            except DefinitionError as exc:
+                raise where.error(str(exc), _line(spec, "parallel")) from None
+        elif isinstance(spec, dict) and ("gate" in spec or "child" in spec):
+            built.append(_waiting_step(spec, line, handlers, where))
+        else:
+            built.append(_step(spec, line, defaults, handlers, where))
+        if isinstance(built[-1], Step):
+            step_lines[id(built[-1])] = _line(spec) or line
+            if nested and (built[-1].pivot or str(built[-1].kind) == "gate"):
+                where.step = built[-1].name
+                raise where.error("a gate or a pivot cannot be in a parallel group: it runs alone",
+                                  _line(spec) or line)
+    return built
 
 
 def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where) -> Saga:
@@ -375,16 +435,20 @@ def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where)
     steps = spec["steps"]
     if not isinstance(steps, list) or not steps:
         raise where.error(f"steps must be a non-empty list, got {_type_name(steps)}", _line(spec, "steps"))
-    built: list[Step] = []
-    for step_spec, step_line in zip(steps, steps.item_lines):
-        where.step = None
-        step = _step(step_spec, step_line, defaults, handlers, where)
-        if any(s.name == step.name for s in built):
-            raise where.error(
-                f"duplicate step name {step.name!r}; give one of them its own `name:`", _line(step_spec))
-        built.append(step)
+    step_lines: dict[int, int | None] = {}
+    built = _steps(steps, steps.item_lines, defaults, handlers, where, step_lines)
+    seen: set[str] = set()
+    for step in (s for item in built for s in (item.steps if isinstance(item, Parallel) else (item,))):
+        if step.name in seen:
+            where.step = step.name
+            raise where.error(f"duplicate step name {step.name!r}; give one of them its own `name:`",
+                              step_lines.get(id(step)))
+        seen.add(step.name)
     where.step = None
-    return Saga(name, built, version=version, register=False)
+    try:
+        return Saga(name, built, version=version, register=False)
+    except DefinitionError as exc:
+        raise where.error(str(exc), _line(spec, "steps")) from None
 
 
 def parse_saga_file(path: str | Path, text: str | None = None, *,

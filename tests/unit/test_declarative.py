@@ -357,3 +357,46 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, hreg, sreg):
 
 def test_one_bad_saga_registers_none_of_the_file(error):
     error(VALID + "  - name: third\n    steps: [{action: nowhere}]\n")
+
+
+# ---------------------------------------------------------------------------------------------- issue-5 shapes
+
+def test_step_flags_parallel_groups_gates_and_child_steps_in_a_file(load):
+    from sagaflow import StepKind
+
+    (saga,) = load("""
+        sagas:
+          - name: shaped
+            steps:
+              - {action: ingest, compensation: delete_uploaded_file, non_atomic: true}
+              - parallel:
+                  - {name: left, action: parse, best_effort: true}
+                  - {name: right, action: parse, compensation: delete_uploaded_file}
+              - {gate: approve, signal: approved, timeout: 3600}
+              - {child: publish_all, saga: only_parse}
+              - {name: commit, action: parse, pivot: true}
+        """)
+    assert [s.name for s in saga.steps] == ["ingest", "left", "right", "approve", "publish_all", "commit"]
+    assert saga.steps[0].non_atomic and saga.steps[1].best_effort and saga.steps[5].pivot
+    assert [s.group for s in saga.steps] == [None, 1, 1, None, None, None]
+    assert saga.steps[3].kind is StepKind.GATE and (saga.steps[3].signal, saga.steps[3].timeout) == ("approved", 3600)
+    assert saga.steps[4].kind is StepKind.CHILD and saga.steps[4].child_saga == "only_parse"
+    assert not saga.linear
+
+
+@pytest.mark.parametrize("steps, line, message", [
+    ("      - {action: ingest, pivot: yes please}\n", 4, "pivot must be true or false"),
+    ("      - {parallel: [{action: ingest}]}\n", 4, "parallel must list at least two steps"),
+    ("      - parallel:\n          - {action: ingest}\n          - {parallel: [{action: parse}, {name: p2, action: parse}]}\n",
+     6, "parallel groups do not nest"),
+    ("      - parallel:\n          - {action: ingest}\n          - {action: parse, pivot: true}\n", 6,
+     "cannot be in a parallel group"),
+    ("      - {gate: approve, signal: approved}\n", 4, "a gate step needs the key 'timeout'"),
+    ("      - {gate: approve, signal: approved, timeout: 5, action: ingest}\n", 4, "unknown key 'action'"),
+    ("      - {child: sub, saga: 'not a name'}\n", 4, "saga must be a saga name"),
+    ("      - {action: ingest}\n      - parallel:\n          - {action: parse}\n          - {action: ingest}\n", 7,
+     "duplicate step name 'ingest'"),
+])
+def test_bad_issue_5_shapes_name_the_line_and_the_problem(error, steps, line, message):
+    failure = error("sagas:\n  - name: s\n    steps:\n" + steps)
+    assert message in str(failure) and failure.line == line, (str(failure), failure.line)
