@@ -113,6 +113,8 @@ class Claim:
     error: str | None = None
 
 
+LOST_BRANCH = ("the branch's worker process was lost while the run was compensating; it recorded no outcome, "
+               "so nothing of it is undone")
 _LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 _IN_PROGRESS_RUN = (*_LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches
 _HELD_STEP = (StepStatus.RUNNING.value, StepStatus.COMPENSATING.value)
@@ -137,6 +139,27 @@ class Recovery:
     results: dict | None = None
     indexes: tuple[int, ...] = ()
     revoked: tuple[str, ...] = ()  # steps whose expired claim was taken back
+
+
+@dataclass(frozen=True)
+class BranchOutcome:
+    """What a parallel branch's success decided (Store.complete_branch), for its task to act on.
+
+    decision: "waiting" (a sibling is still open: publish nothing), "joined" (this branch completed the
+    group: publish the steps from ``next_index`` with ``results``, read from SQL), "finished" (the group ended
+    the saga: the run succeeded), "cancelled" (a cancel came in: raise SagaCancelled into the errback),
+    "late" (the run began compensating while the branch ran: publish its own undo if ``compensate``),
+    "recorded" (the run waits for an operator or is final: publish nothing).
+    """
+
+    decision: str
+    next_index: int | None = None
+    results: dict | None = None
+    compensate: bool = False
+
+
+# A branch that counts as done for the join of its group.
+_BRANCH_DONE = (StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value)
 
 
 class Store:
@@ -621,6 +644,7 @@ class Store:
             if held is None:
                 return None
             self._event(conn, run_id, "compensation_succeeded", held.name, None, now)
+            self._lock_run(conn, run_id)  # a late branch's undo may end at the same time (parallel groups)
             if not self._to_compensate(conn, run_id, in_progress=True):
                 self._finish_compensation(conn, run_id, now)
             else:
@@ -730,6 +754,8 @@ class Store:
                 .values(claim=None, lease_expires_at=None)
                 .returning(s.name)
             ).all()
+            if run.status == RunStatus.COMPENSATING.value:
+                self._settle_lost_branches(conn, run_id, now)
             steps = conn.execute(
                 select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic)
                 .where(s.run_id == run_id).order_by(s.idx)
@@ -759,6 +785,191 @@ class Store:
         if frontier.status == StepStatus.FAILED.value:
             return Recovery(action="errback", index=frontier.idx, **base)
         return Recovery(action="resume", index=frontier.idx, results=results, **base)
+
+    # ---------------------------------------------------------------- parallel branches
+    #
+    # The branches of a group run as separate messages (compiler.Fanout) and meet only here, in SQL. Each
+    # decision a branch makes about its group or the run (the join, "a sibling already failed", "the run is
+    # compensating: undo me too", "nothing is left: the compensation ends") is made with the run row locked
+    # (_lock_run), so two branches, or a branch and the last undo, decide one after the other, each seeing
+    # what the other committed. Claims, retries and undos of branches use the ordinary transitions above.
+
+    def complete_branch(self, run_id: str, idx: int, token: str, result: Any) -> BranchOutcome | None:
+        """Record a branch's result and, in the same transaction, decide what follows (BranchOutcome).
+        Exactly one branch of a group sees every member done: it joins the group (event group_joined) and
+        is the only one told to publish what follows. None when this delivery no longer holds the step."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None:
+                return None
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+                .values(status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=now,
+                        lease_expires_at=None)
+                .returning(s.name, s.attempts, s.branch_group, s.has_compensation)
+            ).first()
+            if held is None:
+                return None
+            live = run.status in _LIVE_RUN
+            self._event(conn, run_id, "step_succeeded", held.name,
+                        {"attempt": held.attempts, **({} if live else {"late": True, "run_status": run.status})},
+                        now)
+            self._touch(conn, run_id, now)
+            if run.status == RunStatus.COMPENSATING.value:
+                # A sibling failed (or a cancel came in) while this branch ran: undo it too. Its own task
+                # publishes the undo; without one, this may have been the last thing the run waited for.
+                if not held.has_compensation and not self._to_compensate(conn, run_id, in_progress=True):
+                    self._finish_compensation(conn, run_id, now)
+                return BranchOutcome("late", compensate=held.has_compensation)
+            if not live:
+                return BranchOutcome("recorded")  # compensation_failed: the operator's retry undoes it
+            if run.cancel_requested:
+                return BranchOutcome("cancelled")
+            members = conn.execute(
+                select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == held.branch_group)
+            ).all()
+            if any(m.status not in _BRANCH_DONE for m in members):
+                return BranchOutcome("waiting")
+            self._event(conn, run_id, "group_joined", held.name, {"group": held.branch_group}, now)
+            next_index = max(m.idx for m in members) + 1
+            steps = conn.execute(select(s.name, s.status, s.result).where(s.run_id == run_id).order_by(s.idx)).all()
+            if next_index < len(steps):
+                results = {st.name: st.result for st in steps if st.status == StepStatus.SUCCEEDED.value}
+                return BranchOutcome("joined", next_index=next_index, results=results)
+            if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
+                self._event(conn, run_id, "run_succeeded", None, None, now)
+            return BranchOutcome("finished")
+
+    def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> str | None:
+        """Record a branch's failure for good. Returns "errback" when its errback must begin the
+        compensation; "quiet" when someone else already did or will (the run is compensating, or a sibling
+        failed first and its errback is on its way): one errback per group failure. A late failure may end
+        the compensation (nothing else left to undo). None when this delivery no longer holds the step."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None:
+                return None
+            held = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+                .values(status=StepStatus.FAILED.value, error=error, finished_at=now, lease_expires_at=None)
+                .returning(s.name, s.branch_group)
+            ).first()
+            if held is None:
+                return None
+            live = run.status in _LIVE_RUN
+            self._event(conn, run_id, "step_failed", held.name,
+                        {"error": error, **({} if live else {"late": True, "run_status": run.status})}, now)
+            self._touch(conn, run_id, now)
+            if run.status == RunStatus.COMPENSATING.value:
+                if not self._to_compensate(conn, run_id, in_progress=True):
+                    self._finish_compensation(conn, run_id, now)
+                return "quiet"
+            if not live:
+                return "quiet"
+            sibling_failed = conn.execute(
+                select(s.idx).where(s.run_id == run_id, s.branch_group == held.branch_group, s.idx != idx,
+                                    s.status == StepStatus.FAILED.value).limit(1)
+            ).first()
+            return "quiet" if sibling_failed is not None else "errback"
+
+    def stop_branch(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str]) -> bool:
+        """A branch's retry (or redelivery) found the run no longer live: the run began compensating while
+        the branch waited to run again. Record the branch as failed (it never succeeded, so nothing of it is
+        undone) and end the compensation if it was the last thing the run waited for. Only a delivery that
+        could have claimed the step acts (a duplicate of a live holder changes nothing)."""
+        now = utcnow()
+        s = t.steps.c
+        reason = "stopped: the run began compensating while the branch waited to run again"
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None or run.status in _LIVE_RUN:
+                return False
+            stopped = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.branch_group.is_not(None),
+                       s.status == StepStatus.RUNNING.value,
+                       self._claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now))
+                .values(status=StepStatus.FAILED.value, error=reason, finished_at=now, lease_expires_at=None)
+                .returning(s.name)
+            ).first()
+            if stopped is None:
+                return False
+            self._event(conn, run_id, "step_failed", stopped.name,
+                        {"error": reason, "late": True, "run_status": run.status}, now)
+            self._settle_compensation(conn, run_id, run.status, now)
+        return True
+
+    def settle_lost_branch(self, run_id: str, idx: int, lost_error: str) -> bool:
+        """The errback of a branch that ended after the run began compensating, without recording its own
+        outcome (its process was lost, or killed at its hard time limit): record it as failed and end the
+        compensation if it was the last thing the run waited for. False (changing nothing) when the run is
+        still live or the step is no running branch: the caller goes on as for any errback."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None or run.status in _LIVE_RUN:
+                return False
+            lost = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.branch_group.is_not(None),
+                       s.status == StepStatus.RUNNING.value)
+                .values(status=StepStatus.FAILED.value, error=lost_error, finished_at=now, lease_expires_at=None)
+                .returning(s.name)
+            ).first()
+            if lost is None:
+                return False
+            self._event(conn, run_id, "step_failed", lost.name,
+                        {"error": lost_error, "late": True, "run_status": run.status}, now)
+            self._settle_compensation(conn, run_id, run.status, now)
+        return True
+
+    def _settle_lost_branches(self, conn, run_id: str, now: dt.datetime) -> None:
+        """Recovery of a compensating run: a branch still marked running whose claim was taken back (its
+        holder died; take_over_stalled) can no longer record anything: it failed (lost)."""
+        s = t.steps.c
+        lost = conn.execute(
+            update(t.steps)
+            .where(s.run_id == run_id, s.branch_group.is_not(None), s.status == StepStatus.RUNNING.value,
+                   s.claim.is_(None))
+            .values(status=StepStatus.FAILED.value, error=LOST_BRANCH, finished_at=now, lease_expires_at=None)
+            .returning(s.name)
+        ).all()
+        for row in lost:
+            self._event(conn, run_id, "step_failed", row.name, {"error": LOST_BRANCH, "late": True}, now)
+
+    def _settle_compensation(self, conn, run_id: str, run_status: str, now: dt.datetime) -> None:
+        if run_status == RunStatus.COMPENSATING.value and not self._to_compensate(conn, run_id, in_progress=True):
+            self._finish_compensation(conn, run_id, now)
+
+    def _branches_unsettled(self, conn, run_id: str) -> bool:
+        """For a run with parallel groups, whether its compensation must stay open: a branch still runs (it
+        will record its outcome and, if it succeeded, publish its own undo), or an undo is still to do (a
+        late branch succeeded after the caller looked). Locks the run row first, so the last undo and a late
+        branch decide one after the other. False at once for a run without groups."""
+        s = t.steps.c
+        if conn.execute(select(s.idx).where(s.run_id == run_id, s.branch_group.is_not(None)).limit(1)).first() is None:
+            return False
+        self._lock_run(conn, run_id)
+        running = conn.execute(
+            select(s.idx).where(s.run_id == run_id, s.branch_group.is_not(None),
+                                s.status == StepStatus.RUNNING.value).limit(1)
+        ).first()
+        return running is not None or bool(self._to_compensate(conn, run_id, in_progress=True))
+
+    @staticmethod
+    def _lock_run(conn, run_id: str):
+        """The run's status and cancel flag, with its row locked until the transaction ends (PostgreSQL:
+        SELECT ... FOR UPDATE; SQLite renders no FOR UPDATE, its transactions are serialized already by
+        BEGIN IMMEDIATE). None for an unknown run."""
+        r = t.runs.c
+        return conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id).with_for_update()).first()
 
     # ---------------------------------------------------------------- operator requests
 
@@ -1131,6 +1342,8 @@ class Store:
         return [r.idx for r in rows]
 
     def _finish_compensation(self, conn, run_id: str, now: dt.datetime) -> bool:
+        if self._branches_unsettled(conn, run_id):  # the late branch finishes it (complete_branch, fail_branch)
+            return False
         cancelled = conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar()
         final = RunStatus.CANCELLED if cancelled else RunStatus.COMPENSATED
         if not self._set_run_status(conn, run_id, RunStatus.COMPENSATING, final, now, finished_at=now):
