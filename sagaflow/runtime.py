@@ -19,7 +19,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow import alerts, recovery
+from sagaflow import alerts, branches, recovery
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import (
     FINISH,
@@ -211,6 +211,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         return {**results, step.name: claim.result}
     if claim.outcome is ClaimOutcome.FAILED:
         return FailedForGood(AlreadyFailed(f"step {step.name!r} already failed: {claim.error}"))
+    if claim.outcome is ClaimOutcome.GONE and step.group is not None:
+        branches.stop_waiting_branch(store, run_id, index, token, earlier_tokens, fields)
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
@@ -221,6 +223,11 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results),
                       _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=not past_pivot))
+    if step.group is not None:  # a parallel branch: one errback per group failure (sagaflow/branches.py)
+        give_up = branches.give_up(store, run_id, index, token, fields)
+    else:
+        def give_up(error: str) -> bool:
+            return store.fail_step(run_id, index, token, error)
     try:
         value = step.action(ctx)
         try:
@@ -233,7 +240,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         log.warning("step_lease_lost", extra=fields)
         raise Ignore()
     except SagaCancelled as exc:  # from ctx.heartbeat(): no retry, compensate
-        if store.fail_step(run_id, index, token, describe(exc)):
+        if give_up(describe(exc)):
             return FailedForGood(exc)
         raise Ignore()
     except Exception as exc:
@@ -242,8 +249,10 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         return self.retry_or_give_up(
             exc, claim, policy, "step", fields,
             note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
-            give_up=lambda error: store.fail_step(run_id, index, token, error),
+            give_up=give_up,
         )
+    if step.group is not None:  # records the result, joins the group or undoes a late branch
+        return branches.record_success(saga, step, store, run_id, index, token, value, results, fields)
     if index < len(saga.steps) - 1:
         if not store.complete_step(run_id, index, token, value):
             log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
@@ -414,6 +423,8 @@ def on_step_failed(self, run_id: str, index: int, saga: str | None = None, versi
             return
     todo = store.begin_compensation(run_id, index, LOST_STEP)
     if todo is None:
+        if branches.errback_of_late_branch(store, run_id, index, saga, version):
+            return  # a branch lost after the compensation began: recorded, nothing to re-publish
         # Another errback began it. Were we redelivered because the worker died before publishing the
         # compensations? Re-publish from where they stand: claims make a second chain harmless.
         todo = store.compensations_to_redrive(run_id)

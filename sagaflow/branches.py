@@ -1,0 +1,112 @@
+"""Parallel branches: what a step of a parallel group does after its action, on top of the ordinary step
+(runtime._run_step claims, runs, retries it like any step).
+
+No Celery group or chord (celery-facts.md section 3): each branch is its own message (compiler.Fanout),
+records its own outcome in SQL, and the decisions about its group are made from SQL with the run row locked
+(Store.complete_branch, fail_branch, stop_branch, settle_lost_branch):
+
+- success, run live: the branch that completes the group (every member done) joins it, and only it
+  publishes what follows: the steps after the group (their results read from SQL), or nothing when the group
+  ends the saga (the join finished the run). A duplicate of a done branch finds it DONE and publishes
+  nothing; a crash between the join's commit and its publish leaves a run that no longer moves, which the
+  recovery sweeper resumes after the group, from SQL.
+- success, run compensating (a sibling failed meanwhile): the branch is "late": it records its success
+  and publishes its own undo; the run cannot end its compensation while a branch still runs.
+- failure for good: the first branch of the group to fail fires the errback (compensation); a branch
+  failing after that records its failure and fires none.
+- a retry of a branch that finds the run compensating records the branch as failed (it never succeeded).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from celery.exceptions import Ignore
+
+from sagaflow.app import celery_app
+from sagaflow.compiler import compile_compensation, compile_run
+from sagaflow.definition import Saga, Step, registry
+from sagaflow.errors import SagaCancelled
+
+log = logging.getLogger("sagaflow.branches")
+
+
+def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callable[[str], bool]:
+    """The branch's ``give_up`` for SagaTask.retry_or_give_up: record the failure; True when the errback
+    must fire, else stop quietly (Ignore): one errback per group failure."""
+
+    def record(error: str) -> bool:
+        decision = store.fail_branch(run_id, index, token, error)
+        if decision is None:
+            return False
+        if decision == "quiet":
+            log.warning("branch_failed_quietly", extra={
+                **fields, "error": error,
+                "reason": "the run is compensating already, or a sibling branch failed first and fires the errback"})
+            raise Ignore()
+        return True
+
+    return record
+
+
+def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token: str, value, results: dict,
+                   fields: dict) -> dict:
+    """The branch's action returned ``value``: record it and do what its group's state says."""
+    from sagaflow.runtime import FailedForGood
+
+    outcome = store.complete_branch(run_id, index, token, value)
+    if outcome is None:
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+        raise Ignore()
+    decision = outcome.decision
+    if decision == "cancelled":
+        return FailedForGood(SagaCancelled(f"run {run_id} was cancelled while branch {step.name!r} ran"))
+    if decision == "joined":
+        log.info("group_joined", extra={**fields, "next_step": saga.steps[outcome.next_index].name})
+        try:
+            compile_run(celery_app, saga, run_id, start=outcome.next_index, results=outcome.results).apply_async()
+        except Exception as exc:  # noqa: BLE001 - the join is recorded; the sweeper resumes the run from SQL
+            log.error("group_continuation_not_published", extra={
+                **fields, "error": f"{type(exc).__name__}: {exc}",
+                "next": "the recovery sweeper resumes the run after SAGAFLOW_STALL_TIMEOUT"})
+    elif decision == "finished":
+        log.info("run_succeeded", extra=fields)
+    elif decision == "late":
+        log.warning("branch_succeeded_late", extra={**fields, "compensate": outcome.compensate})
+        if outcome.compensate:
+            try:
+                compile_compensation(celery_app, saga, run_id, [index]).apply_async()
+            except Exception as exc:  # noqa: BLE001 - the sweeper re-drives the compensating run from SQL
+                log.error("branch_compensation_not_published", extra={
+                    **fields, "error": f"{type(exc).__name__}: {exc}",
+                    "next": "the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"})
+    elif decision == "recorded":
+        log.warning("branch_succeeded_late", extra={**fields, "compensate": False,
+                                                    "reason": "the run waits for an operator"})
+    else:
+        log.info("step_succeeded", extra={**fields, "group": "waiting for the other branches"})
+    return {**results, step.name: value}
+
+
+def stop_waiting_branch(store, run_id: str, index: int, token: str, earlier_tokens, fields: dict) -> None:
+    """A branch's delivery found the run no longer live (claim GONE)."""
+    if store.stop_branch(run_id, index, token, earlier_tokens):
+        log.warning("branch_stopped", extra={**fields, "reason": "the run began compensating"})
+
+
+def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, version: int | None) -> bool:
+    """on_step_failed found the compensation begun already. If the errback is a branch's whose process was
+    lost after that (still marked running), record it failed and maybe end the compensation: True, and the
+    errback does nothing more."""
+    if saga is None:
+        return False
+    definition = registry.get(saga, version)
+    if index >= len(definition.steps) or definition.steps[index].group is None:
+        return False
+    from sagaflow.runtime import LOST_STEP
+
+    if store.settle_lost_branch(run_id, index, LOST_STEP):
+        log.warning("branch_lost_late", extra={"run_id": run_id, "step": definition.steps[index].name})
+        return True
+    return False
