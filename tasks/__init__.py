@@ -3,5 +3,6 @@
 from tasks.booking import booking
 from tasks.ingest import ingest
 from tasks.payment import payment
+from tasks.research import research
 
-__all__ = ["booking", "ingest", "payment"]
+__all__ = ["booking", "ingest", "payment", "research"]
