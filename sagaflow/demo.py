@@ -27,6 +27,9 @@ SCENARIOS = [
     ("data_ingest", {"source": "s3://bucket/report.pdf"}, "succeeded"),
     ("data_ingest", {"source": "s3://bucket/bad.pdf", "fail_at": "embed",
                      "fail_compensation": {"parse": 1}}, "compensated"),
+    # Two branches in parallel, joined before the request; then a branch that fails: the other is undone.
+    ("request_data", {"study": "s-42"}, "succeeded"),
+    ("request_data", {"study": "s-43", "fail_at": "identify_data_owners"}, "compensated"),
 ]
 
 
@@ -87,6 +90,8 @@ def describe_order(run: Run) -> str:
             order.append(e.step)
         elif e.kind == "step_failed":
             order.append(f"{e.step} FAILED")
+        elif e.kind == "group_joined":
+            order.append("(branches joined)")
         elif e.kind == "step_retried":
             order.append(f"({e.step} retried)")
         elif e.kind == "compensation_succeeded":

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from sagaflow.demo import SCENARIOS
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
@@ -73,7 +74,8 @@ def test_demo_runs_on_the_embedded_default_and_exits_zero(tmp_path):
     env["SAGAFLOW_HOME"] = str(tmp_path / "home")
     done = sagaflow("demo", env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 of 6 runs ended as expected" in done.stdout
+    assert f"{len(SCENARIOS)} of {len(SCENARIOS)} runs ended as expected" in done.stdout
+    assert "(branches joined) -> request_information" in done.stdout  # the parallel example
     assert "add_calendar FAILED -> undo send_whatsapp -> undo send_email -> undo create_invoice" in done.stdout
     assert "sqlite" in done.stdout
     assert not (tmp_path / "home" / "redis.sock").exists()  # the embedded broker was stopped
