@@ -61,3 +61,25 @@ par_first = Saga("par_first", [Parallel(_step("x"), Step("y", act, retry=FAST)),
 _fault = dict(timeout=3, queue="faults")
 par_faults = Saga("par_faults", [_step("book", **_fault), Parallel(_step("left", **_fault), _step("right", **_fault)),
                                  _step("notify", **_fault)])
+
+
+def _stubborn(ctx: StepContext):
+    """Ignores its soft time limit: the prefork pool kills it at the hard limit (timeout + 5 s), and Celery
+    fires its errback twice (celery-facts.md 1.2). It records no effect."""
+    from billiard.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.1)
+        except SoftTimeLimitExceeded:
+            pass  # misbehaving on purpose
+    return {}
+
+
+# prepare -> (stubborn | quick) -> after: a branch lost at its hard time limit, while the run is live or after
+# the other branch failed.
+par_hard = Saga("par_hard", [_step("prepare"),
+                             Parallel(Step("stubborn", _stubborn, undo, retry=RetryPolicy(max_attempts=1), timeout=1),
+                                      _step("quick")),
+                             _step("after")])

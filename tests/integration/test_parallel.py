@@ -176,3 +176,31 @@ def test_a_worker_killed_during_a_group_is_recovered_and_joins_once(settings):
     assert ("run_recovered", None) in kinds(run)
     assert len(kinds(run, "group_joined")) == 1
     assert run.step("left").attempts == 2 and run.step("right").attempts == 2
+
+
+def test_a_branch_killed_at_its_hard_time_limit_compensates_the_other_branch_once(client):
+    run = client.wait(client.start("par_hard", {}).id, timeout=60)
+
+    assert run.status == "compensated"
+    assert "hard time limit" in run.step("stubborn").error and run.step("stubborn").status == "failed"
+    assert effects_of(run.id) == [("do", "prepare"), ("do", "quick"), ("undo", "quick"), ("undo", "prepare")]
+    time.sleep(1)  # the second errback of the hard limit: it must change nothing
+    again = client.get(run.id)
+    assert Counter(kinds(again, "compensation_started")) == Counter([("compensation_started", "quick"),
+                                                                     ("compensation_started", "prepare")])
+    assert effects_of(run.id) == [("do", "prepare"), ("do", "quick"), ("undo", "quick"), ("undo", "prepare")]
+
+
+def test_a_branch_lost_after_the_other_failed_is_recorded_failed_and_ends_the_compensation(client):
+    run = client.start("par_hard", {"fail_at": "quick"})
+    wait_for(lambda: client.get(run.id).step("prepare").status == "compensated", what="prepare to be undone")
+    assert client.get(run.id).status == "compensating"  # stubborn still runs
+
+    run = client.wait(run.id, timeout=60)
+    assert run.status == "compensated"
+    stubborn = run.step("stubborn")
+    assert stubborn.status == "failed" and "hard time limit" in stubborn.error
+    assert [e.detail.get("late") for e in run.events if e.kind == "step_failed" and e.step == "stubborn"] == [True]
+    assert effects_of(run.id) == [("do", "prepare"), ("undo", "prepare")]
+    time.sleep(1)
+    assert client.get(run.id).events[-1].kind == "run_compensated"
