@@ -15,6 +15,9 @@ records its own outcome in SQL, and the decisions about its group are made from 
 - failure for good: the first branch of the group to fail fires the errback (compensation); a branch
   failing after that records its failure and fires none.
 - a retry of a branch that finds the run compensating records the branch as failed (it never succeeded).
+- compensation order: the group's branches first, then the steps before the group, latest first. While a
+  branch still runs, the undos of the steps before the group wait (hold_back); the transition that settles
+  the group (the late branch's end, or the last undo of the group) releases them.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callabl
     must fire, else stop quietly (Ignore): one errback per group failure."""
 
     def record(error: str) -> bool:
-        decision = store.fail_branch(run_id, index, token, error)
-        if decision is None:
+        outcome = store.fail_branch(run_id, index, token, error)
+        if outcome is None:
             return False
-        if decision == "quiet":
+        if outcome.decision == "quiet":
             log.warning("branch_failed_quietly", extra={
                 **fields, "error": error,
                 "reason": "the run is compensating already, or a sibling branch failed first and fires the errback"})
+            _release(run_id, outcome.release, fields)
             raise Ignore()
         return True
 
@@ -75,12 +79,8 @@ def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token
     elif decision == "late":
         log.warning("branch_succeeded_late", extra={**fields, "compensate": outcome.compensate})
         if outcome.compensate:
-            try:
-                compile_compensation(celery_app, saga, run_id, [index]).apply_async()
-            except Exception as exc:  # noqa: BLE001 - the sweeper re-drives the compensating run from SQL
-                log.error("branch_compensation_not_published", extra={
-                    **fields, "error": f"{type(exc).__name__}: {exc}",
-                    "next": "the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"})
+            _publish_undos(saga, run_id, [index], fields)
+        _release(run_id, outcome.release, fields, saga)
     elif decision == "recorded":
         log.warning("branch_succeeded_late", extra={**fields, "compensate": False,
                                                     "reason": "the run waits for an operator"})
@@ -91,8 +91,10 @@ def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token
 
 def stop_waiting_branch(store, run_id: str, index: int, token: str, earlier_tokens, fields: dict) -> None:
     """A branch's delivery found the run no longer live (claim GONE)."""
-    if store.stop_branch(run_id, index, token, earlier_tokens):
+    outcome = store.stop_branch(run_id, index, token, earlier_tokens)
+    if outcome is not None:
         log.warning("branch_stopped", extra={**fields, "reason": "the run began compensating"})
+        _release(run_id, outcome.release, fields)
 
 
 def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, version: int | None) -> bool:
@@ -106,7 +108,50 @@ def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, ver
         return False
     from sagaflow.runtime import LOST_STEP
 
-    if store.settle_lost_branch(run_id, index, LOST_STEP):
-        log.warning("branch_lost_late", extra={"run_id": run_id, "step": definition.steps[index].name})
-        return True
-    return False
+    outcome = store.settle_lost_branch(run_id, index, LOST_STEP)
+    if outcome is None:
+        return False
+    fields = {"run_id": run_id, "step": definition.steps[index].name}
+    log.warning("branch_lost_late", extra=fields)
+    _release(run_id, outcome.release, fields, definition)
+    return True
+
+
+def hold_back(store, run_id: str, todo: list[int], saga: str | None, version: int | None) -> list[int]:
+    """on_step_failed is about to publish ``todo``: in a saga with groups, keep back the undos of the steps
+    before the group while a branch of it still runs (Store.hold_back)."""
+    if saga is None or registry.get(saga, version).linear or not todo:
+        return todo
+    now = store.hold_back(run_id, todo)
+    if now != todo:
+        log.info("undos_held", extra={"run_id": run_id, "held": len(todo) - len(now),
+                                      "until": "every branch of the group ended and was undone"})
+    return now
+
+
+def after_undo(store, saga: Saga, step: Step, run_id: str) -> None:
+    """A branch's undo completed and the run still compensates: release the undos that waited for its
+    group, if it was the last thing they waited for."""
+    if step.group is not None:
+        _release(run_id, store.release_held_undos(run_id), {"run_id": run_id, "step": step.name}, saga)
+
+
+def _release(run_id: str, indexes, fields: dict, saga: Saga | None = None) -> None:
+    if not indexes:
+        return
+    if saga is None:
+        from sagaflow.app import get_store
+
+        run = get_store().get_run(run_id, history=False)
+        saga = registry.get(run.saga, run.saga_version)
+    log.info("undos_released", extra={**fields, "steps": len(indexes)})
+    _publish_undos(saga, run_id, list(indexes), fields)
+
+
+def _publish_undos(saga: Saga, run_id: str, indexes: list[int], fields: dict) -> None:
+    try:
+        compile_compensation(celery_app, saga, run_id, indexes).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the sweeper re-drives the compensating run from SQL
+        log.error("compensation_not_published", extra={
+            **fields, "error": f"{type(exc).__name__}: {exc}",
+            "next": "the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"})

@@ -377,6 +377,8 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
     log.info("compensation_succeeded", extra=fields)
     if status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
         log.info(f"run_{status}", extra={"run_id": run_id})
+    elif status == RunStatus.COMPENSATING.value:
+        branches.after_undo(store, saga, step, run_id)  # the undos that waited for a parallel group
     return None
 
 
@@ -436,6 +438,7 @@ def on_step_failed(self, run_id: str, index: int, saga: str | None = None, versi
         log.info("compensation_redriven", extra={"run_id": run_id, "steps": len(todo)})
     else:
         log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
+    todo = branches.hold_back(store, run_id, todo, saga, version)  # a group's branches first
     if todo:
         publish_compensation(run_id, todo, saga, version)
 

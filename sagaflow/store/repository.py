@@ -149,13 +149,19 @@ class BranchOutcome:
     group: publish the steps from ``next_index`` with ``results``, read from SQL), "finished" (the group ended
     the saga: the run succeeded), "cancelled" (a cancel came in: raise SagaCancelled into the errback),
     "late" (the run began compensating while the branch ran: publish its own undo if ``compensate``),
-    "recorded" (the run waits for an operator or is final: publish nothing).
+    "recorded" (the run waits for an operator or is final: publish nothing); for a failure (fail_branch):
+    "errback" (fire it: it begins the compensation) or "quiet" (fire none); "stopped" (stop_branch) and
+    "lost" (settle_lost_branch).
+
+    ``release``: the undos of the steps before the group, latest first, which waited for the group to
+    settle (Store.hold_back): this transition settled it, publish them now.
     """
 
     decision: str
     next_index: int | None = None
     results: dict | None = None
     compensate: bool = False
+    release: tuple[int, ...] = ()
 
 
 # A branch that counts as done for the join of its group.
@@ -793,6 +799,11 @@ class Store:
     # compensating: undo me too", "nothing is left: the compensation ends") is made with the run row locked
     # (_lock_run), so two branches, or a branch and the last undo, decide one after the other, each seeing
     # what the other committed. Claims, retries and undos of branches use the ordinary transitions above.
+    #
+    # Compensation order: the group's branches are undone before the steps before the group. When the
+    # compensation begins while a branch still runs, the undos of the earlier steps wait (hold_back) until
+    # every branch of the group ended and every undo of the group is done; the transition that makes this
+    # true hands them out (BranchOutcome.release, release_held_undos).
 
     def complete_branch(self, run_id: str, idx: int, token: str, result: Any) -> BranchOutcome | None:
         """Record a branch's result and, in the same transaction, decide what follows (BranchOutcome).
@@ -821,9 +832,9 @@ class Store:
             if run.status == RunStatus.COMPENSATING.value:
                 # A sibling failed (or a cancel came in) while this branch ran: undo it too. Its own task
                 # publishes the undo; without one, this may have been the last thing the run waited for.
-                if not held.has_compensation and not self._to_compensate(conn, run_id, in_progress=True):
-                    self._finish_compensation(conn, run_id, now)
-                return BranchOutcome("late", compensate=held.has_compensation)
+                if held.has_compensation:
+                    return BranchOutcome("late", compensate=True)
+                return BranchOutcome("late", release=self._settle_compensation(conn, run_id, run.status, now))
             if not live:
                 return BranchOutcome("recorded")  # compensation_failed: the operator's retry undoes it
             if run.cancel_requested:
@@ -843,11 +854,12 @@ class Store:
                 self._event(conn, run_id, "run_succeeded", None, None, now)
             return BranchOutcome("finished")
 
-    def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> str | None:
-        """Record a branch's failure for good. Returns "errback" when its errback must begin the
+    def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> BranchOutcome | None:
+        """Record a branch's failure for good. Decides "errback" when its errback must begin the
         compensation; "quiet" when someone else already did or will (the run is compensating, or a sibling
         failed first and its errback is on its way): one errback per group failure. A late failure may end
-        the compensation (nothing else left to undo). None when this delivery no longer holds the step."""
+        the compensation, or release the undos that waited. None when this delivery no longer holds the
+        step."""
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
@@ -866,30 +878,27 @@ class Store:
             self._event(conn, run_id, "step_failed", held.name,
                         {"error": error, **({} if live else {"late": True, "run_status": run.status})}, now)
             self._touch(conn, run_id, now)
-            if run.status == RunStatus.COMPENSATING.value:
-                if not self._to_compensate(conn, run_id, in_progress=True):
-                    self._finish_compensation(conn, run_id, now)
-                return "quiet"
             if not live:
-                return "quiet"
+                return BranchOutcome("quiet", release=self._settle_compensation(conn, run_id, run.status, now))
             sibling_failed = conn.execute(
                 select(s.idx).where(s.run_id == run_id, s.branch_group == held.branch_group, s.idx != idx,
                                     s.status == StepStatus.FAILED.value).limit(1)
             ).first()
-            return "quiet" if sibling_failed is not None else "errback"
+            return BranchOutcome("quiet" if sibling_failed is not None else "errback")
 
-    def stop_branch(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str]) -> bool:
+    def stop_branch(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str]) -> BranchOutcome | None:
         """A branch's retry (or redelivery) found the run no longer live: the run began compensating while
         the branch waited to run again. Record the branch as failed (it never succeeded, so nothing of it is
-        undone) and end the compensation if it was the last thing the run waited for. Only a delivery that
-        could have claimed the step acts (a duplicate of a live holder changes nothing)."""
+        undone) and end the compensation, or release the undos that waited, if it was the last thing the run
+        waited for. Only a delivery that could have claimed the step acts (a duplicate of a live holder
+        changes nothing: None)."""
         now = utcnow()
         s = t.steps.c
         reason = "stopped: the run began compensating while the branch waited to run again"
         with self.engine.begin() as conn:
             run = self._lock_run(conn, run_id)
             if run is None or run.status in _LIVE_RUN:
-                return False
+                return None
             stopped = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx, s.branch_group.is_not(None),
@@ -899,23 +908,23 @@ class Store:
                 .returning(s.name)
             ).first()
             if stopped is None:
-                return False
+                return None
             self._event(conn, run_id, "step_failed", stopped.name,
                         {"error": reason, "late": True, "run_status": run.status}, now)
-            self._settle_compensation(conn, run_id, run.status, now)
-        return True
+            return BranchOutcome("stopped", release=self._settle_compensation(conn, run_id, run.status, now))
 
-    def settle_lost_branch(self, run_id: str, idx: int, lost_error: str) -> bool:
+    def settle_lost_branch(self, run_id: str, idx: int, lost_error: str) -> BranchOutcome | None:
         """The errback of a branch that ended after the run began compensating, without recording its own
         outcome (its process was lost, or killed at its hard time limit): record it as failed and end the
-        compensation if it was the last thing the run waited for. False (changing nothing) when the run is
-        still live or the step is no running branch: the caller goes on as for any errback."""
+        compensation, or release the undos that waited, if it was the last thing the run waited for. None
+        (changing nothing) when the run is still live or the step is no running branch: the caller goes on
+        as for any errback."""
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
             run = self._lock_run(conn, run_id)
             if run is None or run.status in _LIVE_RUN:
-                return False
+                return None
             lost = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx, s.branch_group.is_not(None),
@@ -924,11 +933,10 @@ class Store:
                 .returning(s.name)
             ).first()
             if lost is None:
-                return False
+                return None
             self._event(conn, run_id, "step_failed", lost.name,
                         {"error": lost_error, "late": True, "run_status": run.status}, now)
-            self._settle_compensation(conn, run_id, run.status, now)
-        return True
+            return BranchOutcome("lost", release=self._settle_compensation(conn, run_id, run.status, now))
 
     def _settle_lost_branches(self, conn, run_id: str, now: dt.datetime) -> None:
         """Recovery of a compensating run: a branch still marked running whose claim was taken back (its
@@ -944,9 +952,84 @@ class Store:
         for row in lost:
             self._event(conn, run_id, "step_failed", row.name, {"error": LOST_BRANCH, "late": True}, now)
 
-    def _settle_compensation(self, conn, run_id: str, run_status: str, now: dt.datetime) -> None:
-        if run_status == RunStatus.COMPENSATING.value and not self._to_compensate(conn, run_id, in_progress=True):
+    def hold_back(self, run_id: str, todo: list[int]) -> list[int]:
+        """Of ``todo`` (undos about to be published, latest first), those to publish now. While a branch of
+        the group the run stopped in still runs, or a late branch's own undo is still to come, the steps
+        before that group wait: the transition that settles the group releases them (BranchOutcome.release,
+        release_held_undos). The event undos_held records that they wait, undos_released that they went."""
+        s = t.steps.c
+        now = utcnow()
+        with self.engine.begin() as conn:
+            self._lock_run(conn, run_id)
+            group = self._open_group(conn, run_id)
+            if group is None:
+                return todo
+            members = conn.execute(
+                select(s.idx, s.status, s.has_compensation).where(s.run_id == run_id, s.branch_group == group)
+            ).all()
+            waiting = any(m.status == StepStatus.RUNNING.value
+                          or (m.has_compensation and m.status == StepStatus.SUCCEEDED.value and m.idx not in todo)
+                          for m in members)
+            now_todo = [i for i in todo if i >= group] if waiting else todo
+            if now_todo != todo:
+                self._event(conn, run_id, "undos_held", None,
+                            {"steps": [i for i in todo if i < group], "until": "the parallel group settles"}, now)
+        return now_todo
+
+    def release_held_undos(self, run_id: str) -> list[int]:
+        """After an undo of a group's branch: the undos that waited for the group (hold_back), latest first,
+        if the group is settled now; else nothing."""
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None or run.status != RunStatus.COMPENSATING.value:
+                return []
+            return self._held_undos(conn, run_id, utcnow())
+
+    def _open_group(self, conn, run_id: str) -> int | None:
+        """The group the run stopped in: the group of the latest step that started, if that is a branch."""
+        s = t.steps.c
+        latest = conn.execute(
+            select(s.branch_group)
+            .where(s.run_id == run_id, s.status.not_in([StepStatus.PENDING.value, StepStatus.SKIPPED.value]))
+            .order_by(s.idx.desc()).limit(1)
+        ).first()
+        return latest.branch_group if latest is not None else None
+
+    def _held_undos(self, conn, run_id: str, now: dt.datetime) -> list[int]:
+        """Under the run lock: if undos wait for the open group (hold_back) and now no branch of the group
+        runs and none of its undos is left, those still to do (recorded as undos_released: handed out once)."""
+        s, e = t.steps.c, t.events.c
+        group = self._open_group(conn, run_id)
+        if group is None:
+            return []
+        last = conn.execute(
+            select(e.kind).where(e.run_id == run_id, e.kind.in_(["undos_held", "undos_released"]))
+            .order_by(e.id.desc()).limit(1)
+        ).scalar()
+        if last != "undos_held":
+            return []
+        members = conn.execute(
+            select(s.status, s.has_compensation).where(s.run_id == run_id, s.branch_group == group)
+        ).all()
+        if any(m.status == StepStatus.RUNNING.value or (
+                m.has_compensation and m.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value))
+               for m in members):
+            return []
+        before = [i for i in self._to_compensate(conn, run_id, in_progress=True) if i < group]
+        self._event(conn, run_id, "undos_released", None, {"steps": before}, now)
+        return before
+
+    def _settle_compensation(self, conn, run_id: str, run_status: str, now: dt.datetime) -> tuple[int, ...]:
+        """A late branch ended (under the run lock): release the undos that waited for its group, or end
+        the compensation when nothing is left."""
+        if run_status != RunStatus.COMPENSATING.value:
+            return ()
+        held = self._held_undos(conn, run_id, now)
+        if held:
+            return tuple(held)
+        if not self._to_compensate(conn, run_id, in_progress=True):
             self._finish_compensation(conn, run_id, now)
+        return ()
 
     def _branches_unsettled(self, conn, run_id: str) -> bool:
         """For a run with parallel groups, whether its compensation must stay open: a branch still runs (it

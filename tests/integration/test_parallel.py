@@ -56,16 +56,17 @@ def test_one_branch_fails_the_completed_branch_then_the_earlier_step_are_undone_
     assert kinds(run)[-1] == ("run_compensated", None)
 
 
-def test_a_slow_branch_that_succeeds_after_the_other_failed_is_undone_too_and_the_run_ends_after_it(client):
+def test_a_slow_branch_that_succeeds_after_the_other_failed_is_undone_first_and_the_run_ends_after_it(client):
     run = client.start("par_join", {"fail_at": "left", "sleep": {"right": 2.5}})
-    wait_for(lambda: client.get(run.id).step("prepare").status == "compensated", what="prepare to be undone")
+    wait_for(lambda: ("undos_held", None) in kinds(client.get(run.id)), what="the undo of prepare to wait")
     meanwhile = client.get(run.id)
     assert meanwhile.status == "compensating"  # not compensated while right still runs
-    assert meanwhile.step("right").status == "running"
+    assert meanwhile.step("right").status == "running" and meanwhile.step("left").status == "failed"
+    assert meanwhile.step("prepare").status == "succeeded"  # its undo waits for the group
 
     run = client.wait(run.id)
     assert run.status == "compensated"
-    assert effects_of(run.id) == [("do", "prepare"), ("undo", "prepare"), ("do", "right"), ("undo", "right")]
+    assert effects_of(run.id) == [("do", "prepare"), ("do", "right"), ("undo", "right"), ("undo", "prepare")]
     assert statuses(run) == {"prepare": "compensated", "left": "failed", "right": "compensated", "after": "skipped"}
     late = [e for e in run.events if e.kind == "step_succeeded" and e.step == "right"]
     assert len(late) == 1 and late[0].detail["late"] is True
@@ -117,7 +118,8 @@ def test_cancel_during_a_group_undoes_every_branch_and_the_step_before(client):
                                         ("undo", "left"), ("undo", "right"), ("undo", "prepare")])
     assert effects.index(("do", "left")) < effects.index(("undo", "left"))
     assert effects.index(("do", "right")) < effects.index(("undo", "right"))
-    assert effects.index(("undo", "left")) < effects.index(("undo", "prepare"))  # the group's undo first
+    assert effects.index(("undo", "left")) < effects.index(("undo", "prepare"))  # the group's undos first
+    assert effects.index(("undo", "right")) < effects.index(("undo", "prepare"))
     assert statuses(run) == {"prepare": "compensated", "left": "compensated", "right": "compensated",
                              "after": "skipped"}
     assert kinds(run)[-1] == ("run_cancelled", None)
@@ -191,10 +193,12 @@ def test_a_branch_killed_at_its_hard_time_limit_compensates_the_other_branch_onc
     assert effects_of(run.id) == [("do", "prepare"), ("do", "quick"), ("undo", "quick"), ("undo", "prepare")]
 
 
-def test_a_branch_lost_after_the_other_failed_is_recorded_failed_and_ends_the_compensation(client):
+def test_a_branch_lost_after_the_other_failed_is_recorded_failed_and_releases_the_undo_before_it(client):
     run = client.start("par_hard", {"fail_at": "quick"})
-    wait_for(lambda: client.get(run.id).step("prepare").status == "compensated", what="prepare to be undone")
-    assert client.get(run.id).status == "compensating"  # stubborn still runs
+    wait_for(lambda: ("undos_held", None) in kinds(client.get(run.id)), what="the undo of prepare to wait")
+    meanwhile = client.get(run.id)
+    assert meanwhile.status == "compensating" and meanwhile.step("stubborn").status == "running"
+    assert meanwhile.step("prepare").status == "succeeded"
 
     run = client.wait(run.id, timeout=60)
     assert run.status == "compensated"

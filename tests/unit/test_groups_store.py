@@ -84,8 +84,8 @@ def test_a_cancel_seen_by_a_completing_branch_is_raised_into_the_errback(store):
 
 def test_the_first_branch_to_fail_fires_the_errback_a_second_one_stays_quiet(store):
     s = started(store)
-    assert s.fail_branch("r1", 1, "t1:0", "boom") == "errback"
-    assert s.fail_branch("r1", 2, "t2:0", "bang") == "quiet"
+    assert s.fail_branch("r1", 1, "t1:0", "boom").decision == "errback"
+    assert s.fail_branch("r1", 2, "t2:0", "bang").decision == "quiet"
     assert s.fail_branch("r1", 2, "t2:0", "again") is None  # no longer held
     assert s.begin_compensation("r1", 1, "lost") == [0]
     assert s.begin_compensation("r1", 2, "lost") is None  # had it fired anyway: a no-op
@@ -95,13 +95,13 @@ def test_the_first_branch_to_fail_fires_the_errback_a_second_one_stays_quiet(sto
 def test_a_failure_compensates_the_completed_branch_first_then_the_earlier_steps(store):
     s = started(store)
     s.complete_branch("r1", 2, "t2:0", {"r": 2})
-    assert s.fail_branch("r1", 1, "t1:0", "boom") == "errback"
+    assert s.fail_branch("r1", 1, "t1:0", "boom").decision == "errback"
     assert s.begin_compensation("r1", 1, "lost") == [2, 0]
 
 
 def test_a_branch_still_running_keeps_the_compensation_open_and_is_undone_when_it_succeeds_late(store):
     s = started(store)
-    assert s.fail_branch("r1", 1, "t1:0", "boom") == "errback"
+    assert s.fail_branch("r1", 1, "t1:0", "boom").decision == "errback"
     assert s.begin_compensation("r1", 1, "lost") == [0]  # right still runs: neither failed nor skipped
     assert statuses(s) == ("compensating", ["succeeded", "failed", "running", "skipped"])
     assert s.claim_compensation("r1", 0, "u0:0", [], 60).outcome is C.CLAIMED
@@ -133,7 +133,7 @@ def test_a_late_branch_failure_is_recorded_quietly_and_ends_the_compensation(sto
     assert s.begin_compensation("r1", 1, "lost") == [0]
     s.claim_compensation("r1", 0, "u0:0", [], 60)
     s.complete_compensation("r1", 0, "u0:0")
-    assert s.fail_branch("r1", 2, "t2:0", "late boom") == "quiet"
+    assert s.fail_branch("r1", 2, "t2:0", "late boom").decision == "quiet"
     assert statuses(s) == ("compensated", ["compensated", "failed", "failed", "skipped"])
 
 
@@ -276,3 +276,59 @@ def test_a_linear_run_finishes_its_compensation_as_before(store):
     assert s.begin_compensation("r1", 1, "lost") == [0]
     s.claim_compensation("r1", 0, "u0:0", [], 60)
     assert s.complete_compensation("r1", 0, "u0:0") == "compensated"
+
+
+def test_the_undos_before_the_group_wait_until_the_late_branch_is_undone(store):
+    s = started(store)
+    s.fail_branch("r1", 1, "t1:0", "boom")
+    todo = s.begin_compensation("r1", 1, "lost")
+    assert todo == [0]
+    assert s.hold_back("r1", todo) == []  # right still runs: prepare waits
+    assert ("undos_held", None) in kinds(s)
+    assert s.release_held_undos("r1") == []  # not settled yet
+    late = s.complete_branch("r1", 2, "t2:0", {"r": 2})
+    assert late.decision == "late" and late.compensate and late.release == ()
+    s.claim_compensation("r1", 2, "u2:0", [], 60)
+    assert s.complete_compensation("r1", 2, "u2:0") == "compensating"  # prepare is still to undo
+    assert s.release_held_undos("r1") == [0]
+    assert s.release_held_undos("r1") == []  # handed out once
+    s.claim_compensation("r1", 0, "u0:0", [], 60)
+    assert s.complete_compensation("r1", 0, "u0:0") == "compensated"
+    assert [k for k in kinds(s) if k[0] in ("undos_held", "undos_released", "compensation_succeeded")] == [
+        ("undos_held", None), ("compensation_succeeded", "right"), ("undos_released", None),
+        ("compensation_succeeded", "prepare")]
+
+
+def test_a_late_failure_releases_the_undos_that_waited(store):
+    s = started(store)
+    s.fail_branch("r1", 1, "t1:0", "boom")
+    assert s.hold_back("r1", s.begin_compensation("r1", 1, "lost")) == []
+    outcome = s.fail_branch("r1", 2, "t2:0", "late boom")
+    assert (outcome.decision, outcome.release) == ("quiet", (0,))
+    assert statuses(s) == ("compensating", ["succeeded", "failed", "failed", "skipped"])
+
+
+def test_a_completed_branch_is_undone_first_and_its_undo_releases_the_rest_when_the_late_one_failed(store):
+    s = started(store, [*GROUPED[:3], StepSpec("third", True, group=1), GROUPED[3]])
+    s.claim_step("r1", 3, "t3:0", [], 60)
+    s.complete_branch("r1", 3, "t3:0", {})
+    s.fail_branch("r1", 1, "t1:0", "boom")
+    todo = s.begin_compensation("r1", 1, "lost")
+    assert todo == [3, 0] and s.hold_back("r1", todo) == [3]
+    stopped = s.fail_branch("r1", 2, "t2:0", "late boom")
+    assert stopped.release == ()  # third's undo is still to do: it releases
+    s.claim_compensation("r1", 3, "u3:0", [], 60)
+    assert s.complete_compensation("r1", 3, "u3:0") == "compensating"
+    assert s.release_held_undos("r1") == [0]
+
+
+def test_nothing_is_held_when_no_branch_runs(store):
+    s = started(store)
+    s.complete_branch("r1", 2, "t2:0", {})
+    s.fail_branch("r1", 1, "t1:0", "boom")
+    todo = s.begin_compensation("r1", 1, "lost")
+    assert s.hold_back("r1", todo) == todo == [2, 0]
+    s.claim_compensation("r1", 2, "u2:0", [], 60)
+    s.complete_compensation("r1", 2, "u2:0")
+    assert s.release_held_undos("r1") == []  # the chain goes on to prepare by itself
+    assert all(k[0] != "undos_held" for k in kinds(s))
