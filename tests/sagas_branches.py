@@ -83,3 +83,11 @@ par_hard = Saga("par_hard", [_step("prepare"),
                              Parallel(Step("stubborn", _stubborn, undo, retry=RetryPolicy(max_attempts=1), timeout=1),
                                       _step("quick")),
                              _step("after")])
+
+
+# prepare -> (patient | doomed) -> after: patient waits 1.5 s before its retry (flaky), doomed fails meanwhile.
+SLOW_RETRY = RetryPolicy(max_attempts=3, initial_interval=1.5, jitter=False)
+par_retry = Saga("par_retry", [_step("prepare"),
+                               Parallel(Step("patient", act, undo, retry=SLOW_RETRY, compensation_retry=FAST),
+                                        _step("doomed")),
+                               _step("after")])

@@ -208,3 +208,16 @@ def test_a_branch_lost_after_the_other_failed_is_recorded_failed_and_releases_th
     assert effects_of(run.id) == [("do", "prepare"), ("undo", "prepare")]
     time.sleep(1)
     assert client.get(run.id).events[-1].kind == "run_compensated"
+
+
+def test_a_branch_waiting_for_its_retry_when_the_other_fails_is_stopped_by_its_retry(client):
+    run = client.start("par_retry", {"flaky": {"patient": 1}, "fail_at": "doomed", "sleep": {"doomed": 0.3}})
+    wait_for(lambda: ("undos_held", None) in kinds(client.get(run.id)), what="the undo of prepare to wait")
+    assert client.get(run.id).step("patient").status == "running"  # between its attempts
+
+    run = client.wait(run.id)
+    assert run.status == "compensated"
+    assert effects_of(run.id) == [("do", "prepare"), ("undo", "prepare")]
+    patient = run.step("patient")
+    assert patient.status == "failed" and "began compensating" in patient.error and patient.attempts == 1
+    assert statuses(run) == {"prepare": "compensated", "patient": "failed", "doomed": "failed", "after": "skipped"}
