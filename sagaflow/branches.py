@@ -47,7 +47,7 @@ def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callabl
             log.warning("branch_failed_quietly", extra={
                 **fields, "error": error,
                 "reason": "the run is compensating already, or a sibling branch failed first and fires the errback"})
-            _release(run_id, outcome.release, fields)
+            _after_late_end(run_id, index, outcome, fields)
             raise Ignore()
         return True
 
@@ -57,12 +57,51 @@ def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callabl
 def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token: str, value, results: dict,
                    fields: dict) -> dict:
     """The branch's action returned ``value``: record it and do what its group's state says."""
-    from sagaflow.runtime import FailedForGood
-
     outcome = store.complete_branch(run_id, index, token, value)
     if outcome is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
+    return _follow(saga, step, run_id, index, outcome, {**results, step.name: value}, fields)
+
+
+def give_up_best_effort(saga: Saga, step: Step, store, run_id: str, index: int, token: str, exc: Exception,
+                        results: dict, fields: dict) -> dict:
+    """A best-effort branch failed for good: recorded ``failed_best_effort`` (never undone, no errback); it
+    counts as done for its group's join."""
+    error = f"{type(exc).__name__}: {exc}"
+    if store.fail_best_effort(run_id, index, token, error) is None:
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
+        raise Ignore()
+    log.warning("step_failed_best_effort", extra={**fields, "error": error,
+                                                  "next": "nothing: the step is best-effort, the group goes on"})
+    outcome = store.join_after_best_effort(run_id, index)
+    if outcome is None:
+        raise Ignore()
+    return _follow(saga, step, run_id, index, outcome, {**results, step.name: None}, fields)
+
+
+def best_effort_branch_lost(store, saga: Saga, run_id: str, index: int) -> None:
+    """on_step_failed recorded a lost best-effort branch as ``failed_best_effort``: join as it would have."""
+    from sagaflow.runtime import FailedForGood
+
+    step = saga.steps[index]
+    fields = {"run_id": run_id, "step": step.name}
+    outcome = store.join_after_best_effort(run_id, index)
+    if outcome is None:
+        return
+    followed = _follow(saga, step, run_id, index, outcome, {}, fields)
+    if isinstance(followed, FailedForGood):  # a cancel came in: compensate, as the branch's errback would
+        from sagaflow.compiler import ON_STEP_FAILED
+
+        celery_app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga.name, "version": saga.version},
+                             immutable=True).apply_async()
+
+
+def _follow(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    """Do what a branch's end decided (BranchOutcome): publish the steps after the group, the branch's own
+    undo, the undos it released; or raise a cancel into the errback."""
+    from sagaflow.runtime import FailedForGood
+
     decision = outcome.decision
     if decision == "cancelled":
         return FailedForGood(SagaCancelled(f"run {run_id} was cancelled while branch {step.name!r} ran"))
@@ -77,16 +116,14 @@ def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token
     elif decision == "finished":
         log.info("run_succeeded", extra=fields)
     elif decision == "late":
-        log.warning("branch_succeeded_late", extra={**fields, "compensate": outcome.compensate})
-        if outcome.compensate:
-            _publish_undos(saga, run_id, [index], fields)
-        _release(run_id, outcome.release, fields, saga)
+        log.warning("branch_ended_late", extra={**fields, "compensate": outcome.compensate})
+        _after_late_end(run_id, index, outcome, fields, saga)
     elif decision == "recorded":
-        log.warning("branch_succeeded_late", extra={**fields, "compensate": False,
+        log.warning("branch_ended_late", extra={**fields, "compensate": False,
                                                     "reason": "the run waits for an operator"})
     else:
-        log.info("step_succeeded", extra={**fields, "group": "waiting for the other branches"})
-    return {**results, step.name: value}
+        log.info("branch_done", extra={**fields, "group": "waiting for the other branches"})
+    return results
 
 
 def stop_waiting_branch(store, run_id: str, index: int, token: str, earlier_tokens, fields: dict) -> None:
@@ -94,7 +131,7 @@ def stop_waiting_branch(store, run_id: str, index: int, token: str, earlier_toke
     outcome = store.stop_branch(run_id, index, token, earlier_tokens)
     if outcome is not None:
         log.warning("branch_stopped", extra={**fields, "reason": "the run began compensating"})
-        _release(run_id, outcome.release, fields)
+        _after_late_end(run_id, index, outcome, fields)
 
 
 def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, version: int | None) -> bool:
@@ -113,7 +150,7 @@ def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, ver
         return False
     fields = {"run_id": run_id, "step": definition.steps[index].name}
     log.warning("branch_lost_late", extra=fields)
-    _release(run_id, outcome.release, fields, definition)
+    _after_late_end(run_id, index, outcome, fields, definition)
     return True
 
 
@@ -136,16 +173,26 @@ def after_undo(store, saga: Saga, step: Step, run_id: str) -> None:
         _release(run_id, store.release_held_undos(run_id), {"run_id": run_id, "step": step.name}, saga)
 
 
+def _after_late_end(run_id: str, index: int, outcome, fields: dict, saga: Saga | None = None) -> None:
+    """A branch ended after the compensation began: publish its own undo (it succeeded, or a non-atomic
+    branch failed), or the undos its end released."""
+    if outcome.compensate:
+        _publish_undos(saga or _saga_of(run_id), run_id, [index], fields)
+    _release(run_id, outcome.release, fields, saga)
+
+
 def _release(run_id: str, indexes, fields: dict, saga: Saga | None = None) -> None:
     if not indexes:
         return
-    if saga is None:
-        from sagaflow.app import get_store
-
-        run = get_store().get_run(run_id, history=False)
-        saga = registry.get(run.saga, run.saga_version)
     log.info("undos_released", extra={**fields, "steps": len(indexes)})
-    _publish_undos(saga, run_id, list(indexes), fields)
+    _publish_undos(saga or _saga_of(run_id), run_id, list(indexes), fields)
+
+
+def _saga_of(run_id: str) -> Saga:
+    from sagaflow.app import get_store
+
+    run = get_store().get_run(run_id, history=False)
+    return registry.get(run.saga, run.saga_version)
 
 
 def _publish_undos(saga: Saga, run_id: str, indexes: list[int], fields: dict) -> None:

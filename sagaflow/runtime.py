@@ -245,6 +245,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         raise Ignore()
     except Exception as exc:
         if step.best_effort and not policy.allows_retry(exc, claim.round_attempt):
+            if step.group is not None:  # a best-effort branch: done for its group's join
+                return branches.give_up_best_effort(saga, step, store, run_id, index, token, exc, results, fields)
             return _give_up_best_effort(store, saga, step, run_id, index, token, exc, claim, results, fields)
         return self.retry_or_give_up(
             exc, claim, policy, "step", fields,
@@ -456,7 +458,10 @@ def _step_flags_errback(store, definition: Saga, run_id: str, index: int) -> boo
                 log.warning("step_failed_best_effort", extra={
                     "run_id": run_id, "step": definition.steps[index].name, "error": LOST_STEP,
                     "next": "nothing: the step is best-effort, the run goes on"})
-                compile_run(celery_app, definition, run_id, start=index + 1, results=results).apply_async()
+                if definition.steps[index].group is not None:  # a parallel branch: its group's join decides
+                    branches.best_effort_branch_lost(store, definition, run_id, index)
+                else:
+                    compile_run(celery_app, definition, run_id, start=index + 1, results=results).apply_async()
             return True
     if any(s.pivot for s in definition.steps):
         stuck = store.stop_past_pivot(run_id, index, LOST_STEP)

@@ -91,3 +91,8 @@ par_retry = Saga("par_retry", [_step("prepare"),
                                Parallel(Step("patient", act, undo, retry=SLOW_RETRY, compensation_retry=FAST),
                                         _step("doomed")),
                                _step("after")])
+
+
+# prepare -> (maybe, best-effort | sure) -> after: a best-effort branch that gives up still lets the group join.
+par_best = Saga("par_best", [_step("prepare"), Parallel(_step("maybe", best_effort=True), _step("sure")),
+                             _step("after")])

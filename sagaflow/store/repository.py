@@ -829,30 +829,51 @@ class Store:
                         {"attempt": held.attempts, **({} if live else {"late": True, "run_status": run.status})},
                         now)
             self._touch(conn, run_id, now)
-            if run.status == RunStatus.COMPENSATING.value:
-                # A sibling failed (or a cancel came in) while this branch ran: undo it too. Its own task
-                # publishes the undo; without one, this may have been the last thing the run waited for.
-                if held.has_compensation:
-                    return BranchOutcome("late", compensate=True)
-                return BranchOutcome("late", release=self._settle_compensation(conn, run_id, run.status, now))
-            if not live:
-                return BranchOutcome("recorded")  # compensation_failed: the operator's retry undoes it
-            if run.cancel_requested:
-                return BranchOutcome("cancelled")
-            members = conn.execute(
-                select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == held.branch_group)
-            ).all()
-            if any(m.status not in _BRANCH_DONE for m in members):
-                return BranchOutcome("waiting")
-            self._event(conn, run_id, "group_joined", held.name, {"group": held.branch_group}, now)
-            next_index = max(m.idx for m in members) + 1
-            steps = conn.execute(select(s.name, s.status, s.result).where(s.run_id == run_id).order_by(s.idx)).all()
-            if next_index < len(steps):
-                results = {st.name: st.result for st in steps if st.status == StepStatus.SUCCEEDED.value}
-                return BranchOutcome("joined", next_index=next_index, results=results)
-            if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
-                self._event(conn, run_id, "run_succeeded", None, None, now)
-            return BranchOutcome("finished")
+            return self._branch_decision(conn, run_id, run, idx, held.name, held.branch_group, now)
+
+    def join_after_best_effort(self, run_id: str, idx: int) -> BranchOutcome | None:
+        """A best-effort branch gave up and was recorded ``failed_best_effort`` (fail_best_effort,
+        best_effort_lost): it counts as done for its group. Decide what follows as complete_branch does.
+        None when the step is no such branch."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            step = conn.execute(select(s.name, s.status, s.branch_group).where(s.run_id == run_id, s.idx == idx)).first()
+            if run is None or step is None or step.branch_group is None \
+                    or step.status != StepStatus.FAILED_BEST_EFFORT.value:
+                return None
+            return self._branch_decision(conn, run_id, run, idx, step.name, step.branch_group, now)
+
+    def _branch_decision(self, conn, run_id: str, run, idx: int, name: str, group: int,
+                         now: dt.datetime) -> BranchOutcome:
+        """Under the run lock, a branch just ended as done (succeeded, or failed_best_effort): what follows."""
+        s, e = t.steps.c, t.events.c
+        if run.status == RunStatus.COMPENSATING.value:
+            # A sibling failed (or a cancel came in) while this branch ran: undo it too. Its own task
+            # publishes the undo; without one, this may have been the last thing the run waited for.
+            return self._late_end(conn, run_id, idx, run.status, "late", now)
+        if run.status not in _LIVE_RUN:
+            return BranchOutcome("recorded")  # compensation_failed: the operator's retry undoes it
+        if run.cancel_requested:
+            return BranchOutcome("cancelled")
+        members = conn.execute(select(s.idx, s.name, s.status).where(s.run_id == run_id, s.branch_group == group)).all()
+        if any(m.status not in _BRANCH_DONE for m in members):
+            return BranchOutcome("waiting")
+        joined = conn.execute(  # a best-effort branch's end is recorded before it decides: join once
+            select(e.id).where(e.run_id == run_id, e.kind == "group_joined", e.step.in_([m.name for m in members]))
+            .limit(1)
+        ).first()
+        if joined is not None:
+            return BranchOutcome("waiting")
+        self._event(conn, run_id, "group_joined", name, {"group": group}, now)
+        next_index = max(m.idx for m in members) + 1
+        total = conn.execute(select(func.count()).select_from(t.steps).where(s.run_id == run_id)).scalar_one()
+        if next_index < total:
+            return BranchOutcome("joined", next_index=next_index, results=self._results(conn, run_id))
+        if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
+            self._event(conn, run_id, "run_succeeded", None, None, now)
+        return BranchOutcome("finished")
 
     def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> BranchOutcome | None:
         """Record a branch's failure for good. Decides "errback" when its errback must begin the
@@ -878,8 +899,8 @@ class Store:
             self._event(conn, run_id, "step_failed", held.name,
                         {"error": error, **({} if live else {"late": True, "run_status": run.status})}, now)
             self._touch(conn, run_id, now)
-            if not live:
-                return BranchOutcome("quiet", release=self._settle_compensation(conn, run_id, run.status, now))
+            if not live:  # a non-atomic branch's own undo runs too (compensate)
+                return self._late_end(conn, run_id, idx, run.status, "quiet", now)
             sibling_failed = conn.execute(
                 select(s.idx).where(s.run_id == run_id, s.branch_group == held.branch_group, s.idx != idx,
                                     s.status == StepStatus.FAILED.value).limit(1)
@@ -911,7 +932,7 @@ class Store:
                 return None
             self._event(conn, run_id, "step_failed", stopped.name,
                         {"error": reason, "late": True, "run_status": run.status}, now)
-            return BranchOutcome("stopped", release=self._settle_compensation(conn, run_id, run.status, now))
+            return self._late_end(conn, run_id, idx, run.status, "stopped", now)
 
     def settle_lost_branch(self, run_id: str, idx: int, lost_error: str) -> BranchOutcome | None:
         """The errback of a branch that ended after the run began compensating, without recording its own
@@ -936,7 +957,7 @@ class Store:
                 return None
             self._event(conn, run_id, "step_failed", lost.name,
                         {"error": lost_error, "late": True, "run_status": run.status}, now)
-            return BranchOutcome("lost", release=self._settle_compensation(conn, run_id, run.status, now))
+            return self._late_end(conn, run_id, idx, run.status, "lost", now)
 
     def _settle_lost_branches(self, conn, run_id: str, now: dt.datetime) -> None:
         """Recovery of a compensating run: a branch still marked running whose claim was taken back (its
@@ -965,10 +986,10 @@ class Store:
             if group is None:
                 return todo
             members = conn.execute(
-                select(s.idx, s.status, s.has_compensation).where(s.run_id == run_id, s.branch_group == group)
+                select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)
             ).all()
-            waiting = any(m.status == StepStatus.RUNNING.value
-                          or (m.has_compensation and m.status == StepStatus.SUCCEEDED.value and m.idx not in todo)
+            undos = self._to_compensate(conn, run_id, in_progress=True)
+            waiting = any(m.status == StepStatus.RUNNING.value or (m.idx in undos and m.idx not in todo)
                           for m in members)
             now_todo = [i for i in todo if i >= group] if waiting else todo
             if now_todo != todo:
@@ -1008,16 +1029,22 @@ class Store:
         ).scalar()
         if last != "undos_held":
             return []
-        members = conn.execute(
-            select(s.status, s.has_compensation).where(s.run_id == run_id, s.branch_group == group)
-        ).all()
-        if any(m.status == StepStatus.RUNNING.value or (
-                m.has_compensation and m.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value))
-               for m in members):
+        members = conn.execute(select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)).all()
+        undos = self._to_compensate(conn, run_id, in_progress=True)
+        if any(m.status == StepStatus.RUNNING.value or m.idx in undos for m in members):
             return []
-        before = [i for i in self._to_compensate(conn, run_id, in_progress=True) if i < group]
+        before = [i for i in undos if i < group]
         self._event(conn, run_id, "undos_released", None, {"steps": before}, now)
         return before
+
+    def _late_end(self, conn, run_id: str, idx: int, run_status: str, decision: str,
+                  now: dt.datetime) -> BranchOutcome:
+        """A branch ended after the run left ``running`` (under the run lock): if it has an undo to do (it
+        succeeded, or a non-atomic branch failed), its own task publishes that; else it may settle its group
+        (release the undos that waited) or end the compensation."""
+        if run_status == RunStatus.COMPENSATING.value and idx in self._to_compensate(conn, run_id):
+            return BranchOutcome(decision, compensate=True)
+        return BranchOutcome(decision, release=self._settle_compensation(conn, run_id, run_status, now))
 
     def _settle_compensation(self, conn, run_id: str, run_status: str, now: dt.datetime) -> tuple[int, ...]:
         """A late branch ended (under the run lock): release the undos that waited for its group, or end

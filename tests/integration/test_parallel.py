@@ -221,3 +221,19 @@ def test_a_branch_waiting_for_its_retry_when_the_other_fails_is_stopped_by_its_r
     patient = run.step("patient")
     assert patient.status == "failed" and "began compensating" in patient.error and patient.attempts == 1
     assert statuses(run) == {"prepare": "compensated", "patient": "failed", "doomed": "failed", "after": "skipped"}
+
+
+def test_a_best_effort_branch_that_fails_lets_the_group_join_and_is_never_undone(client):
+    run = client.wait(client.start("par_best", {"fail_at": "maybe", "sleep": {"sure": 0.3}}).id)
+    assert run.status == "succeeded", [(s.name, s.status, s.error) for s in run.steps]
+    assert statuses(run) == {"prepare": "succeeded", "maybe": "failed_best_effort", "sure": "succeeded",
+                             "after": "succeeded"}
+    assert run.step("after").result == {"step": "after", "saw": ["maybe", "prepare", "sure"]}
+    assert effects_of(run.id) == [("do", "prepare"), ("do", "sure"), ("do", "after")]
+    assert len(kinds(run, "group_joined")) == 1
+
+    failed = client.wait(client.start("par_best", {"fail_at": "after"}).id)
+    assert failed.status == "compensated"
+    assert Counter(effects_of(failed.id)) == Counter([("do", "prepare"), ("do", "maybe"), ("do", "sure"),
+                                                      ("undo", "sure"), ("undo", "maybe"), ("undo", "prepare")])
+    assert effects_of(failed.id)[-1] == ("undo", "prepare")

@@ -332,3 +332,24 @@ def test_nothing_is_held_when_no_branch_runs(store):
     s.complete_compensation("r1", 2, "u2:0")
     assert s.release_held_undos("r1") == []  # the chain goes on to prepare by itself
     assert all(k[0] != "undos_held" for k in kinds(s))
+
+
+def test_a_best_effort_branch_that_gave_up_counts_as_done_for_the_join_once(store):
+    s = started(store, [StepSpec("prepare", True), StepSpec("maybe", True, group=1, best_effort=True),
+                        StepSpec("sure", True, group=1), StepSpec("after", True)])
+    assert s.complete_branch("r1", 2, "t2:0", {"s": 2}).decision == "waiting"
+    assert s.fail_best_effort("r1", 1, "t1:0", "meh") is not None
+    joined = s.join_after_best_effort("r1", 1)
+    assert joined.decision == "joined" and joined.next_index == 3
+    assert joined.results == {"prepare": {"p": 0}, "maybe": None, "sure": {"s": 2}}
+    assert s.join_after_best_effort("r1", 1).decision == "waiting"  # asked again: joined once only
+    assert s.join_after_best_effort("r1", 2) is None  # not a best-effort branch that gave up
+    assert len([k for k in kinds(s) if k[0] == "group_joined"]) == 1
+
+
+def test_a_sibling_completing_after_a_best_effort_branch_gave_up_joins_and_the_late_decision_is_a_no_op(store):
+    s = started(store, [StepSpec("prepare", True), StepSpec("maybe", True, group=1, best_effort=True),
+                        StepSpec("sure", True, group=1), StepSpec("after", True)])
+    s.fail_best_effort("r1", 1, "t1:0", "meh")  # its worker dies before it decides
+    assert s.complete_branch("r1", 2, "t2:0", {"s": 2}).decision == "joined"
+    assert s.join_after_best_effort("r1", 1).decision == "waiting"
