@@ -68,7 +68,9 @@ class StepSpec:
     @classmethod
     def of(cls, step) -> "StepSpec":
         """From a definition.Step (duck-typed: the store does not import definitions)."""
-        return cls(name=step.name, has_compensation=step.compensate is not None, kind=str(step.kind),
+        # A child step always has one: undoing it compensates the child run's completed steps.
+        return cls(name=step.name, has_compensation=step.compensate is not None or str(step.kind) == "child",
+                   kind=str(step.kind),
                    best_effort=step.best_effort, non_atomic=step.non_atomic, pivot=step.pivot, group=step.group,
                    signal=step.signal)
 

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError
 from sagaflow.errors import InvalidTransition, SchemaMissing, UnknownRun
 from sagaflow.store import tables as t
 from sagaflow.store.fastpath import FastPath
-from sagaflow.store.models import Event, Run, RunStatus, StepSpec, StepState, StepStatus
+from sagaflow.store.models import FINAL_RUN_STATUSES, Event, Run, RunStatus, StepSpec, StepState, StepStatus
 
 
 def utcnow() -> dt.datetime:
@@ -128,7 +128,9 @@ class Recovery:
 
     action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
     the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
-    empty: finish the compensation).
+    empty: finish the compensation), "wait" (``index`` waits for its signal or child run: nothing to
+    publish); from sagaflow/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
+    "child_finished" (a child's end, re-announced to its parent).
     """
 
     run_id: str
@@ -166,6 +168,38 @@ class BranchOutcome:
 
 # A branch that counts as done for the join of its group.
 _BRANCH_DONE = (StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value)
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    """What a transition of a gate, a signal or a child run decided, for sagaflow/waits.py to publish.
+
+    action: "waiting" (nothing to publish: the run waits), "continue" (publish the chain of ``run_id`` from
+    ``index + 1`` with ``results``), "finished" (the run ended in ``status``: tell its parent, if any),
+    "errback" (publish on_step_failed for ``index``), "compensate" (publish the compensations ``indexes``,
+    latest first, of ``run_id``), "cancelled" (a cancel came in before the step could wait: fail into the
+    errback), "failed" (give up: ``error``), "lost" (this delivery no longer holds the step), "none"
+    (nothing to do: a duplicate, or a signal kept for a gate the run has not reached).
+    """
+
+    action: str
+    run_id: str
+    saga: str = ""
+    version: int = 0
+    index: int = 0
+    results: dict | None = None
+    result: Any = None
+    status: str | None = None
+    indexes: tuple[int, ...] = ()
+    child_run_id: str | None = None
+    error: str | None = None
+
+
+# A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
+# is not among them: an operator may still take that run forward.
+CHILD_ENDED = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
+               RunStatus.FAILED.value, RunStatus.COMPENSATION_FAILED.value)
+CHILD_UNDONE = (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value, RunStatus.COMPENSATION_FAILED.value)
 
 
 class Store:
@@ -790,6 +824,8 @@ class Store:
             return Recovery(action="finish", index=len(steps), results=results, **base)
         if frontier.status == StepStatus.FAILED.value:
             return Recovery(action="errback", index=frontier.idx, **base)
+        if frontier.status == StepStatus.WAITING.value:  # a gate or child step: its signal or child moves it
+            return Recovery(action="wait", index=frontier.idx, **base)
         return Recovery(action="resume", index=frontier.idx, results=results, **base)
 
     # ---------------------------------------------------------------- parallel branches
@@ -1361,6 +1397,380 @@ class Store:
                    e.id > func.coalesce(last_retry, 0))
         ).scalar()
         return min(attempts, count or attempts)
+
+    # ---------------------------------------------------------------- waits: gates, signals, child runs
+    # sagaflow/waits.py drives these. Every transaction locks the run row first (SELECT ... FOR UPDATE on
+    # PostgreSQL; on SQLite every transaction is BEGIN IMMEDIATE, serialized anyway), so a gate that begins
+    # to wait and a signal that arrives at that moment, or a child that ends while its parent is cancelled,
+    # never miss each other. Lock order: a parent run before its child.
+
+    @staticmethod
+    def _lock_run(conn, run_id: str):
+        r = t.runs.c
+        return conn.execute(
+            select(r.id, r.status, r.cancel_requested, r.saga, r.saga_version, r.input, r.error,
+                   r.parent_run_id, r.parent_step)
+            .where(r.id == run_id).with_for_update()
+        ).first()
+
+    @staticmethod
+    def _succeeded_results(conn, run_id: str) -> dict:
+        s = t.steps.c
+        rows = conn.execute(select(s.name, s.result).where(s.run_id == run_id,
+                                                            s.status == StepStatus.SUCCEEDED.value).order_by(s.idx))
+        return {row.name: row.result for row in rows}
+
+    @staticmethod
+    def _last_index(conn, run_id: str) -> int:
+        return conn.execute(select(func.max(t.steps.c.idx)).where(t.steps.c.run_id == run_id)).scalar()
+
+    def _fail_held_step(self, conn, run_id: str, idx: int, token: str, error: str, now) -> bool:
+        s = t.steps.c
+        row = conn.execute(
+            update(t.steps)
+            .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value, s.claim == token)
+            .values(status=StepStatus.FAILED.value, error=error, finished_at=now, lease_expires_at=None)
+            .returning(s.name)
+        ).first()
+        if row is not None:
+            self._event(conn, run_id, "step_failed", row.name, {"error": error}, now)
+        return row is not None
+
+    def _pass_step(self, conn, run, idx: int, name: str, result: Any, detail: dict, now,
+                   from_status: StepStatus) -> WaitOutcome:
+        """A gate or child step succeeded with ``result``: finish the run if it was the last step (unless a
+        cancel came in: then the errback compensates everything, this step included), else hand back the
+        chain to publish from the next step. The caller moved the step; the run leaves running/waiting."""
+        self._event(conn, run.id, "step_succeeded", name, detail, now)
+        base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx)
+        live = (RunStatus.RUNNING.value, RunStatus.WAITING.value)
+        if idx == self._last_index(conn, run.id):
+            if not run.cancel_requested and self._set_run_status(conn, run.id, live, RunStatus.SUCCEEDED, now,
+                                                                 finished_at=now):
+                self._event(conn, run.id, "run_succeeded", None, None, now)
+                return WaitOutcome("finished", status=RunStatus.SUCCEEDED.value, result=result, **base)
+            self._set_run_status(conn, run.id, live, RunStatus.RUNNING, now)
+            return WaitOutcome("errback", result=result, error="cancelled before the run finished", **base)
+        if from_status is StepStatus.WAITING:
+            self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+        else:
+            self._touch(conn, run.id, now)
+        return WaitOutcome("continue", result=result, results=self._succeeded_results(conn, run.id), **base)
+
+    def wait_for_signal(self, run_id: str, idx: int, token: str, timeout: float) -> WaitOutcome:
+        """The gate ``idx`` (held by ``token``) is reached. Its signal already delivered: the step succeeds
+        with the payload as its result. Else the step waits (deadline: now + ``timeout``) and so does the
+        run, holding no worker and no lease. A cancel that came in since the claim fails the step."""
+        now = utcnow()
+        s, sig = t.steps.c, t.signals.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            step = conn.execute(select(s.name, s.status, s.claim, s.signal)
+                                .where(s.run_id == run_id, s.idx == idx)).first()
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx) if run else {}
+            if run is None or step is None or step.status != StepStatus.RUNNING.value or step.claim != token \
+                    or run.status != RunStatus.RUNNING.value:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            if run.cancel_requested:
+                self._fail_held_step(conn, run_id, idx, token, f"cancelled at the gate for signal {step.signal!r}",
+                                     now)
+                return WaitOutcome("cancelled", **base)
+            payload = conn.execute(select(sig.payload, sig.received_at)
+                                   .where(sig.run_id == run_id, sig.name == step.signal)).first()
+            if payload is not None:
+                conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
+                             .values(status=StepStatus.SUCCEEDED.value, result=payload.payload, error=None,
+                                     finished_at=now, lease_expires_at=None, claim=None))
+                return self._pass_step(conn, run, idx, step.name, payload.payload,
+                                       {"signal": step.signal, "received_before_the_gate": True}, now,
+                                       StepStatus.RUNNING)
+            deadline = now + dt.timedelta(seconds=timeout)
+            conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
+                         .values(status=StepStatus.WAITING.value, deadline_at=deadline, claim=None,
+                                 lease_expires_at=None))
+            self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
+            self._event(conn, run_id, "run_waiting", step.name,
+                        {"signal": step.signal, "deadline": deadline.isoformat()}, now)
+        return WaitOutcome("waiting", **base)
+
+    def deliver_signal(self, run_id: str, name: str, payload: Any) -> WaitOutcome:
+        """Record signal ``name`` for the run, once; if a gate waits for it, pass the gate (its result: the
+        payload) and hand back what to publish. Refused, changing nothing: an unknown run (UnknownRun); a
+        final run, a saga with no gate for ``name``, a signal already delivered (InvalidTransition)."""
+        now = utcnow()
+        s, sig = t.steps.c, t.signals.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None:
+                raise UnknownRun(f"unknown run id {run_id!r}")
+            if run.status in {st.value for st in FINAL_RUN_STATUSES}:
+                raise InvalidTransition(f"run {run_id} is {run.status}: a finished run takes no signals")
+            gates = conn.execute(select(s.idx, s.name, s.status).where(
+                s.run_id == run_id, s.kind == "gate", s.signal == name).order_by(s.idx)).all()
+            if not gates:
+                raise InvalidTransition(f"run {run_id} (saga {run.saga!r} version {run.saga_version}) has no gate "
+                                        f"for signal {name!r}")
+            earlier = conn.execute(select(sig.received_at).where(sig.run_id == run_id, sig.name == name)).scalar()
+            if earlier is not None:
+                raise InvalidTransition(f"signal {name!r} was already delivered to run {run_id} "
+                                        f"(at {earlier.isoformat()}); a signal is delivered once")
+            conn.execute(insert(t.signals).values(run_id=run_id, name=name, payload=payload, received_at=now))
+            waiting = next((g for g in gates if g.status == StepStatus.WAITING.value), None)
+            self._event(conn, run_id, "signal_received", waiting.name if waiting else None,
+                        {"signal": name, "gate_waiting": waiting is not None}, now)
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version)
+            if waiting is None or run.status != RunStatus.WAITING.value:
+                self._touch(conn, run_id, now)
+                return WaitOutcome("none", **base)  # kept: the gate takes it when the run gets there
+            passed = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == waiting.idx, s.status == StepStatus.WAITING.value)
+                .values(status=StepStatus.SUCCEEDED.value, result=payload, error=None, finished_at=now)
+            ).rowcount
+            if not passed:
+                return WaitOutcome("none", **base)
+            return self._pass_step(conn, run, waiting.idx, waiting.name, payload, {"signal": name}, now,
+                                   StepStatus.WAITING)
+
+    def expired_gates(self, limit: int = 500) -> list:
+        """(run_id, idx, name, signal, saga, version, deadline_at) of the gates still waiting past their
+        deadline."""
+        r, s = t.runs.c, t.steps.c
+        now = utcnow()
+        return self._read(lambda conn: conn.execute(
+            select(s.run_id, s.idx, s.name, s.signal, r.saga, r.saga_version, s.deadline_at)
+            .join(t.runs, r.id == s.run_id)
+            .where(s.kind == "gate", s.status == StepStatus.WAITING.value, s.deadline_at < now,
+                   r.status == RunStatus.WAITING.value)
+            .order_by(s.deadline_at).limit(limit)
+        ).all())
+
+    def time_out_gate(self, run_id: str, idx: int, error: str) -> WaitOutcome | None:
+        """Compare-and-set: the gate still waits past its deadline -> failed, the run -> running; the caller
+        publishes the errback. None when a signal, a cancel or another sweeper got there first."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None or run.status != RunStatus.WAITING.value:
+                return None
+            row = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.idx == idx, s.kind == "gate", s.status == StepStatus.WAITING.value,
+                       s.deadline_at < now)
+                .values(status=StepStatus.FAILED.value, error=error, finished_at=now)
+                .returning(s.name)
+            ).first()
+            if row is None:
+                return None
+            self._event(conn, run_id, "step_failed", row.name, {"error": error}, now)
+            self._set_run_status(conn, run_id, RunStatus.WAITING, RunStatus.RUNNING, now)
+        return WaitOutcome("errback", run_id=run_id, saga=run.saga, version=run.saga_version, index=idx, error=error)
+
+    def start_child(self, run_id: str, idx: int, token: str, child_id: str, child_saga: str, child_version: int,
+                    child_input: dict, steps: Iterable[StepSpec]) -> WaitOutcome:
+        """The child step ``idx`` (held by ``token``) is reached: record the child run (idempotency key
+        ``child:<run_id>:<step name>``, so a redelivery never makes two) and its link, the step and the run
+        wait. The caller publishes the child's chain (``child_run_id``); if that publish is lost, the child
+        stays pending and the recovery sweeper starts it. A cancel that came in since the claim fails the
+        step instead, and no child is created."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        steps = list(steps)
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            step = conn.execute(select(s.name, s.status, s.claim).where(s.run_id == run_id, s.idx == idx)).first()
+            if run is None or step is None or step.status != StepStatus.RUNNING.value or step.claim != token \
+                    or run.status != RunStatus.RUNNING.value:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
+            if run.cancel_requested:
+                self._fail_held_step(conn, run_id, idx, token, "cancelled before the child run started", now)
+                return WaitOutcome("cancelled", **base)
+            key = f"child:{run_id}:{step.name}"
+            existing = conn.execute(select(r.id, r.saga).where(r.idempotency_key == key)).first()
+            if existing is not None:
+                child_id, child_saga = existing.id, existing.saga
+            else:
+                conn.execute(insert(t.runs).values(
+                    id=child_id, saga=child_saga, saga_version=child_version, status=RunStatus.PENDING.value,
+                    input=child_input, idempotency_key=key, cancel_requested=False, created_at=now,
+                    updated_at=now, mode="saga", parent_run_id=run_id, parent_step=idx))
+                conn.execute(insert(t.steps), [
+                    dict(run_id=child_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,
+                         has_compensation=spec.has_compensation, attempts=0, compensation_attempts=0,
+                         compensation_round_attempts=0, kind=spec.kind, best_effort=spec.best_effort,
+                         non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group,
+                         signal=spec.signal)
+                    for i, spec in enumerate(steps)])
+                self._event(conn, child_id, "run_started", None,
+                            {"saga": child_saga, "version": child_version, "parent_run_id": run_id,
+                             "parent_step": idx}, now)
+            conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
+                         .values(status=StepStatus.WAITING.value, child_run_id=child_id, claim=None,
+                                 lease_expires_at=None))
+            self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
+            self._event(conn, run_id, "run_waiting", step.name, {"child_run_id": child_id, "child_saga": child_saga},
+                        now)
+        return WaitOutcome("waiting", child_run_id=child_id, **base)
+
+    def parent_of(self, run_id: str) -> str | None:
+        return self._read(lambda conn: conn.execute(
+            select(t.runs.c.parent_run_id).where(t.runs.c.id == run_id)).scalar())
+
+    def child_ended(self, child_id: str) -> WaitOutcome:
+        """The child run ended (or finished undoing): move its parent's step on. Forward (the step waits):
+        child succeeded -> step succeeded with the child's results ({child step: result}), the parent goes
+        on; any other end -> step failed, the errback compensates the parent. Backward (the step's
+        compensation waits for the child's): revoke the step's claim and hand back the parent's
+        compensations from that step, whose task then decides from the child's status. A duplicate, or a
+        child that has not ended, changes nothing ("none")."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            child = conn.execute(select(r.status, r.saga, r.error, r.parent_run_id, r.parent_step)
+                                 .where(r.id == child_id)).first()
+            if child is None or child.parent_run_id is None:
+                return WaitOutcome("none", run_id=child_id)
+            run = self._lock_run(conn, child.parent_run_id)
+            idx = child.parent_step
+            step = conn.execute(select(s.name, s.status, s.child_run_id)
+                                .where(s.run_id == run.id, s.idx == idx)).first()
+            base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx, child_run_id=child_id)
+            if step is None or step.child_run_id != child_id:
+                return WaitOutcome("none", **base)
+            if step.status == StepStatus.WAITING.value and run.status == RunStatus.WAITING.value \
+                    and child.status in CHILD_ENDED:
+                if child.status == RunStatus.SUCCEEDED.value:
+                    results = self._succeeded_results(conn, child_id)
+                    conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
+                                 .values(status=StepStatus.SUCCEEDED.value, result=results, error=None,
+                                         finished_at=now))
+                    return self._pass_step(conn, run, idx, step.name, results, {"child_run_id": child_id}, now,
+                                           StepStatus.WAITING)
+                error = (f"child run {child_id} (saga {child.saga!r}) ended {child.status}"
+                         + (f": {child.error}" if child.error else ""))
+                conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
+                             .values(status=StepStatus.FAILED.value, error=error, finished_at=now))
+                self._event(conn, run.id, "step_failed", step.name, {"error": error, "child_run_id": child_id}, now)
+                self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+                return WaitOutcome("errback", error=error, **base)
+            if step.status == StepStatus.COMPENSATING.value and run.status == RunStatus.COMPENSATING.value \
+                    and child.status in CHILD_UNDONE:
+                conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
+                             .values(claim=None, lease_expires_at=None))
+                self._touch(conn, run.id, now)
+                return WaitOutcome("compensate", indexes=tuple(self._to_compensate(conn, run.id, in_progress=True)),
+                                   status=child.status, **base)
+        return WaitOutcome("none", **base)
+
+    def compensate_child(self, run_id: str, idx: int, token: str, fresh: bool) -> WaitOutcome:
+        """The compensation of child step ``idx`` (held by ``token``): undo the child run. Child succeeded
+        -> compensating, with its completed steps to undo ("compensate" them, on the child; its end wakes this
+        step again); nothing to undo, or already undone -> "finished" (complete this step). Child still
+        compensating -> "waiting". Child in compensation_failed: a ``fresh`` round (the first, or an
+        operator's retry of the parent) retries the child's compensations; a later delivery of the same
+        round gives up ("failed": the parent waits for an operator too)."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            step = conn.execute(select(s.status, s.claim, s.child_run_id)
+                                .where(s.run_id == run_id, s.idx == idx)).first()
+            if run is None or step is None or step.status != StepStatus.COMPENSATING.value or step.claim != token:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            if step.child_run_id is None:  # the child was never recorded: nothing ran, nothing to undo
+                return WaitOutcome("finished", run_id=run_id, index=idx)
+            child = self._lock_run(conn, step.child_run_id)
+            base = dict(run_id=child.id, saga=child.saga, version=child.saga_version, index=idx,
+                        child_run_id=child.id, status=child.status)
+            if child.status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
+                return WaitOutcome("finished", **base)
+            if child.status == RunStatus.COMPENSATING.value:
+                return WaitOutcome("waiting", **base)
+            if child.status == RunStatus.SUCCEEDED.value:
+                self._set_run_status(conn, child.id, RunStatus.SUCCEEDED, RunStatus.COMPENSATING, now,
+                                     finished_at=None)
+                self._event(conn, child.id, "compensation_requested", None,
+                            {"parent_run_id": run_id, "parent_step": idx}, now)
+            elif child.status == RunStatus.COMPENSATION_FAILED.value and fresh:
+                self._set_run_status(conn, child.id, RunStatus.COMPENSATION_FAILED, RunStatus.COMPENSATING, now,
+                                     error=None, finished_at=None)
+                conn.execute(update(t.steps)
+                             .where(s.run_id == child.id, s.status == StepStatus.COMPENSATION_FAILED.value)
+                             .values(status=StepStatus.SUCCEEDED.value, claim=None, lease_expires_at=None))
+                self._event(conn, child.id, "retry_requested", None, {"parent_run_id": run_id}, now)
+            else:
+                error = (f"child run {child.id} is {child.status}"
+                         + (f": {child.error}" if child.error else "")
+                         + f"; fix the cause, then `sagaflow retry {run_id}` (it retries the child's undo too)")
+                return WaitOutcome("failed", error=error, **base)
+            todo = self._to_compensate(conn, child.id)
+            if not todo:
+                self._finish_compensation(conn, child.id, now)
+                return WaitOutcome("finished", **base)
+            self._touch(conn, run_id, now)
+        return WaitOutcome("compensate", indexes=tuple(todo), **base)
+
+    def cancel_waiting(self, run_id: str) -> list[WaitOutcome] | None:
+        """Cancel a run that waits (None when it does not: request_cancel handles live runs). At a gate: the
+        gate fails and the errback compensates at once ("errback" outcomes to publish). At a child step: the
+        run keeps waiting with its cancel recorded, and the child is cancelled (recursively, if it waits
+        too); the child's end then fails the step and the run compensates."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            run = self._lock_run(conn, run_id)
+            if run is None:
+                raise UnknownRun(f"unknown run id {run_id!r}")
+            if run.status != RunStatus.WAITING.value:
+                return None
+            return self._cancel_waiting(conn, run, now)
+
+    def _cancel_waiting(self, conn, run, now) -> list[WaitOutcome]:
+        s, r = t.steps.c, t.runs.c
+        if not run.cancel_requested:
+            conn.execute(update(t.runs).where(r.id == run.id).values(cancel_requested=True, updated_at=now))
+            self._event(conn, run.id, "cancel_requested", None, None, now)
+        step = conn.execute(select(s.idx, s.name, s.kind, s.signal, s.child_run_id)
+                            .where(s.run_id == run.id, s.status == StepStatus.WAITING.value)).first()
+        if step is None:
+            return []
+        if step.kind == "gate":
+            error = f"cancelled while waiting for signal {step.signal!r}"
+            conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == step.idx)
+                         .values(status=StepStatus.FAILED.value, error=error, finished_at=now))
+            self._event(conn, run.id, "step_failed", step.name, {"error": error}, now)
+            self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+            return [WaitOutcome("errback", run_id=run.id, saga=run.saga, version=run.saga_version, index=step.idx,
+                                error=error)]
+        child = self._lock_run(conn, step.child_run_id) if step.child_run_id else None
+        if child is None or child.cancel_requested and child.status != RunStatus.WAITING.value:
+            return []
+        if child.status == RunStatus.WAITING.value:
+            return self._cancel_waiting(conn, child, now)
+        if child.status in _LIVE_RUN:
+            conn.execute(update(t.runs).where(r.id == child.id).values(cancel_requested=True, updated_at=now))
+            self._event(conn, child.id, "cancel_requested", None, {"by_parent": run.id}, now)
+        return []
+
+    def unreported_children(self, stall_timeout: float, limit: int = 500) -> list[str]:
+        """Child runs that ended (or finished undoing) over ``stall_timeout`` seconds ago while their parent's
+        step still waits for them: the child_finished message was lost. The sweeper publishes it again."""
+        r, s = t.runs.c, t.steps.c
+        child = t.runs.alias("child")
+        c = child.c
+        now = utcnow()
+        forward = and_(s.status == StepStatus.WAITING.value, r.status == RunStatus.WAITING.value,
+                       c.status.in_(CHILD_ENDED))
+        backward = and_(s.status == StepStatus.COMPENSATING.value, r.status == RunStatus.COMPENSATING.value,
+                        c.status.in_(CHILD_UNDONE))
+        return list(self._read(lambda conn: conn.execute(
+            select(c.id)
+            .select_from(t.steps.join(t.runs, r.id == s.run_id).join(child, c.id == s.child_run_id))
+            .where(s.kind == "child", or_(forward, backward),
+                   c.updated_at < now - dt.timedelta(seconds=stall_timeout))
+            .order_by(c.updated_at).limit(limit)
+        ).scalars()))
 
     # ---------------------------------------------------------------- helpers
 
