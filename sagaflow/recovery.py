@@ -18,6 +18,7 @@ import logging
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import FINISH_COMPENSATION, ON_STEP_FAILED, compile_compensation, compile_run
 from sagaflow.definition import registry
+from sagaflow import waits
 from sagaflow.store import Recovery
 
 log = logging.getLogger("sagaflow.recovery")
@@ -28,7 +29,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     what this caller re-drove."""
     store = get_store()
     stall = get_settings().stall_timeout if stall_timeout is None else stall_timeout
-    recovered = []
+    recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     for run_id, seen in store.stalled_runs(stall, limit):
         recovery = store.take_over_stalled(run_id, seen, stall)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
@@ -50,6 +51,8 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
 def publish(recovery: Recovery) -> None:
     saga = registry.get(recovery.saga, recovery.version)
     run_id = recovery.run_id
+    if recovery.action == "wait":  # a gate or child step waits: its signal, deadline or child moves it
+        return
     if recovery.action in ("resume", "finish"):
         compile_run(celery_app, saga, run_id, start=recovery.index, results=recovery.results).apply_async()
     elif recovery.action == "errback":

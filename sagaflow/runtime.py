@@ -19,7 +19,7 @@ from celery import Task
 from celery.exceptions import Ignore, Retry
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow import alerts, branches, recovery
+from sagaflow import alerts, branches, recovery, waits
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import (
     FINISH,
@@ -34,7 +34,7 @@ from sagaflow.compiler import (
     compile_run,
     step_task_name,
 )
-from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, registry
+from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, StepKind, registry
 from sagaflow.errors import AlreadyFailed, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
 from sagaflow.store import ClaimOutcome, RunStatus
 from sagaflow.store.repository import ensure_json
@@ -216,6 +216,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
+    if step.kind is not StepKind.ACTION:  # a gate or a child step: it may wait (sagaflow/waits.py)
+        return waits.enter(self, store, saga, step, run_id, index, token, claim, results, lease)
 
     # Step flags: past the pivot a cancel is never acted on (the saga can no longer be undone).
     past_pivot = any(s.pivot for s in saga.steps[:index])
@@ -273,6 +275,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         log.warning("step_result_late", extra={**fields, "run_status": status})
         raise Ignore()
     log.info("run_succeeded", extra=fields)
+    waits.run_ended(run_id, saga.name)
     return {**results, step.name: value}
 
 
@@ -356,12 +359,17 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("compensation_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
         raise Ignore()
+    if step.kind is StepKind.CHILD:  # undo the child run first (sagaflow/waits.py)
+        failed = waits.compensate_child(self, store, saga, step, run_id, index, token, claim, lease)
+        if failed is not None:
+            return failed
 
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", result=claim.result,
                       _heartbeat=self.heartbeat(run_id, index, token, lease, stop_on_cancel=False))
     try:
-        step.compensate(ctx)
+        if step.compensate is not None:  # a child step may have none of its own
+            step.compensate(ctx)
     except (Retry, Ignore):
         raise
     except LeaseLost:
@@ -379,6 +387,7 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
     log.info("compensation_succeeded", extra=fields)
     if status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
         log.info(f"run_{status}", extra={"run_id": run_id})
+        waits.run_ended(run_id, saga.name)
     elif status == RunStatus.COMPENSATING.value:
         branches.after_undo(store, saga, step, run_id)  # the undos that waited for a parallel group
     return None
@@ -392,7 +401,7 @@ def declare_tasks(saga: Saga) -> None:
     default = get_settings().default_step_timeout
     for step in saga.steps:
         wanted = [(step_task_name(saga, step), run_step)]
-        if step.compensate is not None:
+        if step.compensate is not None or step.kind is StepKind.CHILD:
             wanted.append((compensation_task_name(saga, step), run_compensation))
         for name, body in wanted:
             if name not in celery_app.tasks:
@@ -415,6 +424,7 @@ def finish(self, results: dict, *, run_id: str) -> None:
         raise SagaCancelled(f"run {run_id} was cancelled before it finished")
     if outcome is ClaimOutcome.CLAIMED:
         log.info("run_succeeded", extra={"run_id": run_id})
+        waits.run_ended(run_id)
 
 
 @celery_app.task(name=ON_STEP_FAILED, **GENERIC_TASK)
@@ -435,11 +445,14 @@ def on_step_failed(self, run_id: str, index: int, saga: str | None = None, versi
         if todo is None:
             return
         if not todo:
-            store.finish_compensation(run_id)
+            if store.finish_compensation(run_id):
+                waits.run_ended(run_id, saga)
             return
         log.info("compensation_redriven", extra={"run_id": run_id, "steps": len(todo)})
     else:
         log.info("compensation_begun", extra={"run_id": run_id, "steps": len(todo)})
+    if not todo:  # nothing to undo: the run ended at once
+        waits.run_ended(run_id, saga)
     todo = branches.hold_back(store, run_id, todo, saga, version)  # a group's branches first
     if todo:
         publish_compensation(run_id, todo, saga, version)
@@ -486,6 +499,7 @@ def on_compensation_failed(self, run_id: str, index: int) -> None:
     store = get_store()
     if store.mark_compensation_failed(run_id, index, LOST_COMPENSATION):
         alerts.compensation_failed(store.get_run(run_id), get_settings().alert_hook)
+        waits.run_ended(run_id)
 
 
 @celery_app.task(name=RECOVER, **GENERIC_TASK)
@@ -498,6 +512,7 @@ def recover(self, stall_timeout: float | None = None) -> int:
 def finish_compensation(self, run_id: str) -> None:
     if get_store().finish_compensation(run_id):
         log.info("run_compensated", extra={"run_id": run_id})
+        waits.run_ended(run_id)
 
 
 def check_visibility_timeout(settings) -> None:

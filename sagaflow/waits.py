@@ -1,0 +1,303 @@
+"""Steps that wait, holding no worker: approval gates (for a signal) and child steps (for a child run).
+
+The step task claims a gate or child step like any step (runtime._run_step), then hands it here:
+
+- **Gate.** In one transaction with the run row locked (Store.wait_for_signal): a signal delivered early
+  passes the gate at once (its payload is the step's result); else the step and the run go ``waiting``
+  with a deadline, and the task ends with ``Ignore``, publishing nothing. ``signal()`` (client.signal, the
+  API, the CLI) records the signal once and, when the gate waits for it, passes it and publishes the chain
+  from the next step (results read from SQL). The recovery sweeper (``sweep``) fails gates past their
+  deadline and publishes the errback, so the completed steps are compensated.
+- **Child step.** The child run is recorded with its parent link in the same transaction that makes the
+  step wait (Store.start_child), then its chain is published. Whenever a run that has a parent ends
+  (``run_ended``, called wherever the runtime sees a run become final, fast path included), the task
+  ``sagaflow.child_finished`` moves the parent on: the child's results become the step's result, or its
+  failure fails the step. The sweeper re-publishes that message when it was lost.
+- **Undoing a child step** (``compensate_child``, from the step's compensation task): the child run goes
+  ``succeeded -> compensating`` and its completed steps are undone, latest first. The parent's compensation
+  chain stops at the child step meanwhile (Ignore); the child's end revokes the step's claim and publishes
+  the parent's compensations again from that step (Store.child_ended), whose task now finds the child undone
+  and goes on with the parent's earlier steps. A child whose undo failed for good leaves the parent in
+  ``compensation_failed`` too; an operator's retry of the parent retries the child's undo first.
+
+Cancelling a waiting run (``cancel``): at a gate, the gate fails and the compensation begins at once; at a
+child step, the child is cancelled (it compensates), and its end then compensates the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from celery.exceptions import Ignore
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from sagaflow.app import celery_app, get_settings, get_store
+from sagaflow.compiler import ON_STEP_FAILED, compile_compensation, compile_run
+from sagaflow.definition import NAME_PATTERN, StepContext, StepKind, registry
+from sagaflow.errors import (
+    InvalidInput,
+    InvalidTransition,
+    NonRetryableError,
+    SagaCancelled,
+    UnknownSaga,
+)
+from sagaflow.store import Recovery, StepSpec, WaitOutcome
+from sagaflow.store.repository import ensure_json
+
+log = logging.getLogger("sagaflow.waits")
+
+CHILD_FINISHED = "sagaflow.child_finished"
+
+
+class ChildNotStarted(NonRetryableError):
+    """A child step could not start its child run: unknown saga, or an input that is not a JSON object."""
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+
+
+def publish_errback(run_id: str, index: int, saga: str, version: int) -> None:
+    celery_app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga, "version": version},
+                         immutable=True).apply_async()
+
+
+def act(outcome: WaitOutcome) -> None:
+    """Publish what a wait transition decided. A publish that fails leaves the run without a lease and
+    without progress: the recovery sweeper re-drives it from SQL after SAGAFLOW_STALL_TIMEOUT."""
+    fields = {"run_id": outcome.run_id, "action": outcome.action, "step": outcome.index}
+    try:
+        if outcome.action == "continue":
+            saga = registry.get(outcome.saga, outcome.version)
+            compile_run(celery_app, saga, outcome.run_id, start=outcome.index + 1,
+                        results=outcome.results).apply_async()
+        elif outcome.action == "errback":
+            publish_errback(outcome.run_id, outcome.index, outcome.saga, outcome.version)
+        elif outcome.action == "compensate" and outcome.indexes:
+            compile_compensation(celery_app, registry.get(outcome.saga, outcome.version), outcome.run_id,
+                                 list(outcome.indexes)).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the transition is committed; the sweeper takes it from here
+        log.error("wait_outcome_not_published", extra={
+            **fields, "error": describe(exc),
+            "next": "the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; check the broker"})
+        return
+    if outcome.action == "finished":
+        log.info(f"run_{outcome.status}", extra={"run_id": outcome.run_id})
+        run_ended(outcome.run_id, outcome.saga)
+
+
+def _child_sagas() -> set[str]:
+    return {step.child_saga for saga in registry.all() for step in saga.steps if step.kind is StepKind.CHILD}
+
+
+def run_ended(run_id: str, saga: str | None = None) -> None:
+    """A run reached a final status (or finished undoing): if it is a child run, tell its parent. ``saga``
+    given and never named by a child step in this process: no parent to tell, and no read (the linear
+    fast path stays as it was). A lost message is re-published by the sweeper (``sweep``)."""
+    if saga is not None and saga not in _child_sagas():
+        return
+    try:
+        parent = get_store().parent_of(run_id)
+        if parent is None:
+            return
+        celery_app.signature(CHILD_FINISHED, args=(run_id,), immutable=True).apply_async()
+    except Exception as exc:  # noqa: BLE001 - never fail the transition that already committed
+        log.error("child_finished_not_published", extra={
+            "run_id": run_id, "error": describe(exc),
+            "next": "the recovery sweeper tells the parent after SAGAFLOW_STALL_TIMEOUT"})
+        return
+    log.info("child_finished_published", extra={"run_id": run_id, "parent_run_id": parent})
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+def enter(task, store, saga, step, run_id: str, index: int, token: str, claim, results: dict, lease: float):
+    """A gate or child step claimed by ``token``. Returns the results to carry on (the gate passed), a
+    runtime.FailedForGood (into the errback), or raises Ignore (the run waits: nothing continues)."""
+    if step.kind is StepKind.GATE:
+        return _enter_gate(store, saga, step, run_id, index, token, results)
+    return _start_child(task, store, saga, step, run_id, index, token, claim, results, lease)
+
+
+def _cancelled(run_id: str, what: str):
+    from sagaflow.runtime import FailedForGood
+
+    return FailedForGood(SagaCancelled(f"run {run_id} was cancelled {what}"))
+
+
+def _enter_gate(store, saga, step, run_id, index, token, results):
+    fields = {"run_id": run_id, "step": step.name, "signal": step.signal}
+    outcome = store.wait_for_signal(run_id, index, token, step.timeout)
+    if outcome.action == "lost":
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the gate"})
+        raise Ignore()
+    if outcome.action == "cancelled":
+        return _cancelled(run_id, f"at the gate for signal {step.signal!r}")
+    if outcome.action == "waiting":
+        log.info("run_waiting", extra={**fields, "timeout": step.timeout})
+        raise Ignore()
+    log.info("gate_passed", extra={**fields, "signal_was_early": True})
+    if outcome.action == "finished":
+        act(outcome)
+    elif outcome.action == "errback":  # the last step passed, but a cancel came in meanwhile
+        return _cancelled(run_id, "before it finished")
+    return {**results, step.name: outcome.result}
+
+
+def _start_child(task, store, saga, step, run_id, index, token, claim, results, lease):
+    fields = {"run_id": run_id, "step": step.name, "child_saga": step.child_saga}
+    ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
+                      idempotency_key=f"{run_id}:{step.name}", results=dict(results))
+    try:
+        try:
+            child_saga = registry.get(step.child_saga)
+        except UnknownSaga as exc:
+            raise ChildNotStarted(f"child step {step.name!r}: {exc}; register that saga in every worker") from None
+        data = step.child_input(ctx) if step.child_input is not None else claim.input
+        if not isinstance(data, dict):
+            raise ChildNotStarted(f"child step {step.name!r}: the child's input must be a JSON object (a dict), "
+                                  f"got {type(data).__name__}")
+        try:
+            data = ensure_json(data, f"the input of child step {step.name!r}")
+        except TypeError as exc:
+            raise ChildNotStarted(str(exc)) from None
+    except Exception as exc:
+        return task.retry_or_give_up(
+            exc, claim, step.retry, "step", fields,
+            note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
+            give_up=lambda error: store.fail_step(run_id, index, token, error),
+        )
+    outcome = store.start_child(run_id, index, token, str(uuid.uuid4()), child_saga.name, child_saga.version, data,
+                                [StepSpec.of(s) for s in child_saga.steps])
+    if outcome.action == "lost":
+        log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the child step"})
+        raise Ignore()
+    if outcome.action == "cancelled":
+        return _cancelled(run_id, "before its child run started")
+    fields["child_run_id"] = outcome.child_run_id
+    try:
+        compile_run(celery_app, child_saga, outcome.child_run_id).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the child is recorded (pending): the sweeper starts it
+        log.error("child_not_published", extra={
+            **fields, "error": describe(exc),
+            "next": "the child stays pending; the recovery sweeper starts it after SAGAFLOW_STALL_TIMEOUT"})
+    log.info("run_waiting", extra=fields)
+    raise Ignore()
+
+
+@celery_app.task(name=CHILD_FINISHED, bind=True, acks_late=True, ignore_result=True,
+                 autoretry_for=(OperationalError, InterfaceError), retry_backoff=True, retry_backoff_max=30,
+                 max_retries=50)
+def child_finished(self, child_run_id: str) -> None:
+    """A child run ended (or finished undoing): move its parent on (Store.child_ended) and publish what
+    that decided. Duplicates change nothing."""
+    outcome = get_store().transactional.child_ended(child_run_id)
+    if outcome.action == "none":
+        log.info("child_finished_ignored", extra={"run_id": child_run_id})
+        return
+    log.info("child_finished", extra={"run_id": outcome.run_id, "child_run_id": child_run_id,
+                                      "action": outcome.action, "step": outcome.index})
+    act(outcome)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+def compensate_child(task, store, saga, step, run_id: str, index: int, token: str, claim, lease: float):
+    """The compensation task of a child step, claimed by ``token``: undo the child run first. Returns None
+    once the child is undone (the caller runs the step's own compensation, if any, and completes the step),
+    a runtime.FailedForGood (into on_compensation_failed), or raises Ignore (waiting for the child's undo;
+    its end publishes this compensation again)."""
+    from sagaflow.runtime import FailedForGood
+
+    fields = {"run_id": run_id, "step": step.name}
+    outcome = store.compensate_child(run_id, index, token, fresh=claim.round_attempt == 1)
+    fields["child_run_id"] = outcome.child_run_id
+    if outcome.action == "lost":
+        raise Ignore()
+    if outcome.action == "finished":
+        log.info("child_undone", extra=fields)
+        return None
+    if outcome.action == "failed":
+        if store.fail_compensation(run_id, index, token, outcome.error):
+            log.warning("compensation_failed", extra={**fields, "error": outcome.error})
+            return FailedForGood(NonRetryableError(outcome.error))
+        raise Ignore()
+    if outcome.action == "compensate":
+        try:
+            compile_compensation(celery_app, registry.get(outcome.saga, outcome.version), outcome.run_id,
+                                 list(outcome.indexes)).apply_async()
+        except Exception as exc:  # noqa: BLE001 - the child is compensating in SQL: the sweeper re-drives it
+            log.error("child_compensation_not_published", extra={**fields, "error": describe(exc)})
+        log.info("child_compensation_begun", extra={**fields, "steps": len(outcome.indexes)})
+    raise Ignore()  # the parent's compensation goes on when the child's undo ends (child_finished)
+
+
+# ---------------------------------------------------------------------------------------------- operators
+
+
+def signal(store, run_id: str, name: str, payload=None):
+    """Deliver signal ``name`` (payload: any JSON value) to a run; returns the run. Refused, changing
+    nothing: a bad name or payload (InvalidInput), an unknown run (UnknownRun), a final run, a saga with no
+    gate for ``name``, a second delivery (InvalidTransition)."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidInput(f"signal name {name!r} must be an identifier (letters, digits, underscore)")
+    try:
+        payload = ensure_json(payload, f"the payload of signal {name!r}")
+    except TypeError as exc:
+        raise InvalidInput(str(exc)) from None
+    outcome = store.transactional.deliver_signal(run_id, name, payload)
+    log.info("signal_received", extra={"run_id": run_id, "signal": name, "action": outcome.action})
+    act(outcome)
+    return store.get_run(run_id)
+
+
+def cancel(store, run_id: str):
+    """client.cancel: a pending or running run through Store.request_cancel; a waiting one here."""
+    try:
+        return store.request_cancel(run_id)
+    except InvalidTransition:
+        outcomes = store.transactional.cancel_waiting(run_id)
+        if outcomes is None:  # not waiting either: the run is final or compensating
+            raise
+    for outcome in outcomes:
+        log.info("waiting_run_cancelled", extra={"run_id": outcome.run_id, "step": outcome.index})
+        act(outcome)
+    return store.get_run(run_id)
+
+
+# ---------------------------------------------------------------------------------------------- the sweeper
+
+
+def sweep(store, stall_timeout: float) -> list[Recovery]:
+    """Part of every recovery sweep: fail the gates past their deadline (each one's errback compensates its
+    run), and tell parents of child runs that ended over ``stall_timeout`` seconds ago unheard."""
+    done = []
+    for gate in store.expired_gates():
+        try:
+            timeout = registry.get(gate.saga, gate.saga_version).steps[gate.idx].timeout
+            error = f"no signal {gate.signal!r} within {timeout:g} s"
+        except (UnknownSaga, IndexError):
+            error = f"no signal {gate.signal!r} before the deadline {gate.deadline_at.isoformat()}"
+        outcome = store.transactional.time_out_gate(gate.run_id, gate.idx, error)
+        if outcome is None:  # signalled, cancelled, or another sweeper got there first
+            continue
+        log.warning("gate_timed_out", extra={"run_id": gate.run_id, "step": gate.name, "error": error})
+        act(outcome)
+        done.append(Recovery(run_id=gate.run_id, saga=gate.saga, version=gate.saga_version, action="gate_timeout",
+                             index=gate.idx))
+    for child_id in store.unreported_children(stall_timeout):
+        try:
+            celery_app.signature(CHILD_FINISHED, args=(child_id,), immutable=True).apply_async()
+        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+            log.error("child_finished_not_published", extra={"run_id": child_id, "error": describe(exc)})
+            continue
+        log.warning("child_end_redriven", extra={"run_id": child_id})
+        run = store.get_run(child_id, history=False)
+        done.append(Recovery(run_id=child_id, saga=run.saga, version=run.saga_version, action="child_finished"))
+    return done
