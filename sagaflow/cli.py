@@ -1,4 +1,5 @@
-"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | retry | recover | db | demo."""
+"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | recover | db |
+demo."""
 
 from __future__ import annotations
 
@@ -218,6 +219,24 @@ def cancel(run_id, as_json) -> None:
     """Cancel a pending or running run: it stops before its next step and undoes what completed."""
     _setup()
     _print_run(_client().cancel(run_id), as_json, history=False)
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("name")
+@click.option("--payload", "payload_json", default=None,
+              help='The signal\'s payload, any JSON value (the gate\'s result): \'{"approved_by": "ann"}\'.')
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def signal(run_id, name, payload_json, as_json) -> None:
+    """Deliver signal NAME to a run: the gate waiting for it passes (a signal sent early is kept for it)."""
+    _setup()
+    payload = None
+    if payload_json is not None:
+        try:
+            payload = json.loads(payload_json)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+    _print_run(_client().signal(run_id, name, payload), as_json, history=False)
 
 
 @main.command()

@@ -18,6 +18,7 @@ from sagaflow.app import celery_app, configure, get_settings, get_store, load_sa
 from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput
+from sagaflow import waits
 from sagaflow.runtime import publish_compensation
 from sagaflow.store import Run, RunStatus, StepSpec, Store
 from sagaflow.store.repository import ensure_json
@@ -91,8 +92,17 @@ class SagaClient:
         return run
 
     def cancel(self, run_id: str) -> Run:
-        """Ask a pending or running run to stop: it stops before its next step and undoes what completed."""
-        return self.store.request_cancel(run_id)
+        """Ask a pending, running or waiting run to stop: it stops before its next step and undoes what
+        completed. At a gate, the gate fails and the undoing begins at once; at a child step, the child run
+        is cancelled first (it compensates), then this run compensates."""
+        return waits.cancel(self.store, run_id)
+
+    def signal(self, run_id: str, name: str, payload=None) -> Run:
+        """Deliver signal ``name`` (``payload``: any JSON value, the gate's result) to a run, once. A gate
+        waiting for it passes and the run goes on; a signal that arrives before the run reaches its gate is
+        kept and taken there. Raises InvalidInput (bad name or payload), UnknownRun, InvalidTransition (the
+        run is final, its saga has no gate for ``name``, or the signal was already delivered)."""
+        return waits.signal(self.store, run_id, name, payload)
 
     def retry(self, run_id: str) -> Run:
         """Resume the compensations of a run in ``compensation_failed``, where they stopped; or send a run
@@ -107,6 +117,8 @@ class SagaClient:
         todo = self.store.request_retry(run_id)
         if todo:
             publish_compensation(run_id, todo)
+        else:  # nothing left to undo: the run ended at once
+            waits.run_ended(run_id)
         return self.get(run_id)
 
     # ------------------------------------------------------------------ queries

@@ -156,6 +156,29 @@ def retry_run(run_id: str):
     return _act(run_id, _client().retry)
 
 
+@api.post("/runs/<run_id>/signals/<name>")
+def signal_run(run_id: str, name: str):
+    """Deliver a signal: the JSON body (optional; any JSON value) is the payload, the gate's result."""
+    if not NAME_PATTERN.match(name):
+        raise ApiError(400, f"signal name {name!r} must be an identifier (letters, digits, underscore)")
+    raw = request.get_data(cache=True)
+    payload = None
+    if raw.strip():
+        try:
+            payload = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"malformed JSON: {exc}") from None
+    try:
+        run = _client().signal(run_id, name, payload)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
+    except UnknownRun as exc:
+        raise ApiError(404, str(exc)) from None
+    except InvalidTransition as exc:
+        raise ApiError(409, str(exc)) from None
+    return jsonify(run_json(run, _flower())), 202
+
+
 def _act(run_id: str, action):
     try:
         run = action(run_id)
