@@ -1,1 +1,150 @@
-"""Sagas for the tests of signals (the test worker imports this module: SAGAFLOW_IMPORTS)."""
+"""Sagas for the tests of signals (the test worker imports this module: SAGAFLOW_IMPORTS): approval gates
+and child sagas. Every action and undo records its effect once (tasks/effects.py), with the usual knobs
+(fail_at, fail_compensation, sleep) read from the run's input; a child run reads them from its own input,
+which its parent builds from the parent's ``child`` key."""
+
+from sagaflow import RetryPolicy, Saga, StepContext
+
+from tasks.effects import do, undo
+
+FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)
+
+
+def _action(name: str):
+    def action(ctx: StepContext):
+        do(ctx)
+        return {"step": name, "seen": sorted(ctx.results)}
+
+    action.__name__ = name
+    return action
+
+
+# ---------------------------------------------------------------------------------------------- gates
+
+# reserve -> approve (gate, signal "approved") -> charge: charge returns what the approver sent.
+approval = Saga("approval")
+
+
+@approval.step(retry=FAST, compensation_retry=FAST)
+def reserve(ctx: StepContext):
+    do(ctx)
+    return {"reserved": True}
+
+
+@reserve.compensation
+def release(ctx: StepContext):
+    undo(ctx)
+
+
+approval.gate("approve", signal="approved", timeout=120)
+
+
+@approval.step(retry=FAST, compensation_retry=FAST)
+def charge(ctx: StepContext):
+    do(ctx)
+    return {"approved_by": (ctx.results["approve"] or {}).get("by"), "reserved": ctx.results["reserve"]}
+
+
+@charge.compensation
+def refund(ctx: StepContext):
+    undo(ctx)
+
+
+# The same shape with a 1-second gate, for the timeout.
+approval_quick = Saga("approval_quick")
+
+
+@approval_quick.step(retry=FAST, compensation_retry=FAST)
+def hold(ctx: StepContext):
+    do(ctx)
+    return {"held": True}
+
+
+@hold.compensation
+def unhold(ctx: StepContext):
+    undo(ctx)
+
+
+approval_quick.gate("sign_off", signal="signed", timeout=1)
+
+
+@approval_quick.step(retry=FAST)
+def ship(ctx: StepContext):
+    do(ctx)
+    return {"shipped": True}
+
+
+# A gate as the last step: its signal finishes the run.
+approval_last = Saga("approval_last")
+
+
+@approval_last.step(retry=FAST, compensation_retry=FAST)
+def draft(ctx: StepContext):
+    do(ctx)
+    return {"draft": 1}
+
+
+@draft.compensation
+def discard(ctx: StepContext):
+    undo(ctx)
+
+
+approval_last.gate("publish", signal="go", timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------- children
+
+# A plain linear saga (the fast path), run as a child: c_reserve -> c_charge, each undone.
+child_booking = Saga("child_booking")
+
+
+@child_booking.step(retry=FAST, compensation_retry=FAST)
+def c_reserve(ctx: StepContext):
+    do(ctx)
+    return {"seat": "12A", "input": ctx.input}
+
+
+@c_reserve.compensation
+def c_release(ctx: StepContext):
+    undo(ctx)
+
+
+@child_booking.step(retry=FAST, compensation_retry=FAST)
+def c_charge(ctx: StepContext):
+    do(ctx)
+    return {"charged": ctx.results["c_reserve"]["seat"]}
+
+
+@c_charge.compensation
+def c_refund(ctx: StepContext):
+    undo(ctx)
+
+
+# p_book -> booking (child: child_booking, input from the parent's "child" key) -> p_confirm.
+trip = Saga("trip")
+
+
+@trip.step(retry=FAST, compensation_retry=FAST)
+def p_book(ctx: StepContext):
+    do(ctx)
+    return {"trip": ctx.run_id[:8]}
+
+
+@p_book.compensation
+def p_unbook(ctx: StepContext):
+    undo(ctx)
+
+
+trip.child("booking", saga="child_booking", input=lambda ctx: {**ctx.input.get("child", {}),
+                                                                 "trip": ctx.results["p_book"]["trip"]})
+
+
+@trip.step(retry=FAST, compensation_retry=FAST)
+def p_confirm(ctx: StepContext):
+    do(ctx)
+    return {"seat": ctx.results["booking"]["c_reserve"]["seat"]}
+
+
+@p_confirm.compensation
+def p_unconfirm(ctx: StepContext):
+    undo(ctx)
