@@ -216,7 +216,7 @@ def runs(status_, saga, limit, offset, as_json) -> None:
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def cancel(run_id, as_json) -> None:
-    """Cancel a pending or running run: it stops before its next step and undoes what completed."""
+    """Cancel a pending, running or waiting run: it stops before its next step and undoes what completed."""
     _setup()
     _print_run(_client().cancel(run_id), as_json, history=False)
 

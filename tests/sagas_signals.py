@@ -148,3 +148,27 @@ def p_confirm(ctx: StepContext):
 @p_confirm.compensation
 def p_unconfirm(ctx: StepContext):
     undo(ctx)
+
+
+# A child step with a compensation of its own: it runs once the child run is undone.
+trip_undo = Saga("trip_undo")
+
+
+@trip_undo.step(retry=FAST, compensation_retry=FAST)
+def t_book(ctx: StepContext):
+    do(ctx)
+    return {"trip": ctx.run_id[:8]}
+
+
+@t_book.compensation
+def t_unbook(ctx: StepContext):
+    undo(ctx)
+
+
+trip_undo.child("t_booking", saga="child_booking", input=lambda ctx: {}, compensation=undo)
+
+
+@trip_undo.step(retry=FAST)
+def t_confirm(ctx: StepContext):
+    do(ctx)
+    return {}

@@ -78,6 +78,17 @@ def test_a_later_failure_of_the_parent_undoes_the_child_steps_once_in_order_then
     assert kinds(run)[-1] == ("run_compensated", None)
 
 
+
+def test_a_child_step_s_own_compensation_runs_after_the_child_is_undone(client):
+    run = client.wait(client.start("trip_undo", {"fail_at": "t_confirm"}).id)
+    child = client.get(run.step("t_booking").child_run_id)
+
+    assert (run.status, child.status) == ("compensated", "compensated")
+    assert effects(run.id, child.id) == [
+        ("do", "t_book"), ("do", "c_reserve"), ("do", "c_charge"),
+        ("undo", "c_charge"), ("undo", "c_reserve"), ("undo", "t_booking"), ("undo", "t_book")]
+
+
 def test_a_child_whose_undo_fails_leaves_the_parent_waiting_for_an_operator_whose_retry_finishes_both(client):
     # 3 undo attempts a round (FAST): 4 failures of c_reserve's undo outlast the first round only.
     run = client.wait(client.start("trip", {"fail_at": "p_confirm",
