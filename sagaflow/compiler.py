@@ -46,7 +46,7 @@ def compensation_task_name(saga: Saga, step: Step) -> str:
 
 def _limits(step: Step) -> dict:
     options = {}
-    if step.timeout:
+    if step.timeout and step.kind is not StepKind.GATE:  # a gate's timeout is its deadline, not a time limit
         options.update(soft_time_limit=step.timeout, time_limit=step.timeout + HARD_LIMIT_GRACE)
     if step.queue:
         options["queue"] = step.queue

@@ -133,7 +133,8 @@ class SagaTask(Task):
         step killed at its limit is handled by its errback, not by the recovery sweeper."""
         if step.lease:
             return step.lease
-        return (step.timeout or get_settings().default_step_timeout) + HARD_LIMIT_GRACE + LEASE_MARGIN
+        timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
+        return (timeout or get_settings().default_step_timeout) + HARD_LIMIT_GRACE + LEASE_MARGIN
 
     def heartbeat(self, run_id: str, index: int, token: str, lease: float, stop_on_cancel: bool):
         def beat() -> None:
@@ -527,7 +528,8 @@ def check_visibility_timeout(settings) -> None:
     where = "a database-outage retry of a step with the default timeout"
     for saga in registry.all():
         for step in saga.steps:
-            wait = (step.timeout or settings.default_step_timeout) + grace + max(
+            timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
+            wait = (timeout or settings.default_step_timeout) + grace + max(
                 step.retry.max_interval, step.compensation_retry.max_interval, DB_RETRY.max_interval)
             if wait > worst:
                 worst, where = wait, f"step {saga.name}.{step.name}"

@@ -41,8 +41,8 @@ def saga_json(saga: Saga) -> dict:
         "name": saga.name,
         "version": saga.version,
         "steps": [
-            {"name": s.name, "kind": str(s.kind), "has_compensation": s.compensate is not None, "timeout": s.timeout,
-             "queue": s.queue, "max_attempts": s.retry.max_attempts,
+            {"name": s.name, "kind": str(s.kind), "has_compensation": s.compensate is not None or s.kind == "child",
+             "timeout": s.timeout, "queue": s.queue, "max_attempts": s.retry.max_attempts,
              "compensation_max_attempts": s.compensation_retry.max_attempts if s.compensate else None,
              "best_effort": s.best_effort, "non_atomic": s.non_atomic, "pivot": s.pivot, "group": s.group,
              "signal": s.signal, "child_saga": s.child_saga}
