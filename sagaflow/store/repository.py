@@ -1767,7 +1767,9 @@ class Store:
         return list(self._read(lambda conn: conn.execute(
             select(c.id)
             .select_from(t.steps.join(t.runs, r.id == s.run_id).join(child, c.id == s.child_run_id))
-            .where(s.kind == "child", or_(forward, backward),
+            # Driven from the parent's status (indexed): only waiting and compensating runs are read.
+            .where(r.status.in_((RunStatus.WAITING.value, RunStatus.COMPENSATING.value)), s.kind == "child",
+                   or_(forward, backward),
                    c.updated_at < now - dt.timedelta(seconds=stall_timeout))
             .order_by(c.updated_at).limit(limit)
         ).scalars()))
