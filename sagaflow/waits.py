@@ -154,6 +154,9 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results))
     try:
+        if step.group is not None:
+            raise ChildNotStarted(f"child step {step.name!r} is in a parallel group, which child steps do not "
+                                  f"support yet: move it out of the group")
         try:
             child_saga = registry.get(step.child_saga)
         except UnknownSaga as exc:

@@ -1633,6 +1633,8 @@ class Store:
             if child is None or child.parent_run_id is None:
                 return WaitOutcome("none", run_id=child_id)
             run = self._lock_run(conn, child.parent_run_id)
+            if run is None:  # the parent was deleted
+                return WaitOutcome("none", run_id=child_id)
             idx = child.parent_step
             step = conn.execute(select(s.name, s.status, s.child_run_id)
                                 .where(s.run_id == run.id, s.idx == idx)).first()
@@ -1682,6 +1684,8 @@ class Store:
             if step.child_run_id is None:  # the child was never recorded: nothing ran, nothing to undo
                 return WaitOutcome("finished", run_id=run_id, index=idx)
             child = self._lock_run(conn, step.child_run_id)
+            if child is None:  # deleted by hand: there is nothing left to undo
+                return WaitOutcome("finished", run_id=run_id, index=idx, child_run_id=step.child_run_id)
             base = dict(run_id=child.id, saga=child.saga, version=child.saga_version, index=idx,
                         child_run_id=child.id, status=child.status)
             if child.status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
