@@ -172,3 +172,21 @@ trip_undo.child("t_booking", saga="child_booking", input=lambda ctx: {}, compens
 def t_confirm(ctx: StepContext):
     do(ctx)
     return {}
+
+
+# A child that waits at a gate of its own: trip_approval -> (child: approval) -> its gate "approved".
+trip_approval = Saga("trip_approval")
+
+
+@trip_approval.step(retry=FAST, compensation_retry=FAST)
+def a_book(ctx: StepContext):
+    do(ctx)
+    return {"booked": True}
+
+
+@a_book.compensation
+def a_unbook(ctx: StepContext):
+    undo(ctx)
+
+
+trip_approval.child("approval_run", saga="approval", input=lambda ctx: {})

@@ -23,8 +23,8 @@ def effects(*run_ids: str) -> list[tuple[str, str]]:
             select(e.kind, e.step).where(e.run_id.in_(run_ids)).order_by(e.id))]
 
 
-def child_of(client, run_id: str):
-    step = wait_for(lambda: (lambda s: s if s.child_run_id else None)(client.get(run_id).step("booking")),
+def child_of(client, run_id: str, step_name: str = "booking"):
+    step = wait_for(lambda: (lambda s: s if s.child_run_id else None)(client.get(run_id).step(step_name)),
                     what="the child run to be recorded")
     return step.child_run_id
 
@@ -153,3 +153,29 @@ def test_a_lost_child_end_is_announced_again_by_the_sweeper(client):
     assert run.status == "succeeded"
     assert effects(run.id, child_id) == [("do", "p_book"), ("do", "c_reserve"), ("do", "c_charge"),
                                          ("do", "p_confirm")]
+
+
+def test_a_child_waiting_at_its_gate_goes_on_when_signalled_and_so_does_its_parent(client):
+    run = client.start("trip_approval", {})
+    child_id = child_of(client, run.id, "approval_run")
+    wait_for(lambda: client.get(child_id).status == "waiting", what="the child to wait at its gate")
+    assert client.get(run.id).status == "waiting"
+    client.signal(child_id, "approved", {"by": "ann"})
+    run = client.wait(run.id)
+
+    assert run.status == "succeeded"
+    assert run.step("approval_run").result["charge"]["approved_by"] == "ann"
+    assert effects(run.id, child_id) == [("do", "a_book"), ("do", "reserve"), ("do", "charge")]
+
+
+def test_cancelling_a_parent_whose_child_waits_at_a_gate_cancels_both_and_undoes_everything_once(client):
+    run = client.start("trip_approval", {})
+    child_id = child_of(client, run.id, "approval_run")
+    wait_for(lambda: client.get(child_id).status == "waiting", what="the child to wait at its gate")
+    client.cancel(run.id)
+    run = client.wait(run.id)
+    child = client.get(child_id)
+
+    assert (run.status, child.status) == ("cancelled", "cancelled")
+    assert child.step("approve").error == "cancelled while waiting for signal 'approved'"
+    assert effects(run.id, child_id) == [("do", "a_book"), ("do", "reserve"), ("undo", "reserve"), ("undo", "a_book")]
