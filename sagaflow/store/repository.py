@@ -1424,6 +1424,15 @@ class Store:
     def _last_index(conn, run_id: str) -> int:
         return conn.execute(select(func.max(t.steps.c.idx)).where(t.steps.c.run_id == run_id)).scalar()
 
+    @staticmethod
+    def _move_step(conn, run_id: str, idx: int, expected: StepStatus, token: str | None = None, **values) -> bool:
+        """Compare-and-set on one step: from ``expected`` (held by ``token``, when given) to ``values``."""
+        s = t.steps.c
+        guard = [s.run_id == run_id, s.idx == idx, s.status == expected.value]
+        if token is not None:
+            guard.append(s.claim == token)
+        return bool(conn.execute(update(t.steps).where(*guard).values(**values)).rowcount)
+
     def _fail_held_step(self, conn, run_id: str, idx: int, token: str, error: str, now) -> bool:
         s = t.steps.c
         row = conn.execute(
@@ -1478,16 +1487,17 @@ class Store:
             payload = conn.execute(select(sig.payload, sig.received_at)
                                    .where(sig.run_id == run_id, sig.name == step.signal)).first()
             if payload is not None:
-                conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
-                             .values(status=StepStatus.SUCCEEDED.value, result=payload.payload, error=None,
-                                     finished_at=now, lease_expires_at=None, claim=None))
+                if not self._move_step(conn, run_id, idx, StepStatus.RUNNING, token,
+                                       status=StepStatus.SUCCEEDED.value, result=payload.payload, error=None,
+                                       finished_at=now, lease_expires_at=None, claim=None):
+                    return WaitOutcome("lost", run_id=run_id, index=idx)
                 return self._pass_step(conn, run, idx, step.name, payload.payload,
                                        {"signal": step.signal, "received_before_the_gate": True}, now,
                                        StepStatus.RUNNING)
             deadline = now + dt.timedelta(seconds=timeout)
-            conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
-                         .values(status=StepStatus.WAITING.value, deadline_at=deadline, claim=None,
-                                 lease_expires_at=None))
+            if not self._move_step(conn, run_id, idx, StepStatus.RUNNING, token, status=StepStatus.WAITING.value,
+                                   deadline_at=deadline, claim=None, lease_expires_at=None):
+                return WaitOutcome("lost", run_id=run_id, index=idx)
             self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
             self._event(conn, run_id, "run_waiting", step.name,
                         {"signal": step.signal, "deadline": deadline.isoformat()}, now)
@@ -1591,7 +1601,10 @@ class Store:
             existing = conn.execute(select(r.id, r.saga).where(r.idempotency_key == key)).first()
             if existing is not None:
                 child_id, child_saga = existing.id, existing.saga
-            else:
+            if not self._move_step(conn, run_id, idx, StepStatus.RUNNING, token, status=StepStatus.WAITING.value,
+                                   child_run_id=child_id, claim=None, lease_expires_at=None):
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            if existing is None:
                 conn.execute(insert(t.runs).values(
                     id=child_id, saga=child_saga, saga_version=child_version, status=RunStatus.PENDING.value,
                     input=child_input, idempotency_key=key, cancel_requested=False, created_at=now,
@@ -1606,9 +1619,6 @@ class Store:
                 self._event(conn, child_id, "run_started", None,
                             {"saga": child_saga, "version": child_version, "parent_run_id": run_id,
                              "parent_step": idx}, now)
-            conn.execute(update(t.steps).where(s.run_id == run_id, s.idx == idx)
-                         .values(status=StepStatus.WAITING.value, child_run_id=child_id, claim=None,
-                                 lease_expires_at=None))
             self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
             self._event(conn, run_id, "run_waiting", step.name, {"child_run_id": child_id, "child_saga": child_saga},
                         now)
@@ -1645,22 +1655,24 @@ class Store:
                     and child.status in CHILD_ENDED:
                 if child.status == RunStatus.SUCCEEDED.value:
                     results = self._succeeded_results(conn, child_id)
-                    conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
-                                 .values(status=StepStatus.SUCCEEDED.value, result=results, error=None,
-                                         finished_at=now))
+                    if not self._move_step(conn, run.id, idx, StepStatus.WAITING, status=StepStatus.SUCCEEDED.value,
+                                           result=results, error=None, finished_at=now):
+                        return WaitOutcome("none", **base)
                     return self._pass_step(conn, run, idx, step.name, results, {"child_run_id": child_id}, now,
                                            StepStatus.WAITING)
                 error = (f"child run {child_id} (saga {child.saga!r}) ended {child.status}"
                          + (f": {child.error}" if child.error else ""))
-                conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
-                             .values(status=StepStatus.FAILED.value, error=error, finished_at=now))
+                if not self._move_step(conn, run.id, idx, StepStatus.WAITING, status=StepStatus.FAILED.value,
+                                       error=error, finished_at=now):
+                    return WaitOutcome("none", **base)
                 self._event(conn, run.id, "step_failed", step.name, {"error": error, "child_run_id": child_id}, now)
                 self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
                 return WaitOutcome("errback", error=error, **base)
             if step.status == StepStatus.COMPENSATING.value and run.status == RunStatus.COMPENSATING.value \
                     and child.status in CHILD_UNDONE:
-                conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == idx)
-                             .values(claim=None, lease_expires_at=None))
+                if not self._move_step(conn, run.id, idx, StepStatus.COMPENSATING, claim=None,
+                                       lease_expires_at=None):
+                    return WaitOutcome("none", **base)
                 self._touch(conn, run.id, now)
                 return WaitOutcome("compensate", indexes=tuple(self._to_compensate(conn, run.id, in_progress=True)),
                                    status=child.status, **base)
@@ -1741,8 +1753,9 @@ class Store:
             return []
         if step.kind == "gate":
             error = f"cancelled while waiting for signal {step.signal!r}"
-            conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == step.idx)
-                         .values(status=StepStatus.FAILED.value, error=error, finished_at=now))
+            if not self._move_step(conn, run.id, step.idx, StepStatus.WAITING, status=StepStatus.FAILED.value,
+                                   error=error, finished_at=now):
+                return []
             self._event(conn, run.id, "step_failed", step.name, {"error": error}, now)
             self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
             return [WaitOutcome("errback", run_id=run.id, saga=run.saga, version=run.saga_version, index=step.idx,
