@@ -271,3 +271,30 @@ def test_an_unheard_child_end_is_found_by_the_sweeper(store):
     assert store.unreported_children(0.01) == ["c1"]
     store.child_ended("c1")
     assert store.unreported_children(0.01) == []
+
+
+def test_a_signal_and_the_gate_racing_never_leave_the_gate_waiting_and_one_of_two_signals_wins(store):
+    """Both transactions lock the run row first: whichever commits second sees the other's work."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = store.transactional
+    with ThreadPoolExecutor(3) as pool:
+        for n in range(15):
+            run_id = f"race{n}"
+            at_gate(store, run_id=run_id)
+
+            def signal(payload):
+                try:
+                    return store.deliver_signal(run_id, "ok", payload).action
+                except InvalidTransition:
+                    return "refused"
+
+            gate = pool.submit(store.wait_for_signal, run_id, 1, "g:0", 30)
+            signals = [pool.submit(signal, p) for p in (1, 2)]
+            answers = sorted(f.result() for f in signals)
+            gate_action = gate.result().action
+            run = store.get_run(run_id)
+            assert answers[-1] == "refused" and answers[0] in ("continue", "none"), answers
+            assert run.step("approve").status == "succeeded", (gate_action, answers)
+            assert run.status == "running"
+            assert (gate_action == "continue") == (answers[0] == "none")  # exactly one of them passed the gate
