@@ -32,7 +32,7 @@ import uuid
 from celery.exceptions import Ignore
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow.app import celery_app, get_settings, get_store
+from sagaflow.app import celery_app, get_store
 from sagaflow.compiler import ON_STEP_FAILED, compile_compensation, compile_run
 from sagaflow.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.errors import (

@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from sagaflow import InvalidInput, InvalidTransition, UnknownRun
-from sagaflow.app import get_store
 from sagaflow.recovery import recover_stalled
 from tasks.effects import effects_of
 from tests.conftest import ROOT
