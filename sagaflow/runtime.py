@@ -301,6 +301,7 @@ def _give_up_best_effort(store, saga: Saga, step: Step, run_id: str, index: int,
         raise Ignore()
     if last:
         log.info("run_succeeded", extra=fields)
+        waits.run_ended(run_id, saga.name)
     return {**results, step.name: None}
 
 
@@ -421,6 +422,7 @@ def finish(self, results: dict, *, run_id: str) -> None:
         # Step flags: past the pivot the cancel is overruled and the run finishes (None: no pivot succeeded).
         if get_store().transactional.finish_past_pivot(run_id) == RunStatus.SUCCEEDED.value:
             log.info("run_succeeded", extra={"run_id": run_id})
+            waits.run_ended(run_id)
             return
         raise SagaCancelled(f"run {run_id} was cancelled before it finished")
     if outcome is ClaimOutcome.CLAIMED:

@@ -1414,13 +1414,6 @@ class Store:
         ).first()
 
     @staticmethod
-    def _succeeded_results(conn, run_id: str) -> dict:
-        s = t.steps.c
-        rows = conn.execute(select(s.name, s.result).where(s.run_id == run_id,
-                                                            s.status == StepStatus.SUCCEEDED.value).order_by(s.idx))
-        return {row.name: row.result for row in rows}
-
-    @staticmethod
     def _last_index(conn, run_id: str) -> int:
         return conn.execute(select(func.max(t.steps.c.idx)).where(t.steps.c.run_id == run_id)).scalar()
 
@@ -1464,7 +1457,7 @@ class Store:
             self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
         else:
             self._touch(conn, run.id, now)
-        return WaitOutcome("continue", result=result, results=self._succeeded_results(conn, run.id), **base)
+        return WaitOutcome("continue", result=result, results=self._results(conn, run.id), **base)
 
     def wait_for_signal(self, run_id: str, idx: int, token: str, timeout: float) -> WaitOutcome:
         """The gate ``idx`` (held by ``token``) is reached. Its signal already delivered: the step succeeds
@@ -1654,7 +1647,7 @@ class Store:
             if step.status == StepStatus.WAITING.value and run.status == RunStatus.WAITING.value \
                     and child.status in CHILD_ENDED:
                 if child.status == RunStatus.SUCCEEDED.value:
-                    results = self._succeeded_results(conn, child_id)
+                    results = self._results(conn, child_id)
                     if not self._move_step(conn, run.id, idx, StepStatus.WAITING, status=StepStatus.SUCCEEDED.value,
                                            result=results, error=None, finished_at=now):
                         return WaitOutcome("none", **base)
