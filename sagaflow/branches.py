@@ -27,6 +27,7 @@ from typing import Callable
 
 from celery.exceptions import Ignore
 
+from sagaflow import waits
 from sagaflow.app import celery_app
 from sagaflow.compiler import compile_compensation, compile_run
 from sagaflow.definition import Saga, Step, registry
@@ -115,6 +116,7 @@ def _follow(saga: Saga, step: Step, run_id: str, index: int, outcome, results: d
                 "next": "the recovery sweeper resumes the run after SAGAFLOW_STALL_TIMEOUT"})
     elif decision == "finished":
         log.info("run_succeeded", extra=fields)
+        waits.run_ended(run_id, saga.name)  # a child run: tell its parent
     elif decision == "late":
         log.warning("branch_ended_late", extra={**fields, "compensate": outcome.compensate})
         _after_late_end(run_id, index, outcome, fields, saga)

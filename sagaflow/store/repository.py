@@ -1405,7 +1405,8 @@ class Store:
     # never miss each other. Lock order: a parent run before its child.
 
     @staticmethod
-    def _lock_run(conn, run_id: str):
+    def _lock_wait_run(conn, run_id: str):
+        """The run row, locked (SELECT ... FOR UPDATE), with what the waits transitions read of it."""
         r = t.runs.c
         return conn.execute(
             select(r.id, r.status, r.cancel_requested, r.saga, r.saga_version, r.input, r.error,
@@ -1466,7 +1467,7 @@ class Store:
         now = utcnow()
         s, sig = t.steps.c, t.signals.c
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             step = conn.execute(select(s.name, s.status, s.claim, s.signal)
                                 .where(s.run_id == run_id, s.idx == idx)).first()
             base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx) if run else {}
@@ -1503,7 +1504,7 @@ class Store:
         now = utcnow()
         s, sig = t.steps.c, t.signals.c
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             if run is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
             if run.status in {st.value for st in FINAL_RUN_STATUSES}:
@@ -1554,7 +1555,7 @@ class Store:
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             if run is None or run.status != RunStatus.WAITING.value:
                 return None
             row = conn.execute(
@@ -1581,7 +1582,7 @@ class Store:
         s, r = t.steps.c, t.runs.c
         steps = list(steps)
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             step = conn.execute(select(s.name, s.status, s.claim).where(s.run_id == run_id, s.idx == idx)).first()
             if run is None or step is None or step.status != StepStatus.RUNNING.value or step.claim != token \
                     or run.status != RunStatus.RUNNING.value:
@@ -1635,7 +1636,7 @@ class Store:
                                  .where(r.id == child_id)).first()
             if child is None or child.parent_run_id is None:
                 return WaitOutcome("none", run_id=child_id)
-            run = self._lock_run(conn, child.parent_run_id)
+            run = self._lock_wait_run(conn, child.parent_run_id)
             if run is None:  # the parent was deleted
                 return WaitOutcome("none", run_id=child_id)
             idx = child.parent_step
@@ -1681,14 +1682,14 @@ class Store:
         now = utcnow()
         s = t.steps.c
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             step = conn.execute(select(s.status, s.claim, s.child_run_id)
                                 .where(s.run_id == run_id, s.idx == idx)).first()
             if run is None or step is None or step.status != StepStatus.COMPENSATING.value or step.claim != token:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             if step.child_run_id is None:  # the child was never recorded: nothing ran, nothing to undo
                 return WaitOutcome("finished", run_id=run_id, index=idx)
-            child = self._lock_run(conn, step.child_run_id)
+            child = self._lock_wait_run(conn, step.child_run_id)
             if child is None:  # deleted by hand: there is nothing left to undo
                 return WaitOutcome("finished", run_id=run_id, index=idx, child_run_id=step.child_run_id)
             base = dict(run_id=child.id, saga=child.saga, version=child.saga_version, index=idx,
@@ -1728,7 +1729,7 @@ class Store:
         too); the child's end then fails the step and the run compensates."""
         now = utcnow()
         with self.engine.begin() as conn:
-            run = self._lock_run(conn, run_id)
+            run = self._lock_wait_run(conn, run_id)
             if run is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
             if run.status != RunStatus.WAITING.value:
@@ -1753,7 +1754,7 @@ class Store:
             self._set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
             return [WaitOutcome("errback", run_id=run.id, saga=run.saga, version=run.saga_version, index=step.idx,
                                 error=error)]
-        child = self._lock_run(conn, step.child_run_id) if step.child_run_id else None
+        child = self._lock_wait_run(conn, step.child_run_id) if step.child_run_id else None
         if child is None or child.cancel_requested and child.status != RunStatus.WAITING.value:
             return []
         if child.status == RunStatus.WAITING.value:
