@@ -465,9 +465,9 @@ class Saga:
         if step.saga is not None and step.saga is not self:
             raise DefinitionError(f"step {step.name!r} already belongs to saga {step.saga.name!r}")
         if self._group is not None:
-            if step.kind is StepKind.GATE or step.pivot:
+            if step.kind is not StepKind.ACTION or step.pivot:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
-                                      f"(gates and pivots run alone)")
+                                      f"(gates, child steps and pivots run alone)")
             step.group = self._group
         step.saga = self
         self.steps.append(step)

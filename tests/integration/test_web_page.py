@@ -252,3 +252,61 @@ def test_pages_send_a_strict_content_security_policy_and_clear_errors(web_url):
     assert bad.status == 400 and "&#39;&lt;b&gt;bogus&#39;" in bad.text
     assert call("GET", f"{web_url}/static/sagaflow.js").status == 200
     assert call("GET", f"{web_url}/login").status == 404  # no token: nothing to log in to
+
+
+# ---------------------------------------------------------------------------------------------- issue-5 shapes
+
+def _wait_for_status(client, run_id: str, status: str, timeout: float = 20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (run := client.get(run_id)).status != status:
+        assert time.monotonic() < deadline, f"run {run_id} is {run.status}, not {status}"
+        time.sleep(0.05)
+    return run
+
+
+def test_an_operator_approves_a_waiting_gate_from_the_page(page, web_url, client):
+    run = client.start("approval", {})
+    _wait_for_status(client, run.id, "waiting")
+    page.goto(f"{web_url}/runs/{run.id}")
+    box = page.locator("#waiting-approve")
+    assert "Waiting at gate approve" in box.inner_text() and "approved" in box.inner_text()
+    assert page.locator("#run-status").inner_text() == "waiting"
+    page.fill("#signal-payload", '{"by": "ops-anna"}')
+    page.screenshot(path=str(ARTIFACTS / "run-waiting-gate.png"), full_page=True)
+    page.accept_dialogs = True
+    with page.expect_navigation():
+        page.click("#signal-button")
+    assert "Signal delivered" in page.locator(".notice").inner_text()
+    final = client.wait(run.id)
+    assert final.status == "succeeded" and final.step("charge").result["approved_by"] == "ops-anna"
+    assert final.step("approve").result == {"by": "ops-anna"}
+
+
+def test_the_signal_form_refuses_a_bad_payload_and_a_signal_the_run_does_not_wait_for(web_url, client):
+    run = client.start("approval", {})
+    _wait_for_status(client, run.id, "waiting")
+    cookie, token = _csrf(f"{web_url}/runs/{run.id}")
+    bad = _post_form(f"{web_url}/runs/{run.id}/signals/approved", {"csrf_token": token, "payload": "{nope"},
+                     cookie, origin=web_url)
+    assert bad.status == 400 and "The payload is not JSON" in bad.text
+    other = _post_form(f"{web_url}/runs/{run.id}/signals/rejected", {"csrf_token": token}, cookie, origin=web_url)
+    assert other.status == 409
+    assert client.get(run.id).status == "waiting"  # nothing changed
+    forged = _post_form(f"{web_url}/runs/{run.id}/signals/approved", {"csrf_token": "x" * 43}, cookie,
+                        origin=web_url)
+    assert forged.status == 403 and client.get(run.id).status == "waiting"
+    done = _post_form(f"{web_url}/runs/{run.id}/signals/approved", {"csrf_token": token}, cookie, origin=web_url)
+    assert done.status == 303 and done.headers["Location"].endswith("?done=signal")
+    assert client.wait(run.id).status == "succeeded"
+
+
+def test_parent_and_child_pages_link_to_each_other(page, web_url, client):
+    run = client.wait(client.start("trip", {}).id)
+    child_id = run.children[0]
+    page.goto(f"{web_url}/runs/{run.id}")
+    assert page.locator(f'a.child-link[href="/runs/{child_id}"]').count() == 1
+    page.goto(f"{web_url}/runs/{child_id}")
+    page.locator("#parent-link").click()
+    page.wait_for_url(re.compile(rf"/runs/{run.id}$"))

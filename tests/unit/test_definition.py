@@ -271,3 +271,11 @@ def test_gates_and_pivots_do_not_run_in_parallel_groups():
         with s.parallel():
             s.step(lambda c: 1, name="x")
             s.gate("g", signal="go", timeout=5)
+
+
+def test_child_steps_do_not_run_in_parallel_groups():
+    s = Saga("t_bad3", register=False)
+    with pytest.raises(DefinitionError, match="cannot be in a parallel group"):
+        with s.parallel():
+            s.step(lambda c: 1, name="x")
+            s.child("sub", saga="other")
