@@ -35,29 +35,23 @@ def load_hook(spec: str) -> Callable[[Run], object] | None:
 
 
 def compensation_failed(run: Run, hook_spec: str) -> None:
-    """Log the alert record, then call the hook; a failing hook is logged, never raised: the run's state
-    is already recorded and the log record already says what to do."""
-    failed = next((s.name for s in run.steps if s.status == "compensation_failed"), None)
-    log.error("run_compensation_failed", extra={
-        "run_id": run.id, "saga": run.saga, "step": failed, "error": run.error,
-        "next": f"fix the cause, then run `sagaflow retry {run.id}`",
-    })
-    try:
-        hook = load_hook(hook_spec)
-        if hook is not None:
-            hook(run)
-    except Exception as exc:  # noqa: BLE001 - an alert channel's failure must not touch the run
-        log.error("alert_hook_failed", extra={"run_id": run.id, "hook": hook_spec,
-                                              "error": f"{type(exc).__name__}: {exc}"})
+    """An undo failed for good: the run is ``compensation_failed`` and waits for an operator."""
+    _alert("run_compensation_failed", run, "compensation_failed", hook_spec)
 
 
 def run_stuck(run: Run, hook_spec: str) -> None:
     """A step after the pivot failed for good: the run is ``stuck`` (it can no longer be undone) and waits
-    for an operator to fix the cause and send it forward again. Same channels as compensation_failed."""
-    failed = next((s.name for s in run.steps if s.status == "failed"), None)
-    log.error("run_stuck", extra={
+    for an operator to fix the cause and send it forward again."""
+    _alert("run_stuck", run, "failed", hook_spec)
+
+
+def _alert(event: str, run: Run, step_status: str, hook_spec: str) -> None:
+    """Log the alert record, then call the hook; a failing hook is logged, never raised: the run's state
+    is already recorded and the log record already says what to do."""
+    failed = next((s.name for s in run.steps if s.status == step_status), None)
+    log.error(event, extra={
         "run_id": run.id, "saga": run.saga, "step": failed, "error": run.error,
-        "next": f"fix the cause, then sagaflow retry {run.id}",
+        "next": f"fix the cause, then run `sagaflow retry {run.id}`",
     })
     try:
         hook = load_hook(hook_spec)

@@ -232,11 +232,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         def give_up(error: str) -> bool:
             return store.fail_step(run_id, index, token, error)
     try:
-        value = step.action(ctx)
-        try:
-            value = ensure_json(value, f"the result of step {step.name!r}")
-        except TypeError as exc:
-            raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
+        value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
     except LeaseLost:
@@ -316,11 +312,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=input, attempt=attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results))
     try:
-        value = step.action(ctx)
-        try:
-            value = ensure_json(value, f"the result of step {step.name!r}")
-        except TypeError as exc:
-            raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
+        value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
     except Exception as exc:
@@ -345,6 +337,15 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
             get_store().finish_plain_run(run_id)
         log.info("run_succeeded", extra=fields)
     return results
+
+
+def call_action(step: Step, ctx: StepContext):
+    """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
+    value = step.action(ctx)
+    try:
+        return ensure_json(value, f"the result of step {step.name!r}")
+    except TypeError as exc:
+        raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
 
 
 def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> FailedForGood | None:
