@@ -29,7 +29,8 @@ END_EVENTS = {  # event kind -> the final run status it records
     "run_compensated": RunStatus.COMPENSATED.value,
     "run_cancelled": RunStatus.CANCELLED.value,
     "run_compensation_failed": RunStatus.COMPENSATION_FAILED.value,
-    "run_failed": RunStatus.FAILED.value,
+    "run_failed": RunStatus.FAILED.value,  # (plain runs record no events: they show in the status gauge only)
+    "run_stuck": RunStatus.STUCK.value,
 }
 STEP_EVENTS = ("step_succeeded", "step_failed", "step_retried",
                "compensation_succeeded", "compensation_failed", "compensation_retried")
