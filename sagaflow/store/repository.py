@@ -528,13 +528,7 @@ class Store:
             if held is None:
                 return None
             self._event(conn, run_id, "step_succeeded", held.name, {"attempt": held.attempts}, now)
-            finished = conn.execute(
-                update(t.runs)
-                .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
-                .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-            ).rowcount
-            if finished:
-                self._event(conn, run_id, "run_succeeded", None, None, now)
+            if self._succeed_run(conn, run_id, now):
                 return RunStatus.SUCCEEDED.value
             self._touch(conn, run_id, now)
             return conn.execute(select(r.status).where(r.id == run_id)).scalar()
@@ -559,13 +553,7 @@ class Store:
             finished = self.fast.finish_run(run_id, now)
         else:
             with self.engine.begin() as conn:
-                finished = conn.execute(
-                    update(t.runs)
-                    .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
-                    .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-                ).rowcount == 1
-                if finished:
-                    self._event(conn, run_id, "run_succeeded", None, None, now)
+                finished = self._succeed_run(conn, run_id, now)
         if finished:
             return ClaimOutcome.CLAIMED
         run = self._read(lambda conn: conn.execute(select(r.status, r.cancel_requested).where(r.id == run_id)).first())
@@ -907,8 +895,7 @@ class Store:
         total = conn.execute(select(func.count()).select_from(t.steps).where(s.run_id == run_id)).scalar_one()
         if next_index < total:
             return BranchOutcome("joined", next_index=next_index, results=self._results(conn, run_id))
-        if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
-            self._event(conn, run_id, "run_succeeded", None, None, now)
+        self._succeed_run(conn, run_id, now, unless_cancelled=False)
         return BranchOutcome("finished")
 
     def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> BranchOutcome | None:
@@ -1187,15 +1174,8 @@ class Store:
                 return None
             self._event(conn, run_id, "step_failed_best_effort", held.name,
                         {"attempt": held.attempts, "error": error}, now)
-            if finish:
-                finished = conn.execute(
-                    update(t.runs)
-                    .where(r.id == run_id, r.status == RunStatus.RUNNING.value, r.cancel_requested.is_(False))
-                    .values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
-                ).rowcount
-                if finished:
-                    self._event(conn, run_id, "run_succeeded", None, None, now)
-                    return RunStatus.SUCCEEDED.value
+            if finish and self._succeed_run(conn, run_id, now):
+                return RunStatus.SUCCEEDED.value
             self._touch(conn, run_id, now)
             return conn.execute(select(r.status).where(r.id == run_id)).scalar()
 
@@ -1267,8 +1247,7 @@ class Store:
         with self.engine.begin() as conn:
             if not self._overrule_cancel_past_pivot(conn, run_id, now):
                 return None
-            if self._set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.SUCCEEDED, now, finished_at=now):
-                self._event(conn, run_id, "run_succeeded", None, None, now)
+            self._succeed_run(conn, run_id, now, unless_cancelled=False)
             return conn.execute(select(r.status).where(r.id == run_id)).scalar()
 
     def request_forward_retry(self, run_id: str) -> tuple[int, dict] | None:
@@ -1448,9 +1427,8 @@ class Store:
         base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx)
         live = (RunStatus.RUNNING.value, RunStatus.WAITING.value)
         if idx == self._last_index(conn, run.id):
-            if not run.cancel_requested and self._set_run_status(conn, run.id, live, RunStatus.SUCCEEDED, now,
-                                                                 finished_at=now):
-                self._event(conn, run.id, "run_succeeded", None, None, now)
+            if not run.cancel_requested and self._succeed_run(conn, run.id, now, expected=live,
+                                                              unless_cancelled=False):
                 return WaitOutcome("finished", status=RunStatus.SUCCEEDED.value, result=result, **base)
             self._set_run_status(conn, run.id, live, RunStatus.RUNNING, now)
             return WaitOutcome("errback", result=result, error="cancelled before the run finished", **base)
@@ -1883,6 +1861,22 @@ class Store:
             return False
         self._event(conn, run_id, f"run_{final.value}", None, None, now)
         return True
+
+    def _succeed_run(self, conn, run_id: str, now: dt.datetime, expected=RunStatus.RUNNING,
+                     unless_cancelled: bool = True) -> bool:
+        """``expected`` -> succeeded, with its ``run_succeeded`` event; with ``unless_cancelled``, not when a
+        cancel was requested. False, changing nothing, when the run was not there to finish."""
+        expected_values = [expected.value] if isinstance(expected, RunStatus) else list(expected)
+        r = t.runs.c
+        guard = [r.id == run_id, r.status.in_(expected_values)]
+        if unless_cancelled:
+            guard.append(r.cancel_requested.is_(False))
+        finished = conn.execute(
+            update(t.runs).where(*guard).values(status=RunStatus.SUCCEEDED.value, updated_at=now, finished_at=now)
+        ).rowcount
+        if finished:
+            self._event(conn, run_id, "run_succeeded", None, None, now)
+        return bool(finished)
 
     @staticmethod
     def _set_run_status(conn, run_id, expected, new: RunStatus, now, **values) -> bool:
