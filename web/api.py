@@ -168,20 +168,14 @@ def signal_run(run_id: str, name: str):
             payload = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"malformed JSON: {exc}") from None
-    try:
-        run = _client().signal(run_id, name, payload)
-    except InvalidInput as exc:
-        raise ApiError(400, str(exc)) from None
-    except UnknownRun as exc:
-        raise ApiError(404, str(exc)) from None
-    except InvalidTransition as exc:
-        raise ApiError(409, str(exc)) from None
-    return jsonify(run_json(run, _flower())), 202
+    return _act(run_id, lambda run_id: _client().signal(run_id, name, payload))
 
 
 def _act(run_id: str, action):
     try:
         run = action(run_id)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
     except UnknownRun as exc:
         raise ApiError(404, str(exc)) from None
     except InvalidTransition as exc:
