@@ -62,17 +62,23 @@ def release(ctx: StepContext):
     undo(ctx)
 
 
-@hard_limit.step(retry=RetryPolicy(max_attempts=1), timeout=1)
-def stubborn(ctx: StepContext):
+def ignore_soft_time_limit(seconds: float = 30) -> dict:
+    """Misbehave on purpose: sleep through the soft time limit, so the prefork pool kills the process at the
+    hard limit (and Celery fires the errback twice, celery-facts.md 1.2)."""
     from billiard.exceptions import SoftTimeLimitExceeded
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             time.sleep(0.1)
         except SoftTimeLimitExceeded:
-            pass  # misbehaving on purpose
+            pass
     return {}
+
+
+@hard_limit.step(retry=RetryPolicy(max_attempts=1), timeout=1)
+def stubborn(ctx: StepContext):
+    return ignore_soft_time_limit()
 
 
 # For the crash tests: its own queue, so only the worker a test kills and restarts runs its steps, and a

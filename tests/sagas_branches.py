@@ -14,6 +14,7 @@ from sagaflow import NonRetryableError, Parallel, RetryPolicy, Saga, Step, StepC
 from sagaflow.app import get_store
 
 from tasks.effects import ExampleFailure, _sleep, do, undo
+from tests.sagas import ignore_soft_time_limit
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=1.0)
 
@@ -66,15 +67,7 @@ par_faults = Saga("par_faults", [_step("book", **_fault), Parallel(_step("left",
 def _stubborn(ctx: StepContext):
     """Ignores its soft time limit: the prefork pool kills it at the hard limit (timeout + 5 s), and Celery
     fires its errback twice (celery-facts.md 1.2). It records no effect."""
-    from billiard.exceptions import SoftTimeLimitExceeded
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.1)
-        except SoftTimeLimitExceeded:
-            pass  # misbehaving on purpose
-    return {}
+    return ignore_soft_time_limit()
 
 
 # prepare -> (stubborn | quick) -> after: a branch lost at its hard time limit, while the run is live or after

@@ -11,6 +11,7 @@ fail_compensation), plus:
 from sagaflow import RetryPolicy, Saga, StepContext
 from sagaflow.app import get_settings
 from tasks.effects import ExampleFailure, TransientFailure, do, undo
+from tests.sagas import ignore_soft_time_limit
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)
 
@@ -195,18 +196,8 @@ def welcome(ctx):
 def _stubborn(ctx: StepContext):
     """Records its effect, then ignores its soft time limit: the pool kills it at the hard limit (timeout +
     5 s), and Celery fires its errback twice (celery-facts.md 1.2)."""
-    import time
-
-    from billiard.exceptions import SoftTimeLimitExceeded
-
     do(ctx)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.1)
-        except SoftTimeLimitExceeded:
-            pass  # misbehaving on purpose
-    return {}
+    return ignore_soft_time_limit()
 
 
 # prep -> hang (best-effort, killed at its hard limit) -> after
