@@ -194,7 +194,9 @@ def test_a_branch_killed_at_its_hard_time_limit_compensates_the_other_branch_onc
 
 
 def test_a_branch_lost_after_the_other_failed_is_recorded_failed_and_releases_the_undo_before_it(client):
-    run = client.start("par_hard", {"fail_at": "quick"})
+    # The barrier: quick fails only once stubborn runs (with the pool still busy from the test before,
+    # stubborn's message could otherwise wait, be skipped, and the scenario would not happen).
+    run = client.start("par_hard", {"fail_at": "quick", "barrier": True})
     wait_for(lambda: ("undos_held", None) in kinds(client.get(run.id)), what="the undo of prepare to wait")
     meanwhile = client.get(run.id)
     assert meanwhile.status == "compensating" and meanwhile.step("stubborn").status == "running"
