@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sagaflow.safejson import JsonLimits
+
 
 def _int(env: dict, name: str, default: int) -> int:
     raw = env.get(name, "")
@@ -86,6 +88,9 @@ class Settings:
     saga_operations: tuple[str, ...] | None = None
     policy_file: Path = Path("config/policy.yaml").resolve()
     policy_file_required: bool = False
+    # What JSON may enter (sagaflow/safejson.py): run input, step results, signal payloads, child inputs.
+    json_max_depth: int = 64
+    json_max_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -118,6 +123,8 @@ class Settings:
             # Resolved now, like the saga files, so every child process reads the same file.
             policy_file=Path(env.get("SAGAFLOW_POLICY_FILE", "").strip() or "config/policy.yaml").expanduser().resolve(),
             policy_file_required=bool(env.get("SAGAFLOW_POLICY_FILE", "").strip()),
+            json_max_depth=_positive(env, "SAGAFLOW_JSON_MAX_DEPTH", 64),
+            json_max_bytes=_positive(env, "SAGAFLOW_JSON_MAX_BYTES", 1024 * 1024),
         )
 
     @property
@@ -131,6 +138,10 @@ class Settings:
     @property
     def effective_broker_url(self) -> str:
         return self.broker_url or f"redis+socket://{self.embedded_socket}"
+
+    @property
+    def json_limits(self) -> JsonLimits:
+        return JsonLimits(max_depth=self.json_max_depth, max_bytes=self.json_max_bytes)
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
@@ -158,4 +169,6 @@ class Settings:
             "SAGAFLOW_SAGA_ENABLED": "1" if self.saga_enabled else "0",
             "SAGAFLOW_SAGA_OPERATIONS": ",".join(self.saga_operations) if self.saga_operations is not None else "*",
             "SAGAFLOW_POLICY_FILE": str(self.policy_file) if self.policy_file_required else "",
+            "SAGAFLOW_JSON_MAX_DEPTH": str(self.json_max_depth),
+            "SAGAFLOW_JSON_MAX_BYTES": str(self.json_max_bytes),
         }

@@ -21,9 +21,18 @@ from sagaflow.errors import BrokerUnavailable, InvalidInput
 from sagaflow import waits
 from sagaflow.runtime import publish_compensation
 from sagaflow.store import Run, RunStatus, StepSpec, Store
-from sagaflow.store.repository import ensure_json
+from sagaflow.safejson import check_text, ensure_json
 
 MAX_IDEMPOTENCY_KEY = 200
+MAX_RUN_ID = 36  # a uuid4 as text
+
+
+def check_run_id(run_id) -> str:
+    """A run id as given by a caller: a short string that can be looked up. Anything else is InvalidInput
+    (a NUL or a lone surrogate would fail in the database driver, not as "unknown run")."""
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= MAX_RUN_ID:
+        raise InvalidInput(f"a run id is a string of 1 to {MAX_RUN_ID} characters, got {run_id!r:.80}")
+    return check_text(run_id, "the run id")
 
 
 class RunList(list):
@@ -60,15 +69,14 @@ class SagaClient:
             input = {}
         if not isinstance(input, dict):
             raise InvalidInput(f"input must be a JSON object (a dict), got {type(input).__name__}")
-        try:
-            input = ensure_json(input, "input")
-        except TypeError as exc:
-            raise InvalidInput(str(exc)) from None
+        input = ensure_json(input, "input", get_settings().json_limits)
         if idempotency_key is not None and (
             not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY
         ):
             raise InvalidInput(f"idempotency_key must be a non-empty string of at most {MAX_IDEMPOTENCY_KEY} "
                                f"characters")
+        if idempotency_key is not None:
+            check_text(idempotency_key, "idempotency_key")
         if not definition.steps:
             raise InvalidInput(f"saga {saga!r} has no steps")
         definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
@@ -95,18 +103,19 @@ class SagaClient:
         """Ask a pending, running or waiting run to stop: it stops before its next step and undoes what
         completed. At a gate, the gate fails and the undoing begins at once; at a child step, the child run
         is cancelled first (it compensates), then this run compensates."""
-        return waits.cancel(self.store, run_id)
+        return waits.cancel(self.store, check_run_id(run_id))
 
     def signal(self, run_id: str, name: str, payload=None) -> Run:
         """Deliver signal ``name`` (``payload``: any JSON value, the gate's result) to a run, once. A gate
         waiting for it passes and the run goes on; a signal that arrives before the run reaches its gate is
         kept and taken there. Raises InvalidInput (bad name or payload), UnknownRun, InvalidTransition (the
         run is final, its saga has no gate for ``name``, or the signal was already delivered)."""
-        return waits.signal(self.store, run_id, name, payload)
+        return waits.signal(self.store, check_run_id(run_id), name, payload)
 
     def retry(self, run_id: str) -> Run:
         """Resume the compensations of a run in ``compensation_failed``, where they stopped; or send a run
         ``stuck`` after its pivot forward again, from the step that failed (earlier results read from SQL)."""
+        check_run_id(run_id)
         forward = self.store.transactional.request_forward_retry(run_id)
         if forward is not None:
             start, results = forward
@@ -124,7 +133,7 @@ class SagaClient:
     # ------------------------------------------------------------------ queries
 
     def get(self, run_id: str) -> Run:
-        return self.store.get_run(run_id)
+        return self.store.get_run(check_run_id(run_id))
 
     def list(self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0) -> RunList:
         if status is not None and status not in {s.value for s in RunStatus}:
@@ -136,6 +145,7 @@ class SagaClient:
 
     def wait(self, run_id: str, timeout: float = 30.0, poll: float = 0.05) -> Run:
         """Block until the run reaches a final status; raises TimeoutError after ``timeout`` seconds."""
+        check_run_id(run_id)
         deadline = time.monotonic() + timeout
         while True:
             run = self.store.get_run(run_id, history=False)

@@ -35,9 +35,9 @@ from sagaflow.compiler import (
     step_task_name,
 )
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, StepKind, registry
-from sagaflow.errors import AlreadyFailed, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
+from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
 from sagaflow.store import ClaimOutcome, RunStatus
-from sagaflow.store.repository import ensure_json
+from sagaflow.safejson import ensure_json
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -343,8 +343,8 @@ def call_action(step: Step, ctx: StepContext):
     """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
     value = step.action(ctx)
     try:
-        return ensure_json(value, f"the result of step {step.name!r}")
-    except TypeError as exc:
+        return ensure_json(value, f"the result of step {step.name!r}", get_settings().json_limits)
+    except InvalidInput as exc:
         raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
 
 

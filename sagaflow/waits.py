@@ -32,7 +32,7 @@ import uuid
 from celery.exceptions import Ignore
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow.app import celery_app, get_store
+from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import ON_STEP_FAILED, compile_compensation, compile_run
 from sagaflow.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.errors import (
@@ -43,7 +43,7 @@ from sagaflow.errors import (
     UnknownSaga,
 )
 from sagaflow.store import Recovery, StepSpec, WaitOutcome
-from sagaflow.store.repository import ensure_json
+from sagaflow.safejson import ensure_json
 
 log = logging.getLogger("sagaflow.waits")
 
@@ -166,8 +166,8 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
             raise ChildNotStarted(f"child step {step.name!r}: the child's input must be a JSON object (a dict), "
                                   f"got {type(data).__name__}")
         try:
-            data = ensure_json(data, f"the input of child step {step.name!r}")
-        except TypeError as exc:
+            data = ensure_json(data, f"the input of child step {step.name!r}", get_settings().json_limits)
+        except InvalidInput as exc:
             raise ChildNotStarted(str(exc)) from None
     except Exception as exc:
         return task.retry_or_give_up(
@@ -250,10 +250,7 @@ def signal(store, run_id: str, name: str, payload=None):
     gate for ``name``, a second delivery (InvalidTransition)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidInput(f"signal name {name!r} must be an identifier (letters, digits, underscore)")
-    try:
-        payload = ensure_json(payload, f"the payload of signal {name!r}")
-    except TypeError as exc:
-        raise InvalidInput(str(exc)) from None
+    payload = ensure_json(payload, f"the payload of signal {name!r}", get_settings().json_limits)
     outcome = store.transactional.deliver_signal(run_id, name, payload)
     log.info("signal_received", extra={"run_id": run_id, "signal": name, "action": outcome.action})
     act(outcome)

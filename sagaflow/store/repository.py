@@ -1896,12 +1896,3 @@ class Store:
     @staticmethod
     def _event(conn, run_id: str, kind: str, step: str | None, detail: dict | None, now: dt.datetime) -> None:
         conn.execute(insert(t.events).values(run_id=run_id, kind=kind, step=step, at=now, detail=detail))
-
-
-def ensure_json(value: Any, what: str) -> Any:
-    """Round-trip through JSON so only JSON data is stored; raise TypeError naming ``what`` otherwise.
-    NaN and infinities are refused: they are not JSON, and PostgreSQL rejects them."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not JSON-serializable: {exc}") from None
