@@ -3,13 +3,12 @@ the same step tasks, the run row alone in SQL) against the plain Celery chain, a
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
 from bench.figures import Figure, Target, percentile, progress
 from bench.sides import PolicyOffSide
-from bench.sql import SQL_KEY, LocalCounter
+from bench.sql import counted_batch
 
 if TYPE_CHECKING:
     from bench.core import Bench
@@ -19,10 +18,7 @@ def phase_policy_off(bench: Bench) -> None:
     """W1 with compensation off by policy against the plain chain: latency (one at a time, alternating),
     throughput (n at once), and the SQL of each run, client and worker, counted by the listeners of
     bench/sqlcount.py (expected: the run row's INSERT and its final UPDATE)."""
-    import redis
-
     import sagaflow.app
-    from sagaflow.app import get_store
 
     off = PolicyOffSide(bench.sf)
     saved = sagaflow.app._settings
@@ -53,31 +49,23 @@ def phase_policy_off(bench: Bench) -> None:
         n = bench.sizes.sql
         progress(f"policy_off: counting the SQL of {n} W1 runs with compensation off")
         bench.stop_worker("sagaflow")
-        r = redis.Redis.from_url(bench.args.redis_url, decode_responses=True)
-        store = get_store()
         try:
             bench.start_sagaflow_worker("counting-off", "bench.sagas,bench.sqlcount")
-            bench.warm_up(off, 4, None)
-            time.sleep(0.6)  # the warm-up's counts are flushed after its last task
-            r.delete(SQL_KEY)
-            with LocalCounter(store.engine, store.autocommit) as client_counts:
-                outcome = bench.batch(off, n, 4, None, "w1 SQL count, compensation off", quiet=True)
-            time.sleep(0.6)
-            worker = Counter({k: int(v) for k, v in r.hgetall(SQL_KEY).items() if "|" not in k})
-            off.reset()
+            counts, client, ok, _ = counted_batch(bench, off, n, None, "w1 SQL count, compensation off")
         finally:
             bench.stop_worker("counting-off")
-        both = worker + Counter(client_counts.counts)
+        worker = Counter({k: v for k, v in counts.items() if "|" not in k})
+        both = worker + Counter(client)
         kinds = ("statement", "begin", "commit", "rollback", "ping")
         bench.add(Figure(
             "off_sql_statements_per_run", "SQL statements per W1 run, compensation off (client + worker)",
-            "statements", both["statement"] / n, target=Target("sagaflow", "<=", 2), checked=outcome["ok"],
-            n=n, extra={"client": {k: client_counts.counts.get(k, 0) / n for k in kinds},
+            "statements", both["statement"] / n, target=Target("sagaflow", "<=", 2), checked=ok,
+            n=n, extra={"client": {k: client.get(k, 0) / n for k in kinds},
                         "worker": {k: worker.get(k, 0) / n for k in kinds}},
         ))
         bench.add(Figure(
             "off_sql_round_trips_per_run", "SQL round trips per W1 run, compensation off (client + worker)",
-            "round trips", sum(both[k] for k in kinds) / n, checked=outcome["ok"], n=n,
+            "round trips", sum(both[k] for k in kinds) / n, checked=ok, n=n,
         ))
     finally:
         sagaflow.app._settings = saved

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench.figures import Figure, Target, progress
@@ -76,11 +77,38 @@ class LocalCounter:
         fastpath.STATEMENT_HOOKS.remove(self._fast_statement)
 
 
+def counted_batch(bench: Bench, side, n: int, fail_at: int | None, what: str,
+                  wire_file: Path | None = None) -> tuple[dict, Counter, bool, int | None]:
+    """A warm-up, then n runs at once with their SQL counted, in the counting worker (already started):
+    the worker's counts (bench/sqlcount.py, through the bench's Redis), the client's (LocalCounter), whether
+    every run ended as it should and, with wire_file, the round trips bench/pgwire.py saw on the wire."""
+    import redis
+
+    from bench.pgwire import read_counts
+    from sagaflow.app import get_store
+
+    r = redis.Redis.from_url(bench.args.redis_url, decode_responses=True)
+    store = get_store()
+    bench.warm_up(side, 4, fail_at)
+    time.sleep(0.6)  # the last task's counts are flushed after it commits; the proxy's every 0.2 s
+    r.delete(SQL_KEY)
+    wire_before = read_counts(wire_file) if wire_file else None
+    with LocalCounter(store.engine, store.autocommit) as client_counts:
+        outcome = bench.batch(side, n, 4, fail_at, what, quiet=True)
+    time.sleep(0.6)
+    wire = None
+    if wire_file:
+        wire_after = read_counts(wire_file)
+        wire = sum(wire_after[k] - wire_before[k] for k in ("query", "sync"))
+    counts = {k: int(v) for k, v in r.hgetall(SQL_KEY).items()}
+    side.reset()
+    return counts, client_counts.counts, outcome["ok"], wire
+
+
 def phase_sql(bench: Bench) -> None:
     """Count the worker's SQL in a worker that imports bench.sqlcount (and only here: the listeners
     cost a little), and the client's SQL of each start in this process. The counting worker reaches
     PostgreSQL through bench/pgwire.py, which counts the same round trips on the wire."""
-    import redis
     from sqlalchemy.engine import make_url
 
     n = bench.sizes.sql
@@ -96,28 +124,12 @@ def phase_sql(bench: Bench) -> None:
     while not wire_file.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     proxied = url.set(host="127.0.0.1", port=port, query={**url.query, "sslmode": "disable"})
-    r = redis.Redis.from_url(bench.args.redis_url, decode_responses=True)
-    from bench.pgwire import read_counts
-    from sagaflow.app import get_store
-
-    store = get_store()
     results = {}
     try:
         bench.start_sagaflow_worker("counting", "bench.sagas,bench.sqlcount",
                                    proxied.render_as_string(hide_password=False))
         for workload, fail_at in (("w1", None), ("w2", 3)):
-            bench.warm_up(bench.sf, 4, fail_at)
-            time.sleep(0.6)  # the last task's counts are flushed after it commits; the proxy's every 0.2 s
-            r.delete(SQL_KEY)
-            wire_before = read_counts(wire_file)
-            with LocalCounter(store.engine, store.autocommit) as client_counts:
-                outcome = bench.batch(bench.sf, n, 4, fail_at, f"{workload} SQL count", quiet=True)
-            time.sleep(0.6)
-            wire_after = read_counts(wire_file)
-            wire = sum(wire_after[k] - wire_before[k] for k in ("query", "sync"))
-            counts = {k: int(v) for k, v in r.hgetall(SQL_KEY).items()}
-            results[workload] = (counts, dict(client_counts.counts), outcome["ok"], wire)
-            bench.sf.reset()
+            results[workload] = counted_batch(bench, bench.sf, n, fail_at, f"{workload} SQL count", wire_file)
     finally:
         bench.stop_worker("counting")  # the last phase that needs a worker (see run)
         proxy.terminate()
