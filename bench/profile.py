@@ -15,6 +15,10 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.core import Bench
 
 
 def py_spy() -> str:
@@ -144,6 +148,26 @@ def summarize(raw: Path, top: int = 12) -> str:
     lines.append(f"top {top} innermost frames:")
     lines += [f"  {100 * c / busy:5.1f}%  {name}" for name, c in self_time.most_common(top)]
     return "\n".join(lines)
+
+
+def phase_profile(bench: Bench) -> None:
+    """The profile phase (--profile): a W1 throughput batch with py-spy on the sagaflow worker."""
+    from bench.figures import progress  # here: `python bench/profile.py RAW` summarizes on its own
+
+    n = bench.sizes.throughput
+    out = Path(bench.args.profile_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "sagaflow-w1-throughput.txt"
+    progress(f"profile: py-spy on the sagaflow worker during {n} W1 runs at once -> {raw}")
+    bench.warm_up(bench.sf, 4, None)
+    with Recorder(bench.workers["sagaflow"].pid, raw):
+        result = bench.batch(bench.sf, n, 4, None, "profiled W1 throughput")
+    bench.sf.reset()
+    if not result["ok"]:
+        return
+    summary = summarize(raw)
+    (out / "sagaflow-w1-throughput-summary.txt").write_text(summary)
+    progress(summary)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from bench.harness import PHASES, SIZES, expected_figures
+from bench.figures import PHASES, SIZES, expected_figures
 from tests.conftest import ROOT
 from tests.services import find_services
 

@@ -7,7 +7,8 @@ import pytest
 from celery import signature
 
 from bench import harness, plain
-from bench.harness import SIZES, Figure, Target, expected_figures, parse_args, percentile, render_table
+from bench.figures import SIZES, Figure, Target, expected_figures, percentile, render_table
+from bench.harness import parse_args
 from bench.profile import summarize
 
 

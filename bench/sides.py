@@ -1,0 +1,148 @@
+"""The two sides a phase runs: sagaflow (with compensation, or switched off by policy), checked in SQL, and
+the plain Celery chain, checked through the record its last task writes to Redis. Each starts a run, says
+when it finished, counts the finished runs and checks that every run ended as it should."""
+
+from __future__ import annotations
+
+import uuid
+
+from bench.services import dsn
+
+FINAL = ("succeeded", "compensated", "compensation_failed", "cancelled", "failed")
+
+
+class SagaflowSide:
+    """Starts sagaflow runs with SagaClient and checks them in SQL (psycopg2, autocommit, its own connection)."""
+
+    label = "sagaflow"
+
+    def __init__(self, database_url: str) -> None:
+        import psycopg2
+
+        from bench.sagas import BY_STEPS
+        from sagaflow.client import SagaClient
+
+        self.by_steps = BY_STEPS
+        self.client = SagaClient()
+        self.pg = psycopg2.connect(dsn(database_url))
+        self.pg.autocommit = True
+
+    def sql(self, query: str, params=()) -> list[tuple]:
+        with self.pg.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def reset(self) -> None:
+        self.sql("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs")
+
+    def start(self, steps: int, fail_at: int | None) -> str:
+        saga = "bench_w2" if fail_at is not None else self.by_steps[steps]
+        return self.client.start(saga, {}).id
+
+    def finished_at(self, run_id: str) -> float | None:
+        rows = self.sql("SELECT EXTRACT(EPOCH FROM finished_at) FROM saga_runs WHERE id = %s AND status IN %s",
+                        (run_id, FINAL))
+        return float(rows[0][0]) if rows else None
+
+    def final_count(self) -> int:
+        return self.sql("SELECT count(*) FROM saga_runs WHERE status IN %s", (FINAL,))[0][0]
+
+    def last_finish(self) -> float:
+        return float(self.sql("SELECT EXTRACT(EPOCH FROM max(finished_at)) FROM saga_runs")[0][0])
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        """Every run succeeded with every step done; or (W2) compensated: the failing step failed and the
+        steps before it were each compensated once, latest first."""
+        problems = []
+        runs = dict(self.sql("SELECT status, count(*) FROM saga_runs GROUP BY status"))
+        step_rows = dict(self.sql("SELECT status, count(*) FROM saga_steps GROUP BY status"))
+        if fail_at is None:
+            if runs != {"succeeded": n}:
+                problems.append(f"runs by status {runs}, expected {{'succeeded': {n}}}")
+            if step_rows != {"succeeded": n * steps}:
+                problems.append(f"steps by status {step_rows}, expected {{'succeeded': {n * steps}}}")
+            return problems
+        if runs != {"compensated": n}:
+            problems.append(f"runs by status {runs}, expected {{'compensated': {n}}}")
+        expected_steps = {"compensated": n * fail_at, "failed": n, **({"skipped": n * (steps - fail_at - 1)}
+                                                                      if steps - fail_at - 1 else {})}
+        if step_rows != expected_steps:
+            problems.append(f"steps by status {step_rows}, expected {expected_steps}")
+        order = ",".join(f"s{i}" for i in range(fail_at - 1, -1, -1))
+        in_order = self.sql(
+            "SELECT count(*) FROM (SELECT run_id, string_agg(step, ',' ORDER BY id) AS o FROM saga_events "
+            "WHERE kind = 'compensation_succeeded' GROUP BY run_id) x WHERE o = %s", (order,))[0][0]
+        if in_order != n:
+            problems.append(f"{in_order} of {n} runs compensated exactly {order}, in that order")
+        return problems
+
+    def table_bytes(self) -> dict[str, int]:
+        names = ("saga_runs", "saga_steps", "saga_events")
+        row = self.sql("SELECT " + ", ".join(f"pg_total_relation_size('{t}')" for t in names))[0]
+        return dict(zip(names, row))
+
+
+class PolicyOffSide(SagaflowSide):
+    """sagaflow runs with compensation switched off by policy (SAGAFLOW_SAGA_ENABLED=false in this process,
+    which decides at start): plain chains of the same step tasks, checked in SQL (the run row alone)."""
+
+    label = "sagaflow, compensation off"
+
+    def __init__(self, sagaflow_side: SagaflowSide) -> None:
+        self.by_steps = sagaflow_side.by_steps
+        self.client = sagaflow_side.client
+        self.pg = sagaflow_side.pg
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        problems = []
+        runs = dict(self.sql("SELECT status || ' ' || mode, count(*) FROM saga_runs GROUP BY 1"))
+        if runs != {"succeeded plain": n}:
+            problems.append(f"runs by status and mode {runs}, expected {{'succeeded plain': {n}}}")
+        rows = self.sql("SELECT (SELECT count(*) FROM saga_steps), (SELECT count(*) FROM saga_events)")[0]
+        if rows != (0, 0):
+            problems.append(f"{rows[0]} step rows and {rows[1]} events, expected none (the run row alone)")
+        return problems
+
+
+class PlainSide:
+    """Starts plain chains and reads the record their last task writes (bench/plain.py)."""
+
+    label = "plain"
+
+    def __init__(self, redis_url: str, errback: str) -> None:
+        import redis
+
+        from bench import plain
+
+        plain.configure(redis_url)
+        self.plain = plain
+        self.errback = errback
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.phase = "none"
+
+    def reset(self) -> None:
+        self.redis.delete(self.plain.outcome_key(self.phase))
+        self.phase = uuid.uuid4().hex[:12]
+
+    def start(self, steps: int, fail_at: int | None) -> str:
+        run_id = str(uuid.uuid4())
+        self.plain.build_chain(run_id, steps, self.phase, fail_at, self.errback).apply_async()
+        return run_id
+
+    def finished_at(self, run_id: str) -> float | None:
+        value = self.redis.hget(self.plain.outcome_key(self.phase), run_id)
+        return float(value.split()[1]) if value else None
+
+    def final_count(self) -> int:
+        return self.redis.hlen(self.plain.outcome_key(self.phase))
+
+    def last_finish(self) -> float:
+        return max(float(v.split()[1]) for v in self.redis.hvals(self.plain.outcome_key(self.phase)))
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        values = self.redis.hvals(self.plain.outcome_key(self.phase))
+        good = sum(v.split()[0] == "1" for v in values)
+        if len(values) == n and good == n:
+            return []
+        what = "ran every step, in order" if fail_at is None else "compensated every earlier step, in reverse"
+        return [f"{good} of {n} runs {what} ({len(values)} recorded)"]
