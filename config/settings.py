@@ -179,6 +179,11 @@ class Settings:
             json_max_bytes=_positive(env, "SAGAFLOW_JSON_MAX_BYTES", 1024 * 1024),
         )
 
+    def __post_init__(self) -> None:
+        if self.api_read_protected and not self.api_token:
+            raise ValueError("SAGAFLOW_API_READ_PROTECTED needs SAGAFLOW_API_TOKEN: reads are protected by the "
+                             "token (set both, or neither)")
+
     @property
     def embedded_broker(self) -> bool:
         return not self.broker_url

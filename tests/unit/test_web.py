@@ -46,6 +46,7 @@ def test_web_settings_come_from_the_environment_and_round_trip():
     ({"SAGAFLOW_ALLOWED_HOSTS": "http://ops.example"}, "is not a host name"),
     ({"SAGAFLOW_ALLOWED_HOSTS": "ops.example:8000"}, "is not a host name"),
     ({"SAGAFLOW_API_READ_PROTECTED": "maybe"}, "SAGAFLOW_API_READ_PROTECTED must be 1 or 0"),
+    ({"SAGAFLOW_API_READ_PROTECTED": "true"}, "SAGAFLOW_API_READ_PROTECTED needs SAGAFLOW_API_TOKEN"),
     ({"SAGAFLOW_TRUSTED_PROXIES": "-1"}, "SAGAFLOW_TRUSTED_PROXIES must be 0 or a positive integer"),
 ])
 def test_bad_web_settings_are_refused_with_a_clear_error(env, message):
