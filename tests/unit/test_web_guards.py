@@ -94,5 +94,6 @@ def test_sagaflow_web_refuses_a_short_token_and_warns_on_a_public_address(env, w
     assert public.exit_code == 0 and served[-1] == ("0.0.0.0", 8123)
     assert [r.getMessage() for r in warnings] == ["web_exposed_without_token"]
     assert warnings[0].host == "0.0.0.0"
+    assert "SAGAFLOW_ALLOWED_HOSTS is localhost,127.0.0.1,[::1]" in public.output  # why other names get 400
     guarded = runner.invoke(main, ["web", "--host", "0.0.0.0"], env={**env, "SAGAFLOW_API_TOKEN": TOKEN})
     assert guarded.exit_code == 0 and len(warnings) == 1
