@@ -96,6 +96,7 @@ def create_app(settings=None) -> Flask:
         # Believe X-Forwarded-For (the client address: throttling, logs) and X-Forwarded-Proto (https: Secure
         # cookies) from this many proxies in front, and from nobody else.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    _log_to_stderr(settings)
     from web import security
 
     if security.exposed_without_token(settings):
@@ -225,3 +226,19 @@ def create_app(settings=None) -> Flask:
 
     return app
 
+
+def _log_to_stderr(settings) -> None:
+    """Under gunicorn nothing sets up sagaflow's logs (the CLI and Celery do): give the ``sagaflow`` logger
+    its logfmt handler, so the app's warnings (login_failed, auth_failed, web_exposed_without_token) keep
+    their fields. Propagation is left alone: whatever the host process does with records still happens."""
+    from sagaflow.logs import LogfmtFormatter
+
+    logger = logging.getLogger("sagaflow")
+    if any(getattr(h, "_sagaflow", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogfmtFormatter())
+    handler._sagaflow = True
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(settings.log_level)
