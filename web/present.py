@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -42,6 +43,15 @@ PRETTY_CHARS = 16 * 1024  # of any JSON value the run page pretty-prints
 TEXT_CHARS = 4 * 1024  # of an error message or an event detail shown on the run page
 
 
+_UNSHOWABLE = re.compile("[\ud800-\udfff\x00]")  # cannot be sent as UTF-8 / in HTML: shown as escapes
+
+
+def showable(text: str) -> str:
+    """``text`` with lone surrogates and NULs written as ``\\uXXXX``: a value stored before the input
+    checks must not make its page fail to encode."""
+    return _UNSHOWABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 def run_list_json(run: Run) -> dict:
     """A run as a list item: no steps or events, and instead of the input a preview of at most
     PREVIEW_CHARS characters of its compact JSON, with ``input_truncated`` saying whether it was cut."""
@@ -64,16 +74,16 @@ def capped_json(value, limit: int = PRETTY_CHARS, indent: int | None = 2) -> tup
             parts.append(piece)
             size += len(piece)
             if size > limit:
-                return "".join(parts)[:limit], True
+                return showable("".join(parts)[:limit]), True
     except (ValueError, RecursionError):  # not JSON after all (stored before the checks): say so
         return "(not shown: not plain JSON)", True
-    return "".join(parts), False
+    return showable("".join(parts)), False
 
 
 def capped_text(value, limit: int = TEXT_CHARS) -> str:
     """A message or detail as shown on the page: at most ``limit`` characters (JSON for anything not a
     string: never ``str()`` of a nested value, which recurses)."""
-    text = value if isinstance(value, str) else capped_json(value, limit + 1, indent=None)[0]
+    text = showable(value) if isinstance(value, str) else capped_json(value, limit + 1, indent=None)[0]
     return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 

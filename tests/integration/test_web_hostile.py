@@ -233,6 +233,7 @@ def test_another_host_header_is_refused_with_or_without_a_matching_origin(web_ur
         assert status == 400, (extra, data[:200])
         assert b"SAGAFLOW_ALLOWED_HOSTS" in data
     assert run_count() == before
+    assert raw_request(web_url, "GET", "/healthz", headers={"Host": "10.1.2.3:8000"})[0] == 200  # probes by address
     # The loopback names of the default setting answer.
     port = urllib.parse.urlsplit(web_url).port
     for host in ("localhost", f"localhost:{port}", f"127.0.0.1:{port}", "[::1]"):

@@ -97,3 +97,30 @@ def test_sagaflow_web_refuses_a_short_token_and_warns_on_a_public_address(env, w
     assert "SAGAFLOW_ALLOWED_HOSTS is localhost,127.0.0.1,[::1]" in public.output  # why other names get 400
     guarded = runner.invoke(main, ["web", "--host", "0.0.0.0"], env={**env, "SAGAFLOW_API_TOKEN": TOKEN})
     assert guarded.exit_code == 0 and len(warnings) == 1
+
+
+def test_a_run_stored_before_the_checks_with_a_lone_surrogate_still_shows(env):
+    """SQLite stores what PostgreSQL refuses: a lone surrogate in JSON (as an escape), a NUL in text. The
+    run's page, the list and the API show them escaped instead of failing to encode them."""
+    from sqlalchemy import update
+
+    from sagaflow.app import get_store
+    from sagaflow.store import StepSpec
+    from sagaflow.store import tables as t
+
+    app = _app(env)
+    store = get_store()
+    store.create_run("old-1", "create_booking", 1, {}, [StepSpec("create_invoice", True)])
+    with store.engine.begin() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.id == "old-1").values(
+            input={"name": "a\ud800b", "k\x00": 1}, idempotency_key="key-\x00", error="boom \x00"))
+
+    web = app.test_client()
+    page = web.get("/runs/old-1")
+    assert page.status_code == 200
+    text = page.get_data(as_text=True)
+    assert "a\\ud800b" in text and "key-\\u0000" in text and "boom \\u0000" in text
+    listing = web.get("/api/runs")
+    assert listing.status_code == 200 and "\\ud800" in listing.json["items"][0]["input_preview"]
+    assert web.get("/api/runs/old-1").status_code == 200
+    assert web.get("/").status_code == 200
