@@ -1,9 +1,15 @@
 """The JSON API under /api: a contract that code outside this repository relies on (README, "HTTP API").
 
 Every error is ``{"error": "..."}`` with its status code, and a refused request changes nothing:
-400 bad input (unknown saga, input not an object, malformed JSON, a bad query parameter), 401 missing or
-wrong token, 403 a browser request from another site, 404 unknown run, 405 wrong method, 409 the run's
-status does not allow it, 413 body over SAGAFLOW_API_MAX_BODY, 415 a body that is not JSON, 503 broker down.
+400 bad input (unknown saga, input not an object, malformed JSON, JSON deeper or larger than
+SAGAFLOW_JSON_MAX_DEPTH/_BYTES, a NUL or lone surrogate, a bad query parameter or run id, a Host not in
+SAGAFLOW_ALLOWED_HOSTS), 401 missing or wrong token (reads too, with SAGAFLOW_API_READ_PROTECTED), 403 a
+browser request from another site, 404 unknown run, 405 wrong method, 409 the run's status does not allow it,
+413 body over SAGAFLOW_API_MAX_BODY (chunked or not), 415 a body that is not JSON, 429 too many wrong tokens
+from this address (Retry-After), 503 broker down.
+
+A list item carries ``input_preview`` (at most 200 characters of the input's compact JSON) and
+``input_truncated`` instead of the input; ``GET /api/runs/<id>`` has the whole of it.
 """
 
 from __future__ import annotations

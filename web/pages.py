@@ -40,6 +40,7 @@ def csrf_token() -> str:
 def _common():
     settings = current_app.config["SAGAFLOW"]
     return {"token_required": bool(settings.api_token), "operator": security.is_operator(),
+            "read_protected": settings.api_read_protected,
             "flower_url": settings.flower_url, "human_seconds": human_seconds, "age": age, "cap": capped_text}
 
 

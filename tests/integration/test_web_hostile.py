@@ -388,7 +388,8 @@ def test_behind_a_trusted_tls_proxy_cookies_are_secure_with_the_host_prefix(guar
     login = _post_form(f"{guarded_url}/login", {"csrf_token": token, "token": WEB_TOKEN}, cookie,
                        {**me, "X-Forwarded-Proto": "https"})
     assert login.status == 303
-    assert login.headers["Set-Cookie"].startswith("__Host-sagaflow_operator=") and "Secure" in login.headers["Set-Cookie"]
+    operator = login.headers["Set-Cookie"]
+    assert operator.startswith("__Host-sagaflow_operator=") and "Secure" in operator
 
     plain = call("GET", f"{guarded_url}/login", headers=me).headers["Set-Cookie"]
     assert plain.startswith("sagaflow_csrf=") and "Secure" not in plain
