@@ -390,6 +390,8 @@ def test_behind_a_trusted_tls_proxy_cookies_are_secure_with_the_host_prefix(guar
     assert login.status == 303
     operator = login.headers["Set-Cookie"]
     assert operator.startswith("__Host-sagaflow_operator=") and "Secure" in operator
+    tls = {**me, "X-Forwarded-Proto": "https", "Cookie": f"{cookie}; {operator.split(';')[0]}"}
+    assert call("GET", f"{guarded_url}/", headers=tls).status == 200  # read back under its prefixed name
 
     plain = call("GET", f"{guarded_url}/login", headers=me).headers["Set-Cookie"]
     assert plain.startswith("sagaflow_csrf=") and "Secure" not in plain
