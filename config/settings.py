@@ -8,6 +8,7 @@ SAGAFLOW_DATABASE_URL at PostgreSQL and SAGAFLOW_BROKER_URL at Redis or RabbitMQ
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +50,50 @@ def _positive(env: dict, name: str, default: int) -> int:
     return value
 
 
+MIN_TOKEN_LENGTH = 32
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _token(env: dict, name: str) -> str:
+    """The API token: unset or empty for none; otherwise at least MIN_TOKEN_LENGTH printable ASCII
+    characters, no whitespace (surrounding whitespace, such as a file's trailing newline, is dropped). A
+    blank value is an error, not "no token": whoever set it meant to protect something."""
+    raw = env.get(name, "")
+    if raw == "":
+        return ""
+    token = raw.strip()
+    if not token:
+        raise ValueError(f"{name} is blank: unset it for no token, or set a random value of at least "
+                         f"{MIN_TOKEN_LENGTH} characters (e.g. openssl rand -hex 32)")
+    if any(not ("!" <= c <= "~") for c in token):
+        raise ValueError(f"{name} must be printable ASCII without whitespace (e.g. openssl rand -hex 32)")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"{name} is {len(token)} characters: it needs at least {MIN_TOKEN_LENGTH} "
+                         f"(e.g. openssl rand -hex 32)")
+    return token
+
+
+def _hosts(env: dict, name: str) -> tuple[str, ...]:
+    """Host names the web app answers to (the Host header, port ignored), lower case; ``*`` alone: any."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return LOOPBACK_HOSTS
+    hosts = tuple(h.strip().lower().rstrip(".") for h in raw.split(",") if h.strip())
+    if "*" in hosts and hosts != ("*",):
+        raise ValueError(f"{name}: `*` means any host and stands alone, got {raw!r}")
+    for host in hosts:
+        if host != "*" and not re.fullmatch(r"\[[0-9a-f:.]+\]|[a-z0-9]([a-z0-9.-]*[a-z0-9])?", host):
+            raise ValueError(f"{name}: {host!r} is not a host name (no scheme, port or path; IPv6 in [brackets])")
+    return hosts
+
+
+def _non_negative(env: dict, name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise ValueError(f"{name} must be 0 or a positive integer, got {value}")
+    return value
+
+
 def _http_url(env: dict, name: str) -> str:
     value = env.get(name, "").strip().rstrip("/")
     if value and not value.startswith(("http://", "https://")):
@@ -79,6 +124,12 @@ class Settings:
     api_token: str = ""
     flower_url: str = ""
     api_max_body: int = 1024 * 1024
+    # Host names the web app answers to (DNS rebinding: another Host header is a 400); ("*",) = any.
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    # Reads (API GETs, the status page, /metrics) need the token or an operator login too.
+    api_read_protected: bool = False
+    # Proxies in front of the web app whose X-Forwarded-For/-Proto are believed (0: none; 1: one nginx).
+    trusted_proxies: int = 0
     # Policy (sagaflow/policy.py): compensation on or off per saga, decided at start. saga_enabled=False
     # switches it off for every saga; saga_operations names the sagas that keep it (None: all); the policy
     # file's per-saga entries override both. The default file may be absent; one named explicitly may not.
@@ -113,9 +164,12 @@ class Settings:
             recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
-            api_token=env.get("SAGAFLOW_API_TOKEN", "").strip(),
+            api_token=_token(env, "SAGAFLOW_API_TOKEN"),
             flower_url=_http_url(env, "SAGAFLOW_FLOWER_URL"),
             api_max_body=_positive(env, "SAGAFLOW_API_MAX_BODY", 1024 * 1024),
+            allowed_hosts=_hosts(env, "SAGAFLOW_ALLOWED_HOSTS"),
+            api_read_protected=_bool(env, "SAGAFLOW_API_READ_PROTECTED", False),
+            trusted_proxies=_non_negative(env, "SAGAFLOW_TRUSTED_PROXIES", 0),
             saga_enabled=_bool(env, "SAGAFLOW_SAGA_ENABLED", True),
             saga_operations=_names(env, "SAGAFLOW_SAGA_OPERATIONS"),
             # Resolved now, like the saga files, so every child process reads the same file.
@@ -124,6 +178,11 @@ class Settings:
             json_max_depth=_positive(env, "SAGAFLOW_JSON_MAX_DEPTH", 64),
             json_max_bytes=_positive(env, "SAGAFLOW_JSON_MAX_BYTES", 1024 * 1024),
         )
+
+    def __post_init__(self) -> None:
+        if self.api_read_protected and not self.api_token:
+            raise ValueError("SAGAFLOW_API_READ_PROTECTED needs SAGAFLOW_API_TOKEN: reads are protected by the "
+                             "token (set both, or neither)")
 
     @property
     def embedded_broker(self) -> bool:
@@ -169,6 +228,9 @@ class Settings:
             "SAGAFLOW_API_TOKEN": self.api_token,
             "SAGAFLOW_FLOWER_URL": self.flower_url,
             "SAGAFLOW_API_MAX_BODY": str(self.api_max_body),
+            "SAGAFLOW_ALLOWED_HOSTS": ",".join(self.allowed_hosts),
+            "SAGAFLOW_API_READ_PROTECTED": "1" if self.api_read_protected else "0",
+            "SAGAFLOW_TRUSTED_PROXIES": str(self.trusted_proxies),
             "SAGAFLOW_SAGA_ENABLED": "1" if self.saga_enabled else "0",
             "SAGAFLOW_SAGA_OPERATIONS": ",".join(self.saga_operations) if self.saga_operations is not None else "*",
             "SAGAFLOW_POLICY_FILE": str(self.policy_file) if self.policy_file_required else "",

@@ -129,9 +129,20 @@ def web(host, port) -> None:
 
     from web import create_app
 
-    settings = _setup()
+    try:
+        settings = _setup()
+    except ValueError as exc:  # a bad SAGAFLOW_* setting (a short API token...): one line, no traceback
+        raise click.ClickException(str(exc)) from None
     # Quiet by default: werkzeug logs every request at INFO, shown only with SAGAFLOW_LOG_LEVEL=INFO.
     logging.getLogger("werkzeug").setLevel(settings.log_level)
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]") and not settings.api_token:
+        logging.getLogger("sagaflow.web").warning("web_exposed_without_token", extra={
+            "host": host, "hint": "anyone who reaches this address can start, cancel and retry runs: set "
+                                  "SAGAFLOW_API_TOKEN (and SAGAFLOW_ALLOWED_HOSTS to the names clients use)"})
+    loopback_names = {"localhost", "127.0.0.1", "[::1]"}
+    if host not in ("127.0.0.1", "localhost", "::1", "[::1]") and set(settings.allowed_hosts) <= loopback_names:
+        click.echo(f"note: SAGAFLOW_ALLOWED_HOSTS is {','.join(settings.allowed_hosts)}: requests to any other "
+                   f"name or address are refused (400); set it to the names clients use", err=True)
     click.echo(f"sagaflow web on http://{host}:{port}/", err=True)
     run_simple(host, port, create_app(settings), threaded=True)
 

@@ -6,14 +6,17 @@ health check (/healthz) that the deployment (docker-compose, a load balancer) ca
 
 from __future__ import annotations
 
+import io
 import logging
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from sagaflow.app import celery_app, configure, get_store, load_sagas
+from sagaflow.errors import InvalidInput
 
 log = logging.getLogger("sagaflow.web")
 
@@ -23,6 +26,61 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'se
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
                            "frame-ancestors 'none'")
 JSON_PATHS = ("/api/", "/metrics", "/healthz")
+OPEN_PATHS = ("/healthz", "/static/", "/login", "/logout", "/favicon.ico")  # never behind the read login
+BODY_REFUSED = "sagaflow.body_refused"
+DRAIN_LIMIT = 4 * 1024 * 1024  # bytes of a refused body read and dropped, so the client sees the 413
+
+
+class BodyLimit:
+    """WSGI middleware: read the request body before Flask does, at most ``limit`` bytes plus one, from
+    the stream itself, whether the client sent a Content-Length or chunks. Flask then gets the body as a
+    plain buffer of known length; a longer body is never parsed (Werkzeug would cut a chunked body at the
+    limit and hand over the prefix), it is marked for a 413 instead."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def __call__(self, environ, start_response):
+        stream = environ.get("wsgi.input") or io.BytesIO()
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        declared = environ.get("CONTENT_LENGTH", "").strip()
+        body = b""
+        if chunked:
+            if environ.get("wsgi.input_terminated"):  # the server decodes the chunks and ends the stream
+                body = _read(stream, self.limit + 1)
+                if len(body) > self.limit:
+                    environ[BODY_REFUSED] = 413
+                    _read(stream, DRAIN_LIMIT, keep=False)
+                    body = b""
+            else:
+                environ[BODY_REFUSED] = 411
+        elif declared:
+            if not (declared.isascii() and declared.isdigit()):
+                environ[BODY_REFUSED] = 400
+            elif int(declared) > self.limit:
+                environ[BODY_REFUSED] = 413
+                if int(declared) <= DRAIN_LIMIT:
+                    _read(stream, int(declared), keep=False)
+            else:
+                body = _read(stream, int(declared))
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ.pop("HTTP_TRANSFER_ENCODING", None)
+        environ.pop("wsgi.input_terminated", None)
+        return self.app(environ, start_response)
+
+
+def _read(stream, size: int, keep: bool = True) -> bytes:
+    parts, got = [], 0
+    while got < size:
+        chunk = stream.read(min(size - got, 64 * 1024))
+        if not chunk:
+            break
+        got += len(chunk)
+        if keep:
+            parts.append(chunk)
+    return b"".join(parts)
 
 
 def create_app(settings=None) -> Flask:
@@ -33,6 +91,18 @@ def create_app(settings=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.api_max_body
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False
+    app.wsgi_app = BodyLimit(app.wsgi_app, settings.api_max_body)
+    if settings.trusted_proxies:
+        # Believe X-Forwarded-For (the client address: throttling, logs) and X-Forwarded-Proto (https: Secure
+        # cookies) from this many proxies in front, and from nobody else.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
+    _log_to_stderr(settings)
+    from web import security
+
+    if security.exposed_without_token(settings):
+        log.warning("web_exposed_without_token", extra={
+            "allowed_hosts": ",".join(settings.allowed_hosts),
+            "hint": "anyone who reaches these names can start, cancel and retry runs: set SAGAFLOW_API_TOKEN"})
 
     from web.api import api
     from web.metrics import metrics
@@ -42,21 +112,69 @@ def create_app(settings=None) -> Flask:
     app.register_blueprint(pages)
     app.register_blueprint(metrics)
 
+    def _refuse(status: int, message: str, headers: dict | None = None):
+        if request.path.startswith(JSON_PATHS):
+            response = jsonify(error=message)
+        else:
+            response = app.make_response(render_template("error.html", code=status, message=message))
+        response.status_code = status
+        response.headers.update(headers or {})
+        return response
+
+    @app.before_request
+    def guard():
+        """Before any route: the body, the Host, a bearer token that was sent, reading, the run id."""
+        refused = request.environ.get(BODY_REFUSED)
+        if refused == 411:
+            return _refuse(411, "a chunked body needs a server that ends the stream; send Content-Length")
+        if refused:
+            abort(refused)
+        # /healthz answers any Host: probes often use an address (a pod IP), and it tells nothing.
+        if not security.host_allowed(request.host) and request.path != "/healthz":
+            shown = request.headers.get("Host", "")[:100]
+            return _refuse(400, f"the Host header {shown!r} is not one of SAGAFLOW_ALLOWED_HOSTS")
+        if settings.api_token and security.bearer_given():
+            wait = security.throttled()
+            if wait:
+                return _refuse(429, f"too many failed logins or wrong tokens from this address; try again in "
+                                    f"{wait} s", {"Retry-After": str(wait)})
+            if not security.bearer_ok():
+                security.auth_failed("auth_failed")
+                return _refuse(401, "wrong token: send 'Authorization: Bearer <SAGAFLOW_API_TOKEN>'",
+                               {"WWW-Authenticate": 'Bearer realm="sagaflow"'})
+        if request.method in ("GET", "HEAD") and not request.path.startswith(OPEN_PATHS) \
+                and not security.may_read():
+            if request.path.startswith(JSON_PATHS):
+                return _refuse(401, "reading needs the token (SAGAFLOW_API_READ_PROTECTED): send "
+                                    "'Authorization: Bearer <SAGAFLOW_API_TOKEN>' or log in",
+                               {"WWW-Authenticate": 'Bearer realm="sagaflow"'})
+            return redirect(url_for("pages.login", next=request.full_path.rstrip("?")), 303)
+        run_id = (request.view_args or {}).get("run_id")
+        if run_id is not None:
+            try:
+                security.check_run_id(run_id)
+            except InvalidInput as exc:
+                return _refuse(400, str(exc))
+        return None
+
     @app.get("/healthz")
     def healthz():
+        """Open to anyone (load balancers): "ok" or "unavailable" per dependency, the reason only in the log."""
         checks = {}
         try:
             with get_store().engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
             checks["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            checks["database"] = f"error: {type(exc).__name__}"
+            log.warning("healthz_failed", extra={"dependency": "database", "error": type(exc).__name__})
+            checks["database"] = "unavailable"
         try:
             with celery_app.connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
             checks["broker"] = "ok"
         except Exception as exc:  # noqa: BLE001
-            checks["broker"] = f"error: {type(exc).__name__}"
+            log.warning("healthz_failed", extra={"dependency": "broker", "error": type(exc).__name__})
+            checks["broker"] = "unavailable"
         healthy = all(v == "ok" for v in checks.values())
         return jsonify(status="ok" if healthy else "unavailable", **checks), 200 if healthy else 503
 
@@ -77,6 +195,8 @@ def create_app(settings=None) -> Flask:
                 message = f"{request.method} is not allowed on {request.path}"
             elif exc.code == 413:
                 message = f"the request body is over the limit of {settings.api_max_body} bytes (SAGAFLOW_API_MAX_BODY)"
+            elif exc.code == 400 and request.environ.get(BODY_REFUSED) == 400:
+                message = "the Content-Length header is not a number"
             elif exc.code == 404:
                 message = f"no such endpoint: {request.path}"
             response = jsonify(error=message)
@@ -85,6 +205,11 @@ def create_app(settings=None) -> Flask:
                 response.headers["Allow"] = ", ".join(exc.valid_methods)
             return response
         return render_template("error.html", code=exc.code, message=exc.description), exc.code
+
+    @app.errorhandler(InvalidInput)
+    def invalid_input(exc: InvalidInput):
+        # Every route maps the bad input it expects; this is the net under them: a 400, never a 500.
+        return _refuse(400, str(exc))
 
     @app.errorhandler(OperationalError)
     def database_down(exc: OperationalError):
@@ -102,3 +227,20 @@ def create_app(settings=None) -> Flask:
         return render_template("error.html", code=500, message="Internal error; see the web server's log."), 500
 
     return app
+
+
+def _log_to_stderr(settings) -> None:
+    """Under gunicorn nothing sets up sagaflow's logs (the CLI and Celery do): give the ``sagaflow`` logger
+    its logfmt handler, so the app's warnings (login_failed, auth_failed, web_exposed_without_token) keep
+    their fields. Propagation is left alone: whatever the host process does with records still happens."""
+    from sagaflow.logs import LogfmtFormatter
+
+    logger = logging.getLogger("sagaflow")
+    if any(getattr(h, "_sagaflow", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogfmtFormatter())
+    handler._sagaflow = True
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(settings.log_level)

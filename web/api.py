@@ -1,14 +1,20 @@
 """The JSON API under /api: a contract that code outside this repository relies on (README, "HTTP API").
 
 Every error is ``{"error": "..."}`` with its status code, and a refused request changes nothing:
-400 bad input (unknown saga, input not an object, malformed JSON, a bad query parameter), 401 missing or
-wrong token, 403 a browser request from another site, 404 unknown run, 405 wrong method, 409 the run's
-status does not allow it, 413 body over SAGAFLOW_API_MAX_BODY, 415 a body that is not JSON, 503 broker down.
+400 bad input (unknown saga, input not an object, malformed JSON, JSON deeper or larger than
+SAGAFLOW_JSON_MAX_DEPTH/_BYTES, a NUL or lone surrogate, a bad query parameter or run id, a Host not in
+SAGAFLOW_ALLOWED_HOSTS), 401 missing or wrong token (reads too, with SAGAFLOW_API_READ_PROTECTED), 403 a
+browser request from another site, 404 unknown run, 405 wrong method, 409 the run's status does not allow it,
+413 body over SAGAFLOW_API_MAX_BODY (chunked or not), 415 a body that is not JSON, 429 too many wrong tokens
+from this address (Retry-After), 503 broker down.
+
+A list item carries ``input_preview`` (at most 200 characters of the input's compact JSON) and
+``input_truncated`` instead of the input; ``GET /api/runs/<id>`` has the whole of it.
 """
 
 from __future__ import annotations
 
-import json
+import re
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
@@ -17,15 +23,18 @@ from sagaflow.definition import NAME_PATTERN, registry
 from sagaflow.errors import (BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun,
                              UnknownSaga)
 from sagaflow.policy import PolicyError
+from sagaflow import safejson
 from sagaflow.store import RunStatus, stats
 from web import security
-from web.present import run_json, saga_json
+from web.present import run_json, run_list_json, saga_json
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
 START_FIELDS = ("saga", "input", "idempotency_key")
 LIST_PARAMS = ("status", "saga", "limit", "offset")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+MAX_OFFSET = 10**12  # far past any real table, far inside a 64-bit OFFSET
+_DIGITS = re.compile(r"[0-9]{1,13}")  # ASCII only: str.isdigit() takes "²" and "٣"
 
 
 class ApiError(Exception):
@@ -69,14 +78,27 @@ def _flower() -> str:
     return current_app.config["SAGAFLOW"].flower_url
 
 
+def parse_json(raw: bytes, what: str):
+    """JSON text from a request, under SAGAFLOW_JSON_MAX_DEPTH / _MAX_BYTES, UTF-8 only, no NUL or lone
+    surrogate in any string: InvalidInput otherwise (the caller makes it a 400)."""
+    limits = current_app.config["SAGAFLOW"].json_limits
+    try:
+        return safejson.loads(raw, what, limits)
+    except InvalidInput as exc:
+        message = str(exc)
+        if message.startswith((f"{what} is not valid JSON", f"{what} is not UTF-8")):
+            message = f"malformed JSON: {message}"
+        raise InvalidInput(message) from None
+
+
 def _json_body() -> dict:
     raw = request.get_data(cache=True)
     if not raw.strip():
         raise ApiError(400, "malformed JSON: the body is empty; send a JSON object")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
+        body = parse_json(raw, "the request body")
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, got {_json_type(body)}")
     return body
@@ -122,19 +144,25 @@ def list_runs():
     saga = request.args.get("saga") or None
     if saga is not None and not NAME_PATTERN.match(saga):
         raise ApiError(400, f"saga must be a saga name (letters, digits, underscore), got {saga!r}")
-    limit = _int_arg("limit", 50, 1, 1000)
-    offset = _int_arg("offset", 0, 0, None)
+    try:
+        limit = int_arg("limit", 50, 1, 1000)
+        offset = int_arg("offset", 0, 0, MAX_OFFSET)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
     page = _client().list(status=status, saga=saga, limit=limit, offset=offset)
-    return jsonify(items=[run_json(r, history=False) for r in page], total=page.total, limit=limit, offset=offset)
+    # Each item shows a short preview of its input, never the whole of it (up to SAGAFLOW_JSON_MAX_BYTES
+    # per run): the run's own endpoint has it.
+    return jsonify(items=[run_list_json(r) for r in page], total=page.total, limit=limit, offset=offset)
 
 
-def _int_arg(name: str, default: int, low: int, high: int | None) -> int:
+def int_arg(name: str, default: int, low: int, high: int) -> int:
+    """A whole number from the query string: ASCII digits within low..high, else InvalidInput."""
     raw = request.args.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
-        bounds = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ApiError(400, f"{name} must be an integer {bounds}, got {raw!r}")
+    if not _DIGITS.fullmatch(raw) or not low <= int(raw) <= high:
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        raise InvalidInput(f"{name} must be an integer {low}..{high}, got {shown!r}")
     return int(raw)
 
 
@@ -142,6 +170,8 @@ def _int_arg(name: str, default: int, low: int, high: int | None) -> int:
 def get_run(run_id: str):
     try:
         return jsonify(run_json(_client().get(run_id), _flower()))
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
     except UnknownRun as exc:
         raise ApiError(404, str(exc)) from None
 
@@ -165,9 +195,9 @@ def signal_run(run_id: str, name: str):
     payload = None
     if raw.strip():
         try:
-            payload = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"malformed JSON: {exc}") from None
+            payload = parse_json(raw, "the signal payload")
+        except InvalidInput as exc:
+            raise ApiError(400, str(exc)) from None
     return _act(run_id, lambda run_id: _client().signal(run_id, name, payload))
 
 

@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import json
-
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
 from sagaflow.client import SagaClient
@@ -17,7 +15,8 @@ from sagaflow.definition import NAME_PATTERN, registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
 from sagaflow.store import RunStatus, stats
 from web import security
-from web.present import age, duration, human_seconds, run_json, timeline
+from web.api import MAX_OFFSET, int_arg, parse_json
+from web.present import PRETTY_CHARS, age, capped_json, capped_text, duration, human_seconds, run_json, timeline
 
 pages = Blueprint("pages", __name__)
 
@@ -41,7 +40,8 @@ def csrf_token() -> str:
 def _common():
     settings = current_app.config["SAGAFLOW"]
     return {"token_required": bool(settings.api_token), "operator": security.is_operator(),
-            "flower_url": settings.flower_url, "human_seconds": human_seconds, "age": age}
+            "read_protected": settings.api_read_protected,
+            "flower_url": settings.flower_url, "human_seconds": human_seconds, "age": age, "cap": capped_text}
 
 
 @pages.after_app_request
@@ -68,10 +68,10 @@ def runs():
         return _page_error(400, f"Unknown status {status!r}.")
     if saga is not None and not NAME_PATTERN.match(saga):
         return _page_error(400, f"{saga!r} is not a saga name.")
-    offset = request.args.get("offset", "0")
-    if not offset.isdigit():
-        return _page_error(400, f"offset must be a whole number, got {offset!r}.")
-    offset = int(offset)
+    try:
+        offset = int_arg("offset", 0, 0, MAX_OFFSET)
+    except InvalidInput as exc:
+        return _page_error(400, f"{exc}.")
     client = SagaClient()
     page = client.list(status=status, saga=saga, limit=PAGE_SIZE, offset=offset)
     counts = stats.run_counts(client.store.engine)
@@ -90,6 +90,8 @@ def runs():
 def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     try:
         run = SagaClient().get(run_id)
+    except InvalidInput as exc:
+        return _page_error(400, f"{exc}.")
     except UnknownRun:
         return _page_error(404, f"There is no run with id {run_id!r}.")
     bars, not_started = timeline(run, _settings().flower_url)
@@ -97,7 +99,7 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     notice = NOTICES.get(request.args.get("done", ""))
     return render_template(
         "run.html", run=run, bars=bars, not_started=not_started, duration=duration(run),
-        input_json=json.dumps(run.input, indent=2, ensure_ascii=False, sort_keys=True),
+        input_json=capped_json(run.input), raw_url=url_for("api.get_run", run_id=run.id),
         data=run_json(run), live=run.status in LIVE_STATUSES, notice=notice, error=error,
         can_cancel=run.status in ("pending", "running", "waiting") and not run.cancel_requested and not past_pivot,
         can_retry=run.status in ("compensation_failed", "stuck"), pretty=_pretty,
@@ -105,8 +107,9 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     ), status_code
 
 
-def _pretty(value) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True)
+def _pretty(value, limit: int = PRETTY_CHARS // 4) -> tuple[str, bool]:
+    """(pretty JSON, cut?): the page shows at most ``limit`` characters and links to the raw JSON."""
+    return capped_json(value, limit)
 
 
 @pages.get("/runs/<run_id>")
@@ -130,9 +133,10 @@ def signal(run_id: str, name: str):
     def deliver(client):
         text = request.form.get("payload", "").strip()
         try:
-            payload = json.loads(text) if text else None
-        except ValueError as exc:
-            raise InvalidInput(f"The payload is not JSON ({exc}): leave it empty or fix it.") from None
+            payload = parse_json(text, "the payload") if text else None
+        except InvalidInput as exc:
+            what = "is not JSON" if str(exc).startswith("malformed JSON") else "is refused"
+            raise InvalidInput(f"The payload {what} ({exc}): leave it empty or fix it.") from None
         client.signal(run_id, name, payload)
 
     return _act(run_id, "signal", deliver)
@@ -169,7 +173,13 @@ def login():
     if not security.csrf_ok():
         return _page_error(403, "This form is out of date or was sent from another site. Reload the page and "
                                 "try again.")
+    wait = security.throttled()
+    if wait:
+        return (render_template("login.html", next=target,
+                                error=f"Too many failed logins from this address: try again in {wait} s."),
+                429, {"Retry-After": str(wait)})
     if not security.token_matches(request.form.get("token", "")):
+        security.auth_failed("login_failed")
         return render_template("login.html", next=target, error="Wrong token."), 401
     sep = "&" if "?" in target else "?"
     return security.login(redirect(f"{target}{sep}done=login", 303))

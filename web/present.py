@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -34,6 +36,55 @@ def run_json(run: Run, flower_url: str = "", history: bool = True) -> dict:
         data["steps"] = [step_json(s, flower_url) for s in run.steps]
         data["events"] = [e.to_dict() for e in run.events]
     return data
+
+
+PREVIEW_CHARS = 200  # of a run's input in a list item (compact JSON text)
+PRETTY_CHARS = 16 * 1024  # of any JSON value the run page pretty-prints
+TEXT_CHARS = 4 * 1024  # of an error message or an event detail shown on the run page
+
+
+_UNSHOWABLE = re.compile("[\ud800-\udfff\x00]")  # cannot be sent as UTF-8 / in HTML: shown as escapes
+
+
+def showable(text: str) -> str:
+    """``text`` with lone surrogates and NULs written as ``\\uXXXX``: a value stored before the input
+    checks must not make its page fail to encode."""
+    return _UNSHOWABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def run_list_json(run: Run) -> dict:
+    """A run as a list item: no steps or events, and instead of the input a preview of at most
+    PREVIEW_CHARS characters of its compact JSON, with ``input_truncated`` saying whether it was cut."""
+    data = run_json(run, history=False)
+    text, truncated = capped_json(data.pop("input", None), PREVIEW_CHARS, indent=None)
+    data["input_preview"] = text
+    data["input_truncated"] = truncated
+    return data
+
+
+def capped_json(value, limit: int = PRETTY_CHARS, indent: int | None = 2) -> tuple[str, bool]:
+    """JSON text of ``value``, at most ``limit`` characters, and whether it was cut. Encoded piece by piece
+    and stopped at the limit, so a value whose indentation would swell it (deep, wide input) costs no more
+    than the limit."""
+    encoder = json.JSONEncoder(indent=indent, ensure_ascii=False, sort_keys=True, default=str,
+                               separators=(",", ": ") if indent is not None else (",", ":"))
+    parts, size = [], 0
+    try:
+        for piece in encoder.iterencode(value):
+            parts.append(piece)
+            size += len(piece)
+            if size > limit:
+                return showable("".join(parts)[:limit]), True
+    except (ValueError, RecursionError):  # not JSON after all (stored before the checks): say so
+        return "(not shown: not plain JSON)", True
+    return showable("".join(parts)), False
+
+
+def capped_text(value, limit: int = TEXT_CHARS) -> str:
+    """A message or detail as shown on the page: at most ``limit`` characters (JSON for anything not a
+    string: never ``str()`` of a nested value, which recurses)."""
+    text = showable(value) if isinstance(value, str) else capped_json(value, limit + 1, indent=None)[0]
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def saga_json(saga: Saga) -> dict:

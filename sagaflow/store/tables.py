@@ -125,3 +125,25 @@ signals = Table(
     Column("payload", JSON, nullable=True),
     Column("received_at", UTCDateTime, nullable=False),
 )
+
+# The web app's operator logins (web/security.py): one row per login, deleted at logout, so a copied cookie
+# dies with the session. The cookie carries the id and an HMAC of it keyed by the API token.
+operator_sessions = Table(
+    "saga_operator_sessions",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Index("ix_saga_operator_sessions_expires", "expires_at"),
+)
+
+# Failed logins and wrong bearer tokens per client address, in SQL so every web process counts the same:
+# a fixed window that starts at the first failure (web/security.py throttles past a number per window).
+auth_failures = Table(
+    "saga_auth_failures",
+    metadata,
+    Column("client", String(100), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("window_start", UTCDateTime, nullable=False),
+    Column("last_at", UTCDateTime, nullable=False),
+)

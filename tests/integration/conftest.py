@@ -61,7 +61,7 @@ def client(worker):
 
 # ---------------------------------------------------------------------------------------------- the web app
 
-WEB_TOKEN = "test-token-7f3a9c"
+WEB_TOKEN = "test-token-7f3a9c-0b1e5d2a9c4f8e7d6b5a"  # 32+ characters, as SAGAFLOW_API_TOKEN requires
 WEB_MAX_BODY = 16 * 1024
 
 

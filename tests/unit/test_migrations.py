@@ -2,7 +2,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from sagaflow.store.migrate import downgrade, upgrade
+from sagaflow.store.migrate import downgrade, head_revision, upgrade
 from sagaflow.store.tables import metadata
 
 
@@ -30,7 +30,7 @@ def test_a_database_behind_the_latest_migration_is_refused_with_what_to_run(tmp_
     store.check_schema()
     with store.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
-    with pytest.raises(SchemaMissing, match="at schema revision 0000, this sagaflow needs 0002: run `sagaflow db"):
+    with pytest.raises(SchemaMissing, match=f"at schema revision 0000, this sagaflow needs {head_revision()}: run `sagaflow db"):
         store.check_schema()
 
 

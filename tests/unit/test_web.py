@@ -11,22 +11,43 @@ from sagaflow.store import Event, Run, StepState
 from tests.unit.test_stats import filled  # noqa: F401  (fixture)
 from web.metrics import SagaflowCollector
 from web.present import flower_link, timeline
-from web.security import safe_next
+from web.security import host_name, safe_next
+
+TOKEN = "0123456789abcdef0123456789abcdef"
 
 
 def test_web_settings_come_from_the_environment_and_round_trip():
-    s = Settings.from_env({"SAGAFLOW_API_TOKEN": " s3cret ", "SAGAFLOW_FLOWER_URL": "https://ops.example/flower/",
-                           "SAGAFLOW_API_MAX_BODY": "2048"})
-    assert (s.api_token, s.flower_url, s.api_max_body) == ("s3cret", "https://ops.example/flower", 2048)
+    s = Settings.from_env({"SAGAFLOW_API_TOKEN": f" {TOKEN}\n", "SAGAFLOW_FLOWER_URL": "https://ops.example/flower/",
+                           "SAGAFLOW_API_MAX_BODY": "2048", "SAGAFLOW_ALLOWED_HOSTS": "Ops.Example, 10.0.0.5,[::1]",
+                           "SAGAFLOW_API_READ_PROTECTED": "true", "SAGAFLOW_TRUSTED_PROXIES": "1"})
+    assert (s.api_token, s.flower_url, s.api_max_body) == (TOKEN, "https://ops.example/flower", 2048)
+    assert s.allowed_hosts == ("ops.example", "10.0.0.5", "[::1]")
+    assert (s.api_read_protected, s.trusted_proxies) == (True, 1)
     assert Settings.from_env(s.as_env()) == s
     defaults = Settings.from_env({})
     assert (defaults.api_token, defaults.flower_url, defaults.api_max_body) == ("", "", 1024 * 1024)
+    assert defaults.allowed_hosts == ("localhost", "127.0.0.1", "[::1]")  # loopback only unless told
+    assert (defaults.api_read_protected, defaults.trusted_proxies) == (False, 0)
+    assert Settings.from_env({"SAGAFLOW_ALLOWED_HOSTS": "*"}).allowed_hosts == ("*",)
 
 
 @pytest.mark.parametrize("env,message", [
     ({"SAGAFLOW_API_MAX_BODY": "0"}, "SAGAFLOW_API_MAX_BODY must be a positive integer"),
     ({"SAGAFLOW_API_MAX_BODY": "1MB"}, "SAGAFLOW_API_MAX_BODY must be an integer"),
     ({"SAGAFLOW_FLOWER_URL": "javascript:alert(1)"}, "SAGAFLOW_FLOWER_URL must be an http:// or https:// URL"),
+    # A token that fails open or is guessable is refused at start, not taken as "no token" or used.
+    ({"SAGAFLOW_API_TOKEN": "   "}, "SAGAFLOW_API_TOKEN is blank"),
+    ({"SAGAFLOW_API_TOKEN": "\t\n"}, "SAGAFLOW_API_TOKEN is blank"),
+    ({"SAGAFLOW_API_TOKEN": "x"}, "SAGAFLOW_API_TOKEN is 1 characters: it needs at least 32"),
+    ({"SAGAFLOW_API_TOKEN": TOKEN[:31]}, "SAGAFLOW_API_TOKEN is 31 characters"),
+    ({"SAGAFLOW_API_TOKEN": TOKEN[:16] + " " + TOKEN[16:]}, "must be printable ASCII without whitespace"),
+    ({"SAGAFLOW_API_TOKEN": TOKEN + "é"}, "must be printable ASCII without whitespace"),
+    ({"SAGAFLOW_ALLOWED_HOSTS": "localhost,*"}, "`\\*` means any host and stands alone"),
+    ({"SAGAFLOW_ALLOWED_HOSTS": "http://ops.example"}, "is not a host name"),
+    ({"SAGAFLOW_ALLOWED_HOSTS": "ops.example:8000"}, "is not a host name"),
+    ({"SAGAFLOW_API_READ_PROTECTED": "maybe"}, "SAGAFLOW_API_READ_PROTECTED must be 1 or 0"),
+    ({"SAGAFLOW_API_READ_PROTECTED": "true"}, "SAGAFLOW_API_READ_PROTECTED needs SAGAFLOW_API_TOKEN"),
+    ({"SAGAFLOW_TRUSTED_PROXIES": "-1"}, "SAGAFLOW_TRUSTED_PROXIES must be 0 or a positive integer"),
 ])
 def test_bad_web_settings_are_refused_with_a_clear_error(env, message):
     with pytest.raises(ValueError, match=message):
@@ -41,9 +62,19 @@ def test_flower_links():
 @pytest.mark.parametrize("target,expected", [
     ("/runs/x", "/runs/x"), ("/?status=failed", "/?status=failed"), (None, "/"), ("", "/"),
     ("https://evil.example/", "/"), ("//evil.example/", "/"), ("/\\evil.example", "/"), ("runs", "/"),
+    ("/runs/x\r\nSet-Cookie: a=b", "/"), ("/\x00", "/"), ("/a\u2028b", "/"), ("/\x7f", "/"), ("/\tx", "/"),
+    ("/runs/café", "/runs/caf%C3%A9"), ("/?status=a%20b", "/?status=a%20b"),
 ])
 def test_after_login_only_local_paths_are_followed(target, expected):
     assert safe_next(target) == expected
+
+
+@pytest.mark.parametrize("host,name", [
+    ("localhost:8000", "localhost"), ("127.0.0.1", "127.0.0.1"), ("[::1]:8000", "[::1]"), ("LOCALHOST.", "localhost"),
+    ("attacker.example:80", "attacker.example"), ("a:b", "a:b"),
+])
+def test_the_host_name_is_the_host_header_without_its_port(host, name):
+    assert host_name(host) == name
 
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
