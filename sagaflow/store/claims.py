@@ -19,6 +19,7 @@ from sqlalchemy import func, select, update
 
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
+from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
     HELD_STEP, LIVE_RUN, claimable, event, fail_step, move_step, run_status, set_run_status, succeed_run, touch,
 )
@@ -81,7 +82,7 @@ class Claims:
                 return Claim(ClaimOutcome.GONE)
             may_claim = claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
             # Step flags: a cancel that lost the race with the pivot's success is overruled, never acted on.
-            cancel = run.cancel_requested and not self._overrule_cancel_past_pivot(conn, run_id, now)
+            cancel = run.cancel_requested and not overrule_cancel_past_pivot(conn, run_id, now)
             if cancel:
                 if self._stop_for_cancel(conn, run_id, idx, may_claim, now):
                     return Claim(ClaimOutcome.CANCELLED)

@@ -16,6 +16,7 @@ from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.store import tables as t
 from sagaflow.store.claims import Claim, ClaimOutcome, claim_lost
 from sagaflow.store.engine import utcnow
+from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
     FAILED_NON_ATOMIC, LIVE_RUN, claimable, event, fail_step, lock_run, move_step, run_status, set_run_status,
     to_compensate, touch,
@@ -161,7 +162,7 @@ class Compensation:
     def _finish_compensation(self, conn, run_id: str, now: dt.datetime) -> bool:
         """compensating -> compensated (or cancelled, when a cancel started it), unless a parallel branch
         still has to settle (groups.py: the late branch finishes it)."""
-        if self._branches_unsettled(conn, run_id):
+        if branches_unsettled(conn, run_id):
             return False
         cancelled = conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar()
         final = RunStatus.CANCELLED if cancelled else RunStatus.COMPENSATED

@@ -2,15 +2,17 @@
 the runs policy switched to a plain chain (sagaflow/policy.py).
 
 Only sagas with such steps take these paths, always on the transactional store (runtime.store_for): the
-linear fast path never sees them. A non-atomic step's undo is compensation.py's (guards.FAILED_NON_ATOMIC).
+linear fast path never sees them. A non-atomic step's undo is compensation.py's (guards.FAILED_NON_ATOMIC);
+a plain run is created by runs.py's create_run with the rest. The pivot's rules reach two other concerns
+through the functions here: a claim overrules a cancel past the pivot (claims.py), and an operator cannot
+cancel a run past it (runs.py).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
 
 from sagaflow.errors import InvalidTransition
 from sagaflow.store import tables as t
@@ -18,7 +20,7 @@ from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     DONE_STEP, LIVE_RUN, event, fail_step, move_step, results, run_status, set_run_status, succeed_run, touch,
 )
-from sagaflow.store.models import Run, RunStatus, StepStatus
+from sagaflow.store.models import RunStatus, StepStatus
 
 
 def past_pivot(conn, run_id: str) -> str | None:
@@ -28,6 +30,38 @@ def past_pivot(conn, run_id: str) -> str | None:
         select(s.name).where(s.run_id == run_id, s.pivot.is_(True), s.status == StepStatus.SUCCEEDED.value)
         .limit(1)
     ).scalar()
+
+
+def overrule_cancel_past_pivot(conn, run_id: str, now: dt.datetime) -> bool:
+    """A cancel requested while the pivot ran (accepted then) is noticed after the pivot succeeded: it can
+    no longer be honoured without leaving the saga half undone, so it is cleared and recorded
+    (``cancel_overruled``), and the run goes forward. True when the run is past its pivot."""
+    pivot = past_pivot(conn, run_id)
+    if pivot is None:
+        return False
+    r = t.runs.c
+    if conn.execute(update(t.runs).where(r.id == run_id, r.cancel_requested.is_(True))
+                    .values(cancel_requested=False, updated_at=now)).rowcount:
+        event(conn, run_id, "cancel_overruled", None,
+              {"pivot": pivot, "reason": f"the pivot {pivot!r} succeeded before the cancel took effect: "
+                                         f"the run can no longer be undone and goes forward"}, now)
+    return True
+
+def refuse_cancel(conn, run_id: str) -> None:
+    """Raise InvalidTransition (nothing written) for a live run that cannot be cancelled: a plain run
+    (policy), or one past its pivot."""
+    run = conn.execute(select(t.runs.c.status, t.runs.c.mode, t.runs.c.saga)
+                       .where(t.runs.c.id == run_id)).first()
+    if run is None or run.status not in LIVE_RUN:
+        return
+    if run.mode == "plain":
+        raise InvalidTransition(f"run {run_id} runs as a plain Celery chain (compensation is off by policy "
+                                f"for saga {run.saga!r}): it cannot be cancelled")
+    pivot = past_pivot(conn, run_id)
+    if pivot is not None:
+        raise InvalidTransition(f"run {run_id} is past its pivot step {pivot!r}, which succeeded: it can no "
+                                f"longer be undone, so it cannot be cancelled; it goes forward (to "
+                                f"succeeded, or stuck for an operator)")
 
 
 class Flags:
@@ -107,7 +141,7 @@ class Flags:
         (the caller compensates, as for any cancel)."""
         now = utcnow()
         with self.engine.begin() as conn:
-            if not self._overrule_cancel_past_pivot(conn, run_id, now):
+            if not overrule_cancel_past_pivot(conn, run_id, now):
                 return None
             succeed_run(conn, run_id, now, unless_cancelled=False)
             return run_status(conn, run_id)
@@ -134,39 +168,6 @@ class Flags:
             frontier = next((row.idx for row in rows if row.status not in DONE_STEP), len(rows))
             return frontier, results(conn, run_id)
 
-    @staticmethod
-    def _overrule_cancel_past_pivot(conn, run_id: str, now: dt.datetime) -> bool:
-        """A cancel requested while the pivot ran (accepted then) is noticed after the pivot succeeded: it can
-        no longer be honoured without leaving the saga half undone, so it is cleared and recorded
-        (``cancel_overruled``), and the run goes forward. True when the run is past its pivot."""
-        pivot = past_pivot(conn, run_id)
-        if pivot is None:
-            return False
-        r = t.runs.c
-        if conn.execute(update(t.runs).where(r.id == run_id, r.cancel_requested.is_(True))
-                        .values(cancel_requested=False, updated_at=now)).rowcount:
-            event(conn, run_id, "cancel_overruled", None,
-                  {"pivot": pivot, "reason": f"the pivot {pivot!r} succeeded before the cancel took effect: "
-                                             f"the run can no longer be undone and goes forward"}, now)
-        return True
-
-    @staticmethod
-    def _refuse_cancel(conn, run_id: str) -> None:
-        """Raise InvalidTransition (nothing written) for a live run that cannot be cancelled: a plain run
-        (policy), or one past its pivot."""
-        run = conn.execute(select(t.runs.c.status, t.runs.c.mode, t.runs.c.saga)
-                           .where(t.runs.c.id == run_id)).first()
-        if run is None or run.status not in LIVE_RUN:
-            return
-        if run.mode == "plain":
-            raise InvalidTransition(f"run {run_id} runs as a plain Celery chain (compensation is off by policy "
-                                    f"for saga {run.saga!r}): it cannot be cancelled")
-        pivot = past_pivot(conn, run_id)
-        if pivot is not None:
-            raise InvalidTransition(f"run {run_id} is past its pivot step {pivot!r}, which succeeded: it can no "
-                                    f"longer be undone, so it cannot be cancelled; it goes forward (to "
-                                    f"succeeded, or stuck for an operator)")
-
     # ------------------------------------------------------------ plain runs (policy: compensation off)
 
     def finish_plain_run(self, run_id: str) -> bool:
@@ -184,19 +185,3 @@ class Flags:
         with (self.autocommit or self.engine).begin() as conn:
             return set_run_status(conn, run_id, LIVE_RUN, final, now, where=[t.runs.c.mode == "plain"],
                                   error=error, finished_at=now)
-
-    def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
-                          idempotency_key: str | None) -> tuple[Run, bool]:
-        """create_run(mode="plain"): the run row alone, one INSERT (autocommit on PostgreSQL)."""
-        now = utcnow()
-        try:
-            with (self.autocommit or self.engine).begin() as conn:
-                conn.execute(insert(t.runs).values(
-                    id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
-                    idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
-                    mode="plain"))
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            return self._existing(idempotency_key), False
-        return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True

@@ -189,20 +189,6 @@ class Groups:
                 return None
             return self._late_end(conn, run_id, idx, run.status, "lost", now)
 
-    @staticmethod
-    def _settle_lost_branches(conn, run_id: str, now: dt.datetime) -> None:
-        """Recovery of a compensating run: a branch still marked running whose claim was taken back (its
-        holder died; take_over_stalled) can no longer record anything: it failed (lost)."""
-        s = t.steps.c
-        lost = conn.execute(
-            update(t.steps)
-            .where(s.run_id == run_id, _BRANCH, s.status == StepStatus.RUNNING.value, s.claim.is_(None))
-            .values(status=StepStatus.FAILED.value, error=LOST_BRANCH, finished_at=now, lease_expires_at=None)
-            .returning(s.name)
-        ).all()
-        for row in lost:
-            event(conn, run_id, "step_failed", row.name, {"error": LOST_BRANCH, "late": True}, now)
-
     def hold_back(self, run_id: str, todo: list[int]) -> list[int]:
         """Of ``todo`` (undos about to be published, latest first), those to publish now. While a branch of
         the group the run stopped in still runs, or a late branch's own undo is still to come, the steps
@@ -257,20 +243,6 @@ class Groups:
             self._finish_compensation(conn, run_id, now)
         return ()
 
-    @staticmethod
-    def _branches_unsettled(conn, run_id: str) -> bool:
-        """For a run with parallel groups, whether its compensation must stay open: a branch still runs (it
-        will record its outcome and, if it succeeded, publish its own undo), or an undo is still to do (a
-        late branch succeeded after the caller looked). Locks the run row first, so the last undo and a late
-        branch decide one after the other. False at once for a run without groups."""
-        s = t.steps.c
-        if conn.execute(select(s.idx).where(s.run_id == run_id, _BRANCH).limit(1)).first() is None:
-            return False
-        lock_run(conn, run_id)
-        running = conn.execute(
-            select(s.idx).where(s.run_id == run_id, _BRANCH, s.status == StepStatus.RUNNING.value).limit(1)
-        ).first()
-        return running is not None or bool(to_compensate(conn, run_id, in_progress=True))
 
 
 def _open_group(conn, run_id: str) -> int | None:
@@ -304,3 +276,32 @@ def _held_undos(conn, run_id: str, now: dt.datetime) -> list[int]:
     before = [i for i in undos if i < group]
     event(conn, run_id, "undos_released", None, {"steps": before}, now)
     return before
+
+
+def settle_lost_branches(conn, run_id: str, now: dt.datetime) -> None:
+    """Recovery of a compensating run: a branch still marked running whose claim was taken back (its
+    holder died; take_over_stalled) can no longer record anything: it failed (lost)."""
+    s = t.steps.c
+    lost = conn.execute(
+        update(t.steps)
+        .where(s.run_id == run_id, _BRANCH, s.status == StepStatus.RUNNING.value, s.claim.is_(None))
+        .values(status=StepStatus.FAILED.value, error=LOST_BRANCH, finished_at=now, lease_expires_at=None)
+        .returning(s.name)
+    ).all()
+    for row in lost:
+        event(conn, run_id, "step_failed", row.name, {"error": LOST_BRANCH, "late": True}, now)
+
+
+def branches_unsettled(conn, run_id: str) -> bool:
+    """For a run with parallel groups, whether its compensation must stay open: a branch still runs (it
+    will record its outcome and, if it succeeded, publish its own undo), or an undo is still to do (a
+    late branch succeeded after the caller looked). Locks the run row first, so the last undo and a late
+    branch decide one after the other. False at once for a run without groups."""
+    s = t.steps.c
+    if conn.execute(select(s.idx).where(s.run_id == run_id, _BRANCH).limit(1)).first() is None:
+        return False
+    lock_run(conn, run_id)
+    running = conn.execute(
+        select(s.idx).where(s.run_id == run_id, _BRANCH, s.status == StepStatus.RUNNING.value).limit(1)
+    ).first()
+    return running is not None or bool(to_compensate(conn, run_id, in_progress=True))

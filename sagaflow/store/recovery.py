@@ -10,6 +10,7 @@ from sqlalchemy import and_, exists, or_, select, update
 
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
+from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
 from sagaflow.store.models import RunStatus, StepStatus
 
@@ -105,7 +106,7 @@ class Recoveries:
                 .returning(s.name)
             ).all()
             if run.status == RunStatus.COMPENSATING.value:
-                self._settle_lost_branches(conn, run_id, now)
+                settle_lost_branches(conn, run_id, now)
             steps = conn.execute(
                 select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic)
                 .where(s.run_id == run_id).order_by(s.idx)

@@ -4,7 +4,7 @@ concern.
     engine.py        connections, pools, pings, reads, the schema check            (Engines)
     guards.py        the compare-and-set primitives, each written once: move_step (the held-step guard
                      included), fail_step, set_run_status, succeed_run, claimable, event, touch
-    runs.py          create (idempotent), read, list; the operator's cancel         (Runs)
+    runs.py          create (idempotent; plain runs too), read, list; cancel        (Runs)
     claims.py        a step's claim, completion, retry, failure, lease; the held
                      transitions the fast path shares                              (Claims)
     compensation.py  the errback, each undo, the end of a compensation, retry       (Compensation)
@@ -17,14 +17,16 @@ concern.
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
 
-Why a class assembled from per-concern parts rather than a facade over separate objects: the concerns call
-into each other inside one transaction (a claim overrules a cancel past the pivot, flags.py; the end of a
-compensation waits for late parallel branches, groups.py; a child's undo ends the child's compensation,
-compensation.py), and all of them share one set of connections and the ``transactional`` variant without the
-fast path. With one ``self`` those calls stay plain method calls on the same connection, no part holds a
-reference to another, and ``Store`` keeps exactly the methods and attributes it always had. Each part only
-adds methods (no ``__init__`` but Engines'); what needs no ``self`` is a function in guards.py or beside the
-part that uses it.
+Why a class assembled from per-concern parts rather than a facade over separate objects: callers hold one
+``Store`` with the same methods and attributes as before (``engine``, ``fast``, ``transactional``, ...), and
+every part shares its connections and the ``transactional`` variant without the fast path. A facade would
+repeat each of the ~60 public signatures once more just to forward them. Each part only adds methods (no
+``__init__`` but Engines'); what needs no ``self`` is a function, in guards.py or beside the concern that
+owns it, and a part that needs another concern's rule imports that function (claims.py and runs.py:
+flags.overrule_cancel_past_pivot, flags.refuse_cancel; compensation.py and recovery.py:
+groups.branches_unsettled, groups.settle_lost_branches). A few methods are shared through ``self`` because
+they choose the fast path or end a compensation: Claims._held and _retry (used by compensation.py),
+Compensation._finish_compensation (groups.py, children.py), Waits._pass_step (children.py).
 
 Each public method is one transaction (or one fast statement); a transition is an ``UPDATE ... WHERE status
 = <expected>`` whose row count says whether this caller won (guards.py).

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
+from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
 from sagaflow.store.models import Event, Run, RunStatus, StepSpec, StepState, StepStatus
 
@@ -63,7 +64,7 @@ class Runs:
         """Insert the run, one row per step and the first event in one transaction.
 
         ``steps``: StepSpec, or (name, has compensation) pairs. ``mode="plain"``: policy switched
-        compensation off for this run: the run row alone (no step rows, no event; flags.py). Returns
+        compensation off for this run: the run row alone (no step rows, no event; flags.py ends it). Returns
         ``(run, created)``; with an idempotency key already used, the existing run and False.
         """
         if mode == "plain":
@@ -86,6 +87,22 @@ class Runs:
             return self._existing(idempotency_key), False
         return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id, mode=mode,
                              parent_run_id=parent_run_id, parent_step=parent_step), True
+
+    def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
+                          idempotency_key: str | None) -> tuple[Run, bool]:
+        """create_run(mode="plain"): the run row alone, one INSERT (autocommit on PostgreSQL)."""
+        now = utcnow()
+        try:
+            with (self.autocommit or self.engine).begin() as conn:
+                conn.execute(insert(t.runs).values(
+                    id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+                    idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
+                    mode="plain"))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
 
     def _existing(self, idempotency_key: str | None) -> Run:
         existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
@@ -168,7 +185,7 @@ class Runs:
         now = utcnow()
         r = t.runs.c
         with self.engine.begin() as conn:
-            self._refuse_cancel(conn, run_id)  # step flags and policy: past the pivot, or a plain run
+            refuse_cancel(conn, run_id)  # step flags and policy: past the pivot, or a plain run
             changed = conn.execute(
                 update(t.runs)
                 .where(r.id == run_id, r.status.in_(LIVE_RUN), r.cancel_requested.is_(False))
