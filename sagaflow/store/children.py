@@ -12,11 +12,11 @@ from sqlalchemy import and_, or_, select, update
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    event, fail_step, move_step, results, set_run_status, to_compensate, touch,
+    event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
 )
 from sagaflow.store.models import RunStatus, StepSpec, StepStatus
 from sagaflow.store.runs import insert_run
-from sagaflow.store.waits import WaitOutcome, held_step, lock_wait_run
+from sagaflow.store.waits import WaitOutcome, lock_wait_run
 
 # A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
 # is not among them: an operator may still take that run forward.
@@ -38,8 +38,8 @@ class Children:
         steps = list(steps)
         with self.engine.begin() as conn:
             run = lock_wait_run(conn, run_id)
-            step = held_step(conn, run, run_id, idx, token)
-            if step is None:
+            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING)
+            if run is None or run.status != RunStatus.RUNNING.value or step is None:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
             if run.cancel_requested:
@@ -123,9 +123,8 @@ class Children:
         s = t.steps.c
         with self.engine.begin() as conn:
             run = lock_wait_run(conn, run_id)
-            step = conn.execute(select(s.status, s.claim, s.child_run_id)
-                                .where(s.run_id == run_id, s.idx == idx)).first()
-            if run is None or step is None or step.status != StepStatus.COMPENSATING.value or step.claim != token:
+            step = held_step(conn, run_id, idx, token, StepStatus.COMPENSATING, s.child_run_id)
+            if run is None or step is None:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             if step.child_run_id is None:  # the child was never recorded: nothing ran, nothing to undo
                 return WaitOutcome("finished", run_id=run_id, index=idx)

@@ -3,7 +3,8 @@
 A transition is an ``UPDATE ... WHERE status = <expected>`` whose row count (or returned row) says whether
 this caller won: a duplicate delivery, a duplicate errback or a late retry loses and changes nothing.
 ``move_step`` is the one guarded move of a step row (a step held by a delivery adds ``claim = <token>``:
-the held-step guard); ``set_run_status`` the one guarded move of a run row. ``event`` records what happened
+the held-step guard; ``held_step`` reads it for a decision taken under the run lock); ``set_run_status``
+the one guarded move of a run row. ``event`` records what happened
 in the caller's transaction, so a transition and its event commit together or not at all.
 
 Every function here takes the caller's connection and opens no transaction of its own.
@@ -50,6 +51,17 @@ def move_step(conn, run_id: str, idx: int, expected, *, token: str | None = None
     if token is not None:
         guard.append(s.claim == token)
     return conn.execute(update(t.steps).where(*guard).values(**values).returning(s.name, *returning)).first()
+
+
+def held_step(conn, run_id: str, idx: int, token: str, active: StepStatus, *columns):
+    """Read the step ``idx`` (its name, status, claim and ``columns``) if this delivery holds it (status
+    ``active``, claim ``token``); else None. For a transition that decides under the run lock before it
+    moves the step (with move_step's own guard)."""
+    s = t.steps.c
+    step = conn.execute(select(s.name, s.status, s.claim, *columns).where(s.run_id == run_id, s.idx == idx)).first()
+    if step is None or step.status != active.value or step.claim != token:
+        return None
+    return step
 
 
 def fail_step(conn, run_id: str, idx: int, expected, error: str, now: dt.datetime, *, token: str | None = None,

@@ -3,7 +3,8 @@ concern.
 
     engine.py        connections, pools, pings, reads, the schema check            (Engines)
     guards.py        the compare-and-set primitives, each written once: move_step (the held-step guard
-                     included), fail_step, set_run_status, succeed_run, claimable, event, touch
+                     included; held_step reads it), fail_step, set_run_status, succeed_run, claimable,
+                     event, touch
     runs.py          create (idempotent; plain runs too), read, list; cancel        (Runs)
     claims.py        a step's claim, completion, retry, failure, lease; the held
                      transitions the fast path shares                              (Claims)

@@ -19,7 +19,7 @@ from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    LIVE_RUN, event, fail_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
+    LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
 )
 from sagaflow.store.models import FINAL_RUN_STATUSES, RunStatus, StepStatus
 
@@ -55,16 +55,6 @@ def lock_wait_run(conn, run_id: str):
     return lock_run(conn, run_id, r.id, r.saga, r.saga_version, r.input, r.error, r.parent_run_id, r.parent_step)
 
 
-def held_step(conn, run, run_id: str, idx: int, token: str, *columns):
-    """The step ``idx`` if this delivery holds it (running, claim ``token``) in a running run; else None."""
-    s = t.steps.c
-    step = conn.execute(select(s.name, s.status, s.claim, *columns).where(s.run_id == run_id, s.idx == idx)).first()
-    if run is None or step is None or step.status != StepStatus.RUNNING.value or step.claim != token \
-            or run.status != RunStatus.RUNNING.value:
-        return None
-    return step
-
-
 class Waits:
     def _pass_step(self, conn, run, idx: int, name: str, result: Any, detail: dict, now,
                    from_status: StepStatus) -> WaitOutcome:
@@ -94,8 +84,8 @@ class Waits:
         s, sig = t.steps.c, t.signals.c
         with self.engine.begin() as conn:
             run = lock_wait_run(conn, run_id)
-            step = held_step(conn, run, run_id, idx, token, s.signal)
-            if step is None:
+            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING, s.signal)
+            if run is None or run.status != RunStatus.RUNNING.value or step is None:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
             if run.cancel_requested:
