@@ -4,8 +4,8 @@ A transition is an ``UPDATE ... WHERE status = <expected>`` whose row count (or 
 this caller won: a duplicate delivery, a duplicate errback or a late retry loses and changes nothing.
 ``move_step`` is the one guarded move of a step row (a step held by a delivery adds ``claim = <token>``:
 the held-step guard; ``held_step`` reads it for a decision taken under the run lock); ``set_run_status``
-the one guarded move of a run row. ``event`` records what happened
-in the caller's transaction, so a transition and its event commit together or not at all.
+the one guarded move of a run row. ``event`` records what happened in the caller's transaction, so a
+transition and its event commit together or not at all.
 
 Every function here takes the caller's connection and opens no transaction of its own.
 """
