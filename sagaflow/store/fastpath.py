@@ -3,12 +3,13 @@
 A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT. Data-
 modifying CTEs keep each transition atomic: the guarded UPDATE, its event and the run's ``updated_at``
 commit together or not at all, and a concurrent claim re-checks the guard on the row it waited for
-(READ COMMITTED), so the compare-and-set semantics of repository.py hold unchanged. The statements are
+(READ COMMITTED), so the compare-and-set semantics of guards.py hold unchanged. The statements are
 plain SQL text because building the same CTEs with SQLAlchemy Core cost ten times the database's own time
 per call (bench/, "Performance").
 
-repository.py runs the same transitions as short transactions on SQLite, and on PostgreSQL the rare ones
-(recovery, operator requests) and the case these statements hand back (a cancel at claim time). The
+The concern modules (claims.py, compensation.py, runs.py) run the same transitions as short transactions
+on SQLite, and on PostgreSQL the rare ones (recovery, operator requests) and the case these statements
+hand back (a cancel at claim time); each chooses between the two itself (``if self.fast:``). The
 store's unit tests run on both.
 """
 
@@ -76,7 +77,7 @@ class Statement:
                      for p, convert in zip(self.params, self.converters))
 
 
-# The claim guard of repository.Store._claimable, for a step moving from :start to :active.
+# The claim guard of guards.claimable, for a step moving from :start to :active.
 _CLAIMABLE = """(status = :start
            OR (status = :active AND claim = :token AND lease_expires_at < :now)
            OR (status = :active AND claim IS NULL)
@@ -152,7 +153,8 @@ LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 def _update_held(active: str, assignments: str, kind: str, detail: str, touch: bool = True):
     """A transition of the step this delivery holds: status :active and claim :token. ``touch`` moves the
     run's updated_at too; a step's success does not (one row write less per step): the recovery sweeper
-    reads its finished_at instead (repository.Store._stalled)."""
+    reads its finished_at instead (recovery.stalled). claims.HELD lists the same transitions for the
+    transactional path (Claims._held)."""
     touch_run = """, touch AS (
     UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
 )""" if touch else ""
@@ -293,7 +295,7 @@ ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_
 
 
 class FastPath:
-    """The statements above, on an autocommit engine. Each method returns the raw row; repository.Store
+    """The statements above, on an autocommit engine. Each method returns the raw row; the Store
     turns it into its usual answer. ``prepared=False`` sends them as text, for a connection pooler that
     does not keep sessions (PgBouncer in transaction mode)."""
 

@@ -1,0 +1,182 @@
+"""Child runs: a step that starts a run of another saga and waits for its end, the child's end moving its
+parent on, the undo of a child run, and the children whose end was never reported. The locking rules are
+waits.py's (a parent's run row before its child's)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Iterable
+
+from sqlalchemy import and_, or_, select, update
+
+from sagaflow.store import tables as t
+from sagaflow.store.engine import utcnow
+from sagaflow.store.guards import (
+    event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
+)
+from sagaflow.store.models import RunStatus, StepSpec, StepStatus
+from sagaflow.store.runs import insert_run
+from sagaflow.store.waits import WaitOutcome, lock_wait_run
+
+# A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
+# is not among them: an operator may still take that run forward.
+CHILD_ENDED = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
+               RunStatus.FAILED.value, RunStatus.COMPENSATION_FAILED.value)
+CHILD_UNDONE = (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value, RunStatus.COMPENSATION_FAILED.value)
+
+
+class Children:
+    def start_child(self, run_id: str, idx: int, token: str, child_id: str, child_saga: str, child_version: int,
+                    child_input: dict, steps: Iterable[StepSpec]) -> WaitOutcome:
+        """The child step ``idx`` (held by ``token``) is reached: record the child run (idempotency key
+        ``child:<run_id>:<step name>``, so a redelivery never makes two) and its link, the step and the run
+        wait. The caller publishes the child's chain (``child_run_id``); if that publish is lost, the child
+        stays pending and the recovery sweeper starts it. A cancel that came in since the claim fails the
+        step instead, and no child is created."""
+        now = utcnow()
+        r = t.runs.c
+        steps = list(steps)
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING)
+            if run is None or run.status != RunStatus.RUNNING.value or step is None:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
+            if run.cancel_requested:
+                fail_step(conn, run_id, idx, StepStatus.RUNNING, "cancelled before the child run started", now,
+                          token=token)
+                return WaitOutcome("cancelled", **base)
+            key = f"child:{run_id}:{step.name}"
+            existing = conn.execute(select(r.id, r.saga).where(r.idempotency_key == key)).first()
+            if existing is not None:
+                child_id, child_saga = existing.id, existing.saga
+            if move_step(conn, run_id, idx, StepStatus.RUNNING, token=token, status=StepStatus.WAITING.value,
+                         child_run_id=child_id, claim=None, lease_expires_at=None) is None:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            if existing is None:
+                insert_run(conn, child_id, child_saga, child_version, child_input, key, steps, now,
+                           parent_run_id=run_id, parent_step=idx)
+            set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
+            event(conn, run_id, "run_waiting", step.name, {"child_run_id": child_id, "child_saga": child_saga}, now)
+        return WaitOutcome("waiting", child_run_id=child_id, **base)
+
+    def parent_of(self, run_id: str) -> str | None:
+        return self._read(lambda conn: conn.execute(
+            select(t.runs.c.parent_run_id).where(t.runs.c.id == run_id)).scalar())
+
+    def child_ended(self, child_id: str) -> WaitOutcome:
+        """The child run ended (or finished undoing): move its parent's step on. Forward (the step waits):
+        child succeeded -> step succeeded with the child's results ({child step: result}), the parent goes
+        on; any other end -> step failed, the errback compensates the parent. Backward (the step's
+        compensation waits for the child's): revoke the step's claim and hand back the parent's
+        compensations from that step, whose task then decides from the child's status. A duplicate, or a
+        child that has not ended, changes nothing ("none")."""
+        now = utcnow()
+        s, r = t.steps.c, t.runs.c
+        with self.engine.begin() as conn:
+            child = conn.execute(select(r.status, r.saga, r.error, r.parent_run_id, r.parent_step)
+                                 .where(r.id == child_id)).first()
+            if child is None or child.parent_run_id is None:
+                return WaitOutcome("none", run_id=child_id)
+            run = lock_wait_run(conn, child.parent_run_id)
+            if run is None:  # the parent was deleted
+                return WaitOutcome("none", run_id=child_id)
+            idx = child.parent_step
+            step = conn.execute(select(s.name, s.status, s.child_run_id)
+                                .where(s.run_id == run.id, s.idx == idx)).first()
+            base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx, child_run_id=child_id)
+            if step is None or step.child_run_id != child_id:
+                return WaitOutcome("none", **base)
+            if step.status == StepStatus.WAITING.value and run.status == RunStatus.WAITING.value \
+                    and child.status in CHILD_ENDED:
+                if child.status == RunStatus.SUCCEEDED.value:
+                    child_results = results(conn, child_id)
+                    if move_step(conn, run.id, idx, StepStatus.WAITING, status=StepStatus.SUCCEEDED.value,
+                                 result=child_results, error=None, finished_at=now) is None:
+                        return WaitOutcome("none", **base)
+                    return self._pass_step(conn, run, idx, step.name, child_results, {"child_run_id": child_id},
+                                           now, StepStatus.WAITING)
+                error = (f"child run {child_id} (saga {child.saga!r}) ended {child.status}"
+                         + (f": {child.error}" if child.error else ""))
+                if fail_step(conn, run.id, idx, StepStatus.WAITING, error, now,
+                             detail={"child_run_id": child_id}) is None:
+                    return WaitOutcome("none", **base)
+                set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+                return WaitOutcome("errback", error=error, **base)
+            if step.status == StepStatus.COMPENSATING.value and run.status == RunStatus.COMPENSATING.value \
+                    and child.status in CHILD_UNDONE:
+                if move_step(conn, run.id, idx, StepStatus.COMPENSATING, claim=None, lease_expires_at=None) is None:
+                    return WaitOutcome("none", **base)
+                touch(conn, run.id, now)
+                return WaitOutcome("compensate", indexes=tuple(to_compensate(conn, run.id, in_progress=True)),
+                                   status=child.status, **base)
+        return WaitOutcome("none", **base)
+
+    def compensate_child(self, run_id: str, idx: int, token: str, fresh: bool) -> WaitOutcome:
+        """The compensation of child step ``idx`` (held by ``token``): undo the child run. Child succeeded
+        -> compensating, with its completed steps to undo ("compensate" them, on the child; its end wakes this
+        step again); nothing to undo, or already undone -> "finished" (complete this step). Child still
+        compensating -> "waiting". Child in compensation_failed: a ``fresh`` round (the first, or an
+        operator's retry of the parent) retries the child's compensations; a later delivery of the same
+        round gives up ("failed": the parent waits for an operator too)."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            step = held_step(conn, run_id, idx, token, StepStatus.COMPENSATING, s.child_run_id)
+            if run is None or step is None:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            if step.child_run_id is None:  # the child was never recorded: nothing ran, nothing to undo
+                return WaitOutcome("finished", run_id=run_id, index=idx)
+            child = lock_wait_run(conn, step.child_run_id)
+            if child is None:  # deleted by hand: there is nothing left to undo
+                return WaitOutcome("finished", run_id=run_id, index=idx, child_run_id=step.child_run_id)
+            base = dict(run_id=child.id, saga=child.saga, version=child.saga_version, index=idx,
+                        child_run_id=child.id, status=child.status)
+            if child.status in (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value):
+                return WaitOutcome("finished", **base)
+            if child.status == RunStatus.COMPENSATING.value:
+                return WaitOutcome("waiting", **base)
+            if child.status == RunStatus.SUCCEEDED.value:
+                set_run_status(conn, child.id, RunStatus.SUCCEEDED, RunStatus.COMPENSATING, now, finished_at=None)
+                event(conn, child.id, "compensation_requested", None, {"parent_run_id": run_id, "parent_step": idx},
+                      now)
+            elif child.status == RunStatus.COMPENSATION_FAILED.value and fresh:
+                set_run_status(conn, child.id, RunStatus.COMPENSATION_FAILED, RunStatus.COMPENSATING, now,
+                               error=None, finished_at=None)
+                conn.execute(update(t.steps)
+                             .where(s.run_id == child.id, s.status == StepStatus.COMPENSATION_FAILED.value)
+                             .values(status=StepStatus.SUCCEEDED.value, claim=None, lease_expires_at=None))
+                event(conn, child.id, "retry_requested", None, {"parent_run_id": run_id}, now)
+            else:
+                error = (f"child run {child.id} is {child.status}"
+                         + (f": {child.error}" if child.error else "")
+                         + f"; fix the cause, then `sagaflow retry {run_id}` (it retries the child's undo too)")
+                return WaitOutcome("failed", error=error, **base)
+            todo = to_compensate(conn, child.id)
+            if not todo:
+                self._finish_compensation(conn, child.id, now)
+                return WaitOutcome("finished", **base)
+            touch(conn, run_id, now)
+        return WaitOutcome("compensate", indexes=tuple(todo), **base)
+
+    def unreported_children(self, stall_timeout: float, limit: int = 500) -> list[str]:
+        """Child runs that ended (or finished undoing) over ``stall_timeout`` seconds ago while their parent's
+        step still waits for them: the child_finished message was lost. The sweeper publishes it again."""
+        r, s = t.runs.c, t.steps.c
+        child = t.runs.alias("child")
+        c = child.c
+        now = utcnow()
+        forward = and_(s.status == StepStatus.WAITING.value, r.status == RunStatus.WAITING.value,
+                       c.status.in_(CHILD_ENDED))
+        backward = and_(s.status == StepStatus.COMPENSATING.value, r.status == RunStatus.COMPENSATING.value,
+                        c.status.in_(CHILD_UNDONE))
+        return list(self._read(lambda conn: conn.execute(
+            select(c.id)
+            .select_from(t.steps.join(t.runs, r.id == s.run_id).join(child, c.id == s.child_run_id))
+            # Driven from the parent's status (indexed): only waiting and compensating runs are read.
+            .where(r.status.in_((RunStatus.WAITING.value, RunStatus.COMPENSATING.value)), s.kind == "child",
+                   or_(forward, backward),
+                   c.updated_at < now - dt.timedelta(seconds=stall_timeout))
+            .order_by(c.updated_at).limit(limit)
+        ).scalars()))

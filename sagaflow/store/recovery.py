@@ -1,0 +1,119 @@
+"""Recovery: which runs stalled (their holder died, or a message was lost), taking one over (one sweeper
+wins), and deciding from SQL what to publish to move it on (``Recovery``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import and_, exists, or_, select, update
+
+from sagaflow.store import tables as t
+from sagaflow.store.engine import utcnow
+from sagaflow.store.groups import settle_lost_branches
+from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
+from sagaflow.store.models import RunStatus, StepStatus
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What the sweeper must publish to move a stalled run on, decided from SQL in one transaction.
+
+    action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
+    the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
+    empty: finish the compensation), "wait" (``index`` waits for its signal or child run: nothing to
+    publish); from sagaflow/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
+    "child_finished" (a child's end, re-announced to its parent).
+    """
+
+    run_id: str
+    saga: str
+    version: int
+    action: str
+    index: int = 0
+    results: dict | None = None
+    indexes: tuple[int, ...] = ()
+    revoked: tuple[str, ...] = ()  # steps whose expired claim was taken back
+
+
+def stalled(now: dt.datetime, stall_timeout: float):
+    """Run is in progress, no step holds a live lease, and either a holder's lease expired (it died) or
+    nothing moved for stall_timeout seconds (a message was lost: broker restart, a crash before publish,
+    a start whose publish failed). A step's success moves no run column (one row write less on the hot
+    path), so "moved" is the run's updated_at or its latest step's finished_at."""
+    r, s = t.runs.c, t.steps.c
+    held = (s.run_id == r.id) & s.status.in_(HELD_STEP)
+    quiet_since = now - dt.timedelta(seconds=stall_timeout)
+    return and_(
+        r.status.in_(IN_PROGRESS_RUN),
+        r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
+        ~exists().where(held, s.lease_expires_at >= now),
+        or_(exists().where(held, s.lease_expires_at < now),
+            and_(r.updated_at < quiet_since,
+                 ~exists().where(s.run_id == r.id, s.finished_at >= quiet_since))),
+    )
+
+
+def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
+    base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
+    if run.status == RunStatus.COMPENSATING.value:
+        todo = [st.idx for st in reversed(steps) if st.has_compensation
+                and (st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)
+                     or (st.non_atomic and st.status == StepStatus.FAILED.value))]
+        return Recovery(action="compensate", indexes=tuple(todo), **base)
+    # A best-effort step that failed counts as done: the run went on without its result.
+    frontier = next((st for st in steps if st.status not in DONE_STEP), None)
+    results = {st.name: st.result for st in steps
+               if st.status in (StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value)}
+    if frontier is None:
+        return Recovery(action="finish", index=len(steps), results=results, **base)
+    if frontier.status == StepStatus.FAILED.value:
+        return Recovery(action="errback", index=frontier.idx, **base)
+    if frontier.status == StepStatus.WAITING.value:  # a gate or child step: its signal or child moves it
+        return Recovery(action="wait", index=frontier.idx, **base)
+    return Recovery(action="resume", index=frontier.idx, results=results, **base)
+
+
+class Recoveries:
+    def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
+        """(run id, updated_at) of the stalled runs, longest stalled first."""
+        r = t.runs.c
+        rows = self._read(lambda conn: conn.execute(
+            select(r.id, r.updated_at).where(stalled(utcnow(), stall_timeout)).order_by(r.updated_at).limit(limit)
+        ).all())
+        return [(row.id, row.updated_at) for row in rows]
+
+    def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float) -> Recovery | None:
+        """Claim the re-drive of a stalled run (compare-and-set on updated_at, so of two sweepers one
+        wins, and a run that moved meanwhile is left alone), take back expired claims, and decide from
+        SQL what to publish. None when this caller did not win."""
+        now = utcnow()
+        r, s = t.runs.c, t.steps.c
+        with self.engine.begin() as conn:
+            run = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.updated_at == seen_updated_at, stalled(now, stall_timeout))
+                .values(updated_at=now)
+                .returning(r.status, r.saga, r.saga_version)
+            ).first()
+            if run is None:
+                return None
+            # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
+            revoked = conn.execute(
+                update(t.steps)
+                .where(s.run_id == run_id, s.status.in_(HELD_STEP), s.lease_expires_at < now)
+                .values(claim=None, lease_expires_at=None)
+                .returning(s.name)
+            ).all()
+            if run.status == RunStatus.COMPENSATING.value:
+                settle_lost_branches(conn, run_id, now)
+            steps = conn.execute(
+                select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic)
+                .where(s.run_id == run_id).order_by(s.idx)
+            ).all()
+            recovery = recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
+            event(conn, run_id, "run_recovered", None,
+                  {"action": recovery.action, "revoked": list(recovery.revoked),
+                   **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
+                      else {})}, now)
+        return recovery

@@ -1,0 +1,199 @@
+"""Runs: create (with their step rows and first event, idempotently), read, list, and the operator's
+cancel of a live run."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Iterable
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.store import tables as t
+from sagaflow.store.engine import utcnow
+from sagaflow.store.flags import refuse_cancel
+from sagaflow.store.guards import LIVE_RUN, event
+from sagaflow.store.models import Event, Run, RunStatus, StepSpec, StepState, StepStatus
+
+
+def _started(saga: str, version: int, parent_run_id: str | None, parent_step: int | None) -> dict:
+    detail = {"saga": saga, "version": version}
+    if parent_run_id is not None:
+        detail.update(parent_run_id=parent_run_id, parent_step=parent_step)
+    return detail
+
+
+def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempotency_key: str | None,
+               steps: list[StepSpec], now: dt.datetime, mode: str = "saga", parent_run_id: str | None = None,
+               parent_step: int | None = None) -> int:
+    """The run row, one row per step and its ``run_started`` event, in the caller's transaction (a run the
+    client starts, or a child run its parent's step starts). Returns the event's id."""
+    conn.execute(insert(t.runs).values(
+        id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+        idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now, mode=mode,
+        parent_run_id=parent_run_id, parent_step=parent_step))
+    if steps:
+        conn.execute(insert(t.steps), [
+            dict(run_id=run_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,
+                 has_compensation=spec.has_compensation, attempts=0, compensation_attempts=0,
+                 compensation_round_attempts=0, kind=spec.kind, best_effort=spec.best_effort,
+                 non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group, signal=spec.signal)
+            for i, spec in enumerate(steps)])
+    return conn.execute(
+        insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
+                                detail=_started(saga, version, parent_run_id, parent_step))
+        .returning(t.events.c.id)
+    ).scalar_one()
+
+
+class Runs:
+    def create_run(
+        self,
+        run_id: str,
+        saga: str,
+        version: int,
+        input: dict,
+        steps: Iterable[StepSpec | tuple[str, bool]],
+        idempotency_key: str | None = None,
+        *,
+        parent_run_id: str | None = None,
+        parent_step: int | None = None,
+        mode: str = "saga",
+    ) -> tuple[Run, bool]:
+        """Insert the run, one row per step and the first event in one transaction.
+
+        ``steps``: StepSpec, or (name, has compensation) pairs. ``mode="plain"``: policy switched
+        compensation off for this run: the run row alone (no step rows, no event; flags.py ends it). Returns
+        ``(run, created)``; with an idempotency key already used, the existing run and False.
+        """
+        if mode == "plain":
+            return self._create_plain_run(run_id, saga, version, input, idempotency_key)
+        now = utcnow()
+        steps = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
+        linear = mode == "saga" and parent_run_id is None and not any(s.special for s in steps)
+        if self.fast and linear:
+            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
+            if event_id is None:
+                return self._existing(idempotency_key), False
+            return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
+        try:
+            with self.engine.begin() as conn:
+                event_id = insert_run(conn, run_id, saga, version, input, idempotency_key, steps, now, mode,
+                                      parent_run_id, parent_step)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id, mode=mode,
+                             parent_run_id=parent_run_id, parent_step=parent_step), True
+
+    def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
+                          idempotency_key: str | None) -> tuple[Run, bool]:
+        """create_run(mode="plain"): the run row alone, one INSERT (autocommit on PostgreSQL)."""
+        now = utcnow()
+        try:
+            with (self.autocommit or self.engine).begin() as conn:
+                conn.execute(insert(t.runs).values(
+                    id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+                    idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
+                    mode="plain"))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._existing(idempotency_key), False
+        return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
+
+    def _existing(self, idempotency_key: str | None) -> Run:
+        existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
+        if existing is None:  # the insert conflicted on something else: only a reused run id can
+            raise InvalidTransition("a run with this id exists already")
+        return existing
+
+    @staticmethod
+    def _new_run(run_id, saga, version, input, idempotency_key, steps: list[StepSpec], now, event_id,
+                 mode="saga", parent_run_id=None, parent_step=None) -> Run:
+        """The snapshot of a run just inserted, built from what was written rather than read back."""
+        return Run(
+            id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+            idempotency_key=idempotency_key, cancel_requested=False, error=None, created_at=now, updated_at=now,
+            finished_at=None,
+            steps=tuple(
+                StepState(index=i, name=spec.name, status=StepStatus.PENDING.value,
+                          has_compensation=spec.has_compensation, attempts=0, compensation_attempts=0, result=None,
+                          error=None, compensation_error=None, task_id=None, compensation_task_id=None,
+                          started_at=None, finished_at=None, compensated_at=None, kind=spec.kind,
+                          best_effort=spec.best_effort, non_atomic=spec.non_atomic, pivot=spec.pivot,
+                          group=spec.group, signal=spec.signal)
+                for i, spec in enumerate(steps)),
+            events=(Event(id=event_id, kind="run_started", step=None, at=now,
+                          detail=_started(saga, version, parent_run_id, parent_step)),)
+            if event_id is not None else (),
+            mode=mode, parent_run_id=parent_run_id, parent_step=parent_step,
+        )
+
+    def find_by_idempotency_key(self, key: str) -> Run | None:
+        def read(conn):
+            row = conn.execute(select(t.runs).where(t.runs.c.idempotency_key == key)).first()
+            return self._load(conn, row) if row is not None else None
+
+        return self._read(read)
+
+    def get_run(self, run_id: str, history: bool = True) -> Run:
+        def read(conn):
+            row = conn.execute(select(t.runs).where(t.runs.c.id == run_id)).first()
+            if row is None:
+                raise UnknownRun(f"unknown run id {run_id!r}")
+            return self._load(conn, row) if history else Run.from_row(row)
+
+        return self._read(read)
+
+    @staticmethod
+    def _load(conn, row) -> Run:
+        steps = conn.execute(select(t.steps).where(t.steps.c.run_id == row.id).order_by(t.steps.c.idx))
+        events = conn.execute(select(t.events).where(t.events.c.run_id == row.id).order_by(t.events.c.id))
+        children = conn.execute(select(t.runs.c.id).where(t.runs.c.parent_run_id == row.id)
+                                .order_by(t.runs.c.created_at, t.runs.c.id)).scalars()
+        return Run.from_row(row, map(StepState.from_row, steps), map(Event.from_row, events), children)
+
+    def list_runs(
+        self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Run], int]:
+        """Newest first, without steps and events; and the total count matching the filters."""
+        conditions = []
+        if status:
+            conditions.append(t.runs.c.status == status)
+        if saga:
+            conditions.append(t.runs.c.saga == saga)
+
+        def read(conn):
+            rows = conn.execute(
+                select(t.runs)
+                .where(*conditions)
+                .order_by(t.runs.c.created_at.desc(), t.runs.c.id.desc())
+                .limit(limit)
+                .offset(offset)
+            )
+            runs = [Run.from_row(r) for r in rows]
+            return runs, conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one()
+
+        return self._read(read)
+
+    def request_cancel(self, run_id: str) -> Run:
+        """The operator's cancel of a live run: a flag the next claim reads (a waiting run: waits.py's
+        cancel_waiting). InvalidTransition, nothing written, for a run that cannot be cancelled."""
+        now = utcnow()
+        r = t.runs.c
+        with self.engine.begin() as conn:
+            refuse_cancel(conn, run_id)  # step flags and policy: past the pivot, or a plain run
+            changed = conn.execute(
+                update(t.runs)
+                .where(r.id == run_id, r.status.in_(LIVE_RUN), r.cancel_requested.is_(False))
+                .values(cancel_requested=True, updated_at=now)
+            ).rowcount
+            if changed:
+                event(conn, run_id, "cancel_requested", None, None, now)
+        run = self.get_run(run_id)
+        if not changed and not (run.cancel_requested and run.status in LIVE_RUN):
+            raise InvalidTransition(f"run {run_id} is {run.status}: only pending or running runs can be cancelled")
+        return run

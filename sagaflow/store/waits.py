@@ -1,0 +1,215 @@
+"""Waits: gates and signals (a run that waits holds no worker), the cancel of a waiting run, and the step
+that passes a gate or a child run's end on (``Waits._pass_step``; the child runs themselves: children.py).
+
+sagaflow/waits.py drives these. Every transaction locks the run row first (SELECT ... FOR UPDATE on
+PostgreSQL; on SQLite every transaction is BEGIN IMMEDIATE, serialized anyway), so a gate that begins to
+wait and a signal that arrives at that moment, or a child that ends while its parent is cancelled, never
+miss each other. Lock order: a parent run before its child.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+
+from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.store import tables as t
+from sagaflow.store.engine import utcnow
+from sagaflow.store.guards import (
+    LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
+)
+from sagaflow.store.models import FINAL_RUN_STATUSES, RunStatus, StepStatus
+
+
+@dataclass(frozen=True)
+class WaitOutcome:
+    """What a transition of a gate, a signal or a child run decided, for sagaflow/waits.py to publish.
+
+    action: "waiting" (nothing to publish: the run waits), "continue" (publish the chain of ``run_id`` from
+    ``index + 1`` with ``results``), "finished" (the run ended in ``status``: tell its parent, if any),
+    "errback" (publish on_step_failed for ``index``), "compensate" (publish the compensations ``indexes``,
+    latest first, of ``run_id``), "cancelled" (a cancel came in before the step could wait: fail into the
+    errback), "failed" (give up: ``error``), "lost" (this delivery no longer holds the step), "none"
+    (nothing to do: a duplicate, or a signal kept for a gate the run has not reached).
+    """
+
+    action: str
+    run_id: str
+    saga: str = ""
+    version: int = 0
+    index: int = 0
+    results: dict | None = None
+    result: Any = None
+    status: str | None = None
+    indexes: tuple[int, ...] = ()
+    child_run_id: str | None = None
+    error: str | None = None
+
+
+def lock_wait_run(conn, run_id: str):
+    """The run row, locked (SELECT ... FOR UPDATE), with what the waits transitions read of it."""
+    r = t.runs.c
+    return lock_run(conn, run_id, r.id, r.saga, r.saga_version, r.input, r.error, r.parent_run_id, r.parent_step)
+
+
+class Waits:
+    def _pass_step(self, conn, run, idx: int, name: str, result: Any, detail: dict, now,
+                   from_status: StepStatus) -> WaitOutcome:
+        """A gate or child step succeeded with ``result``: finish the run if it was the last step (unless a
+        cancel came in: then the errback compensates everything, this step included), else hand back the
+        chain to publish from the next step. The caller moved the step; the run leaves running/waiting."""
+        event(conn, run.id, "step_succeeded", name, detail, now)
+        base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx)
+        live = (RunStatus.RUNNING, RunStatus.WAITING)
+        last = conn.execute(select(func.max(t.steps.c.idx)).where(t.steps.c.run_id == run.id)).scalar()
+        if idx == last:
+            if not run.cancel_requested and succeed_run(conn, run.id, now, expected=live, unless_cancelled=False):
+                return WaitOutcome("finished", status=RunStatus.SUCCEEDED.value, result=result, **base)
+            set_run_status(conn, run.id, live, RunStatus.RUNNING, now)
+            return WaitOutcome("errback", result=result, error="cancelled before the run finished", **base)
+        if from_status is StepStatus.WAITING:
+            set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+        else:
+            touch(conn, run.id, now)
+        return WaitOutcome("continue", result=result, results=results(conn, run.id), **base)
+
+    def wait_for_signal(self, run_id: str, idx: int, token: str, timeout: float) -> WaitOutcome:
+        """The gate ``idx`` (held by ``token``) is reached. Its signal already delivered: the step succeeds
+        with the payload as its result. Else the step waits (deadline: now + ``timeout``) and so does the
+        run, holding no worker and no lease. A cancel that came in since the claim fails the step."""
+        now = utcnow()
+        s, sig = t.steps.c, t.signals.c
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING, s.signal)
+            if run is None or run.status != RunStatus.RUNNING.value or step is None:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
+            if run.cancel_requested:
+                fail_step(conn, run_id, idx, StepStatus.RUNNING, f"cancelled at the gate for signal {step.signal!r}",
+                          now, token=token)
+                return WaitOutcome("cancelled", **base)
+            payload = conn.execute(select(sig.payload, sig.received_at)
+                                   .where(sig.run_id == run_id, sig.name == step.signal)).first()
+            if payload is not None:
+                if move_step(conn, run_id, idx, StepStatus.RUNNING, token=token, status=StepStatus.SUCCEEDED.value,
+                             result=payload.payload, error=None, finished_at=now, lease_expires_at=None,
+                             claim=None) is None:
+                    return WaitOutcome("lost", run_id=run_id, index=idx)
+                return self._pass_step(conn, run, idx, step.name, payload.payload,
+                                       {"signal": step.signal, "received_before_the_gate": True}, now,
+                                       StepStatus.RUNNING)
+            deadline = now + dt.timedelta(seconds=timeout)
+            if move_step(conn, run_id, idx, StepStatus.RUNNING, token=token, status=StepStatus.WAITING.value,
+                         deadline_at=deadline, claim=None, lease_expires_at=None) is None:
+                return WaitOutcome("lost", run_id=run_id, index=idx)
+            set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
+            event(conn, run_id, "run_waiting", step.name, {"signal": step.signal, "deadline": deadline.isoformat()},
+                  now)
+        return WaitOutcome("waiting", **base)
+
+    def deliver_signal(self, run_id: str, name: str, payload: Any) -> WaitOutcome:
+        """Record signal ``name`` for the run, once; if a gate waits for it, pass the gate (its result: the
+        payload) and hand back what to publish. Refused, changing nothing: an unknown run (UnknownRun); a
+        final run, a saga with no gate for ``name``, a signal already delivered (InvalidTransition)."""
+        now = utcnow()
+        s, sig = t.steps.c, t.signals.c
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            if run is None:
+                raise UnknownRun(f"unknown run id {run_id!r}")
+            if run.status in {st.value for st in FINAL_RUN_STATUSES}:
+                raise InvalidTransition(f"run {run_id} is {run.status}: a finished run takes no signals")
+            gates = conn.execute(select(s.idx, s.name, s.status).where(
+                s.run_id == run_id, s.kind == "gate", s.signal == name).order_by(s.idx)).all()
+            if not gates:
+                raise InvalidTransition(f"run {run_id} (saga {run.saga!r} version {run.saga_version}) has no gate "
+                                        f"for signal {name!r}")
+            earlier = conn.execute(select(sig.received_at).where(sig.run_id == run_id, sig.name == name)).scalar()
+            if earlier is not None:
+                raise InvalidTransition(f"signal {name!r} was already delivered to run {run_id} "
+                                        f"(at {earlier.isoformat()}); a signal is delivered once")
+            conn.execute(insert(t.signals).values(run_id=run_id, name=name, payload=payload, received_at=now))
+            waiting = next((g for g in gates if g.status == StepStatus.WAITING.value), None)
+            event(conn, run_id, "signal_received", waiting.name if waiting else None,
+                  {"signal": name, "gate_waiting": waiting is not None}, now)
+            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version)
+            if waiting is None or run.status != RunStatus.WAITING.value:
+                touch(conn, run_id, now)
+                return WaitOutcome("none", **base)  # kept: the gate takes it when the run gets there
+            if move_step(conn, run_id, waiting.idx, StepStatus.WAITING, status=StepStatus.SUCCEEDED.value,
+                         result=payload, error=None, finished_at=now) is None:
+                return WaitOutcome("none", **base)
+            return self._pass_step(conn, run, waiting.idx, waiting.name, payload, {"signal": name}, now,
+                                   StepStatus.WAITING)
+
+    def expired_gates(self, limit: int = 500) -> list:
+        """(run_id, idx, name, signal, saga, version, deadline_at) of the gates still waiting past their
+        deadline."""
+        r, s = t.runs.c, t.steps.c
+        now = utcnow()
+        return self._read(lambda conn: conn.execute(
+            select(s.run_id, s.idx, s.name, s.signal, r.saga, r.saga_version, s.deadline_at)
+            .join(t.runs, r.id == s.run_id)
+            .where(s.kind == "gate", s.status == StepStatus.WAITING.value, s.deadline_at < now,
+                   r.status == RunStatus.WAITING.value)
+            .order_by(s.deadline_at).limit(limit)
+        ).all())
+
+    def time_out_gate(self, run_id: str, idx: int, error: str) -> WaitOutcome | None:
+        """Compare-and-set: the gate still waits past its deadline -> failed, the run -> running; the caller
+        publishes the errback. None when a signal, a cancel or another sweeper got there first."""
+        now = utcnow()
+        s = t.steps.c
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            if run is None or run.status != RunStatus.WAITING.value:
+                return None
+            if fail_step(conn, run_id, idx, StepStatus.WAITING, error, now,
+                         where=[s.kind == "gate", s.deadline_at < now]) is None:
+                return None
+            set_run_status(conn, run_id, RunStatus.WAITING, RunStatus.RUNNING, now)
+        return WaitOutcome("errback", run_id=run_id, saga=run.saga, version=run.saga_version, index=idx, error=error)
+
+    def cancel_waiting(self, run_id: str) -> list[WaitOutcome] | None:
+        """Cancel a run that waits (None when it does not: request_cancel handles live runs). At a gate: the
+        gate fails and the errback compensates at once ("errback" outcomes to publish). At a child step: the
+        run keeps waiting with its cancel recorded, and the child is cancelled (recursively, if it waits
+        too); the child's end then fails the step and the run compensates."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            if run is None:
+                raise UnknownRun(f"unknown run id {run_id!r}")
+            if run.status != RunStatus.WAITING.value:
+                return None
+            return self._cancel_waiting(conn, run, now)
+
+    def _cancel_waiting(self, conn, run, now) -> list[WaitOutcome]:
+        s, r = t.steps.c, t.runs.c
+        if not run.cancel_requested:
+            conn.execute(update(t.runs).where(r.id == run.id).values(cancel_requested=True, updated_at=now))
+            event(conn, run.id, "cancel_requested", None, None, now)
+        step = conn.execute(select(s.idx, s.name, s.kind, s.signal, s.child_run_id)
+                            .where(s.run_id == run.id, s.status == StepStatus.WAITING.value)).first()
+        if step is None:
+            return []
+        if step.kind == "gate":
+            error = f"cancelled while waiting for signal {step.signal!r}"
+            if fail_step(conn, run.id, step.idx, StepStatus.WAITING, error, now) is None:
+                return []
+            set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
+            return [WaitOutcome("errback", run_id=run.id, saga=run.saga, version=run.saga_version, index=step.idx,
+                                error=error)]
+        child = lock_wait_run(conn, step.child_run_id) if step.child_run_id else None
+        if child is None or child.cancel_requested and child.status != RunStatus.WAITING.value:
+            return []
+        if child.status == RunStatus.WAITING.value:
+            return self._cancel_waiting(conn, child, now)
+        if child.status in LIVE_RUN:
+            conn.execute(update(t.runs).where(r.id == child.id).values(cancel_requested=True, updated_at=now))
+            event(conn, child.id, "cancel_requested", None, {"by_parent": run.id}, now)
+        return []
