@@ -3,20 +3,60 @@
 Code logs with ``log.info("step_succeeded", extra={"run_id": ..., "step": ...})``: the message is the event
 name and every extra field becomes a key. Quiet by default (WARNING); SAGAFLOW_LOG_LEVEL=INFO shows every
 transition.
+
+Values come from outside (a request path, a run's input, a step's error), so a record is always one line
+that says what it holds: a value with a space, ``=``, a quote, a backslash or a control character is quoted,
+its quotes and backslashes escaped and every control character written as an escape (``\\r``, ``\\x00``,
+``\\x1b``, ``\\u2028``...). A reader decodes a quoted value with those backslash escapes (``\\xNN``,
+``\\uNNNN``, ``\\n``, ``\\r``, ``\\t``, ``\\"``, ``\\\\``); an unquoted value is taken as it stands.
+:func:`escape_controls` is the same escaping of controls for any text shown to a person.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+# What must never reach a log line or a terminal raw: C0 controls (NUL, TAB, LF, CR, ESC...), DEL, the C1
+# controls (U+0080..U+009F: NEL, CSI...), the Unicode line and paragraph separators (str.splitlines and
+# many log viewers break lines there), and lone surrogates (they cannot be written as UTF-8 at all).
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED.get(char)
+    if named:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``, ``\\u2028``): one
+    line, and nothing a terminal would act on. Backslashes are left as they are (for people, not parsers)."""
+    return CONTROL.sub(lambda m: _escape_char(m.group()), text)
+
+
+_QUOTED = re.compile('[\\\\"]|' + CONTROL.pattern)
+_NEEDS_QUOTES = re.compile('[ "=\\\\]|' + CONTROL.pattern)
+_KEY_BAD = re.compile('[ "=\\\\]|' + CONTROL.pattern)
 
 
 def _quote(value) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
-        text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if text == "" or _NEEDS_QUOTES.search(text):
+        text = '"' + _QUOTED.sub(lambda m: "\\" + m.group() if m.group() in '\\"' else _escape_char(m.group()),
+                                 text) + '"'
     return text
+
+
+def _key(key) -> str:
+    """Keys come from code, but a record's ``extra`` could be built from data: a key never breaks the line
+    or forges another field (space, ``=``, quote, backslash and controls become ``\\xNN``)."""
+    return _KEY_BAD.sub(lambda m: _escape_char(m.group()), str(key)) or '""'
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -28,16 +68,22 @@ class LogfmtFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
-        line = " ".join(f"{k}={_quote(v)}" for k, v in fields.items())
+        line = " ".join(f"{_key(k)}={_quote(v)}" for k, v in fields.items())
         if record.exc_info:
             line += " exc=" + _quote(self.formatException(record.exc_info))
         return line
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def setup_logging(level: str = "WARNING") -> None:
-    """Send sagaflow's records to stderr as logfmt (idempotent)."""
+    """Send sagaflow's records to stderr as logfmt (idempotent). A level name logging does not know is a
+    ValueError naming SAGAFLOW_LOG_LEVEL and the usual ``LEVELS``."""
+    if isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping():
+        raise ValueError(f"SAGAFLOW_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
     logger = logging.getLogger("sagaflow")
-    logger.setLevel(level)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
     if not any(getattr(h, "_sagaflow", False) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(LogfmtFormatter())
