@@ -90,4 +90,7 @@ def _structured_logs(**_):
     setup_logging(get_settings().log_level)
 
 
-configure()
+try:
+    configure()
+except ValueError:  # an invalid SAGAFLOW_* value: raised again, naming it, where the settings are first used
+    pass            # (get_settings); the CLI prints it as one line instead of a traceback at import
