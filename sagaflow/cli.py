@@ -1,21 +1,60 @@
 """The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | recover | db |
-demo."""
+demo.
+
+Whatever a user can get wrong by typing (an option, an argument, a SAGAFLOW_* setting, a saga module or file,
+the database address) ends in one line on stderr, ``Error: ...`` saying what to do, and a non-zero exit: 2
+for a malformed option or argument, 1 for the rest. Nothing is written before every input has been checked.
+Text from stored runs (errors, names, event details) is shown with its control characters escaped, so a
+step error holding terminal escape sequences cannot rewrite the operator's terminal; --json output is JSON
+(ASCII, escaped) as it stands.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
 import logging
+import math
 import sys
+import traceback
 
 import click
 import sqlalchemy.exc
 
-from sagaflow.app import celery_app, configure, get_store
+from sagaflow.app import celery_app, configure, get_settings, get_store
 from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.errors import SagaflowError
-from sagaflow.logs import setup_logging
+from sagaflow.logs import LEVELS, escape_controls, setup_logging
+from sagaflow.safejson import check_text
+from sagaflow.safejson import loads as json_loads
 from sagaflow.store import Run
+
+MAX_LIMIT = 1000  # runs --limit, as SagaClient.list allows
+MAX_OFFSET = 10**12  # runs --offset: far past any table, well inside a 64-bit integer
+POOLS = ("prefork", "threads", "solo", "processes", "eventlet", "gevent", "custom")  # Celery's -P
+
+
+def _clean(value) -> str:
+    """Text for the terminal: control characters escaped (one line, no escape sequences)."""
+    return escape_controls(str(value))
+
+
+class _Seconds(click.ParamType):
+    """A positive, finite number of seconds (``nan``, ``inf``, 0 and negatives refused)."""
+
+    name = "seconds"
+
+    def convert(self, value, param, ctx):
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
+
+
+SECONDS = _Seconds()
 
 
 def load_sagas(settings) -> None:
@@ -23,26 +62,79 @@ def load_sagas(settings) -> None:
     for module in settings.imports:
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise click.ClickException(
+        except ModuleNotFoundError as exc:
+            if exc.name and not (module == exc.name or module.startswith(exc.name + ".")):
+                raise click.ClickException(_clean(
+                    f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS: it imports {exc.name!r}, "
+                    f"which is not installed ({exc}); install it in this environment"
+                )) from None
+            raise click.ClickException(_clean(
                 f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS ({exc}); "
                 f"run from the project folder or fix SAGAFLOW_IMPORTS"
-            ) from None
+            )) from None
+        except Exception as exc:  # the module itself is broken: say where, and how to see the traceback
+            raise click.ClickException(_clean(
+                f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS: {_where_raised(exc)}; "
+                f"fix it (`python -c 'import {module}'` shows the traceback) or fix SAGAFLOW_IMPORTS"
+            )) from None
     try:
         app_load_sagas(settings)
     except SagaflowError as exc:  # an invalid saga file: its message names the file, line, saga, handler
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(_clean(exc)) from None
+
+
+def _where_raised(exc: BaseException) -> str:
+    """'ZeroDivisionError: division by zero (tasks/x.py:3)'; a SyntaxError names its file and line itself."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SyntaxError):
+        return text
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text
+
+
+def _configure():
+    """The settings from the environment; an invalid SAGAFLOW_* value is one line naming it."""
+    try:
+        return configure()
+    except ValueError as exc:  # Settings.from_env names the variable and the value
+        raise click.ClickException(_clean(f"invalid setting: {exc}")) from None
+
+
+def _database() -> str:
+    """The configured database, for a message: its URL without the password."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(get_settings().database_url).render_as_string(hide_password=True)
+    except Exception:  # an unparsable URL: never echo it (it may hold a password)
+        return "named by SAGAFLOW_DATABASE_URL"
+
+
+def _open_store():
+    """The store; a URL that is not one, a dialect or driver not installed, or a SQLite folder that cannot
+    be created is one line naming SAGAFLOW_DATABASE_URL."""
+    try:
+        return get_store()
+    except sqlalchemy.exc.ArgumentError as exc:  # unparsable URL, unknown dialect (NoSuchModuleError)
+        problem = f"{exc}"
+    except ImportError as exc:
+        problem = f"its driver is not installed ({exc})"
+    except OSError as exc:
+        problem = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else f"{exc}"
+    raise click.ClickException(_clean(
+        f"cannot open the database {_database()}: {problem}. Check SAGAFLOW_DATABASE_URL (and SAGAFLOW_HOME "
+        f"for the default SQLite file)"))
 
 
 def _setup(need_schema: bool = True):
-    settings = configure()
-    setup_logging(settings.log_level)
+    settings = _configure()
+    try:
+        setup_logging(settings.log_level)
+    except ValueError as exc:
+        raise click.ClickException(_clean(exc)) from None
     load_sagas(settings)
     if need_schema:
-        try:
-            get_store().check_schema()
-        except SagaflowError as exc:
-            raise click.ClickException(str(exc)) from None
+        _open_store().check_schema()  # SchemaMissing says to run `sagaflow db upgrade`
     return settings
 
 
@@ -52,18 +144,35 @@ def _client():
     return SagaClient()
 
 
+def _usage_error(exc: click.UsageError) -> click.ClickException:
+    """A malformed option or argument as one line (Click prints the usage first), saying where help is."""
+    message = exc.format_message()
+    if exc.ctx is not None:
+        message += f" (see `{exc.ctx.command_path} --help`)"
+    error = click.ClickException(_clean(message))
+    error.exit_code = exc.exit_code
+    return error
+
+
+_SHOW_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # `sagaflow db` alone: the help, as it is
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except _SHOW_HELP:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from None
         except (SagaflowError, TimeoutError) as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_clean(exc)) from None
         except sqlalchemy.exc.OperationalError as exc:
-            where = get_store().engine.url.render_as_string(hide_password=True)
-            raise click.ClickException(
-                f"cannot use the database {where}: {exc.orig}. Check SAGAFLOW_DATABASE_URL and that the "
+            reason = " ".join(str(exc.orig).split())  # drivers end with newlines and indent their hints
+            raise click.ClickException(_clean(
+                f"cannot use the database {_database()}: {reason}. Check SAGAFLOW_DATABASE_URL and that the "
                 f"server is up"
-            ) from None
+            )) from None
 
 
 @click.group(cls=_Group)
@@ -75,17 +184,28 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-P", "--pool", default=None, help="prefork (default: time limits work), threads or solo.")
-@click.option("-c", "--concurrency", type=int, default=None, help="Worker processes (default 2).")
+@click.option("-P", "--pool", type=click.Choice(POOLS), default=None,
+              help="prefork (default: time limits work), threads or solo.")
+@click.option("-c", "--concurrency", type=click.IntRange(min=1), default=None, help="Worker processes (default 2).")
 @click.option("-Q", "--queues", default=None, help="Comma-separated queues to consume (default: celery).")
-@click.option("-l", "--loglevel", default=None, help="Log level (default SAGAFLOW_LOG_LEVEL or WARNING).")
+@click.option("-l", "--loglevel", type=click.Choice(LEVELS, case_sensitive=False), default=None,
+              help="Log level (default SAGAFLOW_LOG_LEVEL or WARNING).")
 @click.option("-n", "--hostname", default=None, help="Worker node name, as shown in Flower.")
 @click.option("-B", "--beat", is_flag=True,
               help="Also run beat in this worker, which schedules the recovery sweeper (one such worker per "
                    "deployment; or run `celery -A sagaflow.app beat` on its own).")
 def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     """Run a Celery worker for every registered saga, with task events on for Flower."""
+    for value, option in ((queues, "--queues"), (hostname, "--hostname")):
+        if value is not None:
+            check_text(value, option)
     settings = _setup()
+    if pool is None and settings.worker_pool not in POOLS:
+        raise click.ClickException(_clean(
+            f"SAGAFLOW_WORKER_POOL must be one of {', '.join(POOLS)}, got {settings.worker_pool!r}"))
+    if concurrency is None and settings.worker_concurrency < 1:
+        raise click.ClickException(
+            f"SAGAFLOW_WORKER_CONCURRENCY must be at least 1, got {settings.worker_concurrency}")
     from sagaflow.alerts import load_hook
     from sagaflow.runtime import check_visibility_timeout
 
@@ -149,13 +269,15 @@ def web(host, port) -> None:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--address", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=5555, show_default=True)
 @click.option("--url-prefix", default="", help="Serve under this path, e.g. 'flower' behind a proxy.")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(address, port, url_prefix, flower_args) -> None:
     """Run Flower against the configured broker: every step and compensation shows up as a task named
     <saga>.<step> (or <saga>.<step>.compensate). Other Flower options pass through, e.g.
     --basic_auth=user:password, --persistent=True --db=flower.db, --max_tasks=100000."""
+    for value, option in ((address, "--address"), (url_prefix, "--url-prefix")):
+        check_text(value, option)
     settings = _setup(need_schema=False)
     if settings.embedded_broker:
         from sagaflow.embedded import EmbeddedRedis
@@ -178,17 +300,15 @@ def flower(address, port, url_prefix, flower_args) -> None:
 @click.option("--input", "input_json", default="{}", help='The run\'s input, a JSON object: \'{"customer": "c1"}\'.')
 @click.option("--idempotency-key", default=None, help="A second start with the same key returns the first run.")
 @click.option("--wait", is_flag=True, help="Wait for a final status and print the whole run.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to --wait.")
+@click.option("--timeout", type=SECONDS, default=60.0, show_default=True, help="Seconds to --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def start(saga, input_json, idempotency_key, wait, timeout, as_json) -> None:
     """Start a run of SAGA."""
-    _setup()
-    try:
-        data = json.loads(input_json)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--input") from None
+    settings = _setup()
+    # Parsed under SAGAFLOW_JSON_MAX_DEPTH/_BYTES without recursion: a deep value is refused, not a crash.
+    data = json_loads(input_json, "--input", settings.json_limits)
     client = _client()
-    run = client.start(saga, data, idempotency_key=idempotency_key)
+    run = client.start(saga, data, idempotency_key=idempotency_key)  # checks the saga, input and key first
     if wait:
         run = client.wait(run.id, timeout=timeout)
     _print_run(run, as_json, history=wait)
@@ -208,18 +328,20 @@ def status(run_id, as_json) -> None:
 @main.command()
 @click.option("--status", "status_", default=None, help="Only runs in this status.")
 @click.option("--saga", default=None, help="Only runs of this saga.")
-@click.option("--limit", type=int, default=20, show_default=True)
-@click.option("--offset", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0, MAX_OFFSET), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def runs(status_, saga, limit, offset, as_json) -> None:
     """List runs, newest first."""
+    if saga is not None:
+        check_text(saga, "--saga")  # PostgreSQL refuses a NUL in a query, UTF-8 a lone surrogate
     _setup()
     page = _client().list(status=status_, saga=saga, limit=limit, offset=offset)
     if as_json:
         click.echo(json.dumps({"items": [r.to_dict(history=False) for r in page], "total": page.total}, indent=2))
         return
     for r in page:
-        click.echo(f"{r.id}  {r.saga:<18} {r.status:<20} {r.created_at:%Y-%m-%d %H:%M:%S}")
+        click.echo(_clean(f"{r.id}  {r.saga:<18} {r.status:<20} {r.created_at:%Y-%m-%d %H:%M:%S}"))
     click.echo(f"{len(page)} of {page.total} runs")
 
 
@@ -240,13 +362,10 @@ def cancel(run_id, as_json) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def signal(run_id, name, payload_json, as_json) -> None:
     """Deliver signal NAME to a run: the gate waiting for it passes (a signal sent early is kept for it)."""
-    _setup()
+    settings = _setup()
     payload = None
     if payload_json is not None:
-        try:
-            payload = json.loads(payload_json)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--payload") from None
+        payload = json_loads(payload_json, "--payload", settings.json_limits)
     _print_run(_client().signal(run_id, name, payload), as_json, history=False)
 
 
@@ -260,7 +379,7 @@ def retry(run_id, as_json) -> None:
 
 
 @main.command()
-@click.option("--stall-timeout", type=float, default=None,
+@click.option("--stall-timeout", type=SECONDS, default=None,
               help="Seconds without progress before a run counts as stalled (default SAGAFLOW_STALL_TIMEOUT).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def recover(stall_timeout, as_json) -> None:
@@ -275,8 +394,8 @@ def recover(stall_timeout, as_json) -> None:
             click.echo(json.dumps({"run_id": r.run_id, "saga": r.saga, "action": r.action, "index": r.index,
                                    "revoked": list(r.revoked)}))
         else:
-            click.echo(f"{r.run_id}  {r.saga:<18} {r.action}"
-                       + (f" from step {r.index}" if r.action in ("resume", "errback") else ""))
+            click.echo(_clean(f"{r.run_id}  {r.saga:<18} {r.action}"
+                              + (f" from step {r.index}" if r.action in ("resume", "errback") else "")))
     if not as_json:
         stall = settings.stall_timeout if stall_timeout is None else stall_timeout
         click.echo(f"{len(done)} stalled runs re-driven (stall timeout {stall:g} s)", err=True)
@@ -286,20 +405,21 @@ def _print_run(run: Run, as_json: bool, history: bool = True) -> None:
     if as_json:
         click.echo(json.dumps(run.to_dict(history=history), indent=2))
         return
-    click.echo(f"run {run.id}  {run.saga} v{run.saga_version}  {run.status}"
-               + ("  (cancel requested)" if run.cancel_requested and not run.is_final else ""))
+    # Every line through _clean: errors, names and event details are stored data, and may hold anything.
+    click.echo(_clean(f"run {run.id}  {run.saga} v{run.saga_version}  {run.status}"
+                      + ("  (cancel requested)" if run.cancel_requested and not run.is_final else "")))
     if run.error:
-        click.echo(f"error: {run.error}")
+        click.echo(_clean(f"error: {run.error}"))
     if not history:
         return
     for s in run.steps:
         error = s.compensation_error or s.error or ""
-        click.echo(f"  {s.index:>2} {s.name:<22} {s.status:<20} attempts={s.attempts}"
-                   + (f" undo_attempts={s.compensation_attempts}" if s.compensation_attempts else "")
-                   + (f"  {error}" if error else ""))
+        click.echo(_clean(f"  {s.index:>2} {s.name:<22} {s.status:<20} attempts={s.attempts}"
+                          + (f" undo_attempts={s.compensation_attempts}" if s.compensation_attempts else "")
+                          + (f"  {error}" if error else "")))
     for e in run.events:
         detail = " ".join(f"{k}={v}" for k, v in (e.detail or {}).items())
-        click.echo(f"  {e.at:%H:%M:%S.%f}"[:-3] + f"  {e.kind:<24} {e.step or '':<22} {detail}")
+        click.echo(_clean(f"  {e.at:%H:%M:%S.%f}"[:-3] + f"  {e.kind:<24} {e.step or '':<22} {detail}"))
 
 
 # ---------------------------------------------------------------------------------------------- db
@@ -310,40 +430,61 @@ def db() -> None:
     """Database schema (Alembic migrations shipped with sagaflow)."""
 
 
+def _migrate(action: str, revision: str) -> str:
+    """Run alembic's upgrade or downgrade to REVISION; an unknown or unreachable revision is one line that
+    lists the known ones. Returns where the database is now ('0002 (head)'): upgrading to an older revision
+    changes nothing, and says so."""
+    import alembic.util
+
+    from sagaflow.store import migrate
+
+    check_text(revision, "the revision")
+    settings = _configure()
+    store = _open_store()  # a bad SAGAFLOW_DATABASE_URL, a missing driver or SQLite folder: one line, first
+    try:
+        getattr(migrate, action)(settings.database_url, revision)
+    except alembic.util.CommandError as exc:
+        raise click.ClickException(_clean(
+            f"cannot {action} to revision {revision!r}: {exc}. Revisions: {_revisions()} "
+            f"(`sagaflow db upgrade` goes to head; `sagaflow db downgrade base` drops every table)")) from None
+    current = migrate.current_revision(store.engine)
+    return "base (no tables)" if current is None else current + (
+        " (head)" if current == migrate.head_revision() else "")
+
+
+def _revisions() -> str:
+    from alembic.script import ScriptDirectory
+
+    from sagaflow.store.migrate import MIGRATIONS
+
+    return ", ".join(["head"] + [r.revision for r in ScriptDirectory(str(MIGRATIONS)).walk_revisions()] + ["base"])
+
+
 @db.command()
 @click.argument("revision", default="head")
 def upgrade(revision) -> None:
     """Create or update the tables (to REVISION, default head)."""
-    from sagaflow.store.migrate import upgrade as do_upgrade
-
-    settings = configure()
-    if settings.database_url.startswith("sqlite"):
-        settings.home.mkdir(parents=True, exist_ok=True)
-    do_upgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}: {get_store().engine.url.render_as_string(hide_password=True)}")
+    click.echo(_clean(f"database at {_migrate('upgrade', revision)}: {_database()}"))
 
 
 @db.command()
 @click.argument("revision")
 def downgrade(revision) -> None:
     """Undo migrations down to REVISION ('base' drops every sagaflow table)."""
-    from sagaflow.store.migrate import downgrade as do_downgrade
-
-    settings = configure()
-    do_downgrade(settings.database_url, revision)
-    click.echo(f"database at {revision}")
+    click.echo(_clean(f"database at {_migrate('downgrade', revision)}: {_database()}"))
 
 
 # ---------------------------------------------------------------------------------------------- demo
 
 
 @main.command()
-@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for the runs.")
+@click.option("--timeout", type=SECONDS, default=120.0, show_default=True, help="Seconds to wait for the runs.")
 def demo(timeout) -> None:
     """Run a success and a failure of each example saga, with a worker started for the occasion."""
     from sagaflow.demo import run_demo
 
     settings = _setup(need_schema=False)
+    _open_store()  # the demo creates the tables itself; the URL, driver and folder must work
     sys.exit(run_demo(settings, timeout=timeout))
 
 

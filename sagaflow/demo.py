@@ -16,6 +16,7 @@ import click
 
 from config.settings import Settings
 from sagaflow.app import celery_app
+from sagaflow.logs import escape_controls
 from sagaflow.store import Run
 
 # (saga, input, expected final status). Names only: the sagas come from SAGAFLOW_IMPORTS (the examples).
@@ -64,9 +65,11 @@ def run_demo(settings: Settings, timeout: float = 120.0) -> int:
             final = client.wait(run.id, timeout=timeout)
             ok = final.status == expected
             failures += not ok
-            click.echo(f"\n{final.saga:<16} {final.status:<12}{'' if ok else f'  (expected {expected})'}"
-                       f"  input={_short(final.input)}")
-            click.echo(f"  {describe_order(final)}")
+            # Stored data, shown with its control characters escaped (as `sagaflow status` does).
+            click.echo("\n" + escape_controls(f"{final.saga:<16} {final.status:<12}"
+                                              f"{'' if ok else f'  (expected {expected})'}"
+                                              f"  input={_short(final.input)}"))
+            click.echo(escape_controls(f"  {describe_order(final)}"))
         click.echo(f"\n{len(runs) - failures} of {len(runs)} runs ended as expected "
                    f"in {time.monotonic() - started:.1f} s. Inspect one with: sagaflow status <run id>")
         return 1 if failures else 0
