@@ -34,7 +34,9 @@ def sagaflow(*args: str | bytes, env: dict, timeout: float = 120) -> tuple[int, 
 
 @pytest.fixture
 def env(settings):
-    return {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING"}
+    # The console script has its own folder on sys.path, not the working directory: the test sagas
+    # (SAGAFLOW_IMPORTS names tests.sagas...) are found through PYTHONPATH.
+    return {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
 
 
 def count_rows() -> tuple[int, int, int]:
@@ -160,13 +162,14 @@ def test_a_saga_module_that_fails_to_import_is_one_line_saying_where(env, tmp_pa
     path.write_text(source)
     before = count_rows()
     code, out, err = sagaflow("start", "create_booking",
-                              env={**env, "PYTHONPATH": str(tmp_path), "SAGAFLOW_IMPORTS": f"tasks,{module}"})
+                              env={**env, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+                                   "SAGAFLOW_IMPORTS": f"tasks,{module}"})
     assert_one_line_error(code, out, err, 1, f"cannot import saga module {module!r} named in SAGAFLOW_IMPORTS")
     assert message.format(path=path) in err
     assert count_rows() == before
 
 
-HOSTILE = "boom\x1b[2J\x1b]0;pwned\x07\rforged line\x00\x9b31m\u2028end"
+HOSTILE = "boom\x1b[2J\x1b]0;pwned\x07\rforged line\x08\x9b31m\u2028end"  # PostgreSQL text holds no NUL
 
 
 def test_stored_text_reaches_the_terminal_escaped_and_json_as_it_is(env):
@@ -186,7 +189,7 @@ def test_stored_text_reaches_the_terminal_escaped_and_json_as_it_is(env):
     code, out, err = sagaflow("status", run_id, env=env)
     assert code == 0, err
     assert not RAW_CONTROLS.search(out), out
-    escaped = "boom\\x1b[2J\\x1b]0;pwned\\x07\\rforged line\\x00\\x9b31m\\u2028end"
+    escaped = "boom\\x1b[2J\\x1b]0;pwned\\x07\\rforged line\\x08\\x9b31m\\u2028end"
     assert f"error: {escaped}" in out
     assert out.count(escaped) == 3  # the run's error, the step's error, the event's detail
     assert len(out.splitlines()) == 4  # run, error, one step, one event: no line was broken
