@@ -158,6 +158,14 @@ _SHOW_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())  # `sagaflow db`
 
 
 class _Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # `sagaflow --bogus`: the group's own options, parsed before invoke
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _SHOW_HELP:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from None
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

@@ -102,6 +102,7 @@ DEEP_ARRAY = "[" * 100_000  # json.loads itself raises RecursionError on this (a
     (["flower", "--port", "70000"], {}, 2, "Invalid value for '--port'"),
     (["demo", "--timeout", "0"], {}, 2, "Invalid value for '--timeout'"),
     (["no-such-command"], {}, 2, "No such command 'no-such-command'. (see `sagaflow --help`)"),
+    (["--no-such-option"], {}, 2, "No such option '--no-such-option'. (see `sagaflow --help`)"),
     (["db", "downgrade"], {}, 2, "Missing argument 'REVISION'. (see `sagaflow db downgrade --help`)"),
     # settings: Settings.from_env's ValueError, at import time before the fix
     (["runs"], {"SAGAFLOW_VISIBILITY_TIMEOUT": "abc"}, 1,
