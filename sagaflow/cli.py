@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import traceback
 
@@ -95,9 +96,20 @@ def _where_raised(exc: BaseException) -> str:
 def _configure():
     """The settings from the environment; an invalid SAGAFLOW_* value is one line naming it."""
     try:
-        return configure()
+        settings = configure()
     except ValueError as exc:  # Settings.from_env names the variable and the value
         raise click.ClickException(_clean(f"invalid setting: {exc}")) from None
+    # Environment bytes that are not UTF-8 arrive as lone surrogates: no driver can use such an address
+    # (and a broker URL would fail only after the run's row is written).
+    for name in ("SAGAFLOW_DATABASE_URL", "SAGAFLOW_BROKER_URL"):  # unset: both live under SAGAFLOW_HOME
+        try:
+            if os.environ.get(name):
+                check_text(settings.database_url if name == "SAGAFLOW_DATABASE_URL" else settings.broker_url, name)
+            else:
+                check_text(str(settings.home), "SAGAFLOW_HOME")
+        except SagaflowError as exc:
+            raise click.ClickException(_clean(f"invalid setting: {exc}")) from None
+    return settings
 
 
 def _database() -> str:

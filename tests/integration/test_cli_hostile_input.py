@@ -115,6 +115,12 @@ DEEP_ARRAY = "[" * 100_000  # json.loads itself raises RecursionError on this (a
     (["runs"], {"SAGAFLOW_IMPORTS": "tasks,no_such_module_h11"}, 1,
      "cannot import saga module 'no_such_module_h11' named in SAGAFLOW_IMPORTS"),
     (["runs"], {"SAGAFLOW_SAGA_FILES": "/nonexistent/h11.yaml"}, 1, "/nonexistent/h11.yaml: cannot read the saga file"),
+    # environment bytes that are not UTF-8 (lone surrogates in Python): before the fix a traceback, and for
+    # the broker a run row written before its publish failed
+    (["start", "create_booking"], {"SAGAFLOW_BROKER_URL": "redis://\udcff/0"}, 1,
+     "invalid setting: SAGAFLOW_BROKER_URL contains a lone surrogate"),
+    (["runs"], {"SAGAFLOW_DATABASE_URL": "postgresql+psycopg2://postgres@127.0.0.1/\udcff"}, 1,
+     "invalid setting: SAGAFLOW_DATABASE_URL contains a lone surrogate"),
     # the database address: never echoed with its password
     (["runs"], {"SAGAFLOW_DATABASE_URL": "not a url"}, 1,
      "cannot open the database named by SAGAFLOW_DATABASE_URL: Could not parse"),
