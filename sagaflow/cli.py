@@ -98,7 +98,7 @@ def _configure():
     try:
         settings = configure()
     except ValueError as exc:  # Settings.from_env names the variable and the value
-        raise click.ClickException(_clean(f"invalid setting: {exc}")) from None
+        raise click.ClickException(_clean(exc)) from None
     # Environment bytes that are not UTF-8 arrive as lone surrogates: no driver can use such an address
     # (and a broker URL would fail only after the run's row is written).
     for name in ("SAGAFLOW_DATABASE_URL", "SAGAFLOW_BROKER_URL"):  # unset: both live under SAGAFLOW_HOME
@@ -108,7 +108,7 @@ def _configure():
             else:
                 check_text(str(settings.home), "SAGAFLOW_HOME")
         except SagaflowError as exc:
-            raise click.ClickException(_clean(f"invalid setting: {exc}")) from None
+            raise click.ClickException(_clean(exc)) from None
     return settings
 
 
