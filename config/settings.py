@@ -11,8 +11,6 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sagaflow.safejson import JsonLimits
-
 
 def _int(env: dict, name: str, default: int) -> int:
     raw = env.get(name, "")
@@ -140,7 +138,12 @@ class Settings:
         return self.broker_url or f"redis+socket://{self.embedded_socket}"
 
     @property
-    def json_limits(self) -> JsonLimits:
+    def json_limits(self):
+        """As a ``sagaflow.safejson.JsonLimits``. Imported here, not at the top: importing any ``sagaflow``
+        module runs the package's ``__init__``, which imports the runtime, which imports these settings
+        (the "One house" layout removes that cycle)."""
+        from sagaflow.safejson import JsonLimits
+
         return JsonLimits(max_depth=self.json_max_depth, max_bytes=self.json_max_bytes)
 
     def with_(self, **changes) -> "Settings":
