@@ -5,46 +5,32 @@ it for its pool (``RecursionError``: "Unrecoverable error"), and the message goe
 next worker. Deeper still (about 990 levels), JSON decoding fails: Celery drops the message and the run never
 ends; in the Redis envelope, the worker dies. The client refuses such values (safejson); the worker refuses what
 gets past it (sagaflow/inbound.py): the step fails and the run compensates, or a generic task's message is
-dropped, logged. These tests run their own prefork worker, so a crash shows as a dead process here.
+dropped, logged. A crash shows here as the session worker's process gone.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import time
 import uuid
 
 import pytest
 import redis
 from sqlalchemy import func, select
 
-from sagaflow import InvalidInput, SagaClient
+from sagaflow import InvalidInput
 from sagaflow.app import celery_app, get_store
 from sagaflow.compiler import ON_STEP_FAILED, compile_run
 from sagaflow.definition import registry
 from sagaflow.store import StepSpec, tables
 from tests.conftest import ARTIFACTS
 from tests.helpers import wait_for
-from tests.workers import start_worker, stop_worker
 
 pytestmark = pytest.mark.integration
 
-LOG = "hostile-worker.log"
+LOG = "worker.log"  # the session's worker (conftest.py): the one consumer of the default queue here
 QUEUE = "celery"  # the default queue: a Redis list of that name in the tests' db
 HOLD = "hostile-hold"  # a queue no worker consumes: a message is built there, then altered and requeued
-
-
-@pytest.fixture(scope="module")
-def worker(settings):
-    proc = start_worker(settings, "hostile", concurrency=2, log_name=LOG)
-    yield proc
-    stop_worker(proc)
-
-
-@pytest.fixture
-def client(worker):
-    return SagaClient()
 
 
 @pytest.fixture
