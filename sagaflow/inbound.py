@@ -31,7 +31,9 @@ from __future__ import annotations
 import logging
 import re
 from itertools import accumulate
+from queue import Empty
 
+from celery.worker.consumer import Consumer as CeleryConsumer
 from celery.worker.strategy import default as default_strategy
 
 from sagaflow.errors import NonRetryableError
@@ -195,13 +197,52 @@ def _short(value):
     return value if value is None or (isinstance(value, str) and len(value) <= 200) else repr(value)[:200]
 
 
+# ------------------------------------------------------------------------------------------ the consumer
+
+class Consumer(CeleryConsumer):
+    """Celery's consumer (``worker_consumer``), but a message that makes the main process raise while it is
+    received (before a task runs) is dropped, logged, instead of ending the worker: Celery lets such an error
+    out of its event loop ("Unrecoverable error"), and the message, back in the queue, ends the next worker
+    too. Seen with shallow messages: a header ``task`` or ``id`` that is a list, a ``timelimit`` that is not a
+    pair, a body that is not ``[args, kwargs, embed]``. Connection and channel errors still go to Celery,
+    which reconnects."""
+
+    def create_task_handler(self, *args, **kwargs):
+        handle = super().create_task_handler(*args, **kwargs)
+        recoverable = tuple(self.connection_errors) + tuple(self.channel_errors)
+
+        def on_task_received(message):
+            try:
+                return handle(message)
+            except recoverable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - nothing a message holds may end the worker
+                drop_message(message, f"the worker could not receive it: {type(exc).__name__}: {exc}")
+                return None
+
+        return on_task_received
+
+
+def drop_message(message, reason: str) -> None:
+    """Log why, and acknowledge the message so no worker gets it again."""
+    headers = message.headers if isinstance(getattr(message, "headers", None), dict) else {}
+    log.error("message_dropped", extra={"task": _short(headers.get("task")), "task_id": _short(headers.get("id")),
+                                        "reason": reason[:500], "next": "acknowledged: no worker gets it again"})
+    try:
+        if not message.acknowledged:
+            message.ack()
+    except Exception as exc:  # noqa: BLE001
+        log.error("message_not_acknowledged", extra={"task_id": _short(headers.get("id")), "error": repr(exc)[:200]})
+
+
 # ---------------------------------------------------------------------------------- the Redis transport
 
 def guard_redis_transport(limit: int) -> None:
     """kombu's Redis transport decodes each envelope (headers, properties, the base64 body) with ``json.loads``
-    in the worker's main process, outside Celery's error handling: an envelope too deep to decode kills the
-    worker and the popped message is lost. Decode such an envelope cut to ``limit`` levels and mark it, so the
-    task strategy and the task refuse it like any other."""
+    in the worker's main process, outside Celery's error handling: an envelope too deep to decode, or not JSON
+    at all, kills the worker (the popped message is lost). Decode a deep one cut to ``limit`` levels and mark it,
+    so the task strategy and the task refuse it like any other; log one that is not JSON and go on (``Empty``:
+    what the transport raises when there is no message)."""
     import kombu.transport.redis as transport
 
     if getattr(transport.loads, "sagaflow_guard", False):
@@ -211,6 +252,10 @@ def guard_redis_transport(limit: int) -> None:
     def loads(text, *args, **kwargs):
         try:
             return original(text, *args, **kwargs)
+        except ValueError as exc:  # not JSON at all: the item is off the list already; nothing can deliver it
+            log.error("message_dropped", extra={"reason": f"the broker's envelope is not JSON: {exc}",
+                                                "envelope": repr(text[:200]), "next": "nothing: it is lost"})
+            raise Empty() from None
         except RecursionError:
             raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
             envelope = original(prune_text(raw, limit).decode("utf-8", "surrogatepass"), *args, **kwargs)

@@ -195,3 +195,41 @@ def test_a_deep_errback_message_is_dropped_and_logged(client, worker, broker, de
     wait_for(dropped, timeout=30, what="the drop to be logged")
     assert client.get(run_id).status == "running"  # untouched: the cut message was not acted on
     assert_worker_sound(worker, client, broker)
+
+
+# ------------------------------------------------------------------------------- shallow but malformed
+
+def _headers(**changes) -> dict:
+    task_id = str(uuid.uuid4())
+    headers = {"lang": "py", "task": "sagaflow.finish", "id": task_id, "root_id": task_id, "parent_id": None,
+               "group": None, "retries": 0, "timelimit": [None, None], "argsrepr": "()", "kwargsrepr": "{}",
+               "origin": "hostile-test", "ignore_result": True, "eta": None, "expires": None, "shadow": None}
+    return {**headers, **changes}
+
+
+_SOUND_BODY = json.dumps([[{}], {"run_id": "no-such-run"},
+                          {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
+
+
+@pytest.mark.parametrize("headers,body", [
+    pytest.param(_headers(task=["sagaflow.finish"]), _SOUND_BODY, id="task-name-a-list"),
+    pytest.param(_headers(id=[1]), _SOUND_BODY, id="task-id-a-list"),
+    pytest.param(_headers(timelimit="none"), _SOUND_BODY, id="timelimit-not-a-pair"),
+    pytest.param(_headers(), json.dumps([["args only"]]), id="body-not-args-kwargs-embed"),
+    pytest.param(None, None, id="envelope-not-json"),
+])
+def test_a_malformed_message_is_dropped_and_the_worker_lives(client, worker, broker, headers, body):
+    """Shallow messages that made Celery's main process raise while receiving them ("Unrecoverable error": the
+    worker exited, and the message, back in the queue, ended the next one)."""
+    if headers is None:
+        broker.lpush(QUEUE, "}{ not json")
+    else:
+        broker.lpush(QUEUE, json.dumps({
+            "body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
+            "content-type": "application/json", "headers": headers,
+            "properties": {"correlation_id": str(uuid.uuid4()), "reply_to": "", "delivery_mode": 2,
+                           "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0,
+                           "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
+        }))
+    wait_for(lambda: broker.llen(QUEUE) == 0, timeout=30, what="the worker to take the message")
+    assert_worker_sound(worker, client, broker)
