@@ -1,4 +1,5 @@
-"""What a worker does with a task message too deeply nested to handle whole.
+"""What a worker does with a task message it cannot handle: too deeply nested to decode or pickle whole, or
+malformed so that Celery's main process raises while receiving it.
 
 Entry checks (sagaflow/safejson.py) keep deep values out of the messages sagaflow publishes, but a message can
 come from elsewhere: an older sagaflow, a direct publish, a result stored before the limit existed. Celery's
@@ -15,7 +16,11 @@ So, in the worker's main process, before anything is decoded:
   deeper (each such array or object becomes ``null``), marks the message with the header ``sagaflow_refused``
   (the reason) and logs ``message_refused`` (ERROR) naming the task, its id and the run. The message then goes
   the ordinary way, cheap to decode and pickle;
-- ``guard_redis_transport`` does the same for a Redis envelope that JSON cannot decode for its depth.
+- ``guard_redis_transport`` does the same for a Redis envelope that JSON cannot decode for its depth (and logs
+  and skips one that is not JSON at all);
+- ``Consumer`` (Celery's ``worker_consumer``) catches whatever else a message makes the main process raise
+  while receiving it (a task name that is a list, a body that is not ``[args, kwargs, embed]``...): logged as
+  ``message_dropped`` and acknowledged, where Celery would exit ("Unrecoverable error").
 
 In the pool, the task reads the mark (``refused``) and never uses the cut arguments: a step or compensation
 claims its row and fails for good (``MessageRefused``, not retried), so the run compensates, or lands in

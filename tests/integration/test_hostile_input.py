@@ -233,3 +233,18 @@ def test_a_malformed_message_is_dropped_and_the_worker_lives(client, worker, bro
         }))
     wait_for(lambda: broker.llen(QUEUE) == 0, timeout=30, what="the worker to take the message")
     assert_worker_sound(worker, client, broker)
+
+
+def test_a_deep_input_in_a_plain_run_message_fails_the_run(client, worker, broker):
+    """A run that policy made plain carries its input in every message: a deep one fails the run (``failed``:
+    nothing is compensated in a plain run) without running the step."""
+    saga = registry.get("two_steps")
+    run_id = str(uuid.uuid4())
+    get_store().create_run(run_id, saga.name, saga.version, {}, [StepSpec.of(s) for s in saga.steps], mode="plain")
+    chain = compile_run(celery_app, saga, run_id, plain=True, input={"customer": "@@deep@@"})
+    publish_altered(broker, chain, "@@deep@@", nested_text(600))
+
+    run = wait_final(worker, client, run_id)
+    assert run.status == "failed"
+    assert "message was refused" in run.error
+    assert_worker_sound(worker, client, broker)
