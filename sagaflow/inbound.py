@@ -27,8 +27,9 @@ claims its row and fails for good (``MessageRefused``, not retried), so the run 
 ``compensation_failed``, through the ordinary SQL-guarded path; a generic task (errbacks, finish, the
 sweeper) logs ``message_dropped`` and is acknowledged. Nothing is redelivered forever, nothing stays queued.
 
-Cost on the hot path: counting brackets (about 1.5 us for a 2 KB message); only a message with more brackets
-than the limit is measured properly (tens of microseconds for a few kilobytes, about 30 ms per megabyte).
+Cost on the hot path (measured on the 2-core CI machine): a message with no more brackets than the limit is
+passed on after counting them (about 2 us with its headers); a longer one is measured properly, at about the
+cost of decoding it once more (about 25 us for a 3 KB chain window, 25 ms for 1 MB with 60,000 brackets).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def refused(request) -> str | None:
 
 # ------------------------------------------------------------------------------------- measuring JSON text
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = [0] * 256
 for _c in b"[{":
@@ -83,7 +84,9 @@ for _c in b"]}":
 def text_depth(raw: bytes) -> int:
     """The deepest nesting of arrays and objects in JSON text, brackets inside strings ignored. Linear, at C
     speed where it matters (no parsing, no recursion)."""
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    # Without a backslash every quote opens or closes a string: what lies outside them is every other piece.
+    outside = _STRING.sub(b"", raw) if b"\\" in raw else b"".join(raw.split(b'"')[::2])
+    brackets = outside.translate(None, _NOT_BRACKETS)
     return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 

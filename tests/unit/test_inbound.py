@@ -13,6 +13,7 @@ def nested_text(depth: int) -> bytes:
 
 @pytest.mark.parametrize("text,depth", [
     (b"1", 0), (b"[]", 1), (b'{"a": [1, {"b": []}]}', 4), (b'["[[[[", "]]]"]', 1), (b'["\\"[[["]', 1),
+    (b'["\\\\", [["]"]]]', 3), (b'{"a\\"[": ["\\u005b"]}', 2),  # escapes: measured by the regex
     (b'{"a": "}}}", "b": [[["{"]]]}', 4), (nested_text(100_000), 100_000),
 ])
 def test_text_depth_ignores_brackets_in_strings(text, depth):
