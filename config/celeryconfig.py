@@ -34,6 +34,9 @@ def celery_settings(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        # A message that fails while the worker receives it is dropped, logged, instead of ending the worker
+        # (sagaflow/inbound.py; the depth of every message is checked there too).
+        "worker_consumer": "sagaflow.inbound:Consumer",
         # The recovery sweeper (sagaflow/recovery.py). Beat only schedules it: any worker runs it, and
         # several at once are safe. Expires so a backlog of sweeps never piles up behind a stopped worker.
         "beat_schedule": {

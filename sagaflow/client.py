@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
@@ -21,7 +22,10 @@ from sagaflow.errors import BrokerUnavailable, InvalidInput
 from sagaflow import waits
 from sagaflow.runtime import publish_compensation
 from sagaflow.store import Run, RunStatus, StepSpec, Store
+from sagaflow.store.discard import discard_unpublished_run
 from sagaflow.safejson import check_text, ensure_json
+
+log = logging.getLogger("sagaflow.client")
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_RUN_ID = 36  # a uuid4 as text
@@ -93,10 +97,7 @@ class SagaClient:
                 else:
                     compile_run(self.app, definition, run.id).apply_async()
             except Exception as exc:
-                raise BrokerUnavailable(
-                    f"run {run.id} was recorded but its first step could not be published ({exc}); "
-                    f"check SAGAFLOW_BROKER_URL and that the broker is up"
-                ) from exc
+                raise self._refused_start(run.id, exc) from exc
         return run
 
     def cancel(self, run_id: str) -> Run:
@@ -157,6 +158,29 @@ class SagaClient:
             poll = min(poll * 1.5, 0.5)
 
     # ------------------------------------------------------------------ helpers
+
+    def _refused_start(self, run_id: str, exc: Exception) -> BrokerUnavailable:
+        """The first message of a run just recorded could not be published: delete the run again (write, then
+        publish: a step's claim needs the row), so a refused start leaves nothing. The idempotency key, if
+        any, is free again."""
+        try:
+            discarded = discard_unpublished_run(self.store, run_id)
+        except Exception as db_exc:  # noqa: BLE001 - the broker's error is the one to report
+            discarded = False
+            log.error("refused_start_not_discarded",
+                      extra={"run_id": run_id, "error": f"{type(db_exc).__name__}: {db_exc}"})
+        where = f"{type(exc).__name__}: {exc}"
+        if discarded:
+            log.warning("start_refused", extra={"run_id": run_id, "error": where, "recorded": "nothing"})
+            return BrokerUnavailable(
+                f"the broker refused the run's first step ({where}); nothing was recorded: check "
+                f"SAGAFLOW_BROKER_URL and that the broker is up, then start the run again"
+            )
+        log.warning("start_refused", extra={"run_id": run_id, "error": where, "recorded": "the run"})
+        return BrokerUnavailable(
+            f"run {run_id} was recorded but its first step could not be published ({where}); the recovery "
+            f"sweeper re-drives it once the broker is back. Check SAGAFLOW_BROKER_URL and that the broker is up"
+        )
 
     def _check_broker(self) -> None:
         settings = get_settings()

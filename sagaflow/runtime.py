@@ -17,9 +17,10 @@ from typing import Callable
 
 from celery import Task
 from celery.exceptions import Ignore, Retry
+from celery.signals import worker_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow import alerts, branches, recovery, waits
+from sagaflow import alerts, branches, inbound, recovery, waits
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.compiler import (
     FINISH,
@@ -37,6 +38,7 @@ from sagaflow.compiler import (
 from sagaflow.definition import RetryPolicy, Saga, Step, StepContext, StepKind, registry
 from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, SagaflowError, NonRetryableError, ResultNotSerializable, SagaCancelled
 from sagaflow.store import ClaimOutcome, RunStatus
+from sagaflow.inbound import MessageRefused
 from sagaflow.safejson import ensure_json
 
 log = logging.getLogger("sagaflow.runtime")
@@ -56,7 +58,38 @@ LOST_PLAIN = ("a step of this plain run (compensation off by policy) failed, and
 # Connection lost, server restarting, connections terminated: worth trying again, for about 25 minutes.
 DB_OUTAGE = (OperationalError, InterfaceError)
 DB_RETRY = RetryPolicy(max_attempts=50, initial_interval=0.5, backoff=2.0, max_interval=30.0)
-GENERIC_TASK = dict(bind=True, acks_late=True, ignore_result=True, autoretry_for=DB_OUTAGE,
+
+
+class GuardedTask(Task):
+    """Base of every sagaflow task: its messages pass a depth check in the worker's main process before they
+    are decoded and pickled for the pool (sagaflow/inbound.py)."""
+
+    abstract = True
+    Strategy = "sagaflow.inbound:strategy"
+
+
+class GenericTask(GuardedTask):
+    """Base of the generic tasks (errbacks, finish, the sweeper): a refused message is dropped, logged."""
+
+    abstract = True
+
+    def before_start(self, task_id, args, kwargs):
+        reason = inbound.refused(self.request)
+        if reason is not None:
+            run_id = kwargs.get("run_id") if isinstance(kwargs, dict) else None
+            if run_id is None and args and isinstance(args[0], str):
+                run_id = args[0]
+            log.error("message_dropped", extra={"task": self.name, "task_id": task_id, "run_id": run_id,
+                                                "reason": reason})
+            raise Ignore()
+
+
+@worker_init.connect
+def _guard_transport(**_):
+    inbound.guard_redis_transport(inbound.message_depth_limit(get_settings().json_max_depth))
+
+
+GENERIC_TASK = dict(base=GenericTask, bind=True, acks_late=True, ignore_result=True, autoretry_for=DB_OUTAGE,
                     retry_backoff=True, retry_backoff_max=30, max_retries=DB_RETRY.max_attempts)
 
 
@@ -72,7 +105,7 @@ class FailedForGood:
     exc: Exception
 
 
-class SagaTask(Task):
+class SagaTask(GuardedTask):
     """Base of the per-saga tasks. The saga and step are bound when the task is declared."""
 
     abstract = True
@@ -164,12 +197,12 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     parallel group, published on its own (compiler.Fanout). ``plain``: a run that policy switched to a plain
     chain (no claims, no step rows), with the run's ``input`` in the message."""
     if plain:
-        outcome = _run_plain_step(self, results, run_id, index, version, input or {})
+        outcome = _run_plain_step(self, results, run_id, index, version, input or {}, inbound.refused(self.request))
         if window_end:
             publish_next_window(run_id, version, self.saga_name, index + 1, outcome, plain=True, input=input)
         return outcome
     with self.database_outage_retries():
-        outcome = _run_step(self, results, run_id, index, version)
+        outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request))
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_step_failed
     if window_end:
@@ -192,12 +225,15 @@ def publish_next_window(run_id: str, version: int, saga_name: str, start: int, r
 
 def run_compensation(self: SagaTask, *, run_id: str, index: int, version: int) -> None:
     with self.database_outage_retries():
-        outcome = _run_compensation(self, run_id, index, version)
+        outcome = _run_compensation(self, run_id, index, version, inbound.refused(self.request))
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_compensation_failed
 
 
-def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int) -> dict | FailedForGood:
+def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int,
+              refused: str | None = None) -> dict | FailedForGood:
+    """``refused``: the worker refused this message (sagaflow/inbound.py): its arguments were cut, so the step
+    fails for good without running, and the run compensates."""
     saga, step = self.definition(version)
     store = store_for(saga)
     token, earlier_tokens = self.tokens()
@@ -208,6 +244,9 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         log.info("step_cancelled", extra=fields)
         raise SagaCancelled(f"run {run_id} was cancelled before step {step.name!r}")
     if claim.outcome is ClaimOutcome.DONE:
+        if refused is not None:  # its results were cut: never carry them on (the sweeper re-drives from SQL)
+            log.error("message_dropped", extra={**fields, "reason": refused, "outcome": claim.outcome.value})
+            raise Ignore()
         log.info("step_already_done", extra=fields)
         return {**results, step.name: claim.result}
     if claim.outcome is ClaimOutcome.FAILED:
@@ -216,6 +255,14 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         branches.stop_waiting_branch(store, run_id, index, token, earlier_tokens, fields)
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("step_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
+        raise Ignore()
+    if refused is not None:
+        exc = MessageRefused(refused)
+        failed = (branches.give_up(store, run_id, index, token, fields) if step.group is not None
+                  else lambda error: store.fail_step(run_id, index, token, error))
+        if failed(describe(exc)):
+            log.warning("step_failed", extra={**fields, "attempt": claim.attempt, "error": describe(exc)})
+            return FailedForGood(exc)
         raise Ignore()
     if step.kind is not StepKind.ACTION:  # a gate or a child step: it may wait (sagaflow/waits.py)
         return waits.enter(self, store, saga, step, run_id, index, token, claim, results, lease)
@@ -301,7 +348,8 @@ def _give_up_best_effort(store, saga: Saga, step: Step, run_id: str, index: int,
     return {**results, step.name: None}
 
 
-def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, version: int, input: dict) -> dict:
+def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, version: int, input: dict,
+                    refused: str | None = None) -> dict:
     """A step of a plain run (policy: compensation off): the action with its retry policy as Celery retries,
     no claim and no SQL, except the run row at the end: the last step marks it ``succeeded``; a final
     failure marks it ``failed`` with its error, then raises (errback ``sagaflow.on_plain_failed``, which
@@ -312,6 +360,8 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=input, attempt=attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results))
     try:
+        if refused is not None:  # the worker cut this message's arguments (sagaflow/inbound.py): never run it
+            raise MessageRefused(refused)
         value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
@@ -320,7 +370,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
             delay = step.retry.delay(attempt)
             log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
             raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
-        if not step.best_effort:
+        if not step.best_effort or isinstance(exc, MessageRefused):
             error = describe(exc)
             log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
             try:
@@ -348,7 +398,10 @@ def call_action(step: Step, ctx: StepContext):
         raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
 
 
-def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> FailedForGood | None:
+def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
+                      refused: str | None = None) -> FailedForGood | None:
+    """``refused``: the worker refused this message (sagaflow/inbound.py): the compensation fails for good
+    without running (``compensation_failed``: an operator's ``sagaflow retry`` publishes a sound message)."""
     saga, step = self.definition(version)
     store = store_for(saga)
     token, earlier_tokens = self.tokens()
@@ -361,6 +414,12 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int) -> 
         return FailedForGood(AlreadyFailed(f"compensation of {step.name!r} already failed: {claim.error}"))
     if claim.outcome is not ClaimOutcome.CLAIMED:
         log.info("compensation_duplicate_ignored", extra={**fields, "outcome": claim.outcome.value})
+        raise Ignore()
+    if refused is not None:
+        exc = MessageRefused(refused)
+        if store.fail_compensation(run_id, index, token, describe(exc)):
+            log.warning("compensation_failed", extra={**fields, "attempt": claim.attempt, "error": describe(exc)})
+            return FailedForGood(exc)
         raise Ignore()
     if step.kind is StepKind.CHILD:  # undo the child run first (sagaflow/waits.py)
         failed = waits.compensate_child(self, store, saga, step, run_id, index, token, claim, lease)

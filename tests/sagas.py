@@ -213,3 +213,53 @@ def _long_step(i: int):
 
 # Longer than a chain window (compiler.CHAIN_WINDOW): published window by window.
 long_saga = Saga("long_saga", [_long_step(i) for i in range(20)])
+
+
+# Hostile input (tests/integration/test_hostile_input.py): a step that returns a value nested ``depth`` deep
+# (600 by default: deeper than a prefork worker can pickle for its pool), after a step that has an undo.
+def _nested(depth: int):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+deep_result = Saga("deep_result")
+
+
+@deep_result.step(retry=FAST)
+def stage(ctx: StepContext):
+    do(ctx)
+    return {"staged": True}
+
+
+@stage.compensation
+def unstage(ctx: StepContext):
+    undo(ctx)
+
+
+@deep_result.step(retry=FAST)
+def nest(ctx: StepContext):
+    do(ctx)
+    return {"tree": _nested(int(ctx.input.get("depth", 600)))}
+
+
+# Two plain steps, the first with an undo: the raw messages of the hostile-input tests target the second.
+two_steps = Saga("two_steps")
+
+
+@two_steps.step(retry=FAST, compensation_retry=FAST)
+def open_account(ctx: StepContext):
+    do(ctx)
+    return {"opened": True}
+
+
+@open_account.compensation
+def close_account(ctx: StepContext):
+    undo(ctx)
+
+
+@two_steps.step(retry=FAST)
+def welcome(ctx: StepContext):
+    do(ctx)
+    return {"welcomed": True}
