@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 
 import pytest
@@ -59,13 +60,30 @@ def events_count() -> int:
         return conn.execute(select(func.count()).select_from(tables.events)).scalar_one()
 
 
-def assert_worker_sound(worker, client, broker) -> None:
-    """The worker's main process lives, its queue is drained, and a normal run still succeeds."""
+def leftovers(broker, needles) -> list[str]:
+    """Messages still queued or unacknowledged that belong to this test: their envelope, or their base64 body,
+    names one of ``needles`` (run ids, task ids, markers). Other tests' messages may sit in the shared queue's
+    ``unacked`` hash (countdown retries wait there), so only ours count. Read as text, never decoded as JSON:
+    a leftover may be too deep to decode."""
+    found = []
+    for raw in broker.lrange(QUEUE, 0, -1) + broker.hvals("unacked"):
+        text = raw.decode("utf-8", "replace")
+        body = re.search(r'"body": ?"([A-Za-z0-9+/=]*)"', text)
+        decoded = base64.b64decode(body.group(1)).decode("utf-8", "replace") if body else ""
+        if any(n in text or n in decoded for n in needles):
+            found.append(text[:200])
+    return found
+
+
+def assert_worker_sound(worker, client, broker, *needles: str) -> None:
+    """The worker's main process lives, nothing of this test (``needles``) is left queued or unacknowledged,
+    and a normal run still succeeds."""
+    assert needles, "name this test's runs or messages"
     assert worker.poll() is None, f"the worker died (exit code {worker.returncode}); see test-artifacts/{LOG}"
     run = client.start("two_steps", {})
     assert client.wait(run.id, timeout=60).status == "succeeded"
-    wait_for(lambda: broker.llen(QUEUE) == 0 and broker.hlen("unacked") == 0, timeout=30,
-             what="the queue to hold nothing (no message left, none unacked)")
+    wait_for(lambda: not leftovers(broker, needles), timeout=30,
+             what=f"no message of this test left queued or unacknowledged ({needles})")
     assert worker.poll() is None
 
 
@@ -130,7 +148,7 @@ def test_a_deep_signal_payload_is_refused_and_records_nothing(client, worker, br
     assert client.get(run.id).status == "waiting"
     client.signal(run.id, "approved", {"by": "ops"})  # the gate still passes with a sound payload
     assert client.wait(run.id, timeout=60).status == "succeeded"
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run.id)
 
 
 # ------------------------------------------------------------------------------------ refused by the worker
@@ -143,7 +161,7 @@ def test_a_step_returning_a_deep_result_fails_once_and_the_run_compensates(clien
     assert nest.status == "failed" and nest.attempts == 1  # not retried
     assert "nested deeper than 64 levels" in nest.error
     assert run.step("stage").status == "compensated"
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run.id)
 
 
 @pytest.mark.parametrize("depth", [600, 5000, 100_000])
@@ -160,7 +178,7 @@ def test_a_deep_step_message_fails_its_step_and_the_run_compensates(client, work
     assert run.step("welcome").status == "failed"
     assert "message was refused" in run.step("welcome").error
     assert run.step("open_account").status == "compensated"
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run_id)
     log = (ARTIFACTS / LOG).read_text()
     assert f"event=message_refused task=two_steps.welcome" in log and f"run_id={run_id}" in log
 
@@ -176,7 +194,7 @@ def test_a_deep_header_in_the_redis_envelope_fails_its_step(client, worker, brok
     run = wait_final(worker, client, run_id)
     assert run.status == "compensated"
     assert "message was refused" in run.step("welcome").error
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run_id)
 
 
 @pytest.mark.parametrize("depth", [600, 5000])
@@ -194,7 +212,7 @@ def test_a_deep_errback_message_is_dropped_and_logged(client, worker, broker, de
 
     wait_for(dropped, timeout=30, what="the drop to be logged")
     assert client.get(run_id).status == "running"  # untouched: the cut message was not acted on
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run_id)
 
 
 # ------------------------------------------------------------------------------- shallow but malformed
@@ -221,18 +239,19 @@ _SOUND_BODY = json.dumps([[{}], {"run_id": "no-such-run"},
 def test_a_malformed_message_is_dropped_and_the_worker_lives(client, worker, broker, headers, body):
     """Shallow messages that made Celery's main process raise while receiving them ("Unrecoverable error": the
     worker exited, and the message, back in the queue, ended the next one)."""
+    marker = f"hostile-{uuid.uuid4()}"  # names this message in the queue: its correlation id, or its text
     if headers is None:
-        broker.lpush(QUEUE, "}{ not json")
+        broker.lpush(QUEUE, "}{ not json " + marker)
     else:
         broker.lpush(QUEUE, json.dumps({
             "body": base64.b64encode(body.encode()).decode(), "content-encoding": "utf-8",
             "content-type": "application/json", "headers": headers,
-            "properties": {"correlation_id": str(uuid.uuid4()), "reply_to": "", "delivery_mode": 2,
+            "properties": {"correlation_id": marker, "reply_to": "", "delivery_mode": 2,
                            "delivery_info": {"exchange": "", "routing_key": QUEUE}, "priority": 0,
                            "body_encoding": "base64", "delivery_tag": str(uuid.uuid4())},
         }))
     wait_for(lambda: broker.llen(QUEUE) == 0, timeout=30, what="the worker to take the message")
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, marker)
 
 
 def test_a_deep_input_in_a_plain_run_message_fails_the_run(client, worker, broker):
@@ -247,4 +266,4 @@ def test_a_deep_input_in_a_plain_run_message_fails_the_run(client, worker, broke
     run = wait_final(worker, client, run_id)
     assert run.status == "failed"
     assert "message was refused" in run.error
-    assert_worker_sound(worker, client, broker)
+    assert_worker_sound(worker, client, broker, run_id)
