@@ -27,14 +27,20 @@ _store: Store | None = None
 
 
 def configure(settings: Settings | None = None) -> Settings:
-    """Use these settings (default: from the environment) for the Celery app and the store. Call it before
-    the first publish: Celery keeps the broker connection pool it opened first."""
+    """Use these settings (default: from the environment) for the Celery app and the store."""
     global _settings, _store
     with _lock:
+        previous = _settings
         _settings = settings or Settings.from_env()
         if _store is not None:
             _store.dispose()
             _store = None
+        if previous is not None and previous.effective_broker_url != _settings.effective_broker_url:
+            # Celery caches the broker connection pool and the producer pool it opened first, and would go on
+            # publishing to the old broker. Dropping both (what Celery.close() does for the first) makes the
+            # next publish open pools for the new URL; kombu keys its pools by connection.
+            celery_app._pool = None
+            celery_app.amqp._producer_pool = None
         celery_app.conf.update(celery_settings(_settings))
         celery_app.conf.imports = _settings.imports
         return _settings
