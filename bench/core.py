@@ -42,7 +42,7 @@ class Bench:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.environ["BENCH_REDIS_URL"] = self.args.redis_url
 
-        from config.settings import Settings
+        from sagaflow.config.settings import Settings
         from sagaflow.app import celery_app, configure
         from sagaflow.store.migrate import upgrade
 

@@ -28,8 +28,8 @@ import time
 import redis
 from celery import Celery, chain
 
-from config.celeryconfig import celery_settings
-from config.settings import Settings
+from sagaflow.config.celeryconfig import celery_settings
+from sagaflow.config.settings import Settings
 
 QUEUE = "bench_plain"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/12"

@@ -1,5 +1,5 @@
 """Settings from the environment, with defaults that run on a bare machine."""
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 
 __all__ = ["Settings"]

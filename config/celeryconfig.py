@@ -3,7 +3,7 @@ duplicates). Every transition in SQL is guarded, so a duplicate delivery is harm
 
 from __future__ import annotations
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 
 
 def celery_settings(settings: Settings) -> dict:

@@ -149,7 +149,7 @@ class Settings:
             home=home,
             database_url=env.get("SAGAFLOW_DATABASE_URL") or f"sqlite:///{home / 'sagaflow.db'}",
             broker_url=env.get("SAGAFLOW_BROKER_URL", ""),
-            imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "tasks").split(",") if m.strip()),
+            imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "sagaflow.tasks").split(",") if m.strip()),
             # Explicit, no default file: a file found relative to the working directory would be loaded by
             # some processes (a worker started here) and not others (gunicorn started there). Resolved now,
             # so every child process gets the same absolute paths.

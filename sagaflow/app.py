@@ -13,8 +13,8 @@ import threading
 from celery import Celery
 from celery.signals import after_setup_logger, import_modules, worker_process_init
 
-from config.celeryconfig import celery_settings
-from config.settings import Settings
+from sagaflow.config.celeryconfig import celery_settings
+from sagaflow.config.settings import Settings
 from sagaflow.logs import setup_logging
 from sagaflow.store import Store
 

@@ -264,10 +264,10 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
 @click.option("--port", type=int, default=8000, show_default=True)
 def web(host, port) -> None:
     """Serve the status page and the JSON API (one process, for a laptop; use gunicorn in production:
-    gunicorn 'web:create_app()')."""
+    gunicorn 'sagaflow.web:create_app()')."""
     from werkzeug.serving import run_simple
 
-    from web import create_app
+    from sagaflow.web import create_app
 
     try:
         settings = _setup()

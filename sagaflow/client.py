@@ -13,7 +13,7 @@ import uuid
 
 import redis
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow import policy
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.compiler import compile_run

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.app import celery_app
 from sagaflow.logs import escape_controls
 from sagaflow.store import Run

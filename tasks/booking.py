@@ -3,7 +3,7 @@ Written with decorators, so each action sits next to the compensation that undoe
 
 from sagaflow import Saga, StepContext
 
-from tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
+from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 booking = Saga("create_booking", version=1)
 

@@ -3,7 +3,7 @@ to undo: if they fail, the payment and the invoice are reversed, the receipt sta
 
 from sagaflow import Saga, StepContext
 
-from tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
+from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 payment = Saga("collect_payment", version=1)
 

@@ -9,7 +9,7 @@ request fails, both branches are undone; if one branch fails, the other is undon
 
 from sagaflow import Saga, StepContext
 
-from tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
+from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 research = Saga("request_data", version=1)
 

@@ -13,7 +13,7 @@ import time
 from sagaflow import NonRetryableError, Parallel, RetryPolicy, Saga, Step, StepContext
 from sagaflow.app import get_store
 
-from tasks.effects import ExampleFailure, _sleep, do, undo
+from sagaflow.tasks.effects import ExampleFailure, _sleep, do, undo
 from tests.sagas import ignore_soft_time_limit
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=1.0)

@@ -1,7 +1,7 @@
 """Sagas for the tests of step flags and policy (the test worker imports this module: SAGAFLOW_IMPORTS).
 
-Every action and compensation records its effect with tasks.effects (do/undo), so the tests check in SQL
-that each effect happened exactly once, in order. The knobs of tasks.effects apply (fail_at, flaky, sleep,
+Every action and compensation records its effect with sagaflow.tasks.effects (do/undo), so the tests check in SQL
+that each effect happened exactly once, in order. The knobs of sagaflow.tasks.effects apply (fail_at, flaky, sleep,
 fail_compensation), plus:
   fail_after_effect: "<step>"  the step records its effect, then fails (a non-atomic step's partial work)
   blocked: "<step>"            the step fails (retryably) while the file SAGAFLOW_HOME/blocked-<run_id>
@@ -10,7 +10,7 @@ fail_compensation), plus:
 
 from sagaflow import RetryPolicy, Saga, StepContext
 from sagaflow.app import get_settings
-from tasks.effects import ExampleFailure, TransientFailure, do, undo
+from sagaflow.tasks.effects import ExampleFailure, TransientFailure, do, undo
 from tests.sagas import ignore_soft_time_limit
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)

@@ -5,7 +5,7 @@ which its parent builds from the parent's ``child`` key."""
 
 from sagaflow import RetryPolicy, Saga, StepContext
 
-from tasks.effects import do, undo
+from sagaflow.tasks.effects import do, undo
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)
 

@@ -148,23 +148,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _soak(args, seed: int, rng: random.Random, workdir: Path, database_url: str) -> int:
-    from config.settings import Settings
+    from sagaflow.config.settings import Settings
     from sagaflow.app import configure, get_store
     from sagaflow.store.migrate import upgrade
 
     settings = Settings.from_env({
         "SAGAFLOW_HOME": str(workdir), "SAGAFLOW_DATABASE_URL": database_url, "SAGAFLOW_BROKER_URL": args.redis_url,
-        "SAGAFLOW_IMPORTS": "tasks", "SAGAFLOW_LOG_LEVEL": "WARNING",
+        "SAGAFLOW_IMPORTS": "sagaflow.tasks", "SAGAFLOW_LOG_LEVEL": "WARNING",
         "SAGAFLOW_RECOVERY_INTERVAL": "1", "SAGAFLOW_STALL_TIMEOUT": "10",
     })
     upgrade(database_url)
     configure(settings)
-    import tasks  # noqa: F401
+    from sagaflow import tasks  # noqa: F401
     from sagaflow import SagaClient
     from sagaflow.definition import registry
     from sqlalchemy import func, select
     from sagaflow.store import tables as t
-    from tasks.effects import ensure_table, example_effects
+    from sagaflow.tasks.effects import ensure_table, example_effects
     from tests.helpers import child_pids
     from tests.workers import start_worker, stop_worker
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from tests.conftest import ARTIFACTS, ROOT
 
 

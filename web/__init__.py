@@ -1,7 +1,7 @@
 """The Flask app: the JSON API (/api), the status page (/, /runs/<id>), Prometheus metrics (/metrics) and a
 health check (/healthz) that the deployment (docker-compose, a load balancer) can probe.
 
-    gunicorn 'web:create_app()'          or          sagaflow web
+    gunicorn 'sagaflow.web:create_app()'          or          sagaflow web
 """
 
 from __future__ import annotations
@@ -97,16 +97,16 @@ def create_app(settings=None) -> Flask:
         # cookies) from this many proxies in front, and from nobody else.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies, x_proto=settings.trusted_proxies)
     _log_to_stderr(settings)
-    from web import security
+    from sagaflow.web import security
 
     if security.exposed_without_token(settings):
         log.warning("web_exposed_without_token", extra={
             "allowed_hosts": ",".join(settings.allowed_hosts),
             "hint": "anyone who reaches these names can start, cancel and retry runs: set SAGAFLOW_API_TOKEN"})
 
-    from web.api import api
-    from web.metrics import metrics
-    from web.pages import pages
+    from sagaflow.web.api import api
+    from sagaflow.web.metrics import metrics
+    from sagaflow.web.pages import pages
 
     app.register_blueprint(api)
     app.register_blueprint(pages)

@@ -25,8 +25,8 @@ from sagaflow.errors import (BrokerUnavailable, DefinitionError, InvalidInput, I
 from sagaflow.policy import PolicyError
 from sagaflow import safejson
 from sagaflow.store import RunStatus, stats
-from web import security
-from web.present import run_json, run_list_json, saga_json
+from sagaflow.web import security
+from sagaflow.web.present import run_json, run_list_json, saga_json
 
 api = Blueprint("api", __name__, url_prefix="/api")
 

@@ -14,9 +14,9 @@ from sagaflow.client import SagaClient
 from sagaflow.definition import NAME_PATTERN, registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
 from sagaflow.store import RunStatus, stats
-from web import security
-from web.api import MAX_OFFSET, int_arg, parse_json
-from web.present import PRETTY_CHARS, age, capped_json, capped_text, duration, human_seconds, run_json, timeline
+from sagaflow.web import security
+from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
+from sagaflow.web.present import PRETTY_CHARS, age, capped_json, capped_text, duration, human_seconds, run_json, timeline
 
 pages = Blueprint("pages", __name__)
 

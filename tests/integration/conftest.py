@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.app import configure, load_sagas
 from tests.conftest import ROOT
 from tests.services import find_services, fresh_database
@@ -31,7 +31,7 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_HOME": str(tmp_path_factory.mktemp("sagaflow-home")),
         "SAGAFLOW_DATABASE_URL": database_url,
         "SAGAFLOW_BROKER_URL": services.redis_url,
-        "SAGAFLOW_IMPORTS": "tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches",
+        "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches",
         "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
@@ -39,7 +39,7 @@ def settings(services, tmp_path_factory):
     upgrade(database_url)
     configure(settings)
     load_sagas(settings)  # register the sagas in this process too: the modules, then the saga file
-    from tasks.effects import ensure_table
+    from sagaflow.tasks.effects import ensure_table
 
     ensure_table()
     return settings
@@ -88,7 +88,7 @@ def serve(app):
 @pytest.fixture(scope="session")
 def web_url(settings, worker):
     """The web app with no token (anyone may act), linking to Flower at a fixed address."""
-    from web import create_app
+    from sagaflow.web import create_app
 
     url, stop = serve(create_app(settings.with_(flower_url="http://127.0.0.1:5555", api_max_body=WEB_MAX_BODY)))
     yield url
@@ -98,7 +98,7 @@ def web_url(settings, worker):
 @pytest.fixture(scope="session")
 def web_token_url(settings, worker, web_url):
     """The same app with SAGAFLOW_API_TOKEN set."""
-    from web import create_app
+    from sagaflow.web import create_app
 
     url, stop = serve(create_app(settings.with_(api_token=WEB_TOKEN, flower_url="http://127.0.0.1:5555",
                                                 api_max_body=WEB_MAX_BODY)))

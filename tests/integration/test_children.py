@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from sagaflow.app import get_store
-from tasks.effects import example_effects
+from sagaflow.tasks.effects import example_effects
 from tests.helpers import kinds, wait_for
 
 pytestmark = pytest.mark.integration

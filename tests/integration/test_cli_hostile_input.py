@@ -112,7 +112,7 @@ DEEP_ARRAY = "[" * 100_000  # json.loads itself raises RecursionError on this (a
     (["status", "x"], {"SAGAFLOW_PREPARED_STATEMENTS": "maybe"}, 1, "SAGAFLOW_PREPARED_STATEMENTS must be 1 or 0"),
     (["runs"], {"SAGAFLOW_LOG_LEVEL": "LOUD"}, 1, "SAGAFLOW_LOG_LEVEL must be one of DEBUG, INFO, WARNING"),
     (["worker"], {"SAGAFLOW_WORKER_POOL": "bogus"}, 1, "SAGAFLOW_WORKER_POOL must be one of prefork"),
-    (["runs"], {"SAGAFLOW_IMPORTS": "tasks,no_such_module_h11"}, 1,
+    (["runs"], {"SAGAFLOW_IMPORTS": "sagaflow.tasks,no_such_module_h11"}, 1,
      "cannot import saga module 'no_such_module_h11' named in SAGAFLOW_IMPORTS"),
     (["runs"], {"SAGAFLOW_SAGA_FILES": "/nonexistent/h11.yaml"}, 1, "/nonexistent/h11.yaml: cannot read the saga file"),
     # environment bytes that are not UTF-8 (lone surrogates in Python): before the fix a traceback, and for

@@ -13,7 +13,7 @@ from sagaflow.app import celery_app, get_store
 from sagaflow.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
 from sagaflow.definition import registry
 from sagaflow.store import tables
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import expected_after_failure, kinds, wait_for
 
 pytestmark = pytest.mark.integration
@@ -139,7 +139,7 @@ def _crashed_run(client, saga_name: str, completed: int, failed: bool):
     made), then optionally the next step recorded failed, and nothing published after that."""
     import uuid
 
-    from tasks.effects import do
+    from sagaflow.tasks.effects import do
     from sagaflow.definition import StepContext
 
     saga = registry.get(saga_name)

@@ -17,11 +17,11 @@ import uuid
 import pytest
 from celery import Celery
 
-from config.celeryconfig import celery_settings
+from sagaflow.config.celeryconfig import celery_settings
 from sagaflow import SagaClient
 from sagaflow.app import get_store
 from sagaflow.definition import registry
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for
 from tests.services import free_port, redis_answers

@@ -14,7 +14,7 @@ from tests.conftest import ARTIFACTS, ROOT
 from tests.helpers import wait_for
 from tests.services import free_port
 from tests.web_client import call
-from web.present import flower_link
+from sagaflow.web.present import flower_link
 
 pytestmark = pytest.mark.integration
 

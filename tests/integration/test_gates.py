@@ -12,7 +12,7 @@ import pytest
 
 from sagaflow import InvalidInput, InvalidTransition, UnknownRun
 from sagaflow.recovery import recover_stalled
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for
 from tests.integration.conftest import WEB_TOKEN

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from sagaflow.app import get_store
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import expected_after_failure
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import pytest
 from sagaflow.app import celery_app
 from sagaflow.compiler import compile_run
 from sagaflow.definition import registry
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 import sagaflow.app
 from sagaflow import InvalidTransition
 from sagaflow.store import tables as t
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds
 
 pytestmark = pytest.mark.integration

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds
 
 pytestmark = pytest.mark.integration

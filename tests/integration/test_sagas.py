@@ -12,7 +12,7 @@ import pytest
 
 from sagaflow import InvalidTransition
 from sagaflow.definition import registry
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import child_pids, expected_after_failure, kinds, wait_for
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,7 @@ from sagaflow import InvalidTransition, Saga
 from sagaflow.definition import registry
 from sagaflow.errors import DefinitionError
 from sagaflow.store import tables as t
-from tasks.effects import effects_of
+from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for
 from tests.sagas_flags import blocked_file
 from tests.web_client import call

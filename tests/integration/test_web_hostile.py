@@ -260,7 +260,7 @@ def test_the_origin_must_be_the_validated_host(web_url, client):
 @pytest.fixture(scope="module")
 def guarded_url(settings, worker):
     """Token, reads protected, one trusted proxy (so each test can be its own client address)."""
-    from web import create_app
+    from sagaflow.web import create_app
 
     url, stop = serve(create_app(settings.with_(api_token=WEB_TOKEN, api_read_protected=True, trusted_proxies=1,
                                                 api_max_body=WEB_MAX_BODY)))

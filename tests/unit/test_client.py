@@ -6,9 +6,9 @@ from sqlalchemy import func, select
 from sagaflow import InvalidInput, SagaClient, UnknownSaga
 from sagaflow.app import configure
 from sagaflow.errors import BrokerUnavailable
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.store import tables
-import tasks  # noqa: F401
+from sagaflow import tasks  # noqa: F401
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from celery import signature
 from sagaflow.app import celery_app
 from sagaflow.compiler import compile_compensation, compile_run
 from sagaflow.definition import registry
-import tasks  # noqa: F401
+from sagaflow import tasks  # noqa: F401
 
 
 def test_forward_chain_has_one_named_task_per_step():

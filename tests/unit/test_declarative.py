@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow import DefinitionError, RetryKind, RetryPolicy, Saga, SagaFileError, Step, handler
 from sagaflow.app import celery_app
 from sagaflow.compiler import compile_run
@@ -160,7 +160,7 @@ def test_a_saga_that_a_module_already_registered_is_refused_and_nothing_is_regis
 
 
 def test_the_shipped_example_file_loads_with_the_handlers_of_tasks(sreg):
-    import tasks  # noqa: F401  registers the handlers
+    from sagaflow import tasks  # noqa: F401  registers the handlers
 
     (saga,) = load_saga_file(ROOT / "config" / "sagas.yaml", registry=sreg)
     assert (saga.name, saga.version) == ("ingest_document", 1)
@@ -227,7 +227,7 @@ def test_handler_decorator_forms_and_clashes():
 
 
 def test_the_examples_register_their_handlers_in_the_global_registry():
-    from tasks.ingest import delete_uploaded_file, ingest_upload
+    from sagaflow.tasks.ingest import delete_uploaded_file, ingest_upload
 
     assert global_handlers.get("ingest") is ingest_upload
     assert global_handlers.get("delete_uploaded_file") is delete_uploaded_file

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
 from sagaflow.definition import DEFAULT_FORWARD_RETRY, DEFAULT_RETRY, RetryPolicy, registry
 from sagaflow.errors import DefinitionError

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 from sqlalchemy import update
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.app import configure, get_store
 from sagaflow.store import StepSpec
 from sagaflow.store import tables as t
@@ -19,7 +19,7 @@ def app_and_store(tmp_path):
     settings = Settings.from_env({"SAGAFLOW_HOME": str(tmp_path)})
     configure(settings)
     upgrade(settings.database_url)
-    from web import create_app
+    from sagaflow.web import create_app
 
     app = create_app(settings)
     app.config["TESTING"] = True

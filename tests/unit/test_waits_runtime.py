@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
 from sagaflow.app import celery_app
 from sagaflow.compiler import compile_run

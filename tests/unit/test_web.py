@@ -6,12 +6,12 @@ import datetime as dt
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.store import Event, Run, StepState
 from tests.unit.test_stats import filled  # noqa: F401  (fixture)
-from web.metrics import SagaflowCollector
-from web.present import flower_link, timeline
-from web.security import host_name, safe_next
+from sagaflow.web.metrics import SagaflowCollector
+from sagaflow.web.present import flower_link, timeline
+from sagaflow.web.security import host_name, safe_next
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

@@ -7,7 +7,7 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from config.settings import Settings
+from sagaflow.config.settings import Settings
 from sagaflow.app import configure
 from sagaflow.store.migrate import upgrade
 
@@ -42,7 +42,7 @@ def env(tmp_path):
 
 
 def _app(env, **extra):
-    from web import create_app
+    from sagaflow.web import create_app
 
     app = create_app(Settings.from_env({**env, **extra}))
     app.config["TESTING"] = True
