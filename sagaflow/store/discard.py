@@ -6,7 +6,7 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 
 from sagaflow.store import tables as t
-from sagaflow.store.models import RunStatus, StepStatus
+from sagaflow.model.status import RunStatus, StepStatus
 
 
 def discard_unpublished_run(store, run_id: str) -> bool:
