@@ -24,13 +24,13 @@ import sqlalchemy.exc
 
 from sagaflow.app import celery_app, configure, get_settings
 from sagaflow.app import load_sagas as app_load_sagas
+from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
-from sagaflow.safejson import check_text
-from sagaflow.safejson import loads as json_loads
-from sagaflow.client import SagaClient
 from sagaflow.model.definition import registry
 from sagaflow.model.snapshots import Run
+from sagaflow.safejson import check_text
+from sagaflow.safejson import loads as json_loads
 
 MAX_LIMIT = 1000  # runs --limit, as SagaClient.list allows
 MAX_OFFSET = 10**12  # runs --offset: far past any table, well inside a 64-bit integer

@@ -10,14 +10,14 @@ from typing import Iterable
 from sqlalchemy import and_, or_, select, update
 
 from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import WaitOutcome
+from sagaflow.model.snapshots import StepSpec
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
 )
-from sagaflow.model.snapshots import StepSpec
-from sagaflow.model.outcomes import WaitOutcome
-from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store.runs import insert_run
 from sagaflow.store.waits import lock_wait_run
 

@@ -16,14 +16,14 @@ from typing import Any, Sequence
 from sqlalchemy import func, select, update
 
 from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Claim, ClaimOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
     HELD_STEP, LIVE_RUN, claimable, event, fail_step, move_step, run_status, set_run_status, succeed_run, touch,
 )
-from sagaflow.model.outcomes import Claim, ClaimOutcome
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 def claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:

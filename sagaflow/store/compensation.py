@@ -12,8 +12,10 @@ from typing import Sequence
 
 from sqlalchemy import and_, case, or_, select, update
 
-from sagaflow.model.events import EventKind
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Claim, ClaimOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.claims import claim_lost
 from sagaflow.store.engine import utcnow
@@ -22,8 +24,6 @@ from sagaflow.store.guards import (
     FAILED_NON_ATOMIC, LIVE_RUN, claimable, event, fail_step, lock_run, move_step, run_status, set_run_status,
     to_compensate, touch,
 )
-from sagaflow.model.outcomes import Claim, ClaimOutcome
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 class Compensation:

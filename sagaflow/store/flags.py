@@ -14,14 +14,14 @@ import datetime as dt
 
 from sqlalchemy import select, update
 
-from sagaflow.model.events import EventKind
 from sagaflow.errors import InvalidTransition
+from sagaflow.model.events import EventKind
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     DONE_STEP, LIVE_RUN, event, fail_step, move_step, results, run_status, set_run_status, succeed_run, touch,
 )
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 def past_pivot(conn, run_id: str) -> str | None:

@@ -22,13 +22,13 @@ from typing import Any, Sequence
 from sqlalchemy import func, select, update
 
 from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import BranchOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     LIVE_RUN, claimable, event, fail_step, lock_run, move_step, results, succeed_run, to_compensate, touch,
 )
-from sagaflow.model.outcomes import BranchOutcome
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 LOST_BRANCH = ("the branch's worker process was lost while the run was compensating; it recorded no outcome, "

@@ -18,8 +18,8 @@ from typing import Iterable, Sequence
 from sqlalchemy import and_, insert, or_, select, update
 
 from sagaflow.model.events import EventKind
-from sagaflow.store import tables as t
 from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.store import tables as t
 
 LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 IN_PROGRESS_RUN = (*LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches

@@ -8,12 +8,12 @@ import datetime as dt
 from sqlalchemy import and_, exists, or_, select, update
 
 from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Recovery
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
-from sagaflow.model.outcomes import Recovery
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 def stalled(now: dt.datetime, stall_timeout: float):

@@ -9,14 +9,14 @@ from typing import Iterable
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from sagaflow.model.events import EventKind
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
-from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
-from sagaflow.model.status import RunStatus, StepStatus
 
 
 def _started(saga: str, version: int, parent_run_id: str | None, parent_step: int | None) -> dict:

@@ -14,15 +14,15 @@ from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
-from sagaflow.model.events import EventKind
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import WaitOutcome
+from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
 )
-from sagaflow.model.outcomes import WaitOutcome
-from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, StepStatus
 
 
 def lock_wait_run(conn, run_id: str):
