@@ -22,13 +22,15 @@ import traceback
 import click
 import sqlalchemy.exc
 
-from sagaflow.app import celery_app, configure, get_settings, get_store
+from sagaflow.app import celery_app, configure, get_settings
 from sagaflow.app import load_sagas as app_load_sagas
+from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
+from sagaflow.model.definition import registry
+from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
-from sagaflow.store import Run
 
 MAX_LIMIT = 1000  # runs --limit, as SagaClient.list allows
 MAX_OFFSET = 10**12  # runs --offset: far past any table, well inside a 64-bit integer
@@ -122,11 +124,11 @@ def _database() -> str:
         return "named by SAGAFLOW_DATABASE_URL"
 
 
-def _open_store():
-    """The store; a URL that is not one, a dialect or driver not installed, or a SQLite folder that cannot
-    be created is one line naming SAGAFLOW_DATABASE_URL."""
+def _open_client() -> SagaClient:
+    """A client (it opens the store); a URL that is not one, a dialect or driver not installed, or a SQLite
+    folder that cannot be created is one line naming SAGAFLOW_DATABASE_URL."""
     try:
-        return get_store()
+        return SagaClient()
     except sqlalchemy.exc.ArgumentError as exc:  # unparsable URL, unknown dialect (NoSuchModuleError)
         problem = f"{exc}"
     except ImportError as exc:
@@ -146,13 +148,11 @@ def _setup(need_schema: bool = True):
         raise click.ClickException(_clean(exc)) from None
     load_sagas(settings)
     if need_schema:
-        _open_store().check_schema()  # SchemaMissing says to run `sagaflow db upgrade`
+        _open_client().check_schema()  # SchemaMissing says to run `sagaflow db upgrade`
     return settings
 
 
-def _client():
-    from sagaflow.client import SagaClient
-
+def _client() -> SagaClient:
     return SagaClient()
 
 
@@ -230,8 +230,6 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
     from sagaflow.runtime import check_visibility_timeout
 
     check_visibility_timeout(settings)
-    from sagaflow.definition import registry
-
     for saga in registry.all():  # a non-atomic step without a compensation fails now, not at its first failure
         saga.check_runnable()
     load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
@@ -456,18 +454,19 @@ def _migrate(action: str, revision: str) -> str:
     changes nothing, and says so."""
     import alembic.util
 
+    # The schema commands are the one place a face runs the store's migrations (Alembic) directly.
     from sagaflow.store import migrate
 
     check_text(revision, "the revision")
     settings = _configure()
-    store = _open_store()  # a bad SAGAFLOW_DATABASE_URL, a missing driver or SQLite folder: one line, first
+    client = _open_client()  # a bad SAGAFLOW_DATABASE_URL, a missing driver or SQLite folder: one line, first
     try:
         getattr(migrate, action)(settings.database_url, revision)
     except alembic.util.CommandError as exc:
         raise click.ClickException(_clean(
             f"cannot {action} to revision {revision!r}: {exc}. Revisions: {_revisions()} "
             f"(`sagaflow db upgrade` goes to head; `sagaflow db downgrade base` drops every table)")) from None
-    current = migrate.current_revision(store.engine)
+    current = client.schema_revision()
     return "base (no tables)" if current is None else current + (
         " (head)" if current == migrate.head_revision() else "")
 
@@ -504,7 +503,7 @@ def demo(timeout) -> None:
     from sagaflow.demo import run_demo
 
     settings = _setup(need_schema=False)
-    _open_store()  # the demo creates the tables itself; the URL, driver and folder must work
+    _open_client()  # the demo creates the tables itself; the URL, driver and folder must work
     sys.exit(run_demo(settings, timeout=timeout))
 
 

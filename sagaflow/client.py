@@ -10,20 +10,24 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import redis
 
-from sagaflow.config.settings import Settings
-from sagaflow import policy
+from sagaflow import waits
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.compiler import compile_run
-from sagaflow.definition import registry
+from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable, InvalidInput
-from sagaflow import waits
+from sagaflow.model import policy
+from sagaflow.model.definition import registry
+from sagaflow.model.snapshots import Run, StepSpec
+from sagaflow.model.status import RunStatus
 from sagaflow.runtime import publish_compensation
-from sagaflow.store import Run, RunStatus, StepSpec, Store
-from sagaflow.store.discard import discard_unpublished_run
 from sagaflow.safejson import check_text, ensure_json
+from sagaflow.store import Store
+from sagaflow.store.discard import discard_unpublished_run
+from sagaflow.store.stats import Histogram
 
 log = logging.getLogger("sagaflow.client")
 
@@ -45,6 +49,17 @@ class RunList(list):
     def __init__(self, runs, total: int) -> None:
         super().__init__(runs)
         self.total = total
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """The aggregates /metrics exposes (sagaflow/store/stats.py computes them in SQL)."""
+
+    run_counts: dict[tuple[str, str], int]  # (saga, status) -> runs now
+    run_end_counts: dict[tuple[str, str], int]  # (saga, final status) -> runs that ended so
+    step_event_counts: dict[tuple[str, str, str], int]  # (saga, step, event kind) -> events
+    step_durations: dict[tuple[str, str], Histogram]
+    compensation_durations: dict[tuple[str, str], Histogram]
 
 
 class SagaClient:
@@ -84,7 +99,8 @@ class SagaClient:
         if not definition.steps:
             raise InvalidInput(f"saga {saga!r} has no steps")
         definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
-        mode = policy.mode_for(definition)  # PolicyError: an invalid policy file, or a saga that cannot run plain
+        # PolicyError: an invalid policy file, or a saga that cannot run plain.
+        mode = policy.mode_for(definition, get_settings())
         self._check_broker()
         run, created = self.store.create_run(
             str(uuid.uuid4()), definition.name, definition.version, input,
@@ -117,7 +133,7 @@ class SagaClient:
         """Resume the compensations of a run in ``compensation_failed``, where they stopped; or send a run
         ``stuck`` after its pivot forward again, from the step that failed (earlier results read from SQL)."""
         check_run_id(run_id)
-        forward = self.store.transactional.request_forward_retry(run_id)
+        forward = self.store.request_forward_retry(run_id)  # one transaction: there is no fast variant
         if forward is not None:
             start, results = forward
             run = self.store.get_run(run_id, history=False)
@@ -156,6 +172,59 @@ class SagaClient:
                 raise TimeoutError(f"run {run_id} is still {run.status} after {timeout} s")
             time.sleep(poll)
             poll = min(poll * 1.5, 0.5)
+
+    # ------------------------------------------------------------------ for the faces (web/, cli.py)
+    # What the status page, the HTTP API, the metrics and the CLI read or record besides runs: they hold a
+    # client, never the store's engine or SQL.
+
+    def ping(self) -> None:
+        """Raise unless the database answers (``SELECT 1``): /healthz."""
+        self.store.ping()
+
+    def check_schema(self) -> None:
+        """Raise SchemaMissing, saying what to run, unless the database is at the latest migration."""
+        self.store.check_schema()
+
+    def schema_revision(self) -> str | None:
+        """The database's migration revision (None: no sagaflow tables)."""
+        return self.store.schema_revision()
+
+    def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
+        """{(saga, status): runs in that status now}; the model's counts_by_status and compensation_rate
+        summarize it."""
+        return self.store.run_counts(saga)
+
+    def step_duration_percentiles(self) -> dict[tuple[str, str], dict]:
+        """{(saga, step): {"count", "max", "p50", "p90", "p99"}} of the steps' durations, in seconds."""
+        return self.store.step_duration_percentiles()
+
+    def metrics(self) -> "Metrics":
+        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process)."""
+        return Metrics(self.store.run_counts(), self.store.run_end_counts(), self.store.step_event_counts(),
+                       self.store.step_duration_histograms(), self.store.compensation_duration_histograms())
+
+    # The web's operator logins and failed authentications (sagaflow/store/sessions.py), shared by every
+    # web process through the database.
+
+    def open_operator_session(self, session_id: str, lifetime: float) -> None:
+        self.store.create_session(session_id, lifetime)
+
+    def operator_session_alive(self, session_id: str) -> bool:
+        return self.store.session_alive(session_id)
+
+    def close_operator_session(self, session_id: str) -> None:
+        self.store.revoke_session(session_id)
+
+    def auth_retry_after(self, address: str, limit: int, window: float) -> int:
+        """Seconds until ``address`` may try to authenticate again (0: now)."""
+        return self.store.auth_retry_after(address, limit, window)
+
+    def record_auth_failure(self, address: str, window: float) -> int:
+        """Count a failed authentication of ``address``; its failures in the current window."""
+        return self.store.record_auth_failure(address, window)
+
+    def clear_auth_failures(self, address: str) -> None:
+        self.store.clear_auth_failures(address)
 
     # ------------------------------------------------------------------ helpers
 

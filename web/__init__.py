@@ -10,12 +10,12 @@ import io
 import logging
 
 from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
-from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from sagaflow.app import celery_app, configure, get_store, load_sagas
+from sagaflow.app import celery_app, configure, load_sagas
+from sagaflow.client import SagaClient
 from sagaflow.errors import InvalidInput
 
 log = logging.getLogger("sagaflow.web")
@@ -162,8 +162,7 @@ def create_app(settings=None) -> Flask:
         """Open to anyone (load balancers): "ok" or "unavailable" per dependency, the reason only in the log."""
         checks = {}
         try:
-            with get_store().engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            SagaClient().ping()
             checks["database"] = "ok"
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             log.warning("healthz_failed", extra={"dependency": "database", "error": type(exc).__name__})

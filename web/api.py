@@ -18,13 +18,13 @@ import re
 
 from flask import Blueprint, current_app, jsonify, request, url_for
 
+from sagaflow import safejson
 from sagaflow.client import SagaClient
-from sagaflow.definition import NAME_PATTERN, registry
 from sagaflow.errors import (BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun,
                              UnknownSaga)
-from sagaflow.policy import PolicyError
-from sagaflow import safejson
-from sagaflow.store import RunStatus, stats
+from sagaflow.model.definition import NAME_PATTERN, registry
+from sagaflow.model.policy import PolicyError
+from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
 from sagaflow.web import security
 from sagaflow.web.present import run_json, run_list_json, saga_json
 
@@ -227,19 +227,19 @@ def list_sagas():
 def get_stats():
     if request.args:
         raise ApiError(400, f"/api/stats takes no parameters, got {', '.join(sorted(request.args))}")
-    engine = _client().store.engine
-    counts = stats.run_counts(engine)
+    client = _client()
+    counts = client.run_counts()
     by_saga: dict[str, dict[str, int]] = {}
     for (saga, status), n in sorted(counts.items()):
         by_saga.setdefault(saga, {})[status] = n
     durations: dict[str, dict[str, dict]] = {}
-    for (saga, step), entry in sorted(stats.step_duration_percentiles(engine).items()):
+    for (saga, step), entry in sorted(client.step_duration_percentiles().items()):
         durations.setdefault(saga, {})[step] = entry
     return jsonify(
         total=sum(counts.values()),
-        by_status=stats.by_status(counts),
+        by_status=counts_by_status(counts),
         by_saga=by_saga,
-        compensation_rate=stats.compensation_rate(counts),
+        compensation_rate=compensation_rate(counts),
         step_duration_seconds=durations,
     )
 

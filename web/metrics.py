@@ -5,8 +5,8 @@ hosts, which come and go: in-process counters would each see a slice, reset on e
 prometheus_client's multiprocess directory on every host plus a way to scrape each worker. Every fact the
 metrics need is already a row (runs, steps) or an append-only event, written by the runtime in the same
 transaction as the transition it describes. So a custom Collector runs a few GROUP BY queries per scrape
-(sagaflow/store/stats.py): the numbers are the same whichever web process answers, survive restarts,
-and the runtime's hot path does nothing extra.
+(sagaflow/store/stats.py, read through SagaClient.metrics): the numbers are the same whichever web process
+answers, survive restarts, and the runtime's hot path does nothing extra.
 
 The cost moves to the scrape: four aggregate queries over the runs, steps and events tables, which grow
 with history (``sagaflow_metrics_collect_seconds`` says how long they took). Counters are counted from the
@@ -24,9 +24,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from sagaflow.app import get_store
-from sagaflow.definition import registry as sagas
-from sagaflow.store import RunStatus, stats
+from sagaflow.client import SagaClient
+from sagaflow.model.definition import registry as sagas
+from sagaflow.model.events import EventKind
+from sagaflow.model.status import RunStatus
 
 log = logging.getLogger("sagaflow.web")
 
@@ -34,20 +35,17 @@ metrics = Blueprint("metrics", __name__)
 
 
 class SagaflowCollector(Collector):
-    def __init__(self, engine_factory=lambda: get_store().engine) -> None:
-        self.engine_factory = engine_factory
+    def __init__(self, client_factory=SagaClient) -> None:
+        self.client_factory = client_factory
 
     def describe(self):
         return []  # collected lazily: registering must not query the database
 
     def collect(self):
         began = time.perf_counter()
-        engine = self.engine_factory()
-        counts = stats.run_counts(engine)
-        ends = stats.run_end_counts(engine)
-        events = stats.step_event_counts(engine)
-        step_hist = stats.step_duration_histograms(engine)
-        comp_hist = stats.compensation_duration_histograms(engine)
+        read = self.client_factory().metrics()
+        counts, ends, events = read.run_counts, read.run_end_counts, read.step_event_counts
+        step_hist, comp_hist = read.step_durations, read.compensation_durations
 
         known = sorted({s.name for s in sagas.all()} | {saga for saga, _ in counts})
         started = CounterMetricFamily("sagaflow_runs_started", "Runs started, by saga.", labels=["saga"])
@@ -75,11 +73,11 @@ class SagaflowCollector(Collector):
         compensations = CounterMetricFamily("sagaflow_compensations", "Compensations that ended, by outcome.",
                                             labels=["saga", "step", "outcome"])
         for (saga, step, kind), n in sorted(events.items()):
-            if kind in ("step_succeeded", "step_failed"):
+            if kind in (EventKind.STEP_SUCCEEDED, EventKind.STEP_FAILED):
                 steps.add_metric([saga, step, kind.removeprefix("step_")], n)
-            elif kind == "step_retried":
+            elif kind == EventKind.STEP_RETRIED:
                 retries.add_metric([saga, step, "action"], n)
-            elif kind == "compensation_retried":
+            elif kind == EventKind.COMPENSATION_RETRIED:
                 retries.add_metric([saga, step, "compensation"], n)
             else:
                 compensations.add_metric([saga, step, kind.removeprefix("compensation_")], n)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
 from sagaflow.client import SagaClient
-from sagaflow.definition import NAME_PATTERN, registry
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
-from sagaflow.store import RunStatus, stats
+from sagaflow.model.definition import NAME_PATTERN, registry
+from sagaflow.model.status import RunStatus, StepStatus, counts_by_status
 from sagaflow.web import security
 from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
 from sagaflow.web.present import PRETTY_CHARS, age, capped_json, capped_text, duration, human_seconds, run_json, timeline
@@ -21,7 +21,6 @@ from sagaflow.web.present import PRETTY_CHARS, age, capped_json, capped_text, du
 pages = Blueprint("pages", __name__)
 
 PAGE_SIZE = 50
-LIVE_STATUSES = ("pending", "running", "compensating", "waiting")
 NOTICES = {  # ?done=... after a redirect: fixed texts, never echoed from the request
     "cancel": "Cancel requested: the run stops before its next step and undoes what completed.",
     "retry": "Retry requested: the run resumes where it stopped.",
@@ -74,12 +73,12 @@ def runs():
         return _page_error(400, f"{exc}.")
     client = SagaClient()
     page = client.list(status=status, saga=saga, limit=PAGE_SIZE, offset=offset)
-    counts = stats.run_counts(client.store.engine)
+    counts = client.run_counts()
     scoped = {k: n for k, n in counts.items() if saga is None or k[0] == saga}
     saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
     return render_template(
         "runs.html", runs=page, total=page.total, status=status, saga=saga, offset=offset, page_size=PAGE_SIZE,
-        by_status=stats.by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
+        by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
         saga_names=saga_names, duration=duration,
     )
 
@@ -95,15 +94,14 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     except UnknownRun:
         return _page_error(404, f"There is no run with id {run_id!r}.")
     bars, not_started = timeline(run, _settings().flower_url)
-    past_pivot = next((s.name for s in run.steps if s.pivot and s.status == "succeeded"), None)
     notice = NOTICES.get(request.args.get("done", ""))
     return render_template(
         "run.html", run=run, bars=bars, not_started=not_started, duration=duration(run),
         input_json=capped_json(run.input), raw_url=url_for("api.get_run", run_id=run.id),
-        data=run_json(run), live=run.status in LIVE_STATUSES, notice=notice, error=error,
-        can_cancel=run.status in ("pending", "running", "waiting") and not run.cancel_requested and not past_pivot,
-        can_retry=run.status in ("compensation_failed", "stuck"), pretty=_pretty,
-        past_pivot=past_pivot, waiting=[s for s in run.steps if s.status == "waiting"],
+        # What the run allows is the model's rule (sagaflow/model/status.py), not the page's.
+        data=run_json(run), live=run.is_live, notice=notice, error=error,
+        can_cancel=run.can_cancel, can_retry=run.can_retry, pretty=_pretty,
+        past_pivot=run.past_pivot, waiting=[s for s in run.steps if s.status == StepStatus.WAITING],
     ), status_code
 
 

@@ -8,11 +8,16 @@ import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from sagaflow.definition import Saga
-from sagaflow.store import Run, StepState
+from sagaflow.model.definition import Saga
+from sagaflow.model.events import EventKind
+from sagaflow.model.snapshots import Run, StepState
+from sagaflow.model.status import StepStatus
 
-COMPENSATION_START = "compensation_started"
-COMPENSATION_END = ("compensation_succeeded", "compensation_failed")
+S = StepStatus
+# How a started step's bar is coloured: its own status, or "succeeded" for one that went on to be undone.
+STEP_BAR_STATUSES = (S.RUNNING, S.FAILED, S.SKIPPED, S.PENDING, S.WAITING, S.FAILED_BEST_EFFORT)
+FAILED_STEP = (S.FAILED, S.FAILED_BEST_EFFORT)  # its error is shown on its bar
+OPEN_STEP = (S.RUNNING, S.WAITING)  # its bar has no end yet
 
 
 def flower_link(flower_url: str, task_id: str | None) -> str | None:
@@ -161,33 +166,34 @@ def timeline(run: Run, flower_url: str = "") -> tuple[list[Bar], list[StepState]
     retry_errors: dict[tuple[str, str | None], list[str]] = {}
     comp_spans: dict[str, list[list]] = {}  # step -> [[start, end, status], ...], one per compensation round
     for e in run.events:
-        if e.kind in ("step_retried", "compensation_retried") and e.detail and e.detail.get("error"):
-            retry_errors.setdefault((e.kind, e.step), []).append(f"attempt {e.detail.get('attempt')}: "
+        if e.kind in (EventKind.STEP_RETRIED, EventKind.COMPENSATION_RETRIED) and e.detail and e.detail.get("error"):
+            retry_errors.setdefault((EventKind(e.kind), e.step), []).append(f"attempt {e.detail.get('attempt')}: "
                                                                  f"{e.detail['error']}")
-        elif e.kind == COMPENSATION_START:
+        elif e.kind == EventKind.COMPENSATION_STARTED:
             spans = comp_spans.setdefault(e.step, [])
             if not spans or spans[-1][1] is not None:
-                spans.append([e.at, None, "compensating"])
-        elif e.kind in COMPENSATION_END and comp_spans.get(e.step) and comp_spans[e.step][-1][1] is None:
-            comp_spans[e.step][-1][1:] = [e.at, "compensated" if e.kind == COMPENSATION_END[0]
-                                          else "compensation_failed"]
+                spans.append([e.at, None, S.COMPENSATING.value])
+        elif (e.kind in (EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED) and comp_spans.get(e.step)
+              and comp_spans[e.step][-1][1] is None):
+            comp_spans[e.step][-1][1:] = [e.at, S.COMPENSATED.value if e.kind == EventKind.COMPENSATION_SUCCEEDED
+                                          else S.COMPENSATION_FAILED.value]
     not_started = []
     for s in run.steps:
         if s.started_at is None:
             not_started.append(s)
             continue
-        step_status = (s.status if s.status in ("running", "failed", "skipped", "pending", "waiting",
-                                                 "failed_best_effort") else "succeeded")
-        errors = list(retry_errors.get(("step_retried", s.name), []))
-        if s.error and s.status in ("failed", "failed_best_effort"):
+        step_status = s.status if s.status in STEP_BAR_STATUSES else S.SUCCEEDED.value
+        errors = list(retry_errors.get((EventKind.STEP_RETRIED, s.name), []))
+        if s.error and s.status in FAILED_STEP:
             errors.append(f"failed: {s.error}")
         bars.append(Bar("step", s.index, s.name, step_status, s.attempts, s.started_at,
-                        s.finished_at if s.status not in ("running", "waiting") else None, errors, s.task_id,
+                        s.finished_at if s.status not in OPEN_STEP else None, errors, s.task_id,
                         flower_link(flower_url, s.task_id)))
         rounds = comp_spans.get(s.name, [])
         for n, (start, end, status) in enumerate(rounds):
-            errors = list(retry_errors.get(("compensation_retried", s.name), [])) if n == len(rounds) - 1 else []
-            if status == "compensation_failed" and s.compensation_error:
+            errors = (list(retry_errors.get((EventKind.COMPENSATION_RETRIED, s.name), []))
+                      if n == len(rounds) - 1 else [])
+            if status == S.COMPENSATION_FAILED and s.compensation_error:
                 errors.append(f"failed: {s.compensation_error}")
             bars.append(Bar("compensation", s.index, s.name, status, s.compensation_attempts, start, end, errors,
                             s.compensation_task_id, flower_link(flower_url, s.compensation_task_id)))

@@ -35,10 +35,9 @@ from urllib.parse import quote, urlsplit
 
 from flask import current_app, g, request
 
-from sagaflow.app import get_store
+from sagaflow.client import SagaClient
 from sagaflow.errors import InvalidInput
 from sagaflow.safejson import check_text
-from sagaflow.store import sessions
 
 log = logging.getLogger("sagaflow.web")
 
@@ -59,8 +58,10 @@ def api_token() -> str:
     return _settings().api_token
 
 
-def _engine():
-    return get_store().engine
+def _client() -> SagaClient:
+    """Operator sessions and failure counts live in the database (every web process sees the same): the
+    client records and reads them (sagaflow/store/sessions.py holds their SQL)."""
+    return SagaClient()
 
 
 # ---------------------------------------------------------------------------------------------- hosts
@@ -125,12 +126,12 @@ def client_address() -> str:
 
 def throttled() -> int:
     """Seconds this client must wait before its credentials are checked again (0: go ahead)."""
-    return sessions.retry_after(_engine(), client_address(), FAILURE_LIMIT, FAILURE_WINDOW)
+    return _client().auth_retry_after(client_address(), FAILURE_LIMIT, FAILURE_WINDOW)
 
 
 def auth_failed(event: str) -> None:
     """Count and log a failed login or a wrong bearer token (never the text that was tried)."""
-    failures = sessions.record_failure(_engine(), client_address(), FAILURE_WINDOW)
+    failures = _client().record_auth_failure(client_address(), FAILURE_WINDOW)
     log.warning(event, extra={"client": client_address(), "path": request.path, "failures": failures,
                               "limit": FAILURE_LIMIT, "window_seconds": FAILURE_WINDOW})
 
@@ -220,7 +221,7 @@ def is_operator() -> bool:
         return True
     if "sagaflow_operator" not in g:
         session_id = _session_id()
-        g.sagaflow_operator = session_id is not None and sessions.session_alive(_engine(), session_id)
+        g.sagaflow_operator = session_id is not None and _client().operator_session_alive(session_id)
     return g.sagaflow_operator
 
 
@@ -238,8 +239,9 @@ def token_matches(given: str) -> bool:
 
 def login(response):
     session_id = secrets.token_urlsafe(32)
-    sessions.create_session(_engine(), session_id, OPERATOR_SESSION)
-    sessions.clear_failures(_engine(), client_address())
+    client = _client()
+    client.open_operator_session(session_id, OPERATOR_SESSION)
+    client.clear_auth_failures(client_address())
     value = f"{session_id}.{_sign(api_token(), session_id)}"
     response.set_cookie(cookie_name(OPERATOR_COOKIE), value, max_age=OPERATOR_SESSION, **_cookie_options())
     return response
@@ -248,7 +250,7 @@ def login(response):
 def logout(response):
     session_id = _session_id()
     if session_id is not None:
-        sessions.revoke_session(_engine(), session_id)
+        _client().close_operator_session(session_id)
     response.delete_cookie(cookie_name(OPERATOR_COOKIE), path="/", httponly=True, samesite="Strict",
                            secure=request.is_secure)
     return response

@@ -9,14 +9,17 @@ from typing import Iterable
 
 from sqlalchemy import and_, or_, select, update
 
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import WaitOutcome
+from sagaflow.model.snapshots import StepSpec
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
 )
-from sagaflow.store.models import RunStatus, StepSpec, StepStatus
 from sagaflow.store.runs import insert_run
-from sagaflow.store.waits import WaitOutcome, lock_wait_run
+from sagaflow.store.waits import lock_wait_run
 
 # A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
 # is not among them: an operator may still take that run forward.
@@ -57,7 +60,8 @@ class Children:
                 insert_run(conn, child_id, child_saga, child_version, child_input, key, steps, now,
                            parent_run_id=run_id, parent_step=idx)
             set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
-            event(conn, run_id, "run_waiting", step.name, {"child_run_id": child_id, "child_saga": child_saga}, now)
+            event(conn, run_id, EventKind.RUN_WAITING, step.name,
+                  {"child_run_id": child_id, "child_saga": child_saga}, now)
         return WaitOutcome("waiting", child_run_id=child_id, **base)
 
     def parent_of(self, run_id: str) -> str | None:
@@ -139,15 +143,15 @@ class Children:
                 return WaitOutcome("waiting", **base)
             if child.status == RunStatus.SUCCEEDED.value:
                 set_run_status(conn, child.id, RunStatus.SUCCEEDED, RunStatus.COMPENSATING, now, finished_at=None)
-                event(conn, child.id, "compensation_requested", None, {"parent_run_id": run_id, "parent_step": idx},
-                      now)
+                event(conn, child.id, EventKind.COMPENSATION_REQUESTED, None,
+                      {"parent_run_id": run_id, "parent_step": idx}, now)
             elif child.status == RunStatus.COMPENSATION_FAILED.value and fresh:
                 set_run_status(conn, child.id, RunStatus.COMPENSATION_FAILED, RunStatus.COMPENSATING, now,
                                error=None, finished_at=None)
                 conn.execute(update(t.steps)
                              .where(s.run_id == child.id, s.status == StepStatus.COMPENSATION_FAILED.value)
                              .values(status=StepStatus.SUCCEEDED.value, claim=None, lease_expires_at=None))
-                event(conn, child.id, "retry_requested", None, {"parent_run_id": run_id}, now)
+                event(conn, child.id, EventKind.RETRY_REQUESTED, None, {"parent_run_id": run_id}, now)
             else:
                 error = (f"child run {child.id} is {child.status}"
                          + (f": {child.error}" if child.error else "")

@@ -11,38 +11,19 @@ sweeper revoked an expired claim; anything else is a duplicate and backs off (gu
 from __future__ import annotations
 
 import datetime as dt
-import enum
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sqlalchemy import func, select, update
 
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Claim, ClaimOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
     HELD_STEP, LIVE_RUN, claimable, event, fail_step, move_step, run_status, set_run_status, succeed_run, touch,
 )
-from sagaflow.store.models import RunStatus, StepStatus
-
-
-class ClaimOutcome(enum.Enum):
-    CLAIMED = "claimed"  # this delivery holds the step: run the action
-    DONE = "done"  # already finished by an earlier delivery: carry its result on
-    FAILED = "failed"  # already failed for good: fire the errback again (it may have been lost)
-    BUSY = "busy"  # another live delivery holds it: this one is a duplicate
-    CANCELLED = "cancelled"  # the run was cancelled: stop the chain, compensate
-    GONE = "gone"  # the run moved on (compensating or final): nothing to do
-
-
-@dataclass(frozen=True)
-class Claim:
-    outcome: ClaimOutcome
-    attempt: int = 0  # executions of this action (or compensation) so far, this one included
-    round_attempt: int = 0  # the same, counted from the last operator retry: what the retry policy counts
-    input: dict | None = None
-    result: Any = None
-    error: str | None = None
 
 
 def claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:
@@ -59,11 +40,11 @@ def claim_lost(status: str | None, result, error, done: StepStatus, failed: Step
 # reports, whether the run's updated_at moves). A step's success does not touch the run (one row write less
 # per step): the recovery sweeper reads its finished_at instead (recovery.stalled).
 HELD = {
-    "step_succeeded": (StepStatus.RUNNING, "attempts", False),
-    "step_retried": (StepStatus.RUNNING, "attempts", True),
-    "step_failed": (StepStatus.RUNNING, None, True),
-    "compensation_retried": (StepStatus.COMPENSATING, "compensation_attempts", True),
-    "compensation_failed": (StepStatus.COMPENSATING, None, True),
+    EventKind.STEP_SUCCEEDED: (StepStatus.RUNNING, "attempts", False),
+    EventKind.STEP_RETRIED: (StepStatus.RUNNING, "attempts", True),
+    EventKind.STEP_FAILED: (StepStatus.RUNNING, None, True),
+    EventKind.COMPENSATION_RETRIED: (StepStatus.COMPENSATING, "compensation_attempts", True),
+    EventKind.COMPENSATION_FAILED: (StepStatus.COMPENSATING, None, True),
 }
 
 
@@ -103,7 +84,7 @@ class Claims:
                     .returning(s.attempts, s.name)
                 ).first()
                 if claimed is not None:
-                    event(conn, run_id, "step_started", claimed.name, {"attempt": claimed.attempts}, now)
+                    event(conn, run_id, EventKind.STEP_STARTED, claimed.name, {"attempt": claimed.attempts}, now)
                     return Claim(ClaimOutcome.CLAIMED, attempt=claimed.attempts,
                                  round_attempt=self._round_attempt(conn, run_id, claimed.name, claimed.attempts),
                                  input=run.input)
@@ -143,7 +124,7 @@ class Claims:
     def complete_step(self, run_id: str, idx: int, token: str, result: Any) -> bool:
         """Record the result; False if this delivery no longer holds the step."""
         now = utcnow()
-        return self._held("step_succeeded", run_id, idx, token, now, {}, dict(result=result),
+        return self._held(EventKind.STEP_SUCCEEDED, run_id, idx, token, now, {}, dict(result=result),
                           status=StepStatus.SUCCEEDED.value, result=result, error=None, finished_at=now,
                           lease_expires_at=None)
 
@@ -160,18 +141,18 @@ class Claims:
                              lease_expires_at=None)
             if held is None:
                 return None
-            event(conn, run_id, "step_succeeded", held.name, {"attempt": held.attempts}, now)
+            event(conn, run_id, EventKind.STEP_SUCCEEDED, held.name, {"attempt": held.attempts}, now)
             if succeed_run(conn, run_id, now):
                 return RunStatus.SUCCEEDED.value
             touch(conn, run_id, now)
             return run_status(conn, run_id)
 
     def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float) -> bool:
-        return self._retry("step_retried", run_id, idx, token, error, delay, lease_seconds)
+        return self._retry(EventKind.STEP_RETRIED, run_id, idx, token, error, delay, lease_seconds)
 
     def fail_step(self, run_id: str, idx: int, token: str, error: str) -> bool:
         now = utcnow()
-        return self._held("step_failed", run_id, idx, token, now, {"error": error}, dict(error=error),
+        return self._held(EventKind.STEP_FAILED, run_id, idx, token, now, {"error": error}, dict(error=error),
                           status=StepStatus.FAILED.value, error=error, finished_at=now, lease_expires_at=None)
 
     def finish_run(self, run_id: str) -> ClaimOutcome:
@@ -241,11 +222,11 @@ class Claims:
         if attempts <= 1:
             return attempts
         e = t.events.c
-        last_retry = (select(func.max(e.id)).where(e.run_id == run_id, e.kind == "retry_requested")
+        last_retry = (select(func.max(e.id)).where(e.run_id == run_id, e.kind == EventKind.RETRY_REQUESTED.value)
                       .scalar_subquery())
         count = conn.execute(
             select(func.count()).select_from(t.events)
-            .where(e.run_id == run_id, e.kind == "step_started", e.step == step,
+            .where(e.run_id == run_id, e.kind == EventKind.STEP_STARTED.value, e.step == step,
                    e.id > func.coalesce(last_retry, 0))
         ).scalar()
         return min(attempts, count or attempts)

@@ -13,15 +13,17 @@ from typing import Sequence
 from sqlalchemy import and_, case, or_, select, update
 
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Claim, ClaimOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.claims import Claim, ClaimOutcome, claim_lost
+from sagaflow.store.claims import claim_lost
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
     FAILED_NON_ATOMIC, LIVE_RUN, claimable, event, fail_step, lock_run, move_step, run_status, set_run_status,
     to_compensate, touch,
 )
-from sagaflow.store.models import RunStatus, StepStatus
 
 
 class Compensation:
@@ -96,7 +98,7 @@ class Compensation:
                 .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
             ).first()
             if claimed is not None:
-                event(conn, run_id, "compensation_started", claimed.name,
+                event(conn, run_id, EventKind.COMPENSATION_STARTED, claimed.name,
                       {"attempt": claimed.compensation_attempts}, now)
                 return Claim(ClaimOutcome.CLAIMED, attempt=claimed.compensation_attempts,
                              round_attempt=claimed.compensation_round_attempts, input=run.input,
@@ -120,7 +122,7 @@ class Compensation:
                              lease_expires_at=None)
             if held is None:
                 return None
-            event(conn, run_id, "compensation_succeeded", held.name, None, now)
+            event(conn, run_id, EventKind.COMPENSATION_SUCCEEDED, held.name, None, now)
             lock_run(conn, run_id)  # a late branch's undo may end at the same time (parallel groups)
             if not to_compensate(conn, run_id, in_progress=True):
                 self._finish_compensation(conn, run_id, now)
@@ -130,10 +132,11 @@ class Compensation:
 
     def retry_compensation(self, run_id: str, idx: int, token: str, error: str, delay: float,
                            lease_seconds: float) -> bool:
-        return self._retry("compensation_retried", run_id, idx, token, error, delay, lease_seconds)
+        return self._retry(EventKind.COMPENSATION_RETRIED, run_id, idx, token, error, delay, lease_seconds)
 
     def fail_compensation(self, run_id: str, idx: int, token: str, error: str) -> bool:
-        return self._held("compensation_failed", run_id, idx, token, utcnow(), {"error": error}, dict(error=error),
+        return self._held(EventKind.COMPENSATION_FAILED, run_id, idx, token, utcnow(), {"error": error},
+                          dict(error=error),
                           status=StepStatus.COMPENSATION_FAILED.value, compensation_error=error,
                           lease_expires_at=None)
 
@@ -145,13 +148,13 @@ class Compensation:
             lost = move_step(conn, run_id, idx, StepStatus.COMPENSATING, status=StepStatus.COMPENSATION_FAILED.value,
                              compensation_error=lost_error, lease_expires_at=None)
             if lost is not None:
-                event(conn, run_id, "compensation_failed", lost.name, {"error": lost_error}, now)
+                event(conn, run_id, EventKind.COMPENSATION_FAILED, lost.name, {"error": lost_error}, now)
             step = conn.execute(select(s.name, s.compensation_error).where(s.run_id == run_id, s.idx == idx)).first()
             error = f"compensation of step {step.name!r} failed: {step.compensation_error}"
             if not set_run_status(conn, run_id, RunStatus.COMPENSATING, RunStatus.COMPENSATION_FAILED, now,
                                   error=error, finished_at=now):
                 return False
-            event(conn, run_id, "run_compensation_failed", step.name, {"error": error}, now)
+            event(conn, run_id, EventKind.RUN_COMPENSATION_FAILED, step.name, {"error": error}, now)
         return True
 
     def finish_compensation(self, run_id: str) -> bool:
@@ -168,7 +171,7 @@ class Compensation:
         final = RunStatus.CANCELLED if cancelled else RunStatus.COMPENSATED
         if not set_run_status(conn, run_id, RunStatus.COMPENSATING, final, now, finished_at=now):
             return False
-        event(conn, run_id, f"run_{final.value}", None, None, now)
+        event(conn, run_id, EventKind.run_ended(final), None, None, now)
         return True
 
     def request_retry(self, run_id: str) -> list[int]:
@@ -192,7 +195,7 @@ class Compensation:
                                     else_=StepStatus.SUCCEEDED.value),
                         claim=None, lease_expires_at=None)
             )
-            event(conn, run_id, "retry_requested", None, None, now)
+            event(conn, run_id, EventKind.RETRY_REQUESTED, None, None, now)
             todo = to_compensate(conn, run_id)
             if not todo:
                 self._finish_compensation(conn, run_id, now)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from sqlalchemy import delete, select
 
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.models import RunStatus, StepStatus
 
 
 def discard_unpublished_run(store, run_id: str) -> bool:

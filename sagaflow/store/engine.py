@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
@@ -131,6 +131,17 @@ class Engines:
         self.engine.dispose(close=close)
         if self.autocommit is not None:
             self.autocommit.dispose(close=close)
+
+    def ping(self) -> None:
+        """One ``SELECT 1`` on a pooled connection: raises whatever the database or the driver raises."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def schema_revision(self) -> str | None:
+        """The database's Alembic revision; None when it has no sagaflow tables."""
+        from sagaflow.store.migrate import current_revision  # alembic: loaded by the commands that need it
+
+        return current_revision(self.engine)
 
     def check_schema(self) -> None:
         """Raise SchemaMissing, saying what to run, unless the database is at the latest migration."""

@@ -25,6 +25,7 @@ from sqlalchemy import JSON, bindparam, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from sagaflow.model.events import EventKind
 from sagaflow.store.tables import UTCDateTime
 
 # Every parameter the statements use: its PostgreSQL type (for PREPARE) and, where Python values need
@@ -83,7 +84,7 @@ _CLAIMABLE = """(status = :start
            OR (status = :active AND claim IS NULL)
            OR (status = :active AND claim = ANY(:earlier)))"""
 
-CREATE_RUN = Statement("create_run", """
+CREATE_RUN = Statement("create_run", f"""
 WITH run AS (
     INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
                            created_at, updated_at)
@@ -98,7 +99,7 @@ WITH run AS (
               WITH ORDINALITY AS step(name, has_compensation, idx)
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT id, 'run_started', NULL, :now, :detail FROM run
+    SELECT id, '{EventKind.RUN_STARTED.value}', NULL, :now, :detail FROM run
     RETURNING id
 )
 SELECT id FROM event""")
@@ -118,7 +119,7 @@ WITH run AS (
     WHERE id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM claimed)
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, 'step_started', name, :now, json_build_object('attempt', attempts) FROM claimed
+    SELECT :run_id, '{EventKind.STEP_STARTED.value}', name, :now, json_build_object('attempt', attempts) FROM claimed
 )
 SELECT run.status, run.cancel_requested, run.input, claimed.attempts,
        step.status AS step_status, step.result, step.error
@@ -140,7 +141,7 @@ WITH run AS (
     RETURNING compensation_attempts, compensation_round_attempts, name, result
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, 'compensation_started', name, :now, json_build_object('attempt', compensation_attempts)
+    SELECT :run_id, '{EventKind.COMPENSATION_STARTED.value}', name, :now, json_build_object('attempt', compensation_attempts)
     FROM claimed
 )
 SELECT run.status, run.input, claimed.compensation_attempts, claimed.compensation_round_attempts,
@@ -150,7 +151,7 @@ LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
 
-def _update_held(active: str, assignments: str, kind: str, detail: str, touch: bool = True):
+def _update_held(active: str, assignments: str, kind: EventKind, detail: str, touch: bool = True):
     """A transition of the step this delivery holds: status :active and claim :token. ``touch`` moves the
     run's updated_at too; a step's success does not (one row write less per step): the recovery sweeper
     reads its finished_at instead (recovery.stalled). claims.HELD lists the same transitions for the
@@ -158,43 +159,43 @@ def _update_held(active: str, assignments: str, kind: str, detail: str, touch: b
     touch_run = """, touch AS (
     UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
 )""" if touch else ""
-    return Statement(kind, f"""
+    return Statement(kind.value, f"""
 WITH held AS (
     UPDATE saga_steps SET {assignments}
     WHERE run_id = :run_id AND idx = :idx AND status = '{active}' AND claim = :token
     RETURNING name, attempts, compensation_attempts
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, '{kind}', name, :now, {detail} FROM held
+    SELECT :run_id, '{kind.value}', name, :now, {detail} FROM held
 ){touch_run}
 SELECT count(*) FROM held""")
 
 
 HELD = {
-    "step_succeeded": _update_held(
+    EventKind.STEP_SUCCEEDED: _update_held(
         "running", "status = 'succeeded', result = :result, error = NULL, finished_at = :now, "
                    "lease_expires_at = NULL",
-        "step_succeeded", "json_build_object('attempt', attempts)", touch=False),
-    "step_retried": _update_held(
+        EventKind.STEP_SUCCEEDED, "json_build_object('attempt', attempts)", touch=False),
+    EventKind.STEP_RETRIED: _update_held(
         "running", "lease_expires_at = :lease, error = :error",
-        "step_retried", "json_build_object('attempt', attempts, 'error', :error, "
+        EventKind.STEP_RETRIED, "json_build_object('attempt', attempts, 'error', :error, "
                         "'retry_in', :retry_in)"),
-    "step_failed": _update_held(
+    EventKind.STEP_FAILED: _update_held(
         "running", "status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL",
-        "step_failed", "json_build_object('error', :error)"),
-    "compensation_retried": _update_held(
+        EventKind.STEP_FAILED, "json_build_object('error', :error)"),
+    EventKind.COMPENSATION_RETRIED: _update_held(
         "compensating", "lease_expires_at = :lease, compensation_error = :error",
-        "compensation_retried", "json_build_object('attempt', compensation_attempts, "
+        EventKind.COMPENSATION_RETRIED, "json_build_object('attempt', compensation_attempts, "
                                 "'error', :error, 'retry_in', :retry_in)"),
-    "compensation_failed": _update_held(
+    EventKind.COMPENSATION_FAILED: _update_held(
         "compensating", "status = 'compensation_failed', compensation_error = :error, lease_expires_at = NULL",
-        "compensation_failed", "json_build_object('error', :error)"),
+        EventKind.COMPENSATION_FAILED, "json_build_object('error', :error)"),
 }
 
 # The last step's completion finishes the run in the same statement (no separate finish task), unless a
 # cancel came in: then the run stays running and the step's task raises SagaCancelled into its errback.
 # One INSERT writes both events, so their ids keep their order (CTEs run in no defined order).
-COMPLETE_LAST_STEP = Statement("complete_last_step", """
+COMPLETE_LAST_STEP = Statement("complete_last_step", f"""
 WITH held AS (
     UPDATE saga_steps
     SET status = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_expires_at = NULL
@@ -209,15 +210,17 @@ WITH held AS (
     RETURNING status
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, 'step_succeeded', name, :now, json_build_object('attempt', attempts) FROM held
+    SELECT :run_id, '{EventKind.STEP_SUCCEEDED.value}', name, :now, json_build_object('attempt', attempts) FROM held
     UNION ALL
-    SELECT :run_id, 'run_succeeded', NULL, :now, CAST(NULL AS json) FROM run WHERE status = 'succeeded'
+    SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json) FROM run WHERE status = 'succeeded'
 )
 SELECT (SELECT status FROM run) AS status""")
 
+# (``'run_' || status`` in the two statements below is EventKind.run_ended(status), in SQL: run_compensated,
+# run_cancelled.)
 # A compensation's completion finishes the compensation when no other undo remains (compensated, or
 # cancelled when a cancel started it), whatever the position of the step in its chain.
-COMPLETE_COMPENSATION = Statement("complete_compensation", """
+COMPLETE_COMPENSATION = Statement("complete_compensation", f"""
 WITH held AS (
     UPDATE saga_steps
     SET status = 'compensated', compensation_error = NULL, compensated_at = :now, lease_expires_at = NULL
@@ -238,7 +241,7 @@ WITH held AS (
     RETURNING status
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, 'compensation_succeeded', name, :now, CAST(NULL AS json) FROM held
+    SELECT :run_id, '{EventKind.COMPENSATION_SUCCEEDED.value}', name, :now, CAST(NULL AS json) FROM held
     UNION ALL
     SELECT :run_id, 'run_' || status, NULL, :now, NULL FROM run WHERE status IN ('compensated', 'cancelled')
 )
@@ -248,7 +251,7 @@ SELECT (SELECT status FROM run) AS status""")
 # running (lost: hard time limit, dead process) and the steps that never started as skipped; with nothing
 # to undo, the run ends at once. The steps to undo are read in the statement's snapshot: in a linear saga
 # no other step can complete meanwhile (the chain is at the failed step).
-BEGIN_COMPENSATION = Statement("begin_compensation", """
+BEGIN_COMPENSATION = Statement("begin_compensation", f"""
 WITH todo AS (
     SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
 ), run AS (
@@ -268,20 +271,20 @@ WITH todo AS (
     WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, 'step_failed', name, :now, json_build_object('error', :error) FROM lost
+    SELECT :run_id, '{EventKind.STEP_FAILED.value}', name, :now, json_build_object('error', :error) FROM lost
     UNION ALL
     SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
 )
 SELECT (SELECT status FROM run) AS status,
        (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
 
-FINISH_RUN = Statement("finish_run", """
+FINISH_RUN = Statement("finish_run", f"""
 WITH done AS (
     UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
     WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
     RETURNING id
 ), event AS (
-    INSERT INTO saga_events (run_id, kind, step, at, detail) SELECT id, 'run_succeeded', NULL, :now, NULL FROM done
+    INSERT INTO saga_events (run_id, kind, step, at, detail) SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
 )
 SELECT count(*) FROM done""")
 
@@ -364,7 +367,7 @@ class FastPath:
                          lease=lease, now=now, task_id=token.rsplit(":", 1)[0], start="succeeded",
                          active="compensating")
 
-    def update_held(self, kind: str, run_id: str, idx: int, token: str, now: dt.datetime, *,
+    def update_held(self, kind: EventKind, run_id: str, idx: int, token: str, now: dt.datetime, *,
                     result: Any = None, error: str | None = None, lease: dt.datetime | None = None,
                     retry_in: float | None = None) -> bool:
         return bool(self._one(HELD[kind], run_id=run_id, idx=idx, token=token, now=now, result=result,

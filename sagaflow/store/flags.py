@@ -15,12 +15,13 @@ import datetime as dt
 from sqlalchemy import select, update
 
 from sagaflow.errors import InvalidTransition
+from sagaflow.model.events import EventKind
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     DONE_STEP, LIVE_RUN, event, fail_step, move_step, results, run_status, set_run_status, succeed_run, touch,
 )
-from sagaflow.store.models import RunStatus, StepStatus
 
 
 def past_pivot(conn, run_id: str) -> str | None:
@@ -42,7 +43,7 @@ def overrule_cancel_past_pivot(conn, run_id: str, now: dt.datetime) -> bool:
     r = t.runs.c
     if conn.execute(update(t.runs).where(r.id == run_id, r.cancel_requested.is_(True))
                     .values(cancel_requested=False, updated_at=now)).rowcount:
-        event(conn, run_id, "cancel_overruled", None,
+        event(conn, run_id, EventKind.CANCEL_OVERRULED, None,
               {"pivot": pivot, "reason": f"the pivot {pivot!r} succeeded before the cancel took effect: "
                                          f"the run can no longer be undone and goes forward"}, now)
     return True
@@ -79,8 +80,8 @@ class Flags:
                              finished_at=now, lease_expires_at=None)
             if held is None:
                 return None
-            event(conn, run_id, "step_failed_best_effort", held.name, {"attempt": held.attempts, "error": error},
-                  now)
+            event(conn, run_id, EventKind.STEP_FAILED_BEST_EFFORT, held.name,
+                  {"attempt": held.attempts, "error": error}, now)
             if finish and succeed_run(conn, run_id, now):
                 return RunStatus.SUCCEEDED.value
             touch(conn, run_id, now)
@@ -101,7 +102,7 @@ class Flags:
                              status=StepStatus.FAILED_BEST_EFFORT.value, result=None, error=lost_error,
                              finished_at=now, lease_expires_at=None, claim=None)
             if lost is not None:
-                event(conn, run_id, "step_failed_best_effort", lost.name, {"error": lost_error}, now)
+                event(conn, run_id, EventKind.STEP_FAILED_BEST_EFFORT, lost.name, {"error": lost_error}, now)
                 touch(conn, run_id, now)
                 return "resume", results(conn, run_id)
             status = conn.execute(select(s.status).where(s.run_id == run_id, s.idx == idx)).scalar()
@@ -131,7 +132,7 @@ class Flags:
             else:
                 error = f"the run could not finish after the pivot {pivot!r} succeeded"
             conn.execute(update(t.runs).where(r.id == run_id).values(error=error))
-            event(conn, run_id, "run_stuck", step.name if step is not None else None,
+            event(conn, run_id, EventKind.RUN_STUCK, step.name if step is not None else None,
                   {"error": error, "pivot": pivot}, now)
         return True
 
@@ -163,7 +164,8 @@ class Flags:
                 .returning(s.idx, s.name)
             ).all()
             first = min(reset, default=None, key=lambda row: row.idx)
-            event(conn, run_id, "retry_requested", first.name if first is not None else None, {"forward": True}, now)
+            event(conn, run_id, EventKind.RETRY_REQUESTED, first.name if first is not None else None, {"forward": True},
+                  now)
             rows = conn.execute(select(s.idx, s.status).where(s.run_id == run_id).order_by(s.idx)).all()
             frontier = next((row.idx for row in rows if row.status not in DONE_STEP), len(rows))
             return frontier, results(conn, run_id)

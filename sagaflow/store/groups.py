@@ -17,40 +17,18 @@ them out (BranchOutcome.release, release_held_undos).
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sqlalchemy import func, select, update
 
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import BranchOutcome
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     LIVE_RUN, claimable, event, fail_step, lock_run, move_step, results, succeed_run, to_compensate, touch,
 )
-from sagaflow.store.models import RunStatus, StepStatus
-
-
-@dataclass(frozen=True)
-class BranchOutcome:
-    """What a parallel branch's success decided (Store.complete_branch), for its task to act on.
-
-    decision: "waiting" (a sibling is still open: publish nothing), "joined" (this branch completed the
-    group: publish the steps from ``next_index`` with ``results``, read from SQL), "finished" (the group ended
-    the saga: the run succeeded), "cancelled" (a cancel came in: raise SagaCancelled into the errback),
-    "late" (the run began compensating while the branch ran: publish its own undo if ``compensate``),
-    "recorded" (the run waits for an operator or is final: publish nothing); for a failure (fail_branch):
-    "errback" (fire it: it begins the compensation) or "quiet" (fire none); "stopped" (stop_branch) and
-    "lost" (settle_lost_branch).
-
-    ``release``: the undos of the steps before the group, latest first, which waited for the group to
-    settle (Store.hold_back): this transition settled it, publish them now.
-    """
-
-    decision: str
-    next_index: int | None = None
-    results: dict | None = None
-    compensate: bool = False
-    release: tuple[int, ...] = ()
 
 
 LOST_BRANCH = ("the branch's worker process was lost while the run was compensating; it recorded no outcome, "
@@ -81,7 +59,7 @@ class Groups:
                              lease_expires_at=None)
             if held is None:
                 return None
-            event(conn, run_id, "step_succeeded", held.name,
+            event(conn, run_id, EventKind.STEP_SUCCEEDED, held.name,
                   {"attempt": held.attempts, **_late(run.status in LIVE_RUN, run.status)}, now)
             touch(conn, run_id, now)
             return self._branch_decision(conn, run_id, run, idx, held.name, held.branch_group, now)
@@ -116,12 +94,13 @@ class Groups:
         if any(m.status not in BRANCH_DONE for m in members):
             return BranchOutcome("waiting")
         joined = conn.execute(  # a best-effort branch's end is recorded before it decides: join once
-            select(e.id).where(e.run_id == run_id, e.kind == "group_joined", e.step.in_([m.name for m in members]))
+            select(e.id).where(e.run_id == run_id, e.kind == EventKind.GROUP_JOINED.value,
+                               e.step.in_([m.name for m in members]))
             .limit(1)
         ).first()
         if joined is not None:
             return BranchOutcome("waiting")
-        event(conn, run_id, "group_joined", name, {"group": group}, now)
+        event(conn, run_id, EventKind.GROUP_JOINED, name, {"group": group}, now)
         next_index = max(m.idx for m in members) + 1
         total = conn.execute(select(func.count()).select_from(t.steps).where(s.run_id == run_id)).scalar_one()
         if next_index < total:
@@ -209,7 +188,7 @@ class Groups:
                           for m in members)
             now_todo = [i for i in todo if i >= group] if waiting else todo
             if now_todo != todo:
-                event(conn, run_id, "undos_held", None,
+                event(conn, run_id, EventKind.UNDOS_HELD, None,
                       {"steps": [i for i in todo if i < group], "until": "the parallel group settles"}, now)
         return now_todo
 
@@ -264,17 +243,18 @@ def _held_undos(conn, run_id: str, now: dt.datetime) -> list[int]:
     if group is None:
         return []
     last = conn.execute(
-        select(e.kind).where(e.run_id == run_id, e.kind.in_(["undos_held", "undos_released"]))
+        select(e.kind)
+        .where(e.run_id == run_id, e.kind.in_([EventKind.UNDOS_HELD.value, EventKind.UNDOS_RELEASED.value]))
         .order_by(e.id.desc()).limit(1)
     ).scalar()
-    if last != "undos_held":
+    if last != EventKind.UNDOS_HELD:
         return []
     members = conn.execute(select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)).all()
     undos = to_compensate(conn, run_id, in_progress=True)
     if any(m.status == StepStatus.RUNNING.value or m.idx in undos for m in members):
         return []
     before = [i for i in undos if i < group]
-    event(conn, run_id, "undos_released", None, {"steps": before}, now)
+    event(conn, run_id, EventKind.UNDOS_RELEASED, None, {"steps": before}, now)
     return before
 
 
@@ -289,7 +269,7 @@ def settle_lost_branches(conn, run_id: str, now: dt.datetime) -> None:
         .returning(s.name)
     ).all()
     for row in lost:
-        event(conn, run_id, "step_failed", row.name, {"error": LOST_BRANCH, "late": True}, now)
+        event(conn, run_id, EventKind.STEP_FAILED, row.name, {"error": LOST_BRANCH, "late": True}, now)
 
 
 def branches_unsettled(conn, run_id: str) -> bool:

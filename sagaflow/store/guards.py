@@ -17,8 +17,9 @@ from typing import Iterable, Sequence
 
 from sqlalchemy import and_, insert, or_, select, update
 
+from sagaflow.model.events import EventKind
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.models import RunStatus, StepStatus
 
 LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
 IN_PROGRESS_RUN = (*LIVE_RUN, RunStatus.COMPENSATING.value)  # what the recovery sweeper watches
@@ -71,7 +72,7 @@ def fail_step(conn, run_id: str, idx: int, expected, error: str, now: dt.datetim
     row = move_step(conn, run_id, idx, expected, token=token, where=where, returning=returning,
                     status=StepStatus.FAILED.value, error=error, finished_at=now, lease_expires_at=None)
     if row is not None:
-        event(conn, run_id, "step_failed", row.name, {"error": error, **(detail or {})}, now)
+        event(conn, run_id, EventKind.STEP_FAILED, row.name, {"error": error, **(detail or {})}, now)
     return row
 
 
@@ -109,7 +110,7 @@ def succeed_run(conn, run_id: str, now: dt.datetime, expected=RunStatus.RUNNING,
     where = [t.runs.c.cancel_requested.is_(False)] if unless_cancelled else []
     if not set_run_status(conn, run_id, expected, RunStatus.SUCCEEDED, now, where=where, finished_at=now):
         return False
-    event(conn, run_id, "run_succeeded", None, None, now)
+    event(conn, run_id, EventKind.RUN_SUCCEEDED, None, None, now)
     return True
 
 
@@ -152,6 +153,8 @@ def touch(conn, run_id: str, now: dt.datetime) -> None:
     conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(updated_at=now))
 
 
-def event(conn, run_id: str, kind: str, step: str | None, detail: dict | None, now: dt.datetime) -> None:
-    """Record ``kind`` in the caller's transaction."""
-    conn.execute(insert(t.events).values(run_id=run_id, kind=kind, step=step, at=now, detail=detail))
+def event(conn, run_id: str, kind: EventKind, step: str | None, detail: dict | None, now: dt.datetime) -> None:
+    """Record ``kind`` in the caller's transaction (its text, as stored ever since; a kind the model does not
+    name is a ValueError, before anything is written)."""
+    conn.execute(insert(t.events).values(run_id=run_id, kind=EventKind(kind).value, step=step, at=now,
+                                         detail=detail))

@@ -4,36 +4,16 @@ wins), and deciding from SQL what to publish to move it on (``Recovery``)."""
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 
 from sqlalchemy import and_, exists, or_, select, update
 
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import Recovery
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
-from sagaflow.store.models import RunStatus, StepStatus
-
-
-@dataclass(frozen=True)
-class Recovery:
-    """What the sweeper must publish to move a stalled run on, decided from SQL in one transaction.
-
-    action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
-    the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
-    empty: finish the compensation), "wait" (``index`` waits for its signal or child run: nothing to
-    publish); from sagaflow/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
-    "child_finished" (a child's end, re-announced to its parent).
-    """
-
-    run_id: str
-    saga: str
-    version: int
-    action: str
-    index: int = 0
-    results: dict | None = None
-    indexes: tuple[int, ...] = ()
-    revoked: tuple[str, ...] = ()  # steps whose expired claim was taken back
 
 
 def stalled(now: dt.datetime, stall_timeout: float):
@@ -112,7 +92,7 @@ class Recoveries:
                 .where(s.run_id == run_id).order_by(s.idx)
             ).all()
             recovery = recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
-            event(conn, run_id, "run_recovered", None,
+            event(conn, run_id, EventKind.RUN_RECOVERED, None,
                   {"action": recovery.action, "revoked": list(recovery.revoked),
                    **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
                       else {})}, now)

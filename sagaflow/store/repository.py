@@ -14,6 +14,8 @@ concern.
     flags.py         best-effort and pivot steps, plain runs                        (Flags)
     waits.py         gates, signals, cancelling a waiting run                       (Waits)
     children.py      child runs                                                     (Children)
+    stats.py         read-only aggregates for /api/stats, the page's counts, /metrics (Stats)
+    sessions.py      the web's operator sessions and authentication failures        (Sessions)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -36,21 +38,20 @@ Each public method is one transaction (or one fast statement); a transition is a
 from __future__ import annotations
 
 from sagaflow.store.children import CHILD_ENDED, CHILD_UNDONE, Children
-from sagaflow.store.claims import Claim, ClaimOutcome, Claims
+from sagaflow.store.claims import Claims
 from sagaflow.store.compensation import Compensation
 from sagaflow.store.engine import IDLE_PING_SECONDS, Engines, create_db_engine, utcnow
 from sagaflow.store.flags import Flags
-from sagaflow.store.groups import LOST_BRANCH, BranchOutcome, Groups
-from sagaflow.store.recovery import Recoveries, Recovery
+from sagaflow.store.groups import LOST_BRANCH, Groups
+from sagaflow.store.recovery import Recoveries
 from sagaflow.store.runs import Runs
-from sagaflow.store.waits import WaitOutcome, Waits
+from sagaflow.store.sessions import Sessions
+from sagaflow.store.stats import Stats
+from sagaflow.store.waits import Waits
 
 
-class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Engines):
+class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Stats, Sessions, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 
-__all__ = [
-    "BranchOutcome", "CHILD_ENDED", "CHILD_UNDONE", "Claim", "ClaimOutcome", "IDLE_PING_SECONDS", "LOST_BRANCH",
-    "Recovery", "Store", "WaitOutcome", "create_db_engine", "utcnow",
-]
+__all__ = ["CHILD_ENDED", "CHILD_UNDONE", "IDLE_PING_SECONDS", "LOST_BRANCH", "Store", "create_db_engine", "utcnow"]

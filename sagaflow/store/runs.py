@@ -10,11 +10,13 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
+from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
-from sagaflow.store.models import Event, Run, RunStatus, StepSpec, StepState, StepStatus
 
 
 def _started(saga: str, version: int, parent_run_id: str | None, parent_step: int | None) -> dict:
@@ -41,7 +43,7 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
                  non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group, signal=spec.signal)
             for i, spec in enumerate(steps)])
     return conn.execute(
-        insert(t.events).values(run_id=run_id, kind="run_started", step=None, at=now,
+        insert(t.events).values(run_id=run_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
                                 detail=_started(saga, version, parent_run_id, parent_step))
         .returning(t.events.c.id)
     ).scalar_one()
@@ -126,7 +128,7 @@ class Runs:
                           best_effort=spec.best_effort, non_atomic=spec.non_atomic, pivot=spec.pivot,
                           group=spec.group, signal=spec.signal)
                 for i, spec in enumerate(steps)),
-            events=(Event(id=event_id, kind="run_started", step=None, at=now,
+            events=(Event(id=event_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
                           detail=_started(saga, version, parent_run_id, parent_step)),)
             if event_id is not None else (),
             mode=mode, parent_run_id=parent_run_id, parent_step=parent_step,
@@ -192,7 +194,7 @@ class Runs:
                 .values(cancel_requested=True, updated_at=now)
             ).rowcount
             if changed:
-                event(conn, run_id, "cancel_requested", None, None, now)
+                event(conn, run_id, EventKind.CANCEL_REQUESTED, None, None, now)
         run = self.get_run(run_id)
         if not changed and not (run.cancel_requested and run.status in LIVE_RUN):
             raise InvalidTransition(f"run {run_id} is {run.status}: only pending or running runs can be cancelled")

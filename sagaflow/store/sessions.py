@@ -1,5 +1,5 @@
-"""The SQL of the web app's security state (web/security.py): operator sessions and failed-authentication
-counts. In the database, not in a process, so every gunicorn worker (and every host) sees the same logins,
+"""The SQL of the web app's security state (web/security.py, through SagaClient): operator sessions and
+failed-authentication counts. In the database, not in a process, so every gunicorn worker (and every host) sees the same logins,
 logouts and failures."""
 
 from __future__ import annotations
@@ -87,3 +87,25 @@ def record_failure(engine: Engine, client: str, window: float) -> int:
 def clear_failures(engine: Engine, client: str) -> None:
     with engine.begin() as conn:
         conn.execute(delete(t.auth_failures).where(t.auth_failures.c.client == client))
+
+
+class Sessions:
+    """The Store's part for these (the web reaches them through SagaClient, never the engine)."""
+
+    def create_session(self, session_id: str, lifetime: float) -> None:
+        create_session(self.engine, session_id, lifetime)
+
+    def session_alive(self, session_id: str) -> bool:
+        return session_alive(self.engine, session_id)
+
+    def revoke_session(self, session_id: str) -> None:
+        revoke_session(self.engine, session_id)
+
+    def auth_retry_after(self, client: str, limit: int, window: float) -> int:
+        return retry_after(self.engine, client, limit, window)
+
+    def record_auth_failure(self, client: str, window: float) -> int:
+        return record_failure(self.engine, client, window)
+
+    def clear_auth_failures(self, client: str) -> None:
+        clear_failures(self.engine, client)

@@ -17,24 +17,21 @@ from typing import Iterable, Sequence
 from sqlalchemy import case, func, select
 from sqlalchemy.engine import Engine
 
+from sagaflow.model.events import COMPENSATION_ENDS, STEP_OUTCOME_EVENTS, EventKind
+from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
 from sagaflow.store import tables as t
-from sagaflow.store.models import FINAL_RUN_STATUSES, RunStatus
 
 # Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
 DURATION_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 )
-END_EVENTS = {  # event kind -> the final run status it records
-    "run_succeeded": RunStatus.SUCCEEDED.value,
-    "run_compensated": RunStatus.COMPENSATED.value,
-    "run_cancelled": RunStatus.CANCELLED.value,
-    "run_compensation_failed": RunStatus.COMPENSATION_FAILED.value,
-    "run_failed": RunStatus.FAILED.value,  # (plain runs record no events: they show in the status gauge only)
-    "run_stuck": RunStatus.STUCK.value,
-}
-STEP_EVENTS = ("step_succeeded", "step_failed", "step_retried",
-               "compensation_succeeded", "compensation_failed", "compensation_retried")
-_COMPENSATION_END = ("compensation_succeeded", "compensation_failed")
+# event kind -> the final run status it records (run_failed: plain runs record no events, so they show in
+# the status gauge only).
+END_EVENTS = {EventKind.run_ended(status).value: status.value for status in (
+    RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.CANCELLED, RunStatus.COMPENSATION_FAILED, RunStatus.FAILED,
+    RunStatus.STUCK)}
+STEP_EVENTS = tuple(kind.value for kind in STEP_OUTCOME_EVENTS)
+_COMPENSATION_END = tuple(kind.value for kind in COMPENSATION_ENDS)
 
 
 @dataclass
@@ -69,22 +66,8 @@ def run_counts(engine: Engine, saga: str | None = None) -> dict[tuple[str, str],
         return {(row[0], row[1]): row[2] for row in conn.execute(query)}
 
 
-def by_status(counts: dict[tuple[str, str], int]) -> dict[str, int]:
-    """Every run status (zeros included, in the order of RunStatus) -> count."""
-    totals = {s.value: 0 for s in RunStatus}
-    for (_, status), n in counts.items():
-        totals[status] = totals.get(status, 0) + n
-    return totals
-
-
-def compensation_rate(counts: dict[tuple[str, str], int]) -> float | None:
-    """Of the runs that reached a final status, the share a failed step sent back (compensated, or
-    compensation_failed); None before any run finished. Cancelled runs count as finished, not as failures."""
-    final = {s.value for s in FINAL_RUN_STATUSES}
-    finished = sum(n for (_, status), n in counts.items() if status in final)
-    failed = sum(n for (_, status), n in counts.items()
-                 if status in (RunStatus.COMPENSATED.value, RunStatus.COMPENSATION_FAILED.value))
-    return round(failed / finished, 4) if finished else None
+# The pure arithmetic over run_counts' answer is the model's (faces compute it without the store).
+by_status = counts_by_status
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -137,13 +120,13 @@ def _compensation_durations(engine: Engine):
         select(e.run_id, e.step, e.kind, e.at,
                func.coalesce(func.sum(is_end).over(partition_by=(e.run_id, e.step), order_by=e.id,
                                                    rows=(None, -1)), 0).label("round"))
-        .where(e.kind.in_(("compensation_started", *_COMPENSATION_END)))
+        .where(e.kind.in_((EventKind.COMPENSATION_STARTED.value, *_COMPENSATION_END)))
         .subquery("ordered")
     )
     o = ordered.c
     rounds = (
         select(o.run_id, o.step,
-               func.min(case((o.kind == "compensation_started", o.at))).label("started"),
+               func.min(case((o.kind == EventKind.COMPENSATION_STARTED.value, o.at))).label("started"),
                func.max(case((o.kind.in_(_COMPENSATION_END), o.at))).label("ended"))
         .group_by(o.run_id, o.step, o.round)
         .subquery("rounds")
@@ -220,7 +203,29 @@ def _percentile_entry(count, maximum, values, quantiles) -> dict:
     return entry
 
 
+class Stats:
+    """The Store's part for these reads (the faces reach them through SagaClient, never the engine)."""
+
+    def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
+        return run_counts(self.engine, saga)
+
+    def run_end_counts(self) -> dict[tuple[str, str], int]:
+        return run_end_counts(self.engine)
+
+    def step_event_counts(self) -> dict[tuple[str, str, str], int]:
+        return step_event_counts(self.engine)
+
+    def step_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
+        return step_duration_histograms(self.engine, buckets)
+
+    def compensation_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
+        return compensation_duration_histograms(self.engine, buckets)
+
+    def step_duration_percentiles(self, quantiles: Iterable[float] = (0.5, 0.9, 0.99)) -> dict:
+        return step_duration_percentiles(self.engine, quantiles)
+
+
 __all__ = [
-    "DURATION_BUCKETS", "Histogram", "by_status", "compensation_duration_histograms", "compensation_rate",
+    "DURATION_BUCKETS", "Histogram", "Stats", "by_status", "compensation_duration_histograms", "compensation_rate",
     "run_counts", "run_end_counts", "step_duration_histograms", "step_duration_percentiles", "step_event_counts",
 ]

@@ -10,43 +10,19 @@ miss each other. Lock order: a parent run before its child.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 
 from sagaflow.errors import InvalidTransition, UnknownRun
+from sagaflow.model.events import EventKind
+from sagaflow.model.outcomes import WaitOutcome
+from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
     LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
 )
-from sagaflow.store.models import FINAL_RUN_STATUSES, RunStatus, StepStatus
-
-
-@dataclass(frozen=True)
-class WaitOutcome:
-    """What a transition of a gate, a signal or a child run decided, for sagaflow/waits.py to publish.
-
-    action: "waiting" (nothing to publish: the run waits), "continue" (publish the chain of ``run_id`` from
-    ``index + 1`` with ``results``), "finished" (the run ended in ``status``: tell its parent, if any),
-    "errback" (publish on_step_failed for ``index``), "compensate" (publish the compensations ``indexes``,
-    latest first, of ``run_id``), "cancelled" (a cancel came in before the step could wait: fail into the
-    errback), "failed" (give up: ``error``), "lost" (this delivery no longer holds the step), "none"
-    (nothing to do: a duplicate, or a signal kept for a gate the run has not reached).
-    """
-
-    action: str
-    run_id: str
-    saga: str = ""
-    version: int = 0
-    index: int = 0
-    results: dict | None = None
-    result: Any = None
-    status: str | None = None
-    indexes: tuple[int, ...] = ()
-    child_run_id: str | None = None
-    error: str | None = None
 
 
 def lock_wait_run(conn, run_id: str):
@@ -61,7 +37,7 @@ class Waits:
         """A gate or child step succeeded with ``result``: finish the run if it was the last step (unless a
         cancel came in: then the errback compensates everything, this step included), else hand back the
         chain to publish from the next step. The caller moved the step; the run leaves running/waiting."""
-        event(conn, run.id, "step_succeeded", name, detail, now)
+        event(conn, run.id, EventKind.STEP_SUCCEEDED, name, detail, now)
         base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx)
         live = (RunStatus.RUNNING, RunStatus.WAITING)
         last = conn.execute(select(func.max(t.steps.c.idx)).where(t.steps.c.run_id == run.id)).scalar()
@@ -107,8 +83,8 @@ class Waits:
                          deadline_at=deadline, claim=None, lease_expires_at=None) is None:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
-            event(conn, run_id, "run_waiting", step.name, {"signal": step.signal, "deadline": deadline.isoformat()},
-                  now)
+            event(conn, run_id, EventKind.RUN_WAITING, step.name,
+                  {"signal": step.signal, "deadline": deadline.isoformat()}, now)
         return WaitOutcome("waiting", **base)
 
     def deliver_signal(self, run_id: str, name: str, payload: Any) -> WaitOutcome:
@@ -134,7 +110,7 @@ class Waits:
                                         f"(at {earlier.isoformat()}); a signal is delivered once")
             conn.execute(insert(t.signals).values(run_id=run_id, name=name, payload=payload, received_at=now))
             waiting = next((g for g in gates if g.status == StepStatus.WAITING.value), None)
-            event(conn, run_id, "signal_received", waiting.name if waiting else None,
+            event(conn, run_id, EventKind.SIGNAL_RECEIVED, waiting.name if waiting else None,
                   {"signal": name, "gate_waiting": waiting is not None}, now)
             base = dict(run_id=run_id, saga=run.saga, version=run.saga_version)
             if waiting is None or run.status != RunStatus.WAITING.value:
@@ -192,7 +168,7 @@ class Waits:
         s, r = t.steps.c, t.runs.c
         if not run.cancel_requested:
             conn.execute(update(t.runs).where(r.id == run.id).values(cancel_requested=True, updated_at=now))
-            event(conn, run.id, "cancel_requested", None, None, now)
+            event(conn, run.id, EventKind.CANCEL_REQUESTED, None, None, now)
         step = conn.execute(select(s.idx, s.name, s.kind, s.signal, s.child_run_id)
                             .where(s.run_id == run.id, s.status == StepStatus.WAITING.value)).first()
         if step is None:
@@ -211,5 +187,5 @@ class Waits:
             return self._cancel_waiting(conn, child, now)
         if child.status in LIVE_RUN:
             conn.execute(update(t.runs).where(r.id == child.id).values(cancel_requested=True, updated_at=now))
-            event(conn, child.id, "cancel_requested", None, {"by_parent": run.id}, now)
+            event(conn, child.id, EventKind.CANCEL_REQUESTED, None, {"by_parent": run.id}, now)
         return []

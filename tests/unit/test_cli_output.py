@@ -7,7 +7,7 @@ import click
 import pytest
 
 from sagaflow.cli import SECONDS, _print_run
-from sagaflow.store.models import Event, Run, StepState
+from sagaflow.model import Event, Run, StepState
 
 EVIL = "x\x1b[2J\x1b]0;pwned\x07\r\nforged\x00\x9b\u2028\udcff"
 ESCAPED = "x\\x1b[2J\\x1b]0;pwned\\x07\\r\\nforged\\x00\\x9b\\u2028\\udcff"

@@ -3,7 +3,7 @@ import random
 import pytest
 
 from sagaflow import DefinitionError, NonRetryableError, RetryKind, RetryPolicy, Saga, Step, UnknownSaga
-from sagaflow.definition import Registry, registry
+from sagaflow.model.definition import Registry, registry
 
 
 def noop(ctx):

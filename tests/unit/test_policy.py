@@ -8,9 +8,9 @@ import pytest
 
 from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
-from sagaflow.definition import DEFAULT_FORWARD_RETRY, DEFAULT_RETRY, RetryPolicy, registry
+from sagaflow.model.definition import DEFAULT_FORWARD_RETRY, DEFAULT_RETRY, RetryPolicy, registry
 from sagaflow.errors import DefinitionError
-from sagaflow.policy import PLAIN, SAGA, PolicyError, PolicySource, mode_for, parse
+from sagaflow.model.policy import PLAIN, SAGA, PolicyError, PolicySource, mode_for, parse
 
 
 def settings(tmp_path, **env):

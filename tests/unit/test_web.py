@@ -6,6 +6,7 @@ import datetime as dt
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from sagaflow.client import SagaClient
 from sagaflow.config.settings import Settings
 from sagaflow.store import Event, Run, StepState
 from tests.unit.test_stats import filled  # noqa: F401  (fixture)
@@ -115,9 +116,9 @@ def test_the_timeline_puts_compensations_after_the_failure_latest_step_first():
     assert bars[0].left == 0 and bars[4].left + bars[4].width == 100
 
 
-def test_the_collector_exposes_counters_gauges_and_histograms(filled):  # noqa: F811
+def test_the_collector_exposes_counters_gauges_and_histograms(store, filled):  # noqa: F811
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SagaflowCollector(lambda: filled))
+    registry.register(SagaflowCollector(lambda: SagaClient(store)))
     text = generate_latest(registry).decode()
 
     assert 'sagaflow_runs_started_total{saga="pay"} 3.0' in text

@@ -1,0 +1,525 @@
+"""Saga definitions: plain data and validation, no Celery here.
+
+A saga is an ordered list of steps; each step pairs an action with the compensation that undoes it, so a
+reader sees both in one place:
+
+    booking = Saga("create_booking", version=1)
+
+    @booking.step(retry=RetryPolicy(max_attempts=3), timeout=10)
+    def create_invoice(ctx): ...
+
+    @create_invoice.compensation
+    def cancel_invoice(ctx): ...
+
+Sagas assembled at run time use the plain form: ``Saga(name, steps=[Step(name, action, compensation)])``.
+Every saga registers itself in ``registry`` when it is created; the runtime listens to the registry and
+declares the matching Celery tasks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable
+
+from sagaflow.errors import DefinitionError, NonRetryableError, UnknownSaga
+
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class RetryKind(str, Enum):
+    """How the delay between attempts grows."""
+
+    EXPONENTIAL = "exponential"  # initial_interval * backoff ** (n - 1)
+    LINEAR = "linear"  # initial_interval + increment * (n - 1)
+    FIXED = "fixed"  # initial_interval every time
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how fast a failing action (or compensation) is tried again.
+
+    The delay before attempt n+1 (after attempt n failed) depends on ``kind``:
+
+    - ``"exponential"`` (the default): ``initial_interval * backoff ** (n - 1)``;
+    - ``"linear"``: ``initial_interval + increment * (n - 1)``, where ``increment`` defaults to
+      ``initial_interval`` (so 1, 2, 3... for an interval of 1);
+    - ``"fixed"``: ``initial_interval`` every time.
+
+    Every kind is capped at ``max_interval``. With ``jitter`` the delay is drawn between half and all of
+    that ("equal jitter"), so retries of many runs spread out but never fire at once. Exceptions in
+    ``non_retryable`` (and sagaflow's ``NonRetryableError``) fail at the first attempt.
+
+    ``backoff`` applies to the exponential kind only and ``increment`` to the linear kind only; setting
+    either for another kind is refused rather than silently ignored.
+    """
+
+    max_attempts: int = 3
+    initial_interval: float = 1.0
+    backoff: float | None = None  # exponential only; None means 2.0
+    max_interval: float = 60.0
+    jitter: bool = True
+    non_retryable: tuple[type[BaseException], ...] = ()
+    # New fields go last, so positional arguments written for the earlier constructor keep their meaning.
+    kind: RetryKind | str = RetryKind.EXPONENTIAL
+    increment: float | None = None  # linear only; None means initial_interval
+
+    def __post_init__(self) -> None:
+        try:
+            kind = RetryKind(self.kind)
+        except ValueError:
+            allowed = ", ".join(repr(k.value) for k in RetryKind)
+            raise DefinitionError(f"retry kind must be one of {allowed}, got {self.kind!r}") from None
+        object.__setattr__(self, "kind", kind)
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise DefinitionError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        for name in ("initial_interval", "max_interval"):
+            value = getattr(self, name)
+            if not _is_number(value) or value < 0:
+                raise DefinitionError(f"{name} must be a number of seconds >= 0, got {value!r}")
+        if not isinstance(self.jitter, bool):
+            raise DefinitionError(f"jitter must be True or False, got {self.jitter!r}")
+        if kind is RetryKind.EXPONENTIAL:
+            if self.backoff is None:
+                object.__setattr__(self, "backoff", 2.0)
+            elif not _is_number(self.backoff) or self.backoff < 1:
+                raise DefinitionError(f"backoff must be a number >= 1, got {self.backoff!r}")
+        elif self.backoff is not None:
+            raise DefinitionError(f"backoff applies to kind 'exponential' only, got backoff={self.backoff!r} "
+                                  f"with kind {kind.value!r}")
+        if kind is RetryKind.LINEAR:
+            if self.increment is None:
+                object.__setattr__(self, "increment", self.initial_interval)
+            elif not _is_number(self.increment) or self.increment < 0:
+                raise DefinitionError(f"increment must be a number of seconds >= 0, got {self.increment!r}")
+        elif self.increment is not None:
+            raise DefinitionError(f"increment applies to kind 'linear' only, got increment={self.increment!r} "
+                                  f"with kind {kind.value!r}")
+        try:
+            object.__setattr__(self, "non_retryable", tuple(self.non_retryable))
+        except TypeError:
+            raise DefinitionError(f"non_retryable must be a tuple of exception classes, "
+                                  f"got {self.non_retryable!r}") from None
+        for exc_type in self.non_retryable:
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise DefinitionError(f"non_retryable must hold exception classes, got {exc_type!r}")
+
+    def nominal_delay(self, failed_attempt: int) -> float:
+        """The delay after attempt ``failed_attempt`` (1-based) failed, capped, before jitter."""
+        n = max(1, failed_attempt)
+        if self.kind is RetryKind.FIXED:
+            base = self.initial_interval
+        elif self.kind is RetryKind.LINEAR:
+            base = self.initial_interval + self.increment * (n - 1)
+        else:
+            try:
+                base = self.initial_interval * self.backoff ** (n - 1)
+            except OverflowError:  # a huge attempt number: the cap applies anyway
+                base = math.inf
+        return min(self.max_interval, base)
+
+    def delay(self, failed_attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after attempt number ``failed_attempt`` (1-based) failed."""
+        base = self.nominal_delay(failed_attempt)
+        return base * (0.5 + rand() / 2) if self.jitter else base
+
+    def allows_retry(self, exc: BaseException, failed_attempt: int) -> bool:
+        if isinstance(exc, (NonRetryableError, *self.non_retryable)):
+            return False
+        return failed_attempt < self.max_attempts
+
+
+DEFAULT_RETRY = RetryPolicy()
+# A step after the pivot that sets no retry of its own: the saga can no longer be undone, so it tries harder
+# to go forward before it leaves the run stuck for an operator (about 4 minutes of retries in all).
+DEFAULT_FORWARD_RETRY = RetryPolicy(max_attempts=8, initial_interval=1.0, backoff=2.0, max_interval=60.0)
+# An undo must happen: compensations try harder before a run is left to an operator.
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=1.0, backoff=2.0, max_interval=60.0)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What an action or a compensation receives.
+
+    ``results`` holds the results of the earlier steps by name; ``result`` is, for a compensation, the
+    result of the action it undoes. ``idempotency_key`` is stable across retries and redeliveries of the
+    same step of the same run: pass it to external APIs so a repeated call does nothing twice.
+    """
+
+    run_id: str
+    saga: str
+    step: str
+    input: dict[str, Any]
+    attempt: int
+    idempotency_key: str
+    results: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    _heartbeat: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self) -> None:
+        """Tell sagaflow this step is alive: push its lease forward. A long step that sets ``lease`` shorter
+        than its ``timeout`` calls this more often than ``lease`` seconds apart; if its worker dies, the
+        recovery sweeper re-drives the step once the lease runs out, instead of after the whole timeout.
+        Raises LeaseLost if another delivery took the step over (stop: that one does the work), and
+        SagaCancelled if the run was cancelled meanwhile (the step fails and the run is compensated)."""
+        if self._heartbeat is not None:
+            self._heartbeat()
+
+
+Action = Callable[[StepContext], Any]
+ChildInput = Callable[[StepContext], dict]
+
+
+class StepKind(str, Enum):
+    """What a step does when the chain reaches it."""
+
+    ACTION = "action"  # call the action
+    GATE = "gate"  # wait, holding no worker, for a named signal (client.signal) or its timeout
+    CHILD = "child"  # start another saga as a child run; done when the child succeeds
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Step:
+    """One step: an action, optionally a compensation, and options.
+
+    - ``best_effort``: a failure (after its retries) is recorded and the run goes on; nothing is undone.
+    - ``non_atomic``: the action may have done part of its work when it fails, so its own compensation
+      runs too (first) when it fails for good.
+    - ``pivot``: once it succeeds the saga can no longer be undone; later steps retry forward, and a step
+      that still fails leaves the run ``stuck``, waiting for an operator, never half-compensated.
+    - ``group``: set by ``Saga.parallel``: the steps of one group run at the same time, joined before the
+      next step.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        action: Action,
+        compensation: Action | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        lease: float | None = None,
+        queue: str | None = None,
+        best_effort: bool = False,
+        non_atomic: bool = False,
+        pivot: bool = False,
+        kind: StepKind | str = StepKind.ACTION,
+        signal: str | None = None,
+        child_saga: str | None = None,
+        child_input: ChildInput | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
+        try:
+            kind = StepKind(kind)
+        except ValueError:
+            raise DefinitionError(f"step {name!r}: kind must be one of "
+                                  f"{', '.join(k.value for k in StepKind)}, got {kind!r}") from None
+        if kind is StepKind.ACTION and not callable(action):
+            raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
+        for option, flag in (("best_effort", best_effort), ("non_atomic", non_atomic), ("pivot", pivot)):
+            if not isinstance(flag, bool):
+                raise DefinitionError(f"step {name!r}: {option} must be True or False, got {flag!r}")
+        if best_effort and pivot:
+            raise DefinitionError(f"step {name!r}: a pivot cannot be best-effort (its success is what commits "
+                                  f"the saga)")
+        if kind is StepKind.GATE:
+            if not isinstance(signal, str) or not NAME_PATTERN.match(signal):
+                raise DefinitionError(f"gate {name!r}: signal must be an identifier, got {signal!r}")
+            if timeout is None:
+                raise DefinitionError(f"gate {name!r}: give a timeout (seconds): a gate never waits forever")
+        elif signal is not None:
+            raise DefinitionError(f"step {name!r}: only a gate waits for a signal")
+        if kind is StepKind.CHILD:
+            if not isinstance(child_saga, str) or not NAME_PATTERN.match(child_saga):
+                raise DefinitionError(f"child step {name!r}: saga must be a saga name, got {child_saga!r}")
+            if child_input is not None and not callable(child_input):
+                raise DefinitionError(f"child step {name!r}: input must be callable (ctx -> dict), "
+                                      f"got {child_input!r}")
+        elif child_saga is not None or child_input is not None:
+            raise DefinitionError(f"step {name!r}: only a child step names a child saga")
+        if compensation is not None and not callable(compensation):
+            raise DefinitionError(f"step {name!r}: compensation must be callable, got {compensation!r}")
+        if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+            raise DefinitionError(f"step {name!r}: timeout must be a number of seconds > 0, got {timeout!r}")
+        for option, policy in (("retry", retry), ("compensation_retry", compensation_retry)):
+            if policy is not None and not isinstance(policy, RetryPolicy):
+                raise DefinitionError(f"step {name!r}: {option} must be a RetryPolicy, got {policy!r}")
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise DefinitionError(f"step {name!r}: queue must be a non-empty string, got {queue!r}")
+        if lease is not None and (not _is_number(lease) or lease <= 0):
+            raise DefinitionError(f"step {name!r}: lease must be a number of seconds > 0, got {lease!r}")
+        self.name = name
+        self.action = action
+        self.compensate = compensation
+        self.retry = retry or DEFAULT_RETRY
+        self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
+        self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
+        self.lease = lease  # how long the step counts as alive without a heartbeat; None: the time limit
+        self.queue = queue
+        self.best_effort = best_effort
+        self.non_atomic = non_atomic
+        self.pivot = pivot
+        self.kind = kind
+        self.signal = signal  # a gate's signal name
+        self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
+        self.child_input = child_input  # ctx -> the child's input; None: the parent's input
+        self.group: int | None = None  # Saga.parallel: the index of the group's first step
+        self.saga: Saga | None = None
+
+    @property
+    def special(self) -> bool:
+        """Whether the step needs more than the linear fast path (store/fastpath.py) can record."""
+        return (self.kind is not StepKind.ACTION or self.best_effort or self.non_atomic or self.pivot
+                or self.group is not None)
+
+    def compensation(self, fn: Action | None = None, *, retry: RetryPolicy | None = None):
+        """Decorator: register ``fn`` as the compensation of this step."""
+
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise DefinitionError(f"step {self.name!r}: compensation retry must be a RetryPolicy, got {retry!r}")
+
+        def register(func: Action) -> Action:
+            if not callable(func):
+                raise DefinitionError(f"step {self.name!r}: compensation must be callable")
+            if self.compensate is not None:
+                raise DefinitionError(f"step {self.name!r} already has a compensation")
+            self.compensate = func
+            if retry is not None:
+                self.compensation_retry = retry
+            if self.saga is not None:
+                registry.changed(self.saga)
+            return func
+
+        return register(fn) if fn is not None else register
+
+    def __call__(self, ctx: StepContext) -> Any:
+        # The decorator replaces the function by its Step; keep it callable for direct use in tests.
+        return self.action(ctx)
+
+    def __repr__(self) -> str:
+        return f"<Step {self.name}{' +compensation' if self.compensate else ''}>"
+
+
+class Parallel:
+    """Steps that run at the same time, for the plain form: ``Saga(name, steps=[a, Parallel(b, c), d])``."""
+
+    def __init__(self, *steps: Step) -> None:
+        if len(steps) < 2:
+            raise DefinitionError("a parallel group needs at least two steps")
+        self.steps = steps
+
+
+class Saga:
+    """A named, versioned, ordered list of steps."""
+
+    def __init__(self, name: str, steps: Iterable[Step] = (), *, version: int = 1, register: bool = True) -> None:
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise DefinitionError(f"saga name {name!r} must be an identifier (letters, digits, underscore)")
+        if not isinstance(version, int) or version < 1:
+            raise DefinitionError(f"saga {name!r}: version must be an integer >= 1, got {version!r}")
+        self.name = name
+        self.version = version
+        self.steps: list[Step] = []
+        self._group: int | None = None  # inside ``with saga.parallel():``
+        for step in steps:
+            if isinstance(step, Parallel):
+                with self.parallel():
+                    for branch in step.steps:
+                        self._append(branch)
+            else:
+                self._append(step)
+        if register:
+            registry.add(self)
+
+    def step(
+        self,
+        fn: Action | None = None,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        timeout: float | None = None,
+        lease: float | None = None,
+        queue: str | None = None,
+        best_effort: bool = False,
+        non_atomic: bool = False,
+        pivot: bool = False,
+    ):
+        """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
+
+        def register(func: Action) -> Step:
+            step = Step(
+                name or func.__name__,
+                func,
+                retry=retry,
+                compensation_retry=compensation_retry,
+                timeout=timeout,
+                lease=lease,
+                queue=queue,
+                best_effort=best_effort,
+                non_atomic=non_atomic,
+                pivot=pivot,
+            )
+            self._append(step)
+            registry.changed(self)
+            return step
+
+        return register(fn) if fn is not None else register
+
+    def gate(self, name: str, *, signal: str, timeout: float, compensation: Action | None = None) -> Step:
+        """Append an approval gate: the run waits (status ``waiting``, holding no worker) until
+        ``client.signal(run_id, signal, payload)`` delivers the signal; the payload becomes the step's
+        result. After ``timeout`` seconds the step fails and the run is compensated."""
+        step = Step(name, None, compensation, kind=StepKind.GATE, signal=signal, timeout=timeout)
+        self._append(step)
+        registry.changed(self)
+        return step
+
+    def child(self, name: str, *, saga: str, input: ChildInput | None = None,
+              compensation: Action | None = None) -> Step:
+        """Append a step that runs saga ``saga`` as a child run and completes when the child succeeds (its
+        result: the child's step results). The child's failure is the step's failure; a later failure of
+        this saga compensates the child's completed steps. ``input(ctx)`` builds the child's input
+        (default: this run's input)."""
+        step = Step(name, None, compensation, kind=StepKind.CHILD, child_saga=saga, child_input=input)
+        self._append(step)
+        registry.changed(self)
+        return step
+
+    @contextmanager
+    def parallel(self):
+        """Steps appended inside ``with saga.parallel():`` form one group: they run at the same time and
+        are joined before the next step."""
+        if self._group is not None:
+            raise DefinitionError(f"saga {self.name!r}: parallel groups do not nest")
+        first = self._group = len(self.steps)
+        try:
+            yield self
+        finally:
+            self._group = None
+        if len([s for s in self.steps if s.group == first]) < 2:
+            raise DefinitionError(f"saga {self.name!r}: a parallel group needs at least two steps")
+
+    @property
+    def linear(self) -> bool:
+        """No step needs more than the linear fast path: plain actions, one after the other."""
+        return not any(step.special for step in self.steps)
+
+    def retry_policy(self, index: int) -> RetryPolicy:
+        """The retry policy of step ``index``: its own, or, after a pivot, DEFAULT_FORWARD_RETRY when it set
+        none (``Step.retry is DEFAULT_RETRY``: the default object itself, not an equal one given explicitly)."""
+        step = self.steps[index]
+        if step.retry is DEFAULT_RETRY and any(s.pivot for s in self.steps[:index]):
+            return DEFAULT_FORWARD_RETRY
+        return step.retry
+
+    def check_runnable(self) -> None:
+        """What can only be checked once the whole saga is written: a non-atomic step needs a compensation
+        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the decorator form adds the
+        compensation afterwards (``@step.compensation``). Called by ``client.start`` and at worker start."""
+        for step in self.steps:
+            if step.non_atomic and step.best_effort:
+                raise DefinitionError(
+                    f"saga {self.name!r} version {self.version}, step {step.name!r}: a step cannot be both "
+                    f"best_effort (its failure is never undone) and non_atomic (its failure undoes its partial "
+                    f"work and the saga); choose one"
+                )
+            if step.non_atomic and step.compensate is None:
+                raise DefinitionError(
+                    f"saga {self.name!r} version {self.version}, step {step.name!r}: non_atomic=True needs a "
+                    f"compensation (it undoes the step's partial work when the step fails); add one with "
+                    f"@{step.name}.compensation, or drop non_atomic"
+                )
+
+    def groups(self) -> dict[int, list[int]]:
+        """Each parallel group's first index -> the indexes of its steps."""
+        found: dict[int, list[int]] = {}
+        for index, step in enumerate(self.steps):
+            if step.group is not None:
+                found.setdefault(step.group, []).append(index)
+        return found
+
+    def _append(self, step: Step) -> None:
+        if not isinstance(step, Step):
+            raise DefinitionError(f"saga {self.name!r}: steps must be Step objects, got {step!r}")
+        if any(s.name == step.name for s in self.steps):
+            raise DefinitionError(f"saga {self.name!r} already has a step named {step.name!r}")
+        if step.saga is not None and step.saga is not self:
+            raise DefinitionError(f"step {step.name!r} already belongs to saga {step.saga.name!r}")
+        if self._group is not None:
+            if step.kind is not StepKind.ACTION or step.pivot:
+                raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
+                                      f"(gates, child steps and pivots run alone)")
+            step.group = self._group
+        step.saga = self
+        self.steps.append(step)
+
+    def __repr__(self) -> str:
+        return f"<Saga {self.name} v{self.version}: {[s.name for s in self.steps]}>"
+
+
+class Registry:
+    """Every saga defined in this process, by name and version. Listeners hear of each change."""
+
+    def __init__(self) -> None:
+        self._sagas: dict[str, dict[int, Saga]] = {}
+        self._listeners: list[Callable[[Saga], None]] = []
+
+    def add(self, saga: Saga) -> None:
+        versions = self._sagas.setdefault(saga.name, {})
+        existing = versions.get(saga.version)
+        if existing is not None and existing is not saga:
+            raise DefinitionError(
+                f"saga {saga.name!r} version {saga.version} is already registered; "
+                f"bump the version to change its steps"
+            )
+        versions[saga.version] = saga
+        self.changed(saga)
+
+    def changed(self, saga: Saga) -> None:
+        for listener in self._listeners:
+            listener(saga)
+
+    def listen(self, listener: Callable[[Saga], None]) -> None:
+        """Call ``listener`` for every saga now registered and on every later change."""
+        self._listeners.append(listener)
+        for saga in self.all():
+            listener(saga)
+
+    def get(self, name: str, version: int | None = None) -> Saga:
+        versions = self._sagas.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._sagas)) or "none"
+            raise UnknownSaga(f"unknown saga {name!r} (registered: {known})")
+        if version is None:
+            return versions[max(versions)]
+        try:
+            return versions[version]
+        except KeyError:
+            raise UnknownSaga(f"saga {name!r} has no version {version} (have {sorted(versions)})") from None
+
+    def all(self) -> list[Saga]:
+        return [versions[v] for _, versions in sorted(self._sagas.items()) for v in sorted(versions)]
+
+    def remove(self, name: str) -> None:
+        """Forget a saga (for tests that define throwaway sagas)."""
+        self._sagas.pop(name, None)
+
+
+registry = Registry()

@@ -1,0 +1,63 @@
+"""The kinds of event a run's history records (saga_events.kind), one name each.
+
+Every event the store writes and every read that picks events by kind (stats, the status page's timeline,
+the metrics) names its kind here; the stored text is the member's value, unchanged since these were bare
+strings, so rows written before and after read the same. tests/unit/test_model.py fails if a bare string
+naming a kind comes back in the store, the stats or the faces.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class EventKind(str, Enum):
+    # a run
+    RUN_STARTED = "run_started"
+    RUN_SUCCEEDED = "run_succeeded"
+    RUN_COMPENSATED = "run_compensated"
+    RUN_CANCELLED = "run_cancelled"
+    RUN_COMPENSATION_FAILED = "run_compensation_failed"
+    RUN_FAILED = "run_failed"  # read by the stats; no transition writes it today (a plain run records no events)
+    RUN_STUCK = "run_stuck"
+    RUN_WAITING = "run_waiting"  # at a gate or a child step
+    RUN_RECOVERED = "run_recovered"  # the sweeper re-drove it
+    # a step, forward
+    STEP_STARTED = "step_started"
+    STEP_SUCCEEDED = "step_succeeded"
+    STEP_RETRIED = "step_retried"
+    STEP_FAILED = "step_failed"
+    STEP_FAILED_BEST_EFFORT = "step_failed_best_effort"
+    # a step's compensation
+    COMPENSATION_STARTED = "compensation_started"
+    COMPENSATION_SUCCEEDED = "compensation_succeeded"
+    COMPENSATION_RETRIED = "compensation_retried"
+    COMPENSATION_FAILED = "compensation_failed"
+    COMPENSATION_REQUESTED = "compensation_requested"  # a child run, by its parent's compensation
+    # an operator or a parent
+    CANCEL_REQUESTED = "cancel_requested"
+    CANCEL_OVERRULED = "cancel_overruled"  # past the pivot
+    RETRY_REQUESTED = "retry_requested"
+    SIGNAL_RECEIVED = "signal_received"
+    # parallel groups
+    GROUP_JOINED = "group_joined"
+    UNDOS_HELD = "undos_held"
+    UNDOS_RELEASED = "undos_released"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def run_ended(cls, status) -> "EventKind":
+        """The event of a run's final status (a RunStatus or its value): run_succeeded, run_compensated..."""
+        return cls(f"run_{getattr(status, 'value', status)}")
+
+
+# The final run status each end event records (the stats count ends by these).
+RUN_END_EVENTS = (EventKind.RUN_SUCCEEDED, EventKind.RUN_COMPENSATED, EventKind.RUN_CANCELLED,
+                  EventKind.RUN_COMPENSATION_FAILED, EventKind.RUN_FAILED, EventKind.RUN_STUCK)
+# The outcomes of a step and of its compensation that the metrics count.
+STEP_OUTCOME_EVENTS = (EventKind.STEP_SUCCEEDED, EventKind.STEP_FAILED, EventKind.STEP_RETRIED,
+                       EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED,
+                       EventKind.COMPENSATION_RETRIED)
+COMPENSATION_ENDS = (EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED)

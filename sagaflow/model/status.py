@@ -1,0 +1,100 @@
+"""The statuses of runs and steps, and the rules of what each allows: which are final, which are live (the
+page refreshes), which an operator may cancel or retry. Faces (web/, cli.py) ask these rules; none keeps
+its own list of statuses. The store's guarded transitions enforce the same rules in SQL (a cancel or a
+retry that loses is refused there whatever a page showed)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RunStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPENSATING = "compensating"
+    SUCCEEDED = "succeeded"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    WAITING = "waiting"  # at a gate (for a signal) or a child step (for the child run): holds no worker
+    STUCK = "stuck"  # a step after the pivot failed for good: waits for an operator (client.retry)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# compensation_failed and stuck are final for the runtime but wait for an operator (client.retry).
+FINAL_RUN_STATUSES = frozenset(
+    {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED, RunStatus.CANCELLED, RunStatus.FAILED,
+     RunStatus.STUCK}
+)
+
+
+class StepStatus(str, Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    COMPENSATING = "compensating"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    SKIPPED = "skipped"
+    WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run
+    FAILED_BEST_EFFORT = "failed_best_effort"  # a best-effort step failed for good; the run went on
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Not final: the page showing such a run refreshes itself.
+LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING})
+# A cancel may be asked of these (the run stops before its next step, or its gate or child is failed).
+CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING})
+# An operator retry resumes these: the compensations where they stopped, or the step after the pivot.
+RETRYABLE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK})
+
+
+def is_live(status: str) -> bool:
+    """The run is not final yet (a page showing it refreshes)."""
+    return status in LIVE_RUN_STATUSES
+
+
+def past_pivot(run) -> str | None:
+    """The name of the run's pivot step if it succeeded (no cancel is taken past it), else None. Needs the
+    run's steps (a snapshot read with its history)."""
+    return next((s.name for s in run.steps if s.pivot and s.status == StepStatus.SUCCEEDED), None)
+
+
+def can_cancel(run) -> bool:
+    """A cancel may be asked: the run is pending, running or waiting, no cancel was asked yet, and it is not
+    past its pivot."""
+    return run.status in CANCELLABLE_RUN_STATUSES and not run.cancel_requested and past_pivot(run) is None
+
+
+def can_retry(run) -> bool:
+    """An operator retry applies: compensation_failed (resume the undos) or stuck (the step after the pivot)."""
+    return run.status in RETRYABLE_RUN_STATUSES
+
+
+def cancel_pending(run) -> bool:
+    """A cancel was asked and the run has not acted on it yet."""
+    return bool(run.cancel_requested) and run.status in CANCELLABLE_RUN_STATUSES
+
+
+def counts_by_status(counts: dict[tuple[str, str], int]) -> dict[str, int]:
+    """{(saga, status): n} -> every run status (zeros included, in the order of RunStatus) -> count."""
+    totals = {s.value: 0 for s in RunStatus}
+    for (_, status), n in counts.items():
+        totals[status] = totals.get(status, 0) + n
+    return totals
+
+
+def compensation_rate(counts: dict[tuple[str, str], int]) -> float | None:
+    """Of the runs that reached a final status, the share a failed step sent back (compensated, or
+    compensation_failed); None before any run finished. Cancelled runs count as finished, not as failures."""
+    final = {s.value for s in FINAL_RUN_STATUSES}
+    finished = sum(n for (_, status), n in counts.items() if status in final)
+    failed = sum(n for (_, status), n in counts.items()
+                 if status in (RunStatus.COMPENSATED.value, RunStatus.COMPENSATION_FAILED.value))
+    return round(failed / finished, 4) if finished else None
