@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput, UnknownRun, UnknownSaga
 from sagaflow.app import celery_app, get_store
-from sagaflow.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
+from sagaflow.runtime.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
 from sagaflow.definition import registry
 from sagaflow.store import tables
 from sagaflow.tasks.effects import effects_of

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput
 from sagaflow.app import celery_app, get_store
-from sagaflow.compiler import ON_STEP_FAILED, compile_run
+from sagaflow.runtime.compiler import ON_STEP_FAILED, compile_run
 from sagaflow.definition import registry
 from sagaflow.store import StepSpec, tables
 from tests.conftest import ARTIFACTS

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from sagaflow.app import celery_app
-from sagaflow.compiler import compile_run
+from sagaflow.runtime.compiler import compile_run
 from sagaflow.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for

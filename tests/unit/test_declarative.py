@@ -11,7 +11,7 @@ import pytest
 from sagaflow.config.settings import Settings
 from sagaflow import DefinitionError, RetryKind, RetryPolicy, Saga, SagaFileError, Step, handler
 from sagaflow.app import celery_app
-from sagaflow.compiler import compile_run
+from sagaflow.runtime.compiler import compile_run
 from sagaflow.declarative import HandlerRegistry, handlers as global_handlers, load_saga_file, load_saga_files
 from sagaflow.definition import DEFAULT_COMPENSATION_RETRY, DEFAULT_RETRY, Registry
 from tests.conftest import ROOT
