@@ -130,7 +130,7 @@ class Settings:
     api_read_protected: bool = False
     # Proxies in front of the web app whose X-Forwarded-For/-Proto are believed (0: none; 1: one nginx).
     trusted_proxies: int = 0
-    # Policy (sagaflow/policy.py): compensation on or off per saga, decided at start. saga_enabled=False
+    # Policy (sagaflow/model/policy.py): compensation on or off per saga, decided at start. saga_enabled=False
     # switches it off for every saga; saga_operations names the sagas that keep it (None: all); the policy
     # file's per-saga entries override both. The default file may be absent; one named explicitly may not.
     saga_enabled: bool = True

@@ -13,7 +13,7 @@ import logging
 from typing import Callable
 
 from sagaflow.errors import SagaflowError
-from sagaflow.store import Run
+from sagaflow.model import Run
 
 log = logging.getLogger("sagaflow.alerts")
 

@@ -16,6 +16,7 @@ from celery.signals import after_setup_logger, import_modules, worker_process_in
 from sagaflow.config.celeryconfig import celery_settings
 from sagaflow.config.settings import Settings
 from sagaflow.logs import setup_logging
+from sagaflow.model.declarative import load_saga_files
 from sagaflow.store import Store
 
 celery_app = Celery("sagaflow")
@@ -61,8 +62,6 @@ def load_sagas(settings: Settings | None = None) -> None:
     for module in settings.imports:
         importlib.import_module(module)
     if settings.saga_files:
-        from sagaflow.declarative import load_saga_files
-
         load_saga_files(settings.saga_files)
 
 

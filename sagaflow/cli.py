@@ -404,7 +404,7 @@ def recover(stall_timeout, as_json) -> None:
     """Re-drive stalled runs now: the recovery sweeper that beat runs every SAGAFLOW_RECOVERY_INTERVAL.
     Safe to run while workers and other sweepers run."""
     settings = _setup()
-    from sagaflow.recovery import recover_stalled
+    from sagaflow.runtime.recovery import recover_stalled
 
     done = recover_stalled(stall_timeout)
     for r in done:

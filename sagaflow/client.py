@@ -14,16 +14,14 @@ from dataclasses import dataclass
 
 import redis
 
-from sagaflow import waits
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
-from sagaflow.compiler import compile_run
 from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable, InvalidInput
 from sagaflow.model import policy
 from sagaflow.model.definition import registry
 from sagaflow.model.snapshots import Run, StepSpec
 from sagaflow.model.status import RunStatus
-from sagaflow.runtime import publish_compensation
+from sagaflow.runtime import publish, waits
 from sagaflow.safejson import check_text, ensure_json
 from sagaflow.store import Store
 from sagaflow.store.discard import discard_unpublished_run
@@ -108,10 +106,7 @@ class SagaClient:
         )
         if created:
             try:
-                if mode == policy.PLAIN:
-                    compile_run(self.app, definition, run.id, plain=True, input=input).apply_async()
-                else:
-                    compile_run(self.app, definition, run.id).apply_async()
+                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app)
             except Exception as exc:
                 raise self._refused_start(run.id, exc) from exc
         return run
@@ -137,14 +132,14 @@ class SagaClient:
         if forward is not None:
             start, results = forward
             run = self.store.get_run(run_id, history=False)
-            compile_run(self.app, registry.get(run.saga, run.saga_version), run_id, start=start,
-                        results=results).apply_async()
+            publish.chain_from(registry.get(run.saga, run.saga_version), run_id, start=start, results=results,
+                               app=self.app)
             return self.get(run_id)
         todo = self.store.request_retry(run_id)
         if todo:
-            publish_compensation(run_id, todo)
+            publish.compensations_of(run_id, todo)
         else:  # nothing left to undo: the run ended at once
-            waits.run_ended(run_id)
+            publish.run_ended(run_id)
         return self.get(run_id)
 
     # ------------------------------------------------------------------ queries

@@ -17,7 +17,7 @@ import click
 from sagaflow.config.settings import Settings
 from sagaflow.app import celery_app
 from sagaflow.logs import escape_controls
-from sagaflow.store import Run
+from sagaflow.model import Run
 
 # (saga, input, expected final status). Names only: the sagas come from SAGAFLOW_IMPORTS (the examples).
 SCENARIOS = [

@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):

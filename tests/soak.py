@@ -161,7 +161,7 @@ def _soak(args, seed: int, rng: random.Random, workdir: Path, database_url: str)
     configure(settings)
     from sagaflow import tasks  # noqa: F401
     from sagaflow import SagaClient
-    from sagaflow.definition import registry
+    from sagaflow.model.definition import registry
     from sqlalchemy import func, select
     from sagaflow.store import tables as t
     from sagaflow.tasks.effects import ensure_table, example_effects

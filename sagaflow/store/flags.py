@@ -1,5 +1,5 @@
 """Step flags and plain runs (issue 5, A): best-effort, non-atomic and pivot steps (definition.Step), and
-the runs policy switched to a plain chain (sagaflow/policy.py).
+the runs policy switched to a plain chain (sagaflow/model/policy.py).
 
 Only sagas with such steps take these paths, always on the transactional store (runtime.store_for): the
 linear fast path never sees them. A non-atomic step's undo is compensation.py's (guards.FAILED_NON_ATOMIC);

@@ -133,7 +133,7 @@ def test_cancelling_the_parent_while_its_child_runs_cancels_the_child_then_the_p
 def test_a_lost_child_end_is_announced_again_by_the_sweeper(client):
     from sqlalchemy import update
 
-    from sagaflow import waits
+    from sagaflow.runtime import waits
     from sagaflow.store import tables as t
 
     run = client.start("trip", {"child": {"sleep": {"c_charge": 1}}})

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput, UnknownRun, UnknownSaga
 from sagaflow.app import celery_app, get_store
-from sagaflow.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
-from sagaflow.definition import registry
+from sagaflow.runtime.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
+from sagaflow.model.definition import registry
 from sagaflow.store import tables
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import expected_after_failure, kinds, wait_for
@@ -140,7 +140,7 @@ def _crashed_run(client, saga_name: str, completed: int, failed: bool):
     import uuid
 
     from sagaflow.tasks.effects import do
-    from sagaflow.definition import StepContext
+    from sagaflow.model.definition import StepContext
 
     saga = registry.get(saga_name)
     store = get_store()

@@ -20,7 +20,7 @@ from celery import Celery
 from sagaflow.config.celeryconfig import celery_settings
 from sagaflow import SagaClient
 from sagaflow.app import get_store
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for

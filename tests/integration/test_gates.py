@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from sagaflow import InvalidInput, InvalidTransition, UnknownRun
-from sagaflow.recovery import recover_stalled
+from sagaflow.runtime.recovery import recover_stalled
 from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for

@@ -21,9 +21,10 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput
 from sagaflow.app import celery_app, get_store
-from sagaflow.compiler import ON_STEP_FAILED, compile_run
-from sagaflow.definition import registry
-from sagaflow.store import StepSpec, tables
+from sagaflow.runtime.compiler import ON_STEP_FAILED, compile_run
+from sagaflow.model.definition import registry
+from sagaflow.model import StepSpec
+from sagaflow.store import tables
 from tests.conftest import ARTIFACTS
 from tests.helpers import wait_for
 

@@ -109,7 +109,7 @@ def test_the_environment_switches_and_the_file_entries_that_override_them(client
 
 
 def test_a_malformed_policy_file_refuses_new_runs_until_fixed_and_writes_nothing(client, policy, settings):
-    from sagaflow.policy import PolicyError
+    from sagaflow.model.policy import PolicyError
 
     # A fresh file name: this process never had a good policy from it.
     bad = settings.home / "never-good-policy.yaml"

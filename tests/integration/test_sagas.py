@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sagaflow import InvalidTransition
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import child_pids, expected_after_failure, kinds, wait_for
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sagaflow import InvalidTransition, Saga
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 from sagaflow.errors import DefinitionError
 from sagaflow.store import tables as t
 from sagaflow.tasks.effects import effects_of

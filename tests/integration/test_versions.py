@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for
 from tests.sagas import versioned_v1, versioned_v2

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from sagaflow.app import get_store
-from sagaflow.definition import registry
+from sagaflow.model.definition import registry
 from tests.helpers import wait_for
 from tests.integration.conftest import WEB_MAX_BODY, WEB_TOKEN
 from tests.web_client import call

@@ -197,7 +197,7 @@ def test_the_run_page_caps_what_it_pretty_prints_and_links_the_raw_json(web_url,
 
 def test_a_run_stored_before_the_limits_still_shows_on_the_pages(web_url):
     """Input nested deeper than the limit, written straight to SQL as an older sagaflow could have."""
-    from sagaflow.store import StepSpec
+    from sagaflow.model import StepSpec
 
     deep: object = "bottom"
     for _ in range(200):

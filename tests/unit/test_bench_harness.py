@@ -105,7 +105,7 @@ def test_plain_tasks_record_whether_the_run_did_what_it_should(monkeypatch):
 
 def test_bench_sagas_are_no_op_steps_and_w2_fails_for_good_at_its_fourth():
     from bench import sagas
-    from sagaflow.definition import StepContext
+    from sagaflow.model.definition import StepContext
     from sagaflow.errors import NonRetryableError
 
     ctx = StepContext(run_id="r", saga="bench_w2", step="s3", input={}, attempt=1, idempotency_key="r:s3")

@@ -57,7 +57,7 @@ def test_a_start_the_broker_refuses_records_nothing(closed_broker_client, store,
 
 
 def test_discard_leaves_a_run_that_has_begun(store):
-    from sagaflow.store import StepSpec
+    from sagaflow.model import StepSpec
     from sagaflow.store.discard import discard_unpublished_run
 
     run, _ = store.create_run("r-begun", "create_booking", 1, {}, [StepSpec("a", True), StepSpec("b", False)])

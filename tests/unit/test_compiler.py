@@ -5,8 +5,8 @@ import functools
 from celery import signature
 
 from sagaflow.app import celery_app
-from sagaflow.compiler import compile_compensation, compile_run
-from sagaflow.definition import registry
+from sagaflow.runtime.compiler import compile_compensation, compile_run
+from sagaflow.model.definition import registry
 from sagaflow import tasks  # noqa: F401
 
 
@@ -69,7 +69,7 @@ def test_every_step_task_has_the_default_time_limit_which_a_step_timeout_overrid
 
 def test_a_long_saga_is_published_in_windows_whose_last_step_publishes_the_next():
     from sagaflow import Saga, Step
-    from sagaflow.compiler import CHAIN_WINDOW
+    from sagaflow.runtime.compiler import CHAIN_WINDOW
 
     saga = Saga("windowed", [Step(f"s{i}", lambda ctx: None) for i in range(CHAIN_WINDOW * 2 + 3)], register=False)
     first = compile_run(celery_app, saga, "run-4").tasks
@@ -83,7 +83,7 @@ def test_a_long_saga_is_published_in_windows_whose_last_step_publishes_the_next(
 
 def test_gates_child_steps_and_groups_end_chains_and_a_group_fans_out_without_a_chord():
     from sagaflow import Parallel, Saga, Step
-    from sagaflow.compiler import Fanout
+    from sagaflow.runtime.compiler import Fanout
 
     def noop(ctx):
         return None

@@ -6,7 +6,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from sagaflow.store import ClaimOutcome, Store
+from sagaflow.model import ClaimOutcome
+from sagaflow.store import Store
 
 STEPS = [("a", True), ("b", True)]
 

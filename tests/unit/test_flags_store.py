@@ -8,8 +8,8 @@ import pytest
 from sqlalchemy import func, select
 
 from sagaflow import InvalidTransition
-from sagaflow.store import ClaimOutcome as C
-from sagaflow.store import StepSpec
+from sagaflow.model import ClaimOutcome as C
+from sagaflow.model import StepSpec
 from sagaflow.store import tables as t
 
 

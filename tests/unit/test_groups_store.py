@@ -5,8 +5,8 @@ The run: prepare (0) -> [left (1) | right (2)] -> after (3); ``last`` runs: firs
 
 import time
 
-from sagaflow.store import ClaimOutcome as C
-from sagaflow.store import StepSpec
+from sagaflow.model import ClaimOutcome as C
+from sagaflow.model import StepSpec
 
 GROUPED = [StepSpec("prepare", True), StepSpec("left", True, group=1), StepSpec("right", True, group=1),
            StepSpec("after", True)]

@@ -3,7 +3,7 @@ a re-drive is claimed once, and what SQL says to publish."""
 
 import time
 
-from sagaflow.store import ClaimOutcome as C
+from sagaflow.model import ClaimOutcome as C
 
 STEPS = [("a", True), ("b", True), ("c", False)]
 

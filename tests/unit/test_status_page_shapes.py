@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from sagaflow.config.settings import Settings
 from sagaflow.app import configure, get_store
-from sagaflow.store import StepSpec
+from sagaflow.model import StepSpec
 from sagaflow.store import tables as t
 from sagaflow.store.migrate import upgrade
 

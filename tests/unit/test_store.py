@@ -5,7 +5,7 @@ import time
 import pytest
 
 from sagaflow import InvalidTransition, UnknownRun
-from sagaflow.store import ClaimOutcome as C
+from sagaflow.model import ClaimOutcome as C
 
 STEPS = [("a", True), ("b", True), ("c", False)]
 

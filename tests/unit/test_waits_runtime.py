@@ -9,10 +9,10 @@ import pytest
 from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
 from sagaflow.app import celery_app
-from sagaflow.compiler import compile_run
-from sagaflow.definition import registry
+from sagaflow.runtime.compiler import compile_run
+from sagaflow.model.definition import registry
 from sagaflow.runtime import check_visibility_timeout
-from sagaflow.store import StepSpec
+from sagaflow.model import StepSpec
 
 
 def noop(ctx):
@@ -40,12 +40,12 @@ def test_a_day_long_gate_sets_no_time_limit_and_does_not_trip_the_visibility_che
 
 
 def test_child_steps_always_have_a_compensation_and_only_child_sagas_look_for_a_parent(day_gate, monkeypatch):
-    from sagaflow import waits
+    from sagaflow.runtime import publish
 
     specs = [StepSpec.of(s) for s in day_gate.steps]
     assert [(s.name, s.kind, s.has_compensation) for s in specs] == [
         ("a", "action", False), ("approve", "gate", False), ("sub", "child", True), ("b", "action", False)]
-    assert "t_day_gate_child" in waits._child_sagas()
+    assert "t_day_gate_child" in publish._child_sagas()
 
     reads = []
 
@@ -54,8 +54,8 @@ def test_child_steps_always_have_a_compensation_and_only_child_sagas_look_for_a_
             reads.append(run_id)
             return None
 
-    monkeypatch.setattr(waits, "get_store", lambda: Store())
-    waits.run_ended("r1", "t_day_gate")  # no child step names this saga: no read
-    waits.run_ended("r2", "t_day_gate_child")
-    waits.run_ended("r3")  # saga unknown to the caller: read
+    monkeypatch.setattr(publish, "get_store", lambda: Store())
+    publish.run_ended("r1", "t_day_gate")  # no child step names this saga: no read
+    publish.run_ended("r2", "t_day_gate_child")
+    publish.run_ended("r3")  # saga unknown to the caller: read
     assert reads == ["r2", "r3"]

@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import update
 
 from sagaflow.errors import InvalidTransition, UnknownRun
-from sagaflow.store import ClaimOutcome, StepSpec
+from sagaflow.model import ClaimOutcome, StepSpec
 from sagaflow.store import tables as t
 
 GATED = [StepSpec("a", True), StepSpec("approve", False, kind="gate", signal="ok"), StepSpec("b", True)]

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from sagaflow.client import SagaClient
 from sagaflow.config.settings import Settings
-from sagaflow.store import Event, Run, StepState
+from sagaflow.model import Event, Run, StepState
 from tests.unit.test_stats import filled  # noqa: F401  (fixture)
 from sagaflow.web.metrics import SagaflowCollector
 from sagaflow.web.present import flower_link, timeline

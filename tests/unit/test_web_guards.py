@@ -105,7 +105,7 @@ def test_a_run_stored_before_the_checks_with_a_lone_surrogate_still_shows(env):
     from sqlalchemy import update
 
     from sagaflow.app import get_store
-    from sagaflow.store import StepSpec
+    from sagaflow.model import StepSpec
     from sagaflow.store import tables as t
 
     app = _app(env)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import logging
 
-from sagaflow.app import celery_app, get_settings, get_store
-from sagaflow.compiler import FINISH_COMPENSATION, ON_STEP_FAILED, compile_compensation, compile_run
-from sagaflow.definition import registry
-from sagaflow import waits
-from sagaflow.store import Recovery
+from sagaflow.app import get_settings, get_store
+from sagaflow.model.definition import Saga, registry
+from sagaflow.runtime import publish, waits
+from sagaflow.runtime.outcomes import describe
+from sagaflow.model import Recovery
 
 log = logging.getLogger("sagaflow.recovery")
 
@@ -35,10 +35,10 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
         if recovery is None:  # another sweeper won, or the run moved meanwhile
             continue
         try:
-            publish(recovery)
+            redrive(recovery)
         except Exception as exc:  # noqa: BLE001 - the run stays stalled, so a later sweep tries again
             log.error("run_recovery_failed", extra={
-                "run_id": run_id, "action": recovery.action, "error": f"{type(exc).__name__}: {exc}",
+                "run_id": run_id, "action": recovery.action, "error": describe(exc),
                 "next": f"the next sweep retries in {stall} s; check the broker and that this process "
                         f"registers saga {recovery.saga!r} version {recovery.version}"})
             continue
@@ -48,17 +48,32 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     return recovered
 
 
-def publish(recovery: Recovery) -> None:
+# What the sweeper's take-over decided (Recovery.action), one function each.
+
+
+def _resume(saga: Saga, recovery: Recovery) -> None:  # "resume", and "finish": the finish task alone
+    publish.chain_from(saga, recovery.run_id, start=recovery.index, results=recovery.results)
+
+
+def _errback(saga: Saga, recovery: Recovery) -> None:
+    publish.errback(recovery.run_id, recovery.index, recovery.saga, recovery.version)
+
+
+def _compensate(saga: Saga, recovery: Recovery) -> None:
+    if recovery.indexes:
+        publish.compensations(saga, recovery.run_id, recovery.indexes)
+    else:  # every undo is done: only the run's end is left
+        publish.finish_compensation(recovery.run_id)
+
+
+def _wait(saga: Saga, recovery: Recovery) -> None:
+    """A gate or child step waits: its signal, deadline or child moves it."""
+
+
+REDRIVE = {"resume": _resume, "finish": _resume, "errback": _errback, "compensate": _compensate, "wait": _wait}
+
+
+def redrive(recovery: Recovery) -> None:
+    """Publish what the take-over decided; raises if the broker refuses (or the saga is not registered here)."""
     saga = registry.get(recovery.saga, recovery.version)
-    run_id = recovery.run_id
-    if recovery.action == "wait":  # a gate or child step waits: its signal, deadline or child moves it
-        return
-    if recovery.action in ("resume", "finish"):
-        compile_run(celery_app, saga, run_id, start=recovery.index, results=recovery.results).apply_async()
-    elif recovery.action == "errback":
-        celery_app.signature(ON_STEP_FAILED, args=(run_id, recovery.index),
-                             kwargs={"saga": recovery.saga, "version": recovery.version}, immutable=True).apply_async()
-    elif recovery.indexes:
-        compile_compensation(celery_app, saga, run_id, list(recovery.indexes)).apply_async()
-    else:
-        celery_app.signature(FINISH_COMPENSATION, args=(run_id,), immutable=True).apply_async()
+    REDRIVE[getattr(recovery.action, "value", recovery.action)](saga, recovery)

@@ -1,6 +1,6 @@
 """Steps that wait, holding no worker: approval gates (for a signal) and child steps (for a child run).
 
-The step task claims a gate or child step like any step (runtime._run_step), then hands it here:
+The step task claims a gate or child step like any step (runtime/steps.py), then hands it here:
 
 - **Gate.** In one transaction with the run row locked (Store.wait_for_signal): a signal delivered early
   passes the gate at once (its payload is the step's result); else the step and the run go ``waiting``
@@ -10,7 +10,7 @@ The step task claims a gate or child step like any step (runtime._run_step), the
   deadline and publishes the errback, so the completed steps are compensated.
 - **Child step.** The child run is recorded with its parent link in the same transaction that makes the
   step wait (Store.start_child), then its chain is published. Whenever a run that has a parent ends
-  (``run_ended``, called wherever the runtime sees a run become final, fast path included), the task
+  (``publish.run_ended``, called wherever the runtime sees a run become final, fast path included), the task
   ``sagaflow.child_finished`` moves the parent on: the child's results become the step's result, or its
   failure fails the step. The sweeper re-publishes that message when it was lost.
 - **Undoing a child step** (``compensate_child``, from the step's compensation task): the child run goes
@@ -30,87 +30,66 @@ import logging
 import uuid
 
 from celery.exceptions import Ignore
-from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow.app import celery_app, get_settings, get_store
-from sagaflow.compiler import ON_STEP_FAILED, compile_compensation, compile_run
-from sagaflow.definition import NAME_PATTERN, StepContext, StepKind, registry
+from sagaflow.app import get_settings
+from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.errors import (
     InvalidInput,
     InvalidTransition,
     NonRetryableError,
-    SagaCancelled,
     UnknownSaga,
 )
-from sagaflow.store import Recovery, StepSpec, WaitOutcome
+from sagaflow.runtime import publish
+from sagaflow.runtime.outcomes import FailedForGood, cancelled
 from sagaflow.safejson import ensure_json
+from sagaflow.model import Recovery, StepSpec, WaitOutcome
 
 log = logging.getLogger("sagaflow.waits")
-
-CHILD_FINISHED = "sagaflow.child_finished"
 
 
 class ChildNotStarted(NonRetryableError):
     """A child step could not start its child run: unknown saga, or an input that is not a JSON object."""
 
 
-def describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
 # ---------------------------------------------------------------------------------------------- publishing
+# What a wait transition decided (WaitOutcome.action), one function each. "waiting", "none", "lost",
+# "cancelled" and "failed" publish nothing here: whoever got them acts on them itself.
 
 
-def publish_errback(run_id: str, index: int, saga: str, version: int) -> None:
-    celery_app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga, "version": version},
-                         immutable=True).apply_async()
+def _continue(outcome: WaitOutcome) -> None:
+    publish.chain_from(registry.get(outcome.saga, outcome.version), outcome.run_id, start=outcome.index + 1,
+                       results=outcome.results)
+
+
+def _errback(outcome: WaitOutcome) -> None:
+    publish.errback(outcome.run_id, outcome.index, outcome.saga, outcome.version)
+
+
+def _compensate(outcome: WaitOutcome) -> None:
+    if outcome.indexes:
+        publish.compensations(registry.get(outcome.saga, outcome.version), outcome.run_id, outcome.indexes)
+
+
+def _finished(outcome: WaitOutcome) -> None:
+    log.info(f"run_{outcome.status}", extra={"run_id": outcome.run_id})
+    publish.run_ended(outcome.run_id, outcome.saga)
+
+
+PUBLISH = {"continue": _continue, "errback": _errback, "compensate": _compensate}
+ENDED = {"finished": _finished}
 
 
 def act(outcome: WaitOutcome) -> None:
     """Publish what a wait transition decided. A publish that fails leaves the run without a lease and
     without progress: the recovery sweeper re-drives it from SQL after SAGAFLOW_STALL_TIMEOUT."""
-    fields = {"run_id": outcome.run_id, "action": outcome.action, "step": outcome.index}
-    try:
-        if outcome.action == "continue":
-            saga = registry.get(outcome.saga, outcome.version)
-            compile_run(celery_app, saga, outcome.run_id, start=outcome.index + 1,
-                        results=outcome.results).apply_async()
-        elif outcome.action == "errback":
-            publish_errback(outcome.run_id, outcome.index, outcome.saga, outcome.version)
-        elif outcome.action == "compensate" and outcome.indexes:
-            compile_compensation(celery_app, registry.get(outcome.saga, outcome.version), outcome.run_id,
-                                 list(outcome.indexes)).apply_async()
-    except Exception as exc:  # noqa: BLE001 - the transition is committed; the sweeper takes it from here
-        log.error("wait_outcome_not_published", extra={
-            **fields, "error": describe(exc),
-            "next": "the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; check the broker"})
-        return
-    if outcome.action == "finished":
-        log.info(f"run_{outcome.status}", extra={"run_id": outcome.run_id})
-        run_ended(outcome.run_id, outcome.saga)
-
-
-def _child_sagas() -> set[str]:
-    return {step.child_saga for saga in registry.all() for step in saga.steps if step.kind is StepKind.CHILD}
-
-
-def run_ended(run_id: str, saga: str | None = None) -> None:
-    """A run reached a final status (or finished undoing): if it is a child run, tell its parent. ``saga``
-    given and never named by a child step in this process: no parent to tell, and no read (the linear
-    fast path stays as it was). A lost message is re-published by the sweeper (``sweep``)."""
-    if saga is not None and saga not in _child_sagas():
-        return
-    try:
-        parent = get_store().parent_of(run_id)
-        if parent is None:
-            return
-        celery_app.signature(CHILD_FINISHED, args=(run_id,), immutable=True).apply_async()
-    except Exception as exc:  # noqa: BLE001 - never fail the transition that already committed
-        log.error("child_finished_not_published", extra={
-            "run_id": run_id, "error": describe(exc),
-            "next": "the recovery sweeper tells the parent after SAGAFLOW_STALL_TIMEOUT"})
-        return
-    log.info("child_finished_published", extra={"run_id": run_id, "parent_run_id": parent})
+    kind = getattr(outcome.action, "value", outcome.action)  # a plain string today; maybe an enum member later
+    if kind in PUBLISH:
+        fields = {"run_id": outcome.run_id, "action": outcome.action, "step": outcome.index}
+        with publish.or_log(log, "wait_outcome_not_published", fields,
+                            next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; check the broker"):
+            PUBLISH[kind](outcome)
+    elif kind in ENDED:
+        ENDED[kind](outcome)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -118,16 +97,10 @@ def run_ended(run_id: str, saga: str | None = None) -> None:
 
 def enter(task, store, saga, step, run_id: str, index: int, token: str, claim, results: dict, lease: float):
     """A gate or child step claimed by ``token``. Returns the results to carry on (the gate passed), a
-    runtime.FailedForGood (into the errback), or raises Ignore (the run waits: nothing continues)."""
+    outcomes.FailedForGood (into the errback), or raises Ignore (the run waits: nothing continues)."""
     if step.kind is StepKind.GATE:
         return _enter_gate(store, saga, step, run_id, index, token, results)
     return _start_child(task, store, saga, step, run_id, index, token, claim, results, lease)
-
-
-def _cancelled(run_id: str, what: str):
-    from sagaflow.runtime import FailedForGood
-
-    return FailedForGood(SagaCancelled(f"run {run_id} was cancelled {what}"))
 
 
 def _enter_gate(store, saga, step, run_id, index, token, results):
@@ -137,7 +110,7 @@ def _enter_gate(store, saga, step, run_id, index, token, results):
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the gate"})
         raise Ignore()
     if outcome.action == "cancelled":
-        return _cancelled(run_id, f"at the gate for signal {step.signal!r}")
+        return cancelled(run_id, f"at the gate for signal {step.signal!r}")
     if outcome.action == "waiting":
         log.info("run_waiting", extra={**fields, "timeout": step.timeout})
         raise Ignore()
@@ -145,7 +118,7 @@ def _enter_gate(store, saga, step, run_id, index, token, results):
     if outcome.action == "finished":
         act(outcome)
     elif outcome.action == "errback":  # the last step passed, but a cancel came in meanwhile
-        return _cancelled(run_id, "before it finished")
+        return cancelled(run_id, "before it finished")
     return {**results, step.name: outcome.result}
 
 
@@ -181,25 +154,19 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the child step"})
         raise Ignore()
     if outcome.action == "cancelled":
-        return _cancelled(run_id, "before its child run started")
+        return cancelled(run_id, "before its child run started")
     fields["child_run_id"] = outcome.child_run_id
-    try:
-        compile_run(celery_app, child_saga, outcome.child_run_id).apply_async()
-    except Exception as exc:  # noqa: BLE001 - the child is recorded (pending): the sweeper starts it
-        log.error("child_not_published", extra={
-            **fields, "error": describe(exc),
-            "next": "the child stays pending; the recovery sweeper starts it after SAGAFLOW_STALL_TIMEOUT"})
+    with publish.or_log(log, "child_not_published", fields,  # the child is recorded (pending)
+                        next="the child stays pending; the recovery sweeper starts it after SAGAFLOW_STALL_TIMEOUT"):
+        publish.chain_from(child_saga, outcome.child_run_id)
     log.info("run_waiting", extra=fields)
     raise Ignore()
 
 
-@celery_app.task(name=CHILD_FINISHED, bind=True, acks_late=True, ignore_result=True,
-                 autoretry_for=(OperationalError, InterfaceError), retry_backoff=True, retry_backoff_max=30,
-                 max_retries=50)
-def child_finished(self, child_run_id: str) -> None:
-    """A child run ended (or finished undoing): move its parent on (Store.child_ended) and publish what
-    that decided. Duplicates change nothing."""
-    outcome = get_store().transactional.child_ended(child_run_id)
+def child_finished(store, child_run_id: str) -> None:
+    """The task ``sagaflow.child_finished``: a child run ended (or finished undoing): move its parent on
+    (Store.child_ended) and publish what that decided. Duplicates change nothing."""
+    outcome = store.transactional.child_ended(child_run_id)
     if outcome.action == "none":
         log.info("child_finished_ignored", extra={"run_id": child_run_id})
         return
@@ -214,10 +181,8 @@ def child_finished(self, child_run_id: str) -> None:
 def compensate_child(task, store, saga, step, run_id: str, index: int, token: str, claim, lease: float):
     """The compensation task of a child step, claimed by ``token``: undo the child run first. Returns None
     once the child is undone (the caller runs the step's own compensation, if any, and completes the step),
-    a runtime.FailedForGood (into on_compensation_failed), or raises Ignore (waiting for the child's undo;
+    a outcomes.FailedForGood (into on_compensation_failed), or raises Ignore (waiting for the child's undo;
     its end publishes this compensation again)."""
-    from sagaflow.runtime import FailedForGood
-
     fields = {"run_id": run_id, "step": step.name}
     outcome = store.compensate_child(run_id, index, token, fresh=claim.round_attempt == 1)
     fields["child_run_id"] = outcome.child_run_id
@@ -232,11 +197,8 @@ def compensate_child(task, store, saga, step, run_id: str, index: int, token: st
             return FailedForGood(NonRetryableError(outcome.error))
         raise Ignore()
     if outcome.action == "compensate":
-        try:
-            compile_compensation(celery_app, registry.get(outcome.saga, outcome.version), outcome.run_id,
-                                 list(outcome.indexes)).apply_async()
-        except Exception as exc:  # noqa: BLE001 - the child is compensating in SQL: the sweeper re-drives it
-            log.error("child_compensation_not_published", extra={**fields, "error": describe(exc)})
+        with publish.or_log(log, "child_compensation_not_published", fields):  # the sweeper re-drives it
+            publish.compensations(registry.get(outcome.saga, outcome.version), outcome.run_id, outcome.indexes)
         log.info("child_compensation_begun", extra={**fields, "steps": len(outcome.indexes)})
     raise Ignore()  # the parent's compensation goes on when the child's undo ends (child_finished)
 
@@ -292,10 +254,11 @@ def sweep(store, stall_timeout: float) -> list[Recovery]:
         done.append(Recovery(run_id=gate.run_id, saga=gate.saga, version=gate.saga_version, action="gate_timeout",
                              index=gate.idx))
     for child_id in store.unreported_children(stall_timeout):
-        try:
-            celery_app.signature(CHILD_FINISHED, args=(child_id,), immutable=True).apply_async()
-        except Exception as exc:  # noqa: BLE001 - the next sweep tries again
-            log.error("child_finished_not_published", extra={"run_id": child_id, "error": describe(exc)})
+        sent = False
+        with publish.or_log(log, "child_finished_not_published", {"run_id": child_id}):  # the next sweep tries again
+            publish.child_finished(child_id)
+            sent = True
+        if not sent:
             continue
         log.warning("child_end_redriven", extra={"run_id": child_id})
         run = store.get_run(child_id, history=False)

@@ -11,6 +11,8 @@ publishes the rest from SQL); the step before a parallel group. A group is no ch
 (celery-facts.md section 3): each branch is published as its own message (``Fanout``), records its outcome
 in SQL, and the branch that completes the group publishes the rest.
 
+Every message the runtime sends is built here; runtime/publish.py sends them.
+
 The last step's completion finishes the run, and the last undo's the compensation, in the same SQL
 statement (store/fastpath.py): no extra task per run. sagaflow.finish and sagaflow.finish_compensation
 remain for the recovery sweeper, which publishes them alone when only the finishing is left.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from celery import Celery, chain
 from celery.canvas import Signature
 
-from sagaflow.definition import Saga, Step, StepKind
+from sagaflow.model.definition import Saga, Step, StepKind
 
 FINISH = "sagaflow.finish"
 ON_STEP_FAILED = "sagaflow.on_step_failed"
@@ -32,6 +34,7 @@ FINISH_COMPENSATION = "sagaflow.finish_compensation"
 ON_COMPENSATION_FAILED = "sagaflow.on_compensation_failed"
 ON_PLAIN_FAILED = "sagaflow.on_plain_failed"  # the errback of a plain run (policy: compensation off)
 RECOVER = "sagaflow.recover"  # the recovery sweeper, scheduled by beat
+CHILD_FINISHED = "sagaflow.child_finished"  # a child run ended: move its parent on (runtime/waits.py)
 CHAIN_WINDOW = 8  # steps per published chain (compile_run)
 HARD_LIMIT_GRACE = 5.0  # seconds between the soft time limit (exception in the step) and the hard kill
 
@@ -53,11 +56,24 @@ def _limits(step: Step) -> dict:
     return options
 
 
-def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signature:
-    # The saga's name and version ride along, so the errback compiles the compensations without reading
-    # the run back.
-    return app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga.name, "version": saga.version},
+def step_errback(app: Celery, run_id: str, index: int, saga: str, version: int) -> Signature:
+    """``sagaflow.on_step_failed`` for step ``index``: the link_error of every forward link, and the message the
+    runtime publishes itself when a step fails outside a chain (a gate's deadline, a lost branch...). The
+    saga's name and version ride along, so the errback compiles the compensations without reading the run."""
+    return app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga, "version": version},
                          immutable=True)
+
+
+def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signature:
+    return step_errback(app, run_id, index, saga.name, saga.version)
+
+
+def finish_compensation(app: Celery, run_id: str) -> Signature:
+    return app.signature(FINISH_COMPENSATION, args=(run_id,), immutable=True)
+
+
+def child_finished(app: Celery, child_run_id: str) -> Signature:
+    return app.signature(CHILD_FINISHED, args=(child_run_id,), immutable=True)
 
 
 class Fanout:
@@ -96,7 +112,7 @@ def compile_run(app: Celery, saga: Saga, run_id: str, start: int = 0, results: d
     From a parallel group's first step: its branches (Fanout). From ``start == len(saga.steps)``: the finish
     task alone.
 
-    ``plain``: the run's compensation is off by policy (sagaflow/policy.py): the same step tasks with
+    ``plain``: the run's compensation is off by policy (sagaflow/model/policy.py): the same step tasks with
     ``plain=True`` and the run's ``input`` in their kwargs (they read nothing from SQL), each with the
     errback ``sagaflow.on_plain_failed``. No gates, child steps or groups there (policy refuses them)."""
     n = len(saga.steps)

@@ -1,5 +1,5 @@
 """Parallel branches: what a step of a parallel group does after its action, on top of the ordinary step
-(runtime._run_step claims, runs, retries it like any step).
+(runtime/steps.py claims, runs, retries it like any step).
 
 No Celery group or chord (celery-facts.md section 3): each branch is its own message (compiler.Fanout),
 records its own outcome in SQL, and the decisions about its group are made from SQL with the run row locked
@@ -27,11 +27,10 @@ from typing import Callable
 
 from celery.exceptions import Ignore
 
-from sagaflow import waits
-from sagaflow.app import celery_app
-from sagaflow.compiler import compile_compensation, compile_run
-from sagaflow.definition import Saga, Step, registry
-from sagaflow.errors import SagaCancelled
+from sagaflow.app import get_store
+from sagaflow.model.definition import Saga, Step, registry
+from sagaflow.runtime import publish
+from sagaflow.runtime.outcomes import LOST_STEP, FailedForGood, cancelled, describe
 
 log = logging.getLogger("sagaflow.branches")
 
@@ -56,20 +55,20 @@ def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callabl
 
 
 def record_success(saga: Saga, step: Step, store, run_id: str, index: int, token: str, value, results: dict,
-                   fields: dict) -> dict:
+                   fields: dict) -> dict | FailedForGood:
     """The branch's action returned ``value``: record it and do what its group's state says."""
     outcome = store.complete_branch(run_id, index, token, value)
     if outcome is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
-    return _follow(saga, step, run_id, index, outcome, {**results, step.name: value}, fields)
+    return follow(saga, step, run_id, index, outcome, {**results, step.name: value}, fields)
 
 
 def give_up_best_effort(saga: Saga, step: Step, store, run_id: str, index: int, token: str, exc: Exception,
-                        results: dict, fields: dict) -> dict:
+                        results: dict, fields: dict) -> dict | FailedForGood:
     """A best-effort branch failed for good: recorded ``failed_best_effort`` (never undone, no errback); it
     counts as done for its group's join."""
-    error = f"{type(exc).__name__}: {exc}"
+    error = describe(exc)
     if store.fail_best_effort(run_id, index, token, error) is None:
         log.warning("step_result_dropped", extra={**fields, "reason": "another delivery holds the step"})
         raise Ignore()
@@ -78,54 +77,73 @@ def give_up_best_effort(saga: Saga, step: Step, store, run_id: str, index: int, 
     outcome = store.join_after_best_effort(run_id, index)
     if outcome is None:
         raise Ignore()
-    return _follow(saga, step, run_id, index, outcome, {**results, step.name: None}, fields)
+    return follow(saga, step, run_id, index, outcome, {**results, step.name: None}, fields)
 
 
 def best_effort_branch_lost(store, saga: Saga, run_id: str, index: int) -> None:
     """on_step_failed recorded a lost best-effort branch as ``failed_best_effort``: join as it would have."""
-    from sagaflow.runtime import FailedForGood
-
     step = saga.steps[index]
     fields = {"run_id": run_id, "step": step.name}
     outcome = store.join_after_best_effort(run_id, index)
     if outcome is None:
         return
-    followed = _follow(saga, step, run_id, index, outcome, {}, fields)
+    followed = follow(saga, step, run_id, index, outcome, {}, fields)
     if isinstance(followed, FailedForGood):  # a cancel came in: compensate, as the branch's errback would
-        from sagaflow.compiler import ON_STEP_FAILED
-
-        celery_app.signature(ON_STEP_FAILED, args=(run_id, index), kwargs={"saga": saga.name, "version": saga.version},
-                             immutable=True).apply_async()
+        publish.errback(run_id, index, saga.name, saga.version)
 
 
-def _follow(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
-    """Do what a branch's end decided (BranchOutcome): publish the steps after the group, the branch's own
-    undo, the undos it released; or raise a cancel into the errback."""
-    from sagaflow.runtime import FailedForGood
+# What a branch's end decided (BranchOutcome.decision), one function each: publish the steps after the group,
+# the branch's own undo, the undos it released; or return a cancel into the errback. Each returns what the
+# branch's task returns.
 
-    decision = outcome.decision
-    if decision == "cancelled":
-        return FailedForGood(SagaCancelled(f"run {run_id} was cancelled while branch {step.name!r} ran"))
-    if decision == "joined":
-        log.info("group_joined", extra={**fields, "next_step": saga.steps[outcome.next_index].name})
-        try:
-            compile_run(celery_app, saga, run_id, start=outcome.next_index, results=outcome.results).apply_async()
-        except Exception as exc:  # noqa: BLE001 - the join is recorded; the sweeper resumes the run from SQL
-            log.error("group_continuation_not_published", extra={
-                **fields, "error": f"{type(exc).__name__}: {exc}",
-                "next": "the recovery sweeper resumes the run after SAGAFLOW_STALL_TIMEOUT"})
-    elif decision == "finished":
-        log.info("run_succeeded", extra=fields)
-        waits.run_ended(run_id, saga.name)  # a child run: tell its parent
-    elif decision == "late":
-        log.warning("branch_ended_late", extra={**fields, "compensate": outcome.compensate})
-        _after_late_end(run_id, index, outcome, fields, saga)
-    elif decision == "recorded":
-        log.warning("branch_ended_late", extra={**fields, "compensate": False,
-                                                    "reason": "the run waits for an operator"})
-    else:
-        log.info("branch_done", extra={**fields, "group": "waiting for the other branches"})
+
+def _cancelled(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    return cancelled(run_id, f"while branch {step.name!r} ran")
+
+
+def _joined(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    log.info("group_joined", extra={**fields, "next_step": saga.steps[outcome.next_index].name})
+    with publish.or_log(log, "group_continuation_not_published", fields,
+                        next="the recovery sweeper resumes the run after SAGAFLOW_STALL_TIMEOUT"):
+        publish.chain_from(saga, run_id, start=outcome.next_index, results=outcome.results)
     return results
+
+
+def _finished(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    log.info("run_succeeded", extra=fields)
+    publish.run_ended(run_id, saga.name)  # a child run: tell its parent
+    return results
+
+
+def _late(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    log.warning("branch_ended_late", extra={**fields, "compensate": outcome.compensate})
+    _after_late_end(run_id, index, outcome, fields, saga)
+    return results
+
+
+def _recorded(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    log.warning("branch_ended_late", extra={**fields, "compensate": False,
+                                                "reason": "the run waits for an operator"})
+    return results
+
+
+def _waiting(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    log.info("branch_done", extra={**fields, "group": "waiting for the other branches"})
+    return results
+
+
+FOLLOW = {"cancelled": _cancelled, "joined": _joined, "finished": _finished, "late": _late,
+          "recorded": _recorded, "waiting": _waiting}
+
+
+def follow(saga: Saga, step: Step, run_id: str, index: int, outcome, results: dict, fields: dict):
+    """Do what a branch's end decided (BranchOutcome); an unknown decision is treated as "waiting"."""
+    act = FOLLOW.get(_kind(outcome.decision), _waiting)
+    return act(saga, step, run_id, index, outcome, results, fields)
+
+
+def _kind(value) -> str:
+    return getattr(value, "value", value)  # a plain string today; an enum member once the model has one
 
 
 def stop_waiting_branch(store, run_id: str, index: int, token: str, earlier_tokens, fields: dict) -> None:
@@ -145,8 +163,6 @@ def errback_of_late_branch(store, run_id: str, index: int, saga: str | None, ver
     definition = registry.get(saga, version)
     if index >= len(definition.steps) or definition.steps[index].group is None:
         return False
-    from sagaflow.runtime import LOST_STEP
-
     outcome = store.settle_lost_branch(run_id, index, LOST_STEP)
     if outcome is None:
         return False
@@ -191,16 +207,11 @@ def _release(run_id: str, indexes, fields: dict, saga: Saga | None = None) -> No
 
 
 def _saga_of(run_id: str) -> Saga:
-    from sagaflow.app import get_store
-
     run = get_store().get_run(run_id, history=False)
     return registry.get(run.saga, run.saga_version)
 
 
 def _publish_undos(saga: Saga, run_id: str, indexes: list[int], fields: dict) -> None:
-    try:
-        compile_compensation(celery_app, saga, run_id, indexes).apply_async()
-    except Exception as exc:  # noqa: BLE001 - the sweeper re-drives the compensating run from SQL
-        log.error("compensation_not_published", extra={
-            **fields, "error": f"{type(exc).__name__}: {exc}",
-            "next": "the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"})
+    with publish.or_log(log, "compensation_not_published", fields,
+                        next="the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"):
+        publish.compensations(saga, run_id, indexes)

@@ -1,0 +1,105 @@
+"""The only place that sends Celery messages: it turns what the store decided into messages.
+
+The store decides (a guarded transition, committed) and returns an outcome; the runtime reads the outcome and
+calls one of these functions. Each one raises when the broker refuses, which is what a caller that must
+answer for it wants (the client's ``start`` deletes the run again; an errback is delivered again; the sweeper
+tries at its next sweep). A caller whose transition is already committed and must not fail wraps the call in
+``or_log(...)``: the refusal is logged (``<what>_not_published``) and the recovery sweeper re-drives the run
+from SQL after SAGAFLOW_STALL_TIMEOUT.
+
+The messages themselves are built by the compiler (runtime/compiler.py), which publishes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+from celery import Celery
+
+from sagaflow.app import celery_app, get_store
+from sagaflow.model.definition import Saga, StepKind, registry
+from sagaflow.runtime import compiler
+from sagaflow.runtime.outcomes import describe
+
+log = logging.getLogger("sagaflow.publish")
+
+
+@contextmanager
+def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = None) -> Iterator[None]:
+    """Run the block that publishes; if it raises, log ``event`` with ``fields``, the error and what happens
+    ``next``, and go on: what the block publishes follows a transition that is committed already."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - committed in SQL: the sweeper re-drives the run from there
+        extra = {**fields, "error": describe(exc)}
+        if next is not None:
+            extra["next"] = next
+        logger.error(event, extra=extra)
+
+
+def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None, app: Celery | None = None) -> None:
+    """A new run's first chain. Raises when the broker refuses (the client deletes the run again)."""
+    if plain:
+        chain_from(saga, run_id, plain=True, input=input, app=app)
+    else:
+        chain_from(saga, run_id, app=app)
+
+
+def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = None, *, plain: bool = False,
+               input: dict | None = None, app: Celery | None = None) -> None:
+    """The forward chain of ``run_id`` from step ``start`` (compiler.compile_run): the next window, the steps
+    after a joined group, a resumed run, a gate passed; ``start == len(saga.steps)``: the finish task."""
+    compiler.compile_run(app or celery_app, saga, run_id, start=start, results=results, plain=plain,
+                         input=input).apply_async()
+
+
+def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:
+    """The compensations ``indexes`` of ``run_id``, in that order (latest completed first)."""
+    compiler.compile_compensation(app or celery_app, saga, run_id, list(indexes)).apply_async()
+
+
+def compensations_of(run_id: str, indexes, saga: str | None = None, version: int | None = None,
+                     app: Celery | None = None) -> None:
+    """``compensations`` when only the run id is known (an operator's retry): the saga is read from SQL."""
+    if saga is None or version is None:
+        run = get_store().get_run(run_id, history=False)
+        saga, version = run.saga, run.saga_version
+    compensations(registry.get(saga, version), run_id, indexes, app=app)
+
+
+def errback(run_id: str, index: int, saga: str, version: int) -> None:
+    """``sagaflow.on_step_failed`` for step ``index``, outside a chain: it begins the compensation."""
+    compiler.step_errback(celery_app, run_id, index, saga, version).apply_async()
+
+
+def finish_compensation(run_id: str) -> None:
+    """``sagaflow.finish_compensation``: every undo is done, only the run's end is left (the sweeper)."""
+    compiler.finish_compensation(celery_app, run_id).apply_async()
+
+
+def child_finished(child_run_id: str) -> None:
+    """``sagaflow.child_finished``: a child run ended; its parent moves on."""
+    compiler.child_finished(celery_app, child_run_id).apply_async()
+
+
+def _child_sagas() -> set[str]:
+    return {step.child_saga for saga in registry.all() for step in saga.steps if step.kind is StepKind.CHILD}
+
+
+def run_ended(run_id: str, saga: str | None = None) -> None:
+    """A run reached a final status (or finished undoing): if it is a child run, tell its parent. ``saga``
+    given and never named by a child step in this process: no parent to tell, and no read (the linear
+    fast path stays as it was). Never raises: the transition is committed; a lost message is re-published
+    by the sweeper (runtime/waits.py ``sweep``)."""
+    if saga is not None and saga not in _child_sagas():
+        return
+    fields = {"run_id": run_id}
+    parent = None
+    with or_log(log, "child_finished_not_published", fields,
+                next="the recovery sweeper tells the parent after SAGAFLOW_STALL_TIMEOUT"):
+        parent = get_store().parent_of(run_id)
+        if parent is not None:
+            child_finished(run_id)
+            log.info("child_finished_published", extra={"run_id": run_id, "parent_run_id": parent})
