@@ -8,7 +8,7 @@ whose runs did not all end as they should is marked unchecked and the command ex
 is printed (MISS) and does not change the exit code: a benchmark prints figures, it does not assert them.
 
 Phases (--only): latency, throughput, steps, runs, sql, policy_off, embedded; and, with --profile, profile.
-policy_off measures W1 with compensation switched off by policy (sagaflow/policy.py: a plain chain of the
+policy_off measures W1 with compensation switched off by policy (sagaflow/model/policy.py: a plain chain of the
 same step tasks, the run row alone in SQL) against the plain Celery chain, and counts its SQL per run.
 """
 

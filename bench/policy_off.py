@@ -1,4 +1,4 @@
-"""The policy_off phase: W1 with compensation switched off by policy (sagaflow/policy.py: a plain chain of
+"""The policy_off phase: W1 with compensation switched off by policy (sagaflow/model/policy.py: a plain chain of
 the same step tasks, the run row alone in SQL) against the plain Celery chain, and its SQL per run."""
 
 from __future__ import annotations

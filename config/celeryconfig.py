@@ -37,7 +37,7 @@ def celery_settings(settings: Settings) -> dict:
         # A message that fails while the worker receives it is dropped, logged, instead of ending the worker
         # (sagaflow/inbound.py; the depth of every message is checked there too).
         "worker_consumer": "sagaflow.inbound:Consumer",
-        # The recovery sweeper (sagaflow/recovery.py). Beat only schedules it: any worker runs it, and
+        # The recovery sweeper (sagaflow/runtime/recovery.py). Beat only schedules it: any worker runs it, and
         # several at once are safe. Expires so a backlog of sweeps never piles up behind a stopped worker.
         "beat_schedule": {
             "sagaflow-recover": {

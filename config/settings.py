@@ -112,7 +112,7 @@ class Settings:
     worker_pool: str
     worker_concurrency: int
     log_level: str
-    # Recovery (sagaflow/recovery.py): a live run that holds no lease and has not moved for stall_timeout
+    # Recovery (sagaflow/runtime/recovery.py): a live run that holds no lease and has not moved for stall_timeout
     # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
     stall_timeout: int = 600
     recovery_interval: int = 30

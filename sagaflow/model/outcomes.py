@@ -63,7 +63,7 @@ class Recovery:
     action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
     the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
     empty: finish the compensation), "wait" (``index`` waits for its signal or child run: nothing to
-    publish); from sagaflow/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
+    publish); from sagaflow/runtime/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
     "child_finished" (a child's end, re-announced to its parent).
     """
 
@@ -79,7 +79,7 @@ class Recovery:
 
 @dataclass(frozen=True)
 class WaitOutcome:
-    """What a transition of a gate, a signal or a child run decided, for sagaflow/waits.py to publish.
+    """What a transition of a gate, a signal or a child run decided, for sagaflow/runtime/waits.py to publish.
 
     action: "waiting" (nothing to publish: the run waits), "continue" (publish the chain of ``run_id`` from
     ``index + 1`` with ``results``), "finished" (the run ended in ``status``: tell its parent, if any),

@@ -1,7 +1,7 @@
 """Waits: gates and signals (a run that waits holds no worker), the cancel of a waiting run, and the step
 that passes a gate or a child run's end on (``Waits._pass_step``; the child runs themselves: children.py).
 
-sagaflow/waits.py drives these. Every transaction locks the run row first (SELECT ... FOR UPDATE on
+sagaflow/runtime/waits.py drives these. Every transaction locks the run row first (SELECT ... FOR UPDATE on
 PostgreSQL; on SQLite every transaction is BEGIN IMMEDIATE, serialized anyway), so a gate that begins to
 wait and a signal that arrives at that moment, or a child that ends while its parent is cancelled, never
 miss each other. Lock order: a parent run before its child.

@@ -1,5 +1,5 @@
 """Crashes and lost messages: real processes are killed, and every run still reaches a final status with
-each effect exactly once. The recovery sweeper (sagaflow/recovery.py) runs in the rescuing worker's beat,
+each effect exactly once. The recovery sweeper (sagaflow/runtime/recovery.py) runs in the rescuing worker's beat,
 every second, with a 5 s stall timeout; the `faults` saga has 3 s time limits, so a dead holder's lease
 (3 + 5 + 2 s) runs out within seconds."""
 
