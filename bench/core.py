@@ -42,8 +42,8 @@ class Bench:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.environ["BENCH_REDIS_URL"] = self.args.redis_url
 
-        from sagaflow.config.settings import Settings
         from sagaflow.app import celery_app, configure
+        from sagaflow.config.settings import Settings
         from sagaflow.store.migrate import upgrade
 
         self.database_url = fresh_database(self.args.pg_admin_url, self.args.database)

@@ -1,6 +1,8 @@
 """sagaflow: sagas (ordered steps, each undone by its compensation if a later step fails) on Celery,
 with their state in SQL."""
 
+from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
+from sagaflow.client import SagaClient  # noqa: E402
 from sagaflow.errors import (
     BrokerUnavailable,
     DefinitionError,
@@ -18,9 +20,6 @@ from sagaflow.model.definition import Parallel, RetryKind, RetryPolicy, Saga, St
 from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Run
 from sagaflow.model.status import RunStatus, StepStatus
-
-from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
-from sagaflow.client import SagaClient  # noqa: E402
 
 __all__ = [
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",

@@ -14,8 +14,8 @@ import time
 
 import click
 
-from sagaflow.config.settings import Settings
 from sagaflow.app import celery_app
+from sagaflow.config.settings import Settings
 from sagaflow.logs import escape_controls
 from sagaflow.model import Run
 

@@ -47,6 +47,8 @@ from sagaflow.model.definition import (
     RetryPolicy,
     Saga,
     Step,
+)
+from sagaflow.model.definition import (
     registry as default_registry,
 )
 

@@ -13,8 +13,8 @@ from celery.signals import worker_init
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.errors import LeaseLost, NonRetryableError, SagaCancelled
+from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.runtime.compiler import HARD_LIMIT_GRACE
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LEASE_MARGIN, FailedForGood, describe
 

@@ -19,14 +19,14 @@ from celery.exceptions import Ignore, Retry
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
 from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSerializable, SagaCancelled
 from sagaflow.inbound import MessageRefused
+from sagaflow.model import ClaimOutcome, RunStatus
+from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
 from sagaflow.runtime import branches, publish, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe
 from sagaflow.safejson import ensure_json
-from sagaflow.model import ClaimOutcome, RunStatus
 
 log = logging.getLogger("sagaflow.runtime")
 

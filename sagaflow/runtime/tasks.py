@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
-
 from sagaflow import alerts
 from sagaflow.app import celery_app, get_settings, get_store
-from sagaflow.model.definition import Saga, StepKind, registry
 from sagaflow.errors import SagaCancelled, SagaflowError
+from sagaflow.model import ClaimOutcome, RunStatus
+from sagaflow.model.definition import Saga, StepKind, registry
 from sagaflow.runtime import branches, publish, recovery, waits
 from sagaflow.runtime.base import GENERIC_TASK, SagaTask
 from sagaflow.runtime.compiler import (
@@ -32,7 +32,6 @@ from sagaflow.runtime.compiler import (
 )
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LOST_COMPENSATION, LOST_PLAIN, LOST_STEP
 from sagaflow.runtime.steps import run_compensation, run_step
-from sagaflow.model import ClaimOutcome, RunStatus
 
 log = logging.getLogger("sagaflow.runtime")
 

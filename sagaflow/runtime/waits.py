@@ -32,17 +32,17 @@ import uuid
 from celery.exceptions import Ignore
 
 from sagaflow.app import get_settings
-from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.errors import (
     InvalidInput,
     InvalidTransition,
     NonRetryableError,
     UnknownSaga,
 )
+from sagaflow.model import Recovery, StepSpec, WaitOutcome
+from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.runtime import publish
 from sagaflow.runtime.outcomes import FailedForGood, cancelled
 from sagaflow.safejson import ensure_json
-from sagaflow.model import Recovery, StepSpec, WaitOutcome
 
 log = logging.getLogger("sagaflow.waits")
 

@@ -16,7 +16,14 @@ from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
+    event,
+    fail_step,
+    held_step,
+    move_step,
+    results,
+    set_run_status,
+    to_compensate,
+    touch,
 )
 from sagaflow.store.runs import insert_run
 from sagaflow.store.waits import lock_wait_run

@@ -22,7 +22,16 @@ from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
-    HELD_STEP, LIVE_RUN, claimable, event, fail_step, move_step, run_status, set_run_status, succeed_run, touch,
+    HELD_STEP,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    move_step,
+    run_status,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 

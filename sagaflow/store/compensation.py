@@ -21,8 +21,17 @@ from sagaflow.store.claims import claim_lost
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
-    FAILED_NON_ATOMIC, LIVE_RUN, claimable, event, fail_step, lock_run, move_step, run_status, set_run_status,
-    to_compensate, touch,
+    FAILED_NON_ATOMIC,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    lock_run,
+    move_step,
+    run_status,
+    set_run_status,
+    to_compensate,
+    touch,
 )
 
 

@@ -20,7 +20,16 @@ from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    DONE_STEP, LIVE_RUN, event, fail_step, move_step, results, run_status, set_run_status, succeed_run, touch,
+    DONE_STEP,
+    LIVE_RUN,
+    event,
+    fail_step,
+    move_step,
+    results,
+    run_status,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 

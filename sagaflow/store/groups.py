@@ -27,9 +27,17 @@ from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    LIVE_RUN, claimable, event, fail_step, lock_run, move_step, results, succeed_run, to_compensate, touch,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    lock_run,
+    move_step,
+    results,
+    succeed_run,
+    to_compensate,
+    touch,
 )
-
 
 LOST_BRANCH = ("the branch's worker process was lost while the run was compensating; it recorded no outcome, "
                "so nothing of it is undone")

@@ -21,7 +21,16 @@ from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
+    LIVE_RUN,
+    event,
+    fail_step,
+    held_step,
+    lock_run,
+    move_step,
+    results,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 

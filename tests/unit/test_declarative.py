@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sagaflow.config.settings import Settings
 from sagaflow import DefinitionError, RetryKind, RetryPolicy, Saga, SagaFileError, Step, handler
 from sagaflow.app import celery_app
-from sagaflow.model.declarative import HandlerRegistry, handlers as global_handlers, load_saga_file, load_saga_files
+from sagaflow.config.settings import Settings
+from sagaflow.model.declarative import HandlerRegistry, load_saga_file, load_saga_files
+from sagaflow.model.declarative import handlers as global_handlers
 from sagaflow.model.definition import DEFAULT_COMPENSATION_RETRY, DEFAULT_RETRY, Registry
 from sagaflow.runtime.compiler import compile_run
 from tests.conftest import ROOT
