@@ -183,7 +183,8 @@ class Bench:
                 while (end := side.finished_at(run_id)) is None:
                     if time.monotonic() > deadline:
                         break
-                    time.sleep(0.02)  # the end time is the run's own record: a slower poll loses no precision, and loads the machine less
+                    # the end time is the run's own record: a slower poll loses no precision, and loads the machine less
+                    time.sleep(0.02)
                 if end is not None:
                     latencies[side.label].append(end - t0)
             if (i + 1) % 10 == 0:

@@ -385,7 +385,7 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
     """A saga's steps: Step, or Parallel for ``{parallel: [step, step, ...]}`` (not nested). ``step_lines``
     gets each Step's line, for errors found later."""
     built: list = []
-    for spec, line in zip(specs, lines):
+    for spec, line in zip(specs, lines, strict=True):
         where.step = None
         if isinstance(spec, dict) and "parallel" in spec:
             _check_keys(spec, {"parallel"}, ("parallel",), "a parallel group", where, line)
@@ -484,7 +484,7 @@ def _parse(path: Path, text: str | None, handlers: HandlerRegistry) -> list[tupl
     if not isinstance(specs, list):
         raise where.error(f"sagas must be a list, got {_type_name(specs)}", _line(data, "sagas"))
     sagas: list[tuple[Saga, str]] = []
-    for spec, line in zip(specs, specs.item_lines):
+    for spec, line in zip(specs, specs.item_lines, strict=True):
         where.saga = where.version = where.step = None
         saga = _saga(spec, line, handlers, where)
         if any((s.name, s.version) == (saga.name, saga.version) for s, _ in sagas):

@@ -431,8 +431,9 @@ class Saga:
 
     def check_runnable(self) -> None:
         """What can only be checked once the whole saga is written: a non-atomic step needs a compensation
-        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the decorator form adds the
-        compensation afterwards (``@step.compensation``). Called by ``client.start`` and at worker start."""
+        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the
+        decorator form adds the compensation afterwards (``@step.compensation``). Called by ``client.start`` and at
+        worker start."""
         for step in self.steps:
             if step.non_atomic and step.best_effort:
                 raise DefinitionError(

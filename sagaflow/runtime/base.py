@@ -89,7 +89,7 @@ class SagaTask(GuardedTask):
             delay = DB_RETRY.delay(retries + 1)
             log.warning("database_unreachable",
                         extra={"task": self.name, "retry_in": round(delay, 3), "error": describe(exc)})
-            raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts)
+            raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts) from exc
 
     def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
                          note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool]) -> FailedForGood:

@@ -39,7 +39,8 @@ def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = 
         logger.error(event, extra=extra)
 
 
-def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None, app: Celery | None = None) -> None:
+def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None,
+          app: Celery | None = None) -> None:
     """A new run's first chain. Raises when the broker refuses (the client deletes the run again)."""
     if plain:
         chain_from(saga, run_id, plain=True, input=input, app=app)

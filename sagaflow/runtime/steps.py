@@ -170,13 +170,13 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
-    except LeaseLost:
+    except LeaseLost as exc:
         log.warning("step_lease_lost", extra=fields)
-        raise Ignore()
+        raise Ignore() from exc
     except SagaCancelled as exc:  # from ctx.heartbeat(): no retry, compensate
         if give_up(describe(exc)):
             return FailedForGood(exc)
-        raise Ignore()
+        raise Ignore() from exc
     except Exception as exc:
         if step.best_effort and not policy.allows_retry(exc, work.claim.round_attempt):
             if step.group is not None:  # a best-effort branch: done for its group's join
@@ -255,7 +255,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
         if step.retry.allows_retry(exc, attempt):
             delay = step.retry.delay(attempt)
             log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
+            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1) from exc
         if not step.best_effort or isinstance(exc, MessageRefused):
             error = describe(exc)
             log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
@@ -323,9 +323,9 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
             step.compensate(ctx)
     except (Retry, Ignore):
         raise
-    except LeaseLost:
+    except LeaseLost as exc:
         log.warning("compensation_lease_lost", extra=fields)
-        raise Ignore()
+        raise Ignore() from exc
     except Exception as exc:
         return self.retry_or_give_up(
             exc, work.claim, step.compensation_retry, "compensation", fields,

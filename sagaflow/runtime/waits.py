@@ -86,7 +86,8 @@ def act(outcome: WaitOutcome) -> None:
     if kind in PUBLISH:
         fields = {"run_id": outcome.run_id, "action": outcome.action, "step": outcome.index}
         with publish.or_log(log, "wait_outcome_not_published", fields,
-                            next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; check the broker"):
+                            next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; "
+                                 "check the broker"):
             PUBLISH[kind](outcome)
     elif kind in ENDED:
         ENDED[kind](outcome)

@@ -75,7 +75,7 @@ class Statement:
 
     def arguments(self, params: dict) -> tuple:
         return tuple(params[p] if convert is None else convert(params[p])
-                     for p, convert in zip(self.params, self.converters))
+                     for p, convert in zip(self.params, self.converters, strict=True))
 
 
 # The claim guard of guards.claimable, for a step moving from :start to :active.
@@ -141,7 +141,8 @@ WITH run AS (
     RETURNING compensation_attempts, compensation_round_attempts, name, result
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, '{EventKind.COMPENSATION_STARTED.value}', name, :now, json_build_object('attempt', compensation_attempts)
+    SELECT :run_id, '{EventKind.COMPENSATION_STARTED.value}', name, :now,
+           json_build_object('attempt', compensation_attempts)
     FROM claimed
 )
 SELECT run.status, run.input, claimed.compensation_attempts, claimed.compensation_round_attempts,
@@ -212,7 +213,8 @@ WITH held AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_SUCCEEDED.value}', name, :now, json_build_object('attempt', attempts) FROM held
     UNION ALL
-    SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json) FROM run WHERE status = 'succeeded'
+    SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json)
+    FROM run WHERE status = 'succeeded'
 )
 SELECT (SELECT status FROM run) AS status""")
 
@@ -284,7 +286,8 @@ WITH done AS (
     WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
     RETURNING id
 ), event AS (
-    INSERT INTO saga_events (run_id, kind, step, at, detail) SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
 )
 SELECT count(*) FROM done""")
 

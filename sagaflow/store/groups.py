@@ -80,7 +80,8 @@ class Groups:
         s = t.steps.c
         with self.engine.begin() as conn:
             run = lock_run(conn, run_id)
-            step = conn.execute(select(s.name, s.status, s.branch_group).where(s.run_id == run_id, s.idx == idx)).first()
+            step = conn.execute(select(s.name, s.status, s.branch_group)
+                                .where(s.run_id == run_id, s.idx == idx)).first()
             if run is None or step is None or step.branch_group is None \
                     or step.status != StepStatus.FAILED_BEST_EFFORT.value:
                 return None

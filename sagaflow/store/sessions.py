@@ -1,6 +1,6 @@
 """The SQL of the web app's security state (web/security.py, through SagaClient): operator sessions and
-failed-authentication counts. In the database, not in a process, so every gunicorn worker (and every host) sees the same logins,
-logouts and failures."""
+failed-authentication counts. In the database, not in a process, so every gunicorn worker (and every host) sees
+the same logins, logouts and failures."""
 
 from __future__ import annotations
 

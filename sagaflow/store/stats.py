@@ -198,7 +198,7 @@ def _interpolate(sorted_values: list[float], q: float) -> float:
 
 def _percentile_entry(count, maximum, values, quantiles) -> dict:
     entry = {"count": int(count), "max": round(max(float(maximum), 0.0), 6)}
-    for q, v in zip(quantiles, values):
+    for q, v in zip(quantiles, values, strict=True):
         entry[f"p{round(q * 100):g}"] = round(max(float(v), 0.0), 6)
     return entry
 
