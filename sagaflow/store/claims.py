@@ -19,7 +19,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Claim, ClaimOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
     HELD_STEP,
@@ -57,7 +57,7 @@ HELD = {
 }
 
 
-class Claims:
+class Claims(Engines):
     def claim_step(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                    lease_seconds: float) -> Claim:
         if self.fast:

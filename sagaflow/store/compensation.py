@@ -17,7 +17,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Claim, ClaimOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.claims import claim_lost
+from sagaflow.store.claims import Claims, claim_lost
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
@@ -35,7 +35,7 @@ from sagaflow.store.guards import (
 )
 
 
-class Compensation:
+class Compensation(Claims):
     def begin_compensation(self, run_id: str, failed_idx: int, lost_error: str) -> list[int] | None:
         """running -> compensating. Returns the indexes to compensate, latest first, or None when another
         errback got here first. A step still marked running was lost (hard time limit, dead process): it is

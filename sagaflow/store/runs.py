@@ -14,7 +14,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
 
@@ -49,7 +49,7 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
     ).scalar_one()
 
 
-class Runs:
+class Runs(Engines):
     def create_run(
         self,
         run_id: str,

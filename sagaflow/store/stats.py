@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sagaflow.model.events import COMPENSATION_ENDS, STEP_OUTCOME_EVENTS, EventKind
 from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
 from sagaflow.store import tables as t
+from sagaflow.store.engine import Engines
 
 # Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -203,7 +204,7 @@ def _percentile_entry(count, maximum, values, quantiles) -> dict:
     return entry
 
 
-class Stats:
+class Stats(Engines):
     """The Store's part for these reads (the faces reach them through SagaClient, never the engine)."""
 
     def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
