@@ -22,6 +22,7 @@ import traceback
 import click
 import sqlalchemy.exc
 
+from sagaflow import __version__
 from sagaflow.app import celery_app, configure, get_settings
 from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
@@ -196,6 +197,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(__version__, "--version", prog_name="sagaflow", message="%(prog)s %(version)s")
 def main() -> None:
     """sagaflow: sagas on Celery, state in SQL. Settings come from SAGAFLOW_* environment variables."""
 
