@@ -163,7 +163,7 @@ def _usage_error(exc: click.UsageError) -> click.ClickException:
     if exc.ctx is not None:
         message += f" (see `{exc.ctx.command_path} --help`)"
     error = click.ClickException(_clean(message))
-    error.exit_code = exc.exit_code
+    error.exit_code = exc.exit_code  # type: ignore[misc]  # click types it a ClassVar; each instance's is used
     return error
 
 

@@ -86,7 +86,8 @@ def child_finished(child_run_id: str) -> None:
 
 
 def _child_sagas() -> set[str]:
-    return {step.child_saga for saga in registry.all() for step in saga.steps if step.kind is StepKind.CHILD}
+    return {step.child_saga for saga in registry.all() for step in saga.steps
+            if step.kind is StepKind.CHILD and step.child_saga is not None}  # a child step always names one
 
 
 def run_ended(run_id: str, saga: str | None = None) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from celery.exceptions import Ignore, Retry
 
@@ -27,6 +27,10 @@ from sagaflow.runtime import branches, publish, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe
 from sagaflow.safejson import ensure_json
+
+if TYPE_CHECKING:
+    from sagaflow.model.outcomes import Claim
+    from sagaflow.store import Store
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -47,13 +51,13 @@ class Claimed:
     phase: str
     saga: Saga
     step: Step
-    store: object
+    store: Store
     run_id: str
     index: int
     token: str
     earlier_tokens: list
     lease: float
-    claim: object
+    claim: Claim
 
     @property
     def fields(self) -> dict:
@@ -72,6 +76,7 @@ class Claimed:
         raise Ignore()
 
     def context(self, **more) -> StepContext:
+        assert self.claim.input is not None  # a CLAIMED claim carries its run's input (saga_runs.input is NOT NULL)
         return StepContext(run_id=self.run_id, saga=self.saga.name, step=self.step.name, input=self.claim.input,
                            attempt=self.claim.attempt, idempotency_key=f"{self.run_id}:{self.step.name}", **more)
 
@@ -99,10 +104,11 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     parallel group, published on its own (compiler.Fanout). ``plain``: a run that policy switched to a plain
     chain (no claims, no step rows), with the run's ``input`` in the message."""
     if plain:
-        outcome = _run_plain_step(self, results, run_id, index, version, input or {}, inbound.refused(self.request))
+        plain_results = _run_plain_step(self, results, run_id, index, version, input or {},
+                                        inbound.refused(self.request))
         if window_end:
-            _next_window(run_id, version, self.saga_name, index + 1, outcome, plain=True, input=input)
-        return outcome
+            _next_window(run_id, version, self.saga_name, index + 1, plain_results, plain=True, input=input)
+        return plain_results
     with self.database_outage_retries():
         outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request))
     if isinstance(outcome, FailedForGood):
@@ -277,6 +283,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
 
 def call_action(step: Step, ctx: StepContext):
     """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
+    assert step.action is not None  # only action steps get here (gates and child steps have none)
     value = step.action(ctx)
     try:
         return ensure_json(value, f"the result of step {step.name!r}", get_settings().json_limits)

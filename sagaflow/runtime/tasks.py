@@ -10,6 +10,7 @@ runtime/compiler.py and never change.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from sagaflow import alerts
 from sagaflow.app import celery_app, get_settings, get_store
@@ -43,7 +44,7 @@ def declare_tasks(saga: Saga) -> None:
     side; a step's own timeout travels in its messages (compiler.py) and takes precedence."""
     default = get_settings().default_step_timeout
     for step in saga.steps:
-        wanted = [(step_task_name(saga, step), run_step)]
+        wanted: list[tuple[str, Callable]] = [(step_task_name(saga, step), run_step)]
         if step.compensate is not None or step.kind is StepKind.CHILD:
             wanted.append((compensation_task_name(saga, step), run_compensation))
         for name, body in wanted:

@@ -159,6 +159,8 @@ class Compensation(Claims):
             if lost is not None:
                 event(conn, run_id, EventKind.COMPENSATION_FAILED, lost.name, {"error": lost_error}, now)
             step = conn.execute(select(s.name, s.compensation_error).where(s.run_id == run_id, s.idx == idx)).first()
+            if step is None:  # no such step (an unknown run): nothing to record
+                return False
             error = f"compensation of step {step.name!r} failed: {step.compensation_error}"
             if not set_run_status(conn, run_id, RunStatus.COMPENSATING, RunStatus.COMPENSATION_FAILED, now,
                                   error=error, finished_at=now):
