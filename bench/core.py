@@ -42,8 +42,8 @@ class Bench:
         self.workdir.mkdir(parents=True, exist_ok=True)
         os.environ["BENCH_REDIS_URL"] = self.args.redis_url
 
-        from sagaflow.config.settings import Settings
         from sagaflow.app import celery_app, configure
+        from sagaflow.config.settings import Settings
         from sagaflow.store.migrate import upgrade
 
         self.database_url = fresh_database(self.args.pg_admin_url, self.args.database)
@@ -183,7 +183,8 @@ class Bench:
                 while (end := side.finished_at(run_id)) is None:
                     if time.monotonic() > deadline:
                         break
-                    time.sleep(0.02)  # the end time is the run's own record: a slower poll loses no precision, and loads the machine less
+                    # the end time is the run's own record: a slower poll loses no precision, and loads the machine less
+                    time.sleep(0.02)
                 if end is not None:
                     latencies[side.label].append(end - t0)
             if (i + 1) % 10 == 0:

@@ -132,7 +132,8 @@ def render_table(figures: list[Figure], info: dict, summary: dict) -> str:
     out = [f"sagaflow vs plain Celery chain: size {info['size']}, {info['cpus']} CPUs, load average "
            f"{info['loadavg_start'][0]} at start / {info['loadavg_end'][0]} at end, {info['seconds']} s"]
     for i, r in enumerate(rows):
-        out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
+                             for j, (c, w) in enumerate(zip(r, widths, strict=True))))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append("outcome checks: " + ("every run ended as it should" if summary["outcome_checks_passed"]

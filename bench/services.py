@@ -15,12 +15,12 @@ def check_services(redis_url: str, pg_admin_url: str) -> None:
     try:
         redis.Redis.from_url(redis_url, socket_timeout=3, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
-        raise SystemExit(f"bench: Redis at {redis_url} does not answer ({exc}); start it or pass --redis-url")
+        raise SystemExit(f"bench: Redis at {redis_url} does not answer ({exc}); start it or pass --redis-url") from exc
     try:
         psycopg2.connect(dsn(pg_admin_url), connect_timeout=5).close()
     except psycopg2.Error as exc:
         raise SystemExit(f"bench: PostgreSQL at {pg_admin_url} does not answer ({str(exc).strip()}); "
-                         f"start it or pass --pg-admin-url")
+                         f"start it or pass --pg-admin-url") from exc
 
 
 def free_port() -> int:

@@ -79,7 +79,7 @@ class SagaflowSide:
     def table_bytes(self) -> dict[str, int]:
         names = ("saga_runs", "saga_steps", "saga_events")
         row = self.sql("SELECT " + ", ".join(f"pg_total_relation_size('{t}')" for t in names))[0]
-        return dict(zip(names, row))
+        return dict(zip(names, row, strict=True))
 
 
 class PolicyOffSide(SagaflowSide):

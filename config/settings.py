@@ -173,7 +173,8 @@ class Settings:
             saga_enabled=_bool(env, "SAGAFLOW_SAGA_ENABLED", True),
             saga_operations=_names(env, "SAGAFLOW_SAGA_OPERATIONS"),
             # Resolved now, like the saga files, so every child process reads the same file.
-            policy_file=Path(env.get("SAGAFLOW_POLICY_FILE", "").strip() or "config/policy.yaml").expanduser().resolve(),
+            policy_file=Path(env.get("SAGAFLOW_POLICY_FILE", "").strip()
+                             or "config/policy.yaml").expanduser().resolve(),
             policy_file_required=bool(env.get("SAGAFLOW_POLICY_FILE", "").strip()),
             json_max_depth=_positive(env, "SAGAFLOW_JSON_MAX_DEPTH", 64),
             json_max_bytes=_positive(env, "SAGAFLOW_JSON_MAX_BYTES", 1024 * 1024),

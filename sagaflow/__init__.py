@@ -1,6 +1,13 @@
 """sagaflow: sagas (ordered steps, each undone by its compensation if a later step fails) on Celery,
 with their state in SQL."""
 
+from importlib.metadata import version as _distribution_version
+
+# The installed distribution's version (pyproject.toml's, via pip install): one place to bump it.
+__version__ = _distribution_version("sagaflow")
+
+from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
+from sagaflow.client import SagaClient  # noqa: E402
 from sagaflow.errors import (
     BrokerUnavailable,
     DefinitionError,
@@ -19,12 +26,9 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Run
 from sagaflow.model.status import RunStatus, StepStatus
 
-from sagaflow import runtime  # noqa: E402,F401  (declares the Celery tasks of every registered saga)
-from sagaflow.client import SagaClient  # noqa: E402
-
 __all__ = [
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",
     "Parallel", "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled",
     "SagaClient", "SagaFileError", "SagaflowError", "Step", "StepContext", "StepKind", "StepStatus", "UnknownRun",
-    "UnknownSaga", "handler", "registry",
+    "UnknownSaga", "__version__", "handler", "registry",
 ]

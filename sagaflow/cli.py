@@ -22,6 +22,7 @@ import traceback
 import click
 import sqlalchemy.exc
 
+from sagaflow import __version__
 from sagaflow.app import celery_app, configure, get_settings
 from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
@@ -162,7 +163,7 @@ def _usage_error(exc: click.UsageError) -> click.ClickException:
     if exc.ctx is not None:
         message += f" (see `{exc.ctx.command_path} --help`)"
     error = click.ClickException(_clean(message))
-    error.exit_code = exc.exit_code
+    error.exit_code = exc.exit_code  # type: ignore[misc]  # click types it a ClassVar; each instance's is used
     return error
 
 
@@ -196,6 +197,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(__version__, "--version", prog_name="sagaflow", message="%(prog)s %(version)s")
 def main() -> None:
     """sagaflow: sagas on Celery, state in SQL. Settings come from SAGAFLOW_* environment variables."""
 

@@ -14,13 +14,13 @@ import time
 
 import click
 
-from sagaflow.config.settings import Settings
 from sagaflow.app import celery_app
+from sagaflow.config.settings import Settings
 from sagaflow.logs import escape_controls
 from sagaflow.model import Run
 
 # (saga, input, expected final status). Names only: the sagas come from SAGAFLOW_IMPORTS (the examples).
-SCENARIOS = [
+SCENARIOS: list[tuple[str, dict, str]] = [
     ("create_booking", {"customer": "c1"}, "succeeded"),
     ("create_booking", {"customer": "c2", "fail_at": "add_calendar"}, "compensated"),
     ("collect_payment", {"amount": 42, "flaky": {"process_payment": 1}}, "succeeded"),
@@ -90,7 +90,7 @@ def describe_order(run: Run) -> str:
     order = []
     for e in run.events:
         if e.kind == "step_succeeded":
-            order.append(e.step)
+            order.append(str(e.step))
         elif e.kind == "step_failed":
             order.append(f"{e.step} FAILED")
         elif e.kind == "group_joined":

@@ -99,7 +99,7 @@ def too_deep(raw: bytes, limit: int) -> bool:
 def prune_text(raw: bytes, limit: int) -> bytes:
     """JSON text with every array or object nested deeper than ``limit`` replaced by ``null``."""
     out = []
-    pos = 0  # where the text still to copy starts; None while inside a cut subtree
+    pos: int | None = 0  # where the text still to copy starts; None while inside a cut subtree
     depth = 0
     for token in _TOKEN.finditer(raw):
         char = raw[token.start()]
@@ -276,5 +276,5 @@ def guard_redis_transport(limit: int) -> None:
                 _log_refused({}, None, reason, "restored cut")
             return envelope
 
-    loads.sagaflow_guard = True
-    transport.loads = loads
+    loads.sagaflow_guard = True  # type: ignore[attr-defined]  # mypy has no function attributes
+    transport.loads = loads  # type: ignore[assignment]  # kombu types it by its 4 parameters; this forwards them all

@@ -59,6 +59,12 @@ def _key(key) -> str:
     return _KEY_BAD.sub(lambda m: _escape_char(m.group()), str(key)) or '""'
 
 
+class _SagaflowHandler(logging.StreamHandler):
+    """The stderr handler setup_logging installs, marked so a second call does not add another."""
+
+    _sagaflow = True
+
+
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = {
@@ -85,8 +91,7 @@ def setup_logging(level: str = "WARNING") -> None:
     logger = logging.getLogger("sagaflow")
     logger.setLevel(level.upper() if isinstance(level, str) else level)
     if not any(getattr(h, "_sagaflow", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _SagaflowHandler()
         handler.setFormatter(LogfmtFormatter())
-        handler._sagaflow = True
         logger.addHandler(handler)
     logger.propagate = False

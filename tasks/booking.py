@@ -2,7 +2,6 @@
 Written with decorators, so each action sits next to the compensation that undoes it."""
 
 from sagaflow import Saga, StepContext
-
 from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 booking = Saga("create_booking", version=1)

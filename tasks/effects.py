@@ -17,8 +17,8 @@ import time
 from datetime import datetime, timezone
 
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, UniqueConstraint, inspect, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from sagaflow import NonRetryableError, RetryPolicy, StepContext
 from sagaflow.app import get_store

@@ -8,7 +8,6 @@ under the name of the step it runs as, and honours the failure knobs (tasks/effe
 """
 
 from sagaflow import Saga, Step, StepContext, handler
-
 from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 

@@ -2,7 +2,6 @@
 to undo: if they fail, the payment and the invoice are reversed, the receipt stays sent."""
 
 from sagaflow import Saga, StepContext
-
 from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 payment = Saga("collect_payment", version=1)

@@ -8,7 +8,6 @@ request fails, both branches are undone; if one branch fails, the other is undon
 """
 
 from sagaflow import Saga, StepContext
-
 from sagaflow.tasks.effects import COMPENSATION_RETRY, STEP_RETRY, do, undo
 
 research = Saga("request_data", version=1)

@@ -4,7 +4,6 @@ import time
 
 from sagaflow import NonRetryableError, RetryPolicy, Saga, Step, StepContext
 from sagaflow.app import get_store
-
 from sagaflow.tasks.effects import do, undo
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=1.0)

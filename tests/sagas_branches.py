@@ -12,7 +12,6 @@ import time
 
 from sagaflow import NonRetryableError, Parallel, RetryPolicy, Saga, Step, StepContext
 from sagaflow.app import get_store
-
 from sagaflow.tasks.effects import ExampleFailure, _sleep, do, undo
 from tests.sagas import ignore_soft_time_limit
 

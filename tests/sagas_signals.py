@@ -4,7 +4,6 @@ and child sagas. Every action and undo records its effect once (tasks/effects.py
 which its parent builds from the parent's ``child`` key."""
 
 from sagaflow import RetryPolicy, Saga, StepContext
-
 from sagaflow.tasks.effects import do, undo
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)

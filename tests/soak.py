@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _soak(args, seed: int, rng: random.Random, workdir: Path, database_url: str) -> int:
-    from sagaflow.config.settings import Settings
     from sagaflow.app import configure, get_store
+    from sagaflow.config.settings import Settings
     from sagaflow.store.migrate import upgrade
 
     settings = Settings.from_env({
@@ -159,10 +159,13 @@ def _soak(args, seed: int, rng: random.Random, workdir: Path, database_url: str)
     })
     upgrade(database_url)
     configure(settings)
-    from sagaflow import tasks  # noqa: F401
-    from sagaflow import SagaClient
-    from sagaflow.model.definition import registry
     from sqlalchemy import func, select
+
+    from sagaflow import (
+        SagaClient,
+        tasks,  # noqa: F401
+    )
+    from sagaflow.model.definition import registry
     from sagaflow.store import tables as t
     from sagaflow.tasks.effects import ensure_table, example_effects
     from tests.helpers import child_pids

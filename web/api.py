@@ -20,8 +20,7 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 
 from sagaflow import safejson
 from sagaflow.client import SagaClient
-from sagaflow.errors import (BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun,
-                             UnknownSaga)
+from sagaflow.errors import BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
 from sagaflow.model.definition import NAME_PATTERN, registry
 from sagaflow.model.policy import PolicyError
 from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status

@@ -20,8 +20,8 @@ import time
 
 from flask import Blueprint, Response
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from sagaflow.client import SagaClient
@@ -96,7 +96,7 @@ class SagaflowCollector(Collector):
 def _histogram(name: str, doc: str, data: dict) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=["saga", "step"])
     for (saga, step), h in sorted(data.items()):
-        buckets = [(_bound(b), c) for b, c in zip(h.buckets, h.cumulative)] + [("+Inf", h.count)]
+        buckets = [(_bound(b), c) for b, c in zip(h.buckets, h.cumulative, strict=True)] + [("+Inf", h.count)]
         family.add_metric([saga, step], buckets, sum_value=h.sum)
     return family
 

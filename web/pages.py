@@ -16,7 +16,16 @@ from sagaflow.model.definition import NAME_PATTERN, registry
 from sagaflow.model.status import RunStatus, StepStatus, counts_by_status
 from sagaflow.web import security
 from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
-from sagaflow.web.present import PRETTY_CHARS, age, capped_json, capped_text, duration, human_seconds, run_json, timeline
+from sagaflow.web.present import (
+    PRETTY_CHARS,
+    age,
+    capped_json,
+    capped_text,
+    duration,
+    human_seconds,
+    run_json,
+    timeline,
+)
 
 pages = Blueprint("pages", __name__)
 

@@ -47,6 +47,8 @@ from sagaflow.model.definition import (
     RetryPolicy,
     Saga,
     Step,
+)
+from sagaflow.model.definition import (
     registry as default_registry,
 )
 
@@ -107,7 +109,7 @@ def handler(name: str | Callable | None = None, *, registry: HandlerRegistry | N
         return target.register(name.__name__, name)
 
     def register(fn: Action) -> Action:
-        return target.register(name or getattr(fn, "__name__", ""), fn)
+        return target.register(name if isinstance(name, str) and name else getattr(fn, "__name__", ""), fn)
 
     return register
 
@@ -360,7 +362,7 @@ def _step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry
         raise where.error(str(exc), _line(spec)) from None
 
 
-def _waiting_step(spec: _Map, line: int | None, handlers: HandlerRegistry, where: _Where) -> Step:
+def _waiting_step(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where) -> Step:
     """``{gate: name, signal: ..., timeout: seconds}`` or ``{child: name, saga: ...}``: a step that waits."""
     kind = "gate" if "gate" in spec else "child"
     where.step = spec[kind] if isinstance(spec[kind], str) else None
@@ -383,14 +385,14 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
     """A saga's steps: Step, or Parallel for ``{parallel: [step, step, ...]}`` (not nested). ``step_lines``
     gets each Step's line, for errors found later."""
     built: list = []
-    for spec, line in zip(specs, lines):
+    for spec, line in zip(specs, lines, strict=True):
         where.step = None
         if isinstance(spec, dict) and "parallel" in spec:
             _check_keys(spec, {"parallel"}, ("parallel",), "a parallel group", where, line)
             group = spec["parallel"]
             if nested:
                 raise where.error("parallel groups do not nest", _line(spec, "parallel"))
-            if not isinstance(group, list) or len(group) < 2:
+            if not isinstance(group, _List) or len(group) < 2:
                 raise where.error("parallel must list at least two steps", _line(spec, "parallel"))
             branches = _steps(group, group.item_lines, defaults, handlers, where, step_lines, nested=True)
             try:
@@ -433,7 +435,7 @@ def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where)
         _check_keys(spec["defaults"], STEP_OPTIONS, (), "defaults", where)
         defaults = _options(spec["defaults"], where)
     steps = spec["steps"]
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, _List) or not steps:
         raise where.error(f"steps must be a non-empty list, got {_type_name(steps)}", _line(spec, "steps"))
     step_lines: dict[int, int | None] = {}
     built = _steps(steps, steps.item_lines, defaults, handlers, where, step_lines)
@@ -479,10 +481,10 @@ def _parse(path: Path, text: str | None, handlers: HandlerRegistry) -> list[tupl
         raise where.error("the file is empty; it needs a `sagas:` list", None)
     _check_keys(data, FILE_KEYS, ("sagas",), "the file", where)
     specs = data["sagas"]
-    if not isinstance(specs, list):
+    if not isinstance(specs, _List):
         raise where.error(f"sagas must be a list, got {_type_name(specs)}", _line(data, "sagas"))
     sagas: list[tuple[Saga, str]] = []
-    for spec, line in zip(specs, specs.item_lines):
+    for spec, line in zip(specs, specs.item_lines, strict=True):
         where.saga = where.version = where.step = None
         saga = _saga(spec, line, handlers, where)
         if any((s.name, s.version) == (saga.name, saga.version) for s, _ in sagas):

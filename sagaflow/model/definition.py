@@ -121,8 +121,10 @@ class RetryPolicy:
         if self.kind is RetryKind.FIXED:
             base = self.initial_interval
         elif self.kind is RetryKind.LINEAR:
+            assert self.increment is not None  # __post_init__ sets it for the linear kind
             base = self.initial_interval + self.increment * (n - 1)
         else:
+            assert self.backoff is not None  # __post_init__ sets it for the exponential kind
             try:
                 base = self.initial_interval * self.backoff ** (n - 1)
             except OverflowError:  # a huge attempt number: the cap applies anyway
@@ -207,7 +209,7 @@ class Step:
     def __init__(
         self,
         name: str,
-        action: Action,
+        action: Action | None,
         compensation: Action | None = None,
         *,
         retry: RetryPolicy | None = None,
@@ -310,6 +312,8 @@ class Step:
 
     def __call__(self, ctx: StepContext) -> Any:
         # The decorator replaces the function by its Step; keep it callable for direct use in tests.
+        if self.action is None:
+            raise TypeError(f"step {self.name!r} is a {self.kind.value} step: it has no action to call")
         return self.action(ctx)
 
     def __repr__(self) -> str:
@@ -431,8 +435,9 @@ class Saga:
 
     def check_runnable(self) -> None:
         """What can only be checked once the whole saga is written: a non-atomic step needs a compensation
-        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the decorator form adds the
-        compensation afterwards (``@step.compensation``). Called by ``client.start`` and at worker start."""
+        (its own undo runs when it fails), and cannot be best-effort too. Not checked as each step is appended: the
+        decorator form adds the compensation afterwards (``@step.compensation``). Called by ``client.start`` and at
+        worker start."""
         for step in self.steps:
             if step.non_atomic and step.best_effort:
                 raise DefinitionError(

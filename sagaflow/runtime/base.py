@@ -13,8 +13,8 @@ from celery.signals import worker_init
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.errors import LeaseLost, NonRetryableError, SagaCancelled
+from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.runtime.compiler import HARD_LIMIT_GRACE
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LEASE_MARGIN, FailedForGood, describe
 
@@ -89,7 +89,7 @@ class SagaTask(GuardedTask):
             delay = DB_RETRY.delay(retries + 1)
             log.warning("database_unreachable",
                         extra={"task": self.name, "retry_in": round(delay, 3), "error": describe(exc)})
-            raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts)
+            raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts) from exc
 
     def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
                          note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool]) -> FailedForGood:

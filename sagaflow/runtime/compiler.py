@@ -48,7 +48,7 @@ def compensation_task_name(saga: Saga, step: Step) -> str:
 
 
 def _limits(step: Step) -> dict:
-    options = {}
+    options: dict = {}
     if step.timeout and step.kind is not StepKind.GATE:  # a gate's timeout is its deadline, not a time limit
         options.update(soft_time_limit=step.timeout, time_limit=step.timeout + HARD_LIMIT_GRACE)
     if step.queue:

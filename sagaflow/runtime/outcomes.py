@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from sagaflow.model.definition import RetryPolicy
 from sagaflow.errors import SagaCancelled
+from sagaflow.model.definition import RetryPolicy
 
 LOST_STEP = ("the step's worker process was lost or hit its hard time limit before it could record an error; "
              "check the worker's log")

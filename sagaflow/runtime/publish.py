@@ -39,7 +39,8 @@ def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = 
         logger.error(event, extra=extra)
 
 
-def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None, app: Celery | None = None) -> None:
+def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None,
+          app: Celery | None = None) -> None:
     """A new run's first chain. Raises when the broker refuses (the client deletes the run again)."""
     if plain:
         chain_from(saga, run_id, plain=True, input=input, app=app)
@@ -85,7 +86,8 @@ def child_finished(child_run_id: str) -> None:
 
 
 def _child_sagas() -> set[str]:
-    return {step.child_saga for saga in registry.all() for step in saga.steps if step.kind is StepKind.CHILD}
+    return {step.child_saga for saga in registry.all() for step in saga.steps
+            if step.kind is StepKind.CHILD and step.child_saga is not None}  # a child step always names one
 
 
 def run_ended(run_id: str, saga: str | None = None) -> None:

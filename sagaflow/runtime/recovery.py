@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 
 from sagaflow.app import get_settings, get_store
+from sagaflow.model import Recovery
 from sagaflow.model.definition import Saga, registry
 from sagaflow.runtime import publish, waits
 from sagaflow.runtime.outcomes import describe
-from sagaflow.model import Recovery
 
 log = logging.getLogger("sagaflow.recovery")
 

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from celery.exceptions import Ignore, Retry
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
 from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSerializable, SagaCancelled
 from sagaflow.inbound import MessageRefused
+from sagaflow.model import ClaimOutcome, RunStatus
+from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
 from sagaflow.runtime import branches, publish, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe
 from sagaflow.safejson import ensure_json
-from sagaflow.model import ClaimOutcome, RunStatus
+
+if TYPE_CHECKING:
+    from sagaflow.model.outcomes import Claim
+    from sagaflow.store import Store
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -47,13 +51,13 @@ class Claimed:
     phase: str
     saga: Saga
     step: Step
-    store: object
+    store: Store
     run_id: str
     index: int
     token: str
     earlier_tokens: list
     lease: float
-    claim: object
+    claim: Claim
 
     @property
     def fields(self) -> dict:
@@ -72,6 +76,7 @@ class Claimed:
         raise Ignore()
 
     def context(self, **more) -> StepContext:
+        assert self.claim.input is not None  # a CLAIMED claim carries its run's input (saga_runs.input is NOT NULL)
         return StepContext(run_id=self.run_id, saga=self.saga.name, step=self.step.name, input=self.claim.input,
                            attempt=self.claim.attempt, idempotency_key=f"{self.run_id}:{self.step.name}", **more)
 
@@ -99,10 +104,11 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     parallel group, published on its own (compiler.Fanout). ``plain``: a run that policy switched to a plain
     chain (no claims, no step rows), with the run's ``input`` in the message."""
     if plain:
-        outcome = _run_plain_step(self, results, run_id, index, version, input or {}, inbound.refused(self.request))
+        plain_results = _run_plain_step(self, results, run_id, index, version, input or {},
+                                        inbound.refused(self.request))
         if window_end:
-            _next_window(run_id, version, self.saga_name, index + 1, outcome, plain=True, input=input)
-        return outcome
+            _next_window(run_id, version, self.saga_name, index + 1, plain_results, plain=True, input=input)
+        return plain_results
     with self.database_outage_retries():
         outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request))
     if isinstance(outcome, FailedForGood):
@@ -170,13 +176,13 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
-    except LeaseLost:
+    except LeaseLost as exc:
         log.warning("step_lease_lost", extra=fields)
-        raise Ignore()
+        raise Ignore() from exc
     except SagaCancelled as exc:  # from ctx.heartbeat(): no retry, compensate
         if give_up(describe(exc)):
             return FailedForGood(exc)
-        raise Ignore()
+        raise Ignore() from exc
     except Exception as exc:
         if step.best_effort and not policy.allows_retry(exc, work.claim.round_attempt):
             if step.group is not None:  # a best-effort branch: done for its group's join
@@ -255,7 +261,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
         if step.retry.allows_retry(exc, attempt):
             delay = step.retry.delay(attempt)
             log.info("step_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
-            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
+            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1) from exc
         if not step.best_effort or isinstance(exc, MessageRefused):
             error = describe(exc)
             log.warning("step_failed", extra={**fields, "attempt": attempt, "error": error})
@@ -277,6 +283,7 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
 
 def call_action(step: Step, ctx: StepContext):
     """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
+    assert step.action is not None  # only action steps get here (gates and child steps have none)
     value = step.action(ctx)
     try:
         return ensure_json(value, f"the result of step {step.name!r}", get_settings().json_limits)
@@ -323,9 +330,9 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
             step.compensate(ctx)
     except (Retry, Ignore):
         raise
-    except LeaseLost:
+    except LeaseLost as exc:
         log.warning("compensation_lease_lost", extra=fields)
-        raise Ignore()
+        raise Ignore() from exc
     except Exception as exc:
         return self.retry_or_give_up(
             exc, work.claim, step.compensation_retry, "compensation", fields,

@@ -10,12 +10,13 @@ runtime/compiler.py and never change.
 from __future__ import annotations
 
 import logging
-
+from typing import Callable
 
 from sagaflow import alerts
 from sagaflow.app import celery_app, get_settings, get_store
-from sagaflow.model.definition import Saga, StepKind, registry
 from sagaflow.errors import SagaCancelled, SagaflowError
+from sagaflow.model import ClaimOutcome, RunStatus
+from sagaflow.model.definition import Saga, StepKind, registry
 from sagaflow.runtime import branches, publish, recovery, waits
 from sagaflow.runtime.base import GENERIC_TASK, SagaTask
 from sagaflow.runtime.compiler import (
@@ -32,7 +33,6 @@ from sagaflow.runtime.compiler import (
 )
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LOST_COMPENSATION, LOST_PLAIN, LOST_STEP
 from sagaflow.runtime.steps import run_compensation, run_step
-from sagaflow.model import ClaimOutcome, RunStatus
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -44,7 +44,7 @@ def declare_tasks(saga: Saga) -> None:
     side; a step's own timeout travels in its messages (compiler.py) and takes precedence."""
     default = get_settings().default_step_timeout
     for step in saga.steps:
-        wanted = [(step_task_name(saga, step), run_step)]
+        wanted: list[tuple[str, Callable]] = [(step_task_name(saga, step), run_step)]
         if step.compensate is not None or step.kind is StepKind.CHILD:
             wanted.append((compensation_task_name(saga, step), run_compensation))
         for name, body in wanted:

@@ -32,17 +32,17 @@ import uuid
 from celery.exceptions import Ignore
 
 from sagaflow.app import get_settings
-from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.errors import (
     InvalidInput,
     InvalidTransition,
     NonRetryableError,
     UnknownSaga,
 )
+from sagaflow.model import Recovery, StepSpec, WaitOutcome
+from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
 from sagaflow.runtime import publish
 from sagaflow.runtime.outcomes import FailedForGood, cancelled
 from sagaflow.safejson import ensure_json
-from sagaflow.model import Recovery, StepSpec, WaitOutcome
 
 log = logging.getLogger("sagaflow.waits")
 
@@ -86,7 +86,8 @@ def act(outcome: WaitOutcome) -> None:
     if kind in PUBLISH:
         fields = {"run_id": outcome.run_id, "action": outcome.action, "step": outcome.index}
         with publish.or_log(log, "wait_outcome_not_published", fields,
-                            next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; check the broker"):
+                            next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT; "
+                                 "check the broker"):
             PUBLISH[kind](outcome)
     elif kind in ENDED:
         ENDED[kind](outcome)

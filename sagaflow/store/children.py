@@ -14,12 +14,20 @@ from sagaflow.model.outcomes import WaitOutcome
 from sagaflow.model.snapshots import StepSpec
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
+from sagaflow.store.compensation import Compensation
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import (
-    event, fail_step, held_step, move_step, results, set_run_status, to_compensate, touch,
+    event,
+    fail_step,
+    held_step,
+    move_step,
+    results,
+    set_run_status,
+    to_compensate,
+    touch,
 )
 from sagaflow.store.runs import insert_run
-from sagaflow.store.waits import lock_wait_run
+from sagaflow.store.waits import Waits, lock_wait_run
 
 # A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
 # is not among them: an operator may still take that run forward.
@@ -28,7 +36,7 @@ CHILD_ENDED = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus
 CHILD_UNDONE = (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value, RunStatus.COMPENSATION_FAILED.value)
 
 
-class Children:
+class Children(Compensation, Waits):
     def start_child(self, run_id: str, idx: int, token: str, child_id: str, child_saga: str, child_version: int,
                     child_input: dict, steps: Iterable[StepSpec]) -> WaitOutcome:
         """The child step ``idx`` (held by ``token``) is reached: record the child run (idempotency key

@@ -19,10 +19,19 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Claim, ClaimOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import overrule_cancel_past_pivot
 from sagaflow.store.guards import (
-    HELD_STEP, LIVE_RUN, claimable, event, fail_step, move_step, run_status, set_run_status, succeed_run, touch,
+    HELD_STEP,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    move_step,
+    run_status,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 
@@ -48,7 +57,7 @@ HELD = {
 }
 
 
-class Claims:
+class Claims(Engines):
     def claim_step(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str],
                    lease_seconds: float) -> Claim:
         if self.fast:
@@ -100,6 +109,7 @@ class Claims:
                                      lease_seconds: float) -> Claim | None:
         """claim_step on PostgreSQL. None when a cancel was requested: the transaction above decides."""
         now = utcnow()
+        assert self.fast is not None  # called only under ``if self.fast``
         row = self.fast.claim_step(run_id, idx, token, earlier_tokens,
                                    now + dt.timedelta(seconds=lease_seconds), now)
         if row is None or row.status not in LIVE_RUN:
@@ -182,7 +192,7 @@ class Claims:
 
     # ------------------------------------------------------------ the held transitions (fastpath.HELD)
 
-    def _held(self, kind: str, run_id: str, idx: int, token: str, now: dt.datetime, detail: dict, fast: dict,
+    def _held(self, kind: EventKind, run_id: str, idx: int, token: str, now: dt.datetime, detail: dict, fast: dict,
               **values) -> bool:
         """The HELD transition ``kind`` of the step (or compensation) this delivery holds: its row takes
         ``values`` and ``kind`` is recorded with ``detail`` (after the attempt, when HELD names its column).
@@ -203,7 +213,7 @@ class Claims:
                 touch(conn, run_id, now)
         return True
 
-    def _retry(self, kind: str, run_id: str, idx: int, token: str, error: str, delay: float,
+    def _retry(self, kind: EventKind, run_id: str, idx: int, token: str, error: str, delay: float,
                lease_seconds: float) -> bool:
         """A policy retry of a held step or compensation: the lease covers the wait before the retry too
         (a waiting step is not a stuck one), and the error is kept."""

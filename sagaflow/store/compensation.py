@@ -17,16 +17,25 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Claim, ClaimOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.claims import claim_lost
+from sagaflow.store.claims import Claims, claim_lost
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
-    FAILED_NON_ATOMIC, LIVE_RUN, claimable, event, fail_step, lock_run, move_step, run_status, set_run_status,
-    to_compensate, touch,
+    FAILED_NON_ATOMIC,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    lock_run,
+    move_step,
+    run_status,
+    set_run_status,
+    to_compensate,
+    touch,
 )
 
 
-class Compensation:
+class Compensation(Claims):
     def begin_compensation(self, run_id: str, failed_idx: int, lost_error: str) -> list[int] | None:
         """running -> compensating. Returns the indexes to compensate, latest first, or None when another
         errback got here first. A step still marked running was lost (hard time limit, dead process): it is
@@ -150,6 +159,8 @@ class Compensation:
             if lost is not None:
                 event(conn, run_id, EventKind.COMPENSATION_FAILED, lost.name, {"error": lost_error}, now)
             step = conn.execute(select(s.name, s.compensation_error).where(s.run_id == run_id, s.idx == idx)).first()
+            if step is None:  # no such step (an unknown run): nothing to record
+                return False
             error = f"compensation of step {step.name!r} failed: {step.compensation_error}"
             if not set_run_status(conn, run_id, RunStatus.COMPENSATING, RunStatus.COMPENSATION_FAILED, now,
                                   error=error, finished_at=now):

@@ -90,7 +90,7 @@ class Engines:
     def __init__(self, url: str, engine: Engine | None = None, prepared_statements: bool = True) -> None:
         self.url = url
         self.engine = engine or create_db_engine(url)
-        self.autocommit = None
+        self.autocommit: Engine | None = None
         self.fast: FastPath | None = None
         if self.engine.dialect.name == "postgresql":
             self.autocommit = (self.engine.execution_options(isolation_level="AUTOCOMMIT") if engine is not None

@@ -69,13 +69,13 @@ class Statement:
         # EXECUTE goes to the driver as is, with positional parameters converted by _CONVERT.
         self.execute = f"EXECUTE {self.name}({', '.join(['%s'] * len(self.params))})"
         self.converters = [_CONVERT.get(PARAMS[p][0], None) for p in self.params]
-        self.row_type = None  # a namedtuple of the result's columns, made at the first execution
+        self.row_type: Any = None  # a namedtuple of the result's columns, made at the first execution
         numbered = _PLACEHOLDER.sub(lambda m: f"${self.params.index(m.group(1)) + 1}", sql)
         self.prepare = (f"PREPARE {self.name}({', '.join(PARAMS[p][0] for p in self.params)}) AS {numbered}")
 
     def arguments(self, params: dict) -> tuple:
         return tuple(params[p] if convert is None else convert(params[p])
-                     for p, convert in zip(self.params, self.converters))
+                     for p, convert in zip(self.params, self.converters, strict=True))
 
 
 # The claim guard of guards.claimable, for a step moving from :start to :active.
@@ -141,7 +141,8 @@ WITH run AS (
     RETURNING compensation_attempts, compensation_round_attempts, name, result
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT :run_id, '{EventKind.COMPENSATION_STARTED.value}', name, :now, json_build_object('attempt', compensation_attempts)
+    SELECT :run_id, '{EventKind.COMPENSATION_STARTED.value}', name, :now,
+           json_build_object('attempt', compensation_attempts)
     FROM claimed
 )
 SELECT run.status, run.input, claimed.compensation_attempts, claimed.compensation_round_attempts,
@@ -212,7 +213,8 @@ WITH held AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_SUCCEEDED.value}', name, :now, json_build_object('attempt', attempts) FROM held
     UNION ALL
-    SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json) FROM run WHERE status = 'succeeded'
+    SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json)
+    FROM run WHERE status = 'succeeded'
 )
 SELECT (SELECT status FROM run) AS status""")
 
@@ -284,7 +286,8 @@ WITH done AS (
     WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
     RETURNING id
 ), event AS (
-    INSERT INTO saga_events (run_id, kind, step, at, detail) SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
 )
 SELECT count(*) FROM done""")
 
@@ -321,29 +324,31 @@ class FastPath:
         arguments = statement.arguments(params)
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
         try:
-            conn = self.engine.raw_connection()
+            raw = self.engine.raw_connection()
         except dbapi_error as exc:  # connecting, or preparing on connect (_prepare), failed
             raise DBAPIError.instance(None, None, exc, dbapi_error, connection_invalidated=True,
                                       dialect=self.engine.dialect) from exc
         try:
-            cursor = conn.cursor()
+            cursor = raw.cursor()
             try:
                 cursor.execute(statement.execute, arguments)
                 row = cursor.fetchone()
                 if statement.row_type is None:
-                    statement.row_type = namedtuple("Row", [d[0] for d in cursor.description], rename=True)
+                    # mypy types only namedtuples whose fields are written in the source, not read at run time
+                    statement.row_type = namedtuple(  # type: ignore[misc]
+                        "Row", [d[0] for d in cursor.description], rename=True)
             finally:
                 cursor.close()
         except dbapi_error as exc:
             # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
             # (OperationalError...), which the runtime's database-outage retries catch.
-            invalidated = self.engine.dialect.is_disconnect(exc, conn.dbapi_connection, None)
+            invalidated = self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None)
             if invalidated:
-                conn.invalidate(exc)
+                raw.invalidate(exc)
             raise DBAPIError.instance(statement.execute, arguments, exc, dbapi_error,
                                       connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
         finally:
-            conn.close()
+            raw.close()
         for hook in STATEMENT_HOOKS:
             hook(self.engine)
         return statement.row_type(*row) if row is not None else None

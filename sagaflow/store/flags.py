@@ -18,9 +18,18 @@ from sagaflow.errors import InvalidTransition
 from sagaflow.model.events import EventKind
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.guards import (
-    DONE_STEP, LIVE_RUN, event, fail_step, move_step, results, run_status, set_run_status, succeed_run, touch,
+    DONE_STEP,
+    LIVE_RUN,
+    event,
+    fail_step,
+    move_step,
+    results,
+    run_status,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 
@@ -65,7 +74,7 @@ def refuse_cancel(conn, run_id: str) -> None:
                                 f"succeeded, or stuck for an operator)")
 
 
-class Flags:
+class Flags(Engines):
     # ------------------------------------------------------------ best-effort steps
 
     def fail_best_effort(self, run_id: str, idx: int, token: str, error: str, finish: bool = False) -> str | None:

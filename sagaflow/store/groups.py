@@ -17,7 +17,7 @@ them out (BranchOutcome.release, release_held_undos).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from sqlalchemy import func, select, update
 
@@ -25,11 +25,19 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import BranchOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.guards import (
-    LIVE_RUN, claimable, event, fail_step, lock_run, move_step, results, succeed_run, to_compensate, touch,
+    LIVE_RUN,
+    claimable,
+    event,
+    fail_step,
+    lock_run,
+    move_step,
+    results,
+    succeed_run,
+    to_compensate,
+    touch,
 )
-
 
 LOST_BRANCH = ("the branch's worker process was lost while the run was compensating; it recorded no outcome, "
                "so nothing of it is undone")
@@ -42,7 +50,12 @@ def _late(live: bool, run_status: str) -> dict:
     return {} if live else {"late": True, "run_status": run_status}
 
 
-class Groups:
+class Groups(Engines):
+    if TYPE_CHECKING:
+        # Compensation's (Store derives from both). Declared, not inherited: compensation.py imports
+        # branches_unsettled from here, so Groups(Compensation) would be an import cycle.
+        def _finish_compensation(self, conn, run_id: str, now: dt.datetime) -> bool: ...
+
     def complete_branch(self, run_id: str, idx: int, token: str, result: Any) -> BranchOutcome | None:
         """Record a branch's result and, in the same transaction, decide what follows (BranchOutcome).
         Exactly one branch of a group sees every member done: it joins the group (event group_joined) and
@@ -72,7 +85,8 @@ class Groups:
         s = t.steps.c
         with self.engine.begin() as conn:
             run = lock_run(conn, run_id)
-            step = conn.execute(select(s.name, s.status, s.branch_group).where(s.run_id == run_id, s.idx == idx)).first()
+            step = conn.execute(select(s.name, s.status, s.branch_group)
+                                .where(s.run_id == run_id, s.idx == idx)).first()
             if run is None or step is None or step.branch_group is None \
                     or step.status != StepStatus.FAILED_BEST_EFFORT.value:
                 return None

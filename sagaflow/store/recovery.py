@@ -11,7 +11,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Recovery
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
 
@@ -54,7 +54,7 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
     return Recovery(action="resume", index=frontier.idx, results=results, **base)
 
 
-class Recoveries:
+class Recoveries(Engines):
     def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
         """(run id, updated_at) of the stalled runs, longest stalled first."""
         r = t.runs.c

@@ -31,6 +31,12 @@ groups.branches_unsettled, groups.settle_lost_branches). A few methods are share
 they choose the fast path or end a compensation: Claims._held and _retry (used by compensation.py),
 Compensation._finish_compensation (groups.py, children.py), Waits._pass_step (children.py).
 
+What a part uses through ``self`` is explicit in its bases, so mypy checks it: every part derives from
+Engines (``engine``, ``autocommit``, ``fast``, ``_read``), Compensation(Claims), Children(Compensation,
+Waits). Groups only declares Compensation._finish_compensation (under TYPE_CHECKING): compensation.py
+imports groups.branches_unsettled, so Groups(Compensation) would be an import cycle. ``Store`` lists each
+part before the parts it derives from, which keeps the MRO consistent.
+
 Each public method is one transaction (or one fast statement); a transition is an ``UPDATE ... WHERE status
 = <expected>`` whose row count says whether this caller won (guards.py).
 """
@@ -50,7 +56,7 @@ from sagaflow.store.stats import Stats
 from sagaflow.store.waits import Waits
 
 
-class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Stats, Sessions, Engines):
+class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

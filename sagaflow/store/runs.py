@@ -14,7 +14,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
 
@@ -49,7 +49,7 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
     ).scalar_one()
 
 
-class Runs:
+class Runs(Engines):
     def create_run(
         self,
         run_id: str,
@@ -72,22 +72,22 @@ class Runs:
         if mode == "plain":
             return self._create_plain_run(run_id, saga, version, input, idempotency_key)
         now = utcnow()
-        steps = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
-        linear = mode == "saga" and parent_run_id is None and not any(s.special for s in steps)
+        specs = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
+        linear = mode == "saga" and parent_run_id is None and not any(s.special for s in specs)
         if self.fast and linear:
-            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, steps, now)
+            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, specs, now)
             if event_id is None:
                 return self._existing(idempotency_key), False
-            return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id), True
+            return self._new_run(run_id, saga, version, input, idempotency_key, specs, now, event_id), True
         try:
             with self.engine.begin() as conn:
-                event_id = insert_run(conn, run_id, saga, version, input, idempotency_key, steps, now, mode,
+                event_id = insert_run(conn, run_id, saga, version, input, idempotency_key, specs, now, mode,
                                       parent_run_id, parent_step)
         except IntegrityError:
             if idempotency_key is None:
                 raise
             return self._existing(idempotency_key), False
-        return self._new_run(run_id, saga, version, input, idempotency_key, steps, now, event_id, mode=mode,
+        return self._new_run(run_id, saga, version, input, idempotency_key, specs, now, event_id, mode=mode,
                              parent_run_id=parent_run_id, parent_step=parent_step), True
 
     def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,

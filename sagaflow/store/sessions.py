@@ -1,6 +1,6 @@
 """The SQL of the web app's security state (web/security.py, through SagaClient): operator sessions and
-failed-authentication counts. In the database, not in a process, so every gunicorn worker (and every host) sees the same logins,
-logouts and failures."""
+failed-authentication counts. In the database, not in a process, so every gunicorn worker (and every host) sees
+the same logins, logouts and failures."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from sagaflow.store import tables as t
+from sagaflow.store.engine import Engines
 
 
 def _now() -> dt.datetime:
@@ -89,7 +90,7 @@ def clear_failures(engine: Engine, client: str) -> None:
         conn.execute(delete(t.auth_failures).where(t.auth_failures.c.client == client))
 
 
-class Sessions:
+class Sessions(Engines):
     """The Store's part for these (the web reaches them through SagaClient, never the engine)."""
 
     def create_session(self, session_id: str, lifetime: float) -> None:

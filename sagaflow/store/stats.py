@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sagaflow.model.events import COMPENSATION_ENDS, STEP_OUTCOME_EVENTS, EventKind
 from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
 from sagaflow.store import tables as t
+from sagaflow.store.engine import Engines
 
 # Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -198,12 +199,12 @@ def _interpolate(sorted_values: list[float], q: float) -> float:
 
 def _percentile_entry(count, maximum, values, quantiles) -> dict:
     entry = {"count": int(count), "max": round(max(float(maximum), 0.0), 6)}
-    for q, v in zip(quantiles, values):
+    for q, v in zip(quantiles, values, strict=True):
         entry[f"p{round(q * 100):g}"] = round(max(float(v), 0.0), 6)
     return entry
 
 
-class Stats:
+class Stats(Engines):
     """The Store's part for these reads (the faces reach them through SagaClient, never the engine)."""
 
     def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:

@@ -19,9 +19,18 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import WaitOutcome
 from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.engine import utcnow
+from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.guards import (
-    LIVE_RUN, event, fail_step, held_step, lock_run, move_step, results, set_run_status, succeed_run, touch,
+    LIVE_RUN,
+    event,
+    fail_step,
+    held_step,
+    lock_run,
+    move_step,
+    results,
+    set_run_status,
+    succeed_run,
+    touch,
 )
 
 
@@ -31,7 +40,7 @@ def lock_wait_run(conn, run_id: str):
     return lock_run(conn, run_id, r.id, r.saga, r.saga_version, r.input, r.error, r.parent_run_id, r.parent_step)
 
 
-class Waits:
+class Waits(Engines):
     def _pass_step(self, conn, run, idx: int, name: str, result: Any, detail: dict, now,
                    from_status: StepStatus) -> WaitOutcome:
         """A gate or child step succeeded with ``result``: finish the run if it was the last step (unless a

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from sagaflow.config.settings import Settings
 from sagaflow.app import configure, load_sagas
+from sagaflow.config.settings import Settings
 from tests.conftest import ROOT
 from tests.services import find_services, fresh_database
 from tests.workers import start_worker, stop_worker

@@ -111,5 +111,6 @@ def test_an_invalid_saga_file_stops_the_cli_with_an_error_naming_file_saga_and_h
     bad.write_text("sagas:\n  - name: broken\n    steps:\n      - action: ingest\n        compensation: nope\n")
     done = sagaflow("runs", env={**env, "SAGAFLOW_SAGA_FILES": str(bad)})
     assert done.returncode != 0
-    assert f"{bad}:5: saga 'broken' version 1, step 'ingest': unknown handler 'nope' for the compensation" in done.stderr
+    assert (f"{bad}:5: saga 'broken' version 1, step 'ingest': unknown handler 'nope' for the compensation"
+            in done.stderr)
     assert "Traceback" not in done.stderr

@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput, UnknownRun, UnknownSaga
 from sagaflow.app import celery_app, get_store
-from sagaflow.runtime.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
 from sagaflow.model.definition import registry
+from sagaflow.runtime.compiler import ON_COMPENSATION_FAILED, ON_STEP_FAILED, compile_run
 from sagaflow.store import tables
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import expected_after_failure, kinds, wait_for
@@ -139,8 +139,8 @@ def _crashed_run(client, saga_name: str, completed: int, failed: bool):
     made), then optionally the next step recorded failed, and nothing published after that."""
     import uuid
 
-    from sagaflow.tasks.effects import do
     from sagaflow.model.definition import StepContext
+    from sagaflow.tasks.effects import do
 
     saga = registry.get(saga_name)
     store = get_store()

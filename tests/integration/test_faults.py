@@ -17,9 +17,9 @@ import uuid
 import pytest
 from celery import Celery
 
-from sagaflow.config.celeryconfig import celery_settings
 from sagaflow import SagaClient
 from sagaflow.app import get_store
+from sagaflow.config.celeryconfig import celery_settings
 from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from sagaflow.web.present import flower_link
 from tests.conftest import ARTIFACTS, ROOT
 from tests.helpers import wait_for
 from tests.services import free_port
 from tests.web_client import call
-from sagaflow.web.present import flower_link
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 
 from sagaflow import InvalidInput
 from sagaflow.app import celery_app, get_store
-from sagaflow.runtime.compiler import ON_STEP_FAILED, compile_run
-from sagaflow.model.definition import registry
 from sagaflow.model import StepSpec
+from sagaflow.model.definition import registry
+from sagaflow.runtime.compiler import ON_STEP_FAILED, compile_run
 from sagaflow.store import tables
 from tests.conftest import ARTIFACTS
 from tests.helpers import wait_for
@@ -181,7 +181,7 @@ def test_a_deep_step_message_fails_its_step_and_the_run_compensates(client, work
     assert run.step("open_account").status == "compensated"
     assert_worker_sound(worker, client, broker, run_id)
     log = (ARTIFACTS / LOG).read_text()
-    assert f"event=message_refused task=two_steps.welcome" in log and f"run_id={run_id}" in log
+    assert "event=message_refused task=two_steps.welcome" in log and f"run_id={run_id}" in log
 
 
 def test_a_deep_header_in_the_redis_envelope_fails_its_step(client, worker, broker):

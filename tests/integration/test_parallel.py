@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from sagaflow.app import celery_app
-from sagaflow.runtime.compiler import compile_run
 from sagaflow.model.definition import registry
+from sagaflow.runtime.compiler import compile_run
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for
 

@@ -21,7 +21,7 @@ def test_a_fixed_delay_step_is_retried_after_the_same_delay_each_time_then_succe
     # Celery held each retry back for its countdown: the next attempt started no sooner.
     started = [e.at for e in run.events if e.kind == "step_started" and e.step == "poll_partner"]
     assert len(started) == 3
-    for retried, next_start in zip(retries, started[1:]):
+    for retried, next_start in zip(retries, started[1:], strict=True):
         assert (next_start - retried.at).total_seconds() >= 0.25
     assert effects_of(run.id) == [("do", "poll_partner"), ("do", "confirm")]
     assert kinds(run)[-1] == ("run_succeeded", None)

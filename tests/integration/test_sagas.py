@@ -206,4 +206,5 @@ def test_a_saga_longer_than_a_chain_window_runs_every_step_once_and_compensates_
 
     failed = client.wait(client.start("long_saga", {"fail_at": "l17"}).id, timeout=60)
     assert failed.status == "compensated"
-    assert effects_of(failed.id) == [("do", f"l{i}") for i in range(17)] + [("undo", f"l{i}") for i in range(16, -1, -1)]
+    assert effects_of(failed.id) == ([("do", f"l{i}") for i in range(17)]
+                                     + [("undo", f"l{i}") for i in range(16, -1, -1)])

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from sagaflow import InvalidTransition, Saga
-from sagaflow.model.definition import registry
 from sagaflow.errors import DefinitionError
+from sagaflow.model.definition import registry
 from sagaflow.store import tables as t
 from sagaflow.tasks.effects import effects_of
 from tests.helpers import kinds, wait_for

@@ -36,7 +36,7 @@ def test_in_flight_v1_runs_keep_v1_steps_while_new_runs_use_v2(client, client_kn
     v1_fails = client.start("versioned", {**slow, "fail_at": "charge"})
     for run in (v1_ok, v1_fails):
         assert run.saga_version == 1
-        wait_for(lambda: client.get(run.id).step("reserve").status == "running", what="a v1 run in flight")
+        wait_for(lambda run=run: client.get(run.id).step("reserve").status == "running", what="a v1 run in flight")
 
     registry.add(versioned_v2)  # the deploy: v2 is now the latest here as in the worker
     v2_ok = client.start("versioned", {})

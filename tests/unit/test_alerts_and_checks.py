@@ -4,12 +4,13 @@ import logging
 
 import pytest
 
+from sagaflow import (
+    alerts,
+    tasks,  # noqa: F401  the example sagas, with 10 s time limits
+)
 from sagaflow.config.settings import Settings
-from sagaflow import alerts
 from sagaflow.errors import SagaflowError
 from sagaflow.runtime import check_visibility_timeout
-
-from sagaflow import tasks  # noqa: F401  the example sagas, with 10 s time limits
 
 CALLS = []
 

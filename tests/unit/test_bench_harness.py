@@ -105,8 +105,8 @@ def test_plain_tasks_record_whether_the_run_did_what_it_should(monkeypatch):
 
 def test_bench_sagas_are_no_op_steps_and_w2_fails_for_good_at_its_fourth():
     from bench import sagas
-    from sagaflow.model.definition import StepContext
     from sagaflow.errors import NonRetryableError
+    from sagaflow.model.definition import StepContext
 
     ctx = StepContext(run_id="r", saga="bench_w2", step="s3", input={}, attempt=1, idempotency_key="r:s3")
     assert [len(s.steps) for s in (sagas.W1, sagas.W2, sagas.S16, sagas.S64)] == [4, 4, 16, 64]

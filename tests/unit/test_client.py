@@ -3,12 +3,16 @@
 import pytest
 from sqlalchemy import func, select
 
-from sagaflow import InvalidInput, SagaClient, UnknownSaga
+from sagaflow import (
+    InvalidInput,
+    SagaClient,
+    UnknownSaga,
+    tasks,  # noqa: F401
+)
 from sagaflow.app import configure
-from sagaflow.errors import BrokerUnavailable
 from sagaflow.config.settings import Settings
+from sagaflow.errors import BrokerUnavailable
 from sagaflow.store import tables
-from sagaflow import tasks  # noqa: F401
 
 
 @pytest.fixture

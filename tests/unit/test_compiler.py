@@ -4,10 +4,10 @@ import functools
 
 from celery import signature
 
-from sagaflow.app import celery_app
-from sagaflow.runtime.compiler import compile_compensation, compile_run
-from sagaflow.model.definition import registry
 from sagaflow import tasks  # noqa: F401
+from sagaflow.app import celery_app
+from sagaflow.model.definition import registry
+from sagaflow.runtime.compiler import compile_compensation, compile_run
 
 
 def test_forward_chain_has_one_named_task_per_step():

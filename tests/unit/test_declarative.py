@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from sagaflow.config.settings import Settings
 from sagaflow import DefinitionError, RetryKind, RetryPolicy, Saga, SagaFileError, Step, handler
 from sagaflow.app import celery_app
-from sagaflow.model.declarative import HandlerRegistry, handlers as global_handlers, load_saga_file, load_saga_files
+from sagaflow.config.settings import Settings
+from sagaflow.model.declarative import HandlerRegistry, load_saga_file, load_saga_files
+from sagaflow.model.declarative import handlers as global_handlers
 from sagaflow.model.definition import DEFAULT_COMPENSATION_RETRY, DEFAULT_RETRY, Registry
 from sagaflow.runtime.compiler import compile_run
 from tests.conftest import ROOT
@@ -276,7 +277,8 @@ def test_with_no_handlers_registered_the_error_says_where_they_come_from(write, 
 @pytest.mark.parametrize("text,line,message", [
     # unknown keys, at every level, with a hint
     ("sagas: []\nextra: 1\n", 2, "unknown key 'extra' in the file; allowed: sagas"),
-    ("sagas:\n  - name: s\n    stepz: []\n", 3, "saga 's' version 1: unknown key 'stepz' in a saga (did you mean 'steps'?)"),
+    ("sagas:\n  - name: s\n    stepz: []\n", 3,
+     "saga 's' version 1: unknown key 'stepz' in a saga (did you mean 'steps'?)"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        timout: 3\n", 5,
      "saga 's' version 1, step 'ingest': unknown key 'timout' in a step (did you mean 'timeout'?)"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        retry: {kind: fixed, interval: 1}\n", 5,
@@ -302,14 +304,18 @@ def test_with_no_handlers_registered_the_error_says_where_they_come_from(write, 
     ("sagas:\n  - name: s\n    version: '2'\n    steps: [{action: ingest}]\n", 3,
      "version must be an integer >= 1, got a string '2'"),
     ("sagas:\n  - name: s\n    version: 0\n    steps: [{action: ingest}]\n", 3, "version must be an integer >= 1"),
-    ("sagas:\n  - name: s\n    steps:\n      - action: 7\n", 4, "action must be a handler name (a string), got an integer 7"),
+    ("sagas:\n  - name: s\n    steps:\n      - action: 7\n", 4,
+     "action must be a handler name (a string), got an integer 7"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        name: a.b\n", 5,
      "step name must be an identifier (letters, digits, underscore), got 'a.b'"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        timeout: ten\n", 5,
      "step 'ingest': timeout must be a number of seconds > 0, got a string 'ten'"),
-    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        timeout: 0\n", 5, "timeout must be a number of seconds > 0"),
-    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        queue: 5\n", 5, "queue must be a non-empty string"),
-    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        retry: 3\n", 5, "'retry' must be a mapping, got an integer"),
+    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        timeout: 0\n", 5,
+     "timeout must be a number of seconds > 0"),
+    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        queue: 5\n", 5,
+     "queue must be a non-empty string"),
+    ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        retry: 3\n", 5,
+     "'retry' must be a mapping, got an integer"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        retry:\n          max_attempts: three\n", 6,
      "retry.max_attempts must be an integer, got a string 'three'"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        retry: {jitter: maybe}\n", 5,
@@ -387,7 +393,8 @@ def test_step_flags_parallel_groups_gates_and_child_steps_in_a_file(load):
 @pytest.mark.parametrize("steps, line, message", [
     ("      - {action: ingest, pivot: yes please}\n", 4, "pivot must be true or false"),
     ("      - {parallel: [{action: ingest}]}\n", 4, "parallel must list at least two steps"),
-    ("      - parallel:\n          - {action: ingest}\n          - {parallel: [{action: parse}, {name: p2, action: parse}]}\n",
+    ("      - parallel:\n          - {action: ingest}\n"
+     "          - {parallel: [{action: parse}, {name: p2, action: parse}]}\n",
      6, "parallel groups do not nest"),
     ("      - parallel:\n          - {action: ingest}\n          - {action: parse, pivot: true}\n", 6,
      "cannot be in a parallel group"),

@@ -117,7 +117,8 @@ def test_an_exception_is_one_escaped_value():
 
 def test_escape_controls_for_people():
     assert escape_controls("ok\x1b[2J\r\n\x00\u2028\x9b\udcff") == "ok\\x1b[2J\\r\\n\\x00\\u2028\\x9b\\udcff"
-    assert escape_controls("caf\u00e9 \u65e5\u672c C:\\x") == "caf\u00e9 \u65e5\u672c C:\\x"  # text and backslashes stay
+    # text and backslashes stay
+    assert escape_controls("caf\u00e9 \u65e5\u672c C:\\x") == "caf\u00e9 \u65e5\u672c C:\\x"
 
 
 def test_an_unknown_log_level_is_a_clear_value_error():

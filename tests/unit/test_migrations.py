@@ -30,7 +30,8 @@ def test_a_database_behind_the_latest_migration_is_refused_with_what_to_run(tmp_
     store.check_schema()
     with store.engine.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
-    with pytest.raises(SchemaMissing, match=f"at schema revision 0000, this sagaflow needs {head_revision()}: run `sagaflow db"):
+    with pytest.raises(SchemaMissing,
+                       match=f"at schema revision 0000, this sagaflow needs {head_revision()}: run `sagaflow db"):
         store.check_schema()
 
 
@@ -55,4 +56,5 @@ def test_runs_recorded_before_0002_read_back_with_the_defaults_of_the_new_column
     run = Store(url).get_run("r1")
     assert (run.mode, run.parent_run_id, run.children) == ("saga", None, ())
     step = run.steps[0]
-    assert (step.kind, step.best_effort, step.non_atomic, step.pivot, step.group) == ("action", False, False, False, None)
+    assert ((step.kind, step.best_effort, step.non_atomic, step.pivot, step.group)
+            == ("action", False, False, False, None))

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
-from sagaflow.model.definition import DEFAULT_FORWARD_RETRY, DEFAULT_RETRY, RetryPolicy, registry
+from sagaflow.config.settings import Settings
 from sagaflow.errors import DefinitionError
+from sagaflow.model.definition import DEFAULT_FORWARD_RETRY, DEFAULT_RETRY, RetryPolicy, registry
 from sagaflow.model.policy import PLAIN, SAGA, PolicyError, PolicySource, mode_for, parse
 
 

@@ -7,8 +7,8 @@ import datetime as dt
 import pytest
 from sqlalchemy import update
 
-from sagaflow.config.settings import Settings
 from sagaflow.app import configure, get_store
+from sagaflow.config.settings import Settings
 from sagaflow.model import StepSpec
 from sagaflow.store import tables as t
 from sagaflow.store.migrate import upgrade

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from sagaflow.config.settings import Settings
 from sagaflow import Saga, Step
 from sagaflow.app import celery_app
-from sagaflow.runtime.compiler import compile_run
+from sagaflow.config.settings import Settings
+from sagaflow.model import StepSpec
 from sagaflow.model.definition import registry
 from sagaflow.runtime import check_visibility_timeout
-from sagaflow.model import StepSpec
+from sagaflow.runtime.compiler import compile_run
 
 
 def noop(ctx):

@@ -283,7 +283,7 @@ def test_a_signal_and_the_gate_racing_never_leave_the_gate_waiting_and_one_of_tw
             run_id = f"race{n}"
             at_gate(store, run_id=run_id)
 
-            def signal(payload):
+            def signal(payload, run_id=run_id):  # bound now: called only within this iteration anyway
                 try:
                     return store.deliver_signal(run_id, "ok", payload).action
                 except InvalidTransition:

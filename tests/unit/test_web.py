@@ -9,10 +9,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from sagaflow.client import SagaClient
 from sagaflow.config.settings import Settings
 from sagaflow.model import Event, Run, StepState
-from tests.unit.test_stats import filled  # noqa: F401  (fixture)
 from sagaflow.web.metrics import SagaflowCollector
 from sagaflow.web.present import flower_link, timeline
 from sagaflow.web.security import host_name, safe_next
+from tests.unit.test_stats import filled  # noqa: F401  (fixture)
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

@@ -7,8 +7,8 @@ import logging
 import pytest
 from click.testing import CliRunner
 
-from sagaflow.config.settings import Settings
 from sagaflow.app import configure
+from sagaflow.config.settings import Settings
 from sagaflow.store.migrate import upgrade
 
 TOKEN = "0123456789abcdef0123456789abcdef"
