@@ -51,22 +51,14 @@ DEFAULTS = ("worker_prefetch_multiplier", "worker_send_task_events", "task_send_
 
 
 def _user_set(app: Celery, key: str) -> bool:
-    """Whether the app's own configuration names ``key`` (Celery(...) keywords, conf.update, its config
-    object or module)."""
+    """Whether the app's own configuration names ``key``: Celery(...) keywords, conf.update, or its config
+    object or module (config_from_object, which the app's loader holds once the configuration is loaded)."""
     conf = app.conf
-    if key in conf.changes or key in (getattr(app, "_preconf", None) or {}):
-        return True
-    source = getattr(app, "_config_source", None)
-    if isinstance(source, str):
-        from celery.utils.imports import symbol_by_name
-
-        try:
-            source = symbol_by_name(source)
-        except (ImportError, AttributeError):
-            return False
-    if source is None:
-        return False
-    return key in source if isinstance(source, dict) else hasattr(source, key)
+    conf.get(key)  # loads the configuration (config_from_object is lazy)
+    preconf = getattr(app, "_preconf", None) or {}
+    auto = getattr(app, "_preconf_set_by_auto", None) or set()
+    loaded = getattr(app.loader, "conf", None) or {}
+    return key in conf.changes or (key in preconf and key not in auto) or key in loaded
 
 
 def _bind_tasks(host: Celery) -> None:
