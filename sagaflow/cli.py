@@ -140,7 +140,8 @@ def _open_client() -> SagaClient:
     except sqlalchemy.exc.ArgumentError as exc:  # unparsable URL, unknown dialect (NoSuchModuleError)
         problem = f"{exc}"
     except ImportError as exc:
-        problem = f"its driver is not installed ({exc})"
+        extra = " (pip install 'sagaflow[postgres]')" if "psycopg2" in str(exc) else ""
+        problem = f"its driver is not installed ({exc}){extra}"
     except OSError as exc:
         problem = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else f"{exc}"
     raise click.ClickException(_clean(
@@ -287,9 +288,12 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
 def web(host, port) -> None:
     """Serve the status page and the JSON API (one process, for a laptop; use gunicorn in production:
     gunicorn 'sagaflow.web:create_app()')."""
-    from werkzeug.serving import run_simple
+    try:
+        from werkzeug.serving import run_simple
 
-    from sagaflow.web import create_app
+        from sagaflow.web import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"sagaflow web needs the [web] extra: pip install 'sagaflow[web]' ({exc})") from None
 
     try:
         settings = _setup()
@@ -329,6 +333,10 @@ def flower(address, port, url_prefix, flower_args) -> None:
             raise click.ClickException(
                 "the embedded broker is not running: start `sagaflow worker` first (it starts the broker), "
                 "or set SAGAFLOW_BROKER_URL")
+    try:
+        import flower as _flower  # noqa: F401  (the [flower] extra)
+    except ImportError:
+        raise click.ClickException("sagaflow flower needs the [flower] extra: pip install 'sagaflow[flower]'") from None
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix.strip('/')}")
