@@ -126,8 +126,10 @@ def load_sagas(settings: Settings | None = None) -> None:
     those handlers. Safe to call again: modules import once and an unchanged file loads once.
 
     Workers call it through Celery's import step (below); the CLI, the web app and ``SagaClient.from_env``
-    call it directly. Raises ImportError, or DefinitionError (``SagaFileError``) for an invalid file."""
+    call it directly. Raises ImportError, ValueError (SAGAFLOW_CELERY_APP), or DefinitionError
+    (``SagaFileError``) for an invalid file."""
     settings = settings or get_settings()
+    celery_app_for_commands(settings)  # SAGAFLOW_CELERY_APP's module installs sagaflow on the team's app
     for module in settings.imports:
         importlib.import_module(module)
     if settings.saga_files:

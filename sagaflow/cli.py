@@ -28,7 +28,6 @@ from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
-from sagaflow.model.definition import registry
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
@@ -250,14 +249,18 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
         raise _settings_error(f"SAGAFLOW_WORKER_POOL must be one of {', '.join(POOLS)}, got {settings.worker_pool!r}")
     if concurrency is None and settings.worker_concurrency < 1:
         raise _settings_error(f"SAGAFLOW_WORKER_CONCURRENCY must be at least 1, got {settings.worker_concurrency}")
-    from sagaflow.alerts import load_hook
-    from sagaflow.runtime import check_visibility_timeout
+    from sagaflow.hosting import check_worker
 
-    check_visibility_timeout(settings)
-    for saga in registry.all():  # a non-atomic step without a compensation fails now, not at its first failure
-        saga.check_runnable()
-    load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
     app = _celery_app(settings)
+    # The checks every worker of this app runs at worker_init (celery -A too), first here as one line: the
+    # Celery settings sagaflow needs, the visibility timeout against every registered saga, a non-atomic step
+    # without a compensation, a typo in SAGAFLOW_ALERT_HOOK.
+    try:
+        check_worker(app)
+    except SagaflowError as exc:
+        if str(exc).startswith("Celery setting"):
+            raise _settings_error(exc) from None
+        raise click.ClickException(_clean(exc)) from None
     broker = None
     if settings.embedded_broker and app.conf.broker_url == settings.effective_broker_url:
         from sagaflow.embedded import start_unless_running

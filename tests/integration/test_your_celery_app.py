@@ -217,3 +217,47 @@ def test_sagaflow_flower_on_the_teams_app_lists_the_saga_steps(project, proj_wor
             flower.kill()
             flower.wait()
         log.close()
+
+
+# ------------------------------------------------------------------ sagaflow's own app: checks and extra settings
+
+def _own_app_env(tmp_path, settings, **extra) -> dict:
+    (tmp_path / "h13_celeryconfig.py").write_text(
+        "import os\n"
+        "task_default_queue = 'h13q'\n"
+        "broker_transport_options = {'socket_keepalive': True}\n"
+        "if os.environ.get('H13_ACKS_LATE') == '0':\n"
+        "    task_acks_late = False\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAGAFLOW_", "PYTHONPATH"))}
+    return {**env, **settings.as_env(), "SAGAFLOW_CELERY_CONFIG": "h13_celeryconfig", "SAGAFLOW_IMPORTS":
+            "sagaflow.tasks", "SAGAFLOW_SAGA_FILES": "", "SAGAFLOW_ALERT_HOOK": "", **extra}
+
+
+def test_sagaflow_celery_config_adds_settings_to_sagaflows_own_app(tmp_path, settings):
+    env = _own_app_env(tmp_path, settings)
+    code = ("from sagaflow.app import celery_app, get_settings; c = celery_app.conf; "
+            "print(c.task_default_queue, c.broker_transport_options['socket_keepalive'], "
+            "c.broker_transport_options['visibility_timeout'], c.task_acks_late)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["h13q", "True", str(settings.visibility_timeout), "True"]
+
+
+def test_sagaflow_worker_refuses_a_celery_config_that_contradicts_sagaflows(tmp_path, settings):
+    env = _own_app_env(tmp_path, settings, H13_ACKS_LATE="0")
+    done = _sagaflow(tmp_path, env, "worker", "-n", "h13-own@%h", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("Error: Celery setting task_acks_late=False contradicts sagaflow, which needs True to lose "
+                           "nothing (remove it from your Celery configuration)\n")
+
+
+def test_celery_a_sagaflow_app_worker_runs_the_startup_checks(tmp_path, settings):
+    """Before issue 13 only `sagaflow worker` checked the visibility timeout: `celery -A sagaflow.app worker`
+    started with one that lets a waiting retry be delivered twice."""
+    env = _own_app_env(tmp_path, settings, SAGAFLOW_VISIBILITY_TIMEOUT="100")
+    done = subprocess.run([str(BIN / "celery"), "-A", "sagaflow.app", "worker", "-n", "h13-celery@%h", "-Q", "h13q"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Error: SAGAFLOW_VISIBILITY_TIMEOUT=100 s is not above" in done.stderr
+    assert "Traceback" not in done.stderr
