@@ -95,11 +95,13 @@ def _where_raised(exc: BaseException) -> str:
     return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text
 
 
+class _SettingsError(click.ClickException):
+    exit_code = 2
+
+
 def _settings_error(exc) -> click.ClickException:
     """A SAGAFLOW_* setting that is not valid: one line naming it and what it accepts, exit status 2."""
-    error = click.ClickException(_clean(exc))
-    error.exit_code = 2
-    return error
+    return _SettingsError(_clean(exc))
 
 
 def _configure():

@@ -165,7 +165,7 @@ def _wait_for_worker(proc, socket: Path, log_path: Path) -> None:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the README's `sagaflow worker` did not start; see {log_path}")
         if socket.exists():
-            ping = Celery("readme-ping", broker=f"redis+socket://{socket}")
+            ping = Celery("readme-ping", broker=f"redis+socket://{socket}", set_as_current=False)
             try:
                 if ping.control.ping(timeout=0.5):
                     return

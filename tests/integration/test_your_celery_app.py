@@ -112,7 +112,7 @@ def _celery_worker(root: Path, env: dict, name: str, log_name: str) -> subproces
 def proj_worker(project, settings):
     root, env = project
     proc = _celery_worker(root, env, "proj13", "proj-worker.log")
-    ping = Celery("ping", broker=settings.broker_url)
+    ping = Celery("ping", broker=settings.broker_url, set_as_current=False)
     deadline = time.monotonic() + 60
     try:
         while not ping.control.ping(destination=[f"proj13@{os.uname().nodename}"], timeout=0.5):
