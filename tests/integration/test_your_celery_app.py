@@ -261,3 +261,43 @@ def test_celery_a_sagaflow_app_worker_runs_the_startup_checks(tmp_path, settings
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Error: SAGAFLOW_VISIBILITY_TIMEOUT=100 s is not above" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sagaflow_web_on_the_teams_app_starts_runs_its_worker_completes(project, proj_worker, tmp_path):
+    """`sagaflow web` from the project folder, with SAGAFLOW_CELERY_APP: a run started through the API goes to
+    the team's app's queue, where `celery -A proj worker` runs it."""
+    root, env = project
+    token = "h13-token-" + "x" * 32
+    port = free_port()
+    log = open(ARTIFACTS / "proj-web.log", "w")
+    web = subprocess.Popen([str(BIN / "sagaflow"), "web", "--port", str(port)], cwd=root,
+                           env={**env, "SAGAFLOW_API_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            if web.poll() is not None:
+                raise RuntimeError(f"sagaflow web exited; see {ARTIFACTS / 'proj-web.log'}")
+            try:
+                return call("GET", f"{url}/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, timeout=60, what="sagaflow web to answer")
+        started = call("POST", f"{url}/api/runs", {"saga": "h13_trip", "input": {
+            "customer": "c4", "undo_log": str(tmp_path / "u.log")}}, token=token)
+        assert started.status == 202, started.text
+        run_id = started.json["id"]
+
+        def finished():
+            run = call("GET", f"{url}/api/runs/{run_id}", token=token).json
+            return run if run["status"] in ("succeeded", "compensated", "failed") else None
+
+        assert wait_for(finished, timeout=60, what="the run to finish")["status"] == "succeeded"
+    finally:
+        web.terminate()
+        try:
+            web.wait(20)
+        except subprocess.TimeoutExpired:
+            web.kill()
+            web.wait()
+        log.close()
