@@ -87,6 +87,8 @@ def install(app: Celery) -> Celery:
     for key in DEFAULTS:
         if not _user_set(app, key):
             changes[key] = wanted[key]
+    # The recovery sweeper's schedule, beside the app's own entries, for `celery -A proj beat`.
+    changes["beat_schedule"] = {**wanted["beat_schedule"], **(app.conf.beat_schedule or {})}
     transport = dict(app.conf.broker_transport_options or {})
     transport.setdefault("visibility_timeout", settings.visibility_timeout)
     changes["broker_transport_options"] = transport
