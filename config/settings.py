@@ -101,6 +101,50 @@ def _http_url(env: dict, name: str) -> str:
     return value
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("logfmt", "json")
+# What SQLAlchemy dialects sagaflow runs on; a plain postgresql:// or postgres:// (what hosting providers hand
+# out) means psycopg2, the driver the [postgres] extra installs (SQLAlchemy 2.1 would pick psycopg 3).
+DATABASE_SCHEMES = {"postgresql": "postgresql+psycopg2", "postgres": "postgresql+psycopg2",
+                    "postgresql+psycopg2": "postgresql+psycopg2", "postgresql+psycopg": "postgresql+psycopg",
+                    "sqlite": "sqlite", "sqlite+pysqlite": "sqlite+pysqlite"}
+
+
+def _database_url(env: dict, name: str, default: str) -> str:
+    """The SQLAlchemy URL with its scheme checked (and postgres[ql]:// made explicit); never echoes the URL,
+    which may hold a password."""
+    raw = env.get(name, "").strip() or default
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        raise ValueError(f"{name} must be a URL such as postgresql://user:password@host/db or sqlite:///path")
+    wanted = DATABASE_SCHEMES.get(scheme.lower())
+    if wanted is None:
+        raise ValueError(f"{name}: database {scheme[:40]!r} is not supported; use postgresql://user:password@host/db "
+                         f"(psycopg2) or sqlite:///path")
+    return f"{wanted}://{rest}"
+
+
+def _choice(env: dict, name: str, default: str, choices: tuple[str, ...], upper: bool = False) -> str:
+    raw = env.get(name, "").strip()
+    value = (raw.upper() if upper else raw.lower()) if raw else default
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw[:40]!r}")
+    return value
+
+
+def _import_path(env: dict, name: str, with_attribute: bool) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return ""
+    dotted = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+    pattern = f"{dotted}:{dotted}" if with_attribute else dotted
+    if not re.fullmatch(pattern, raw):
+        shape = ("module:attribute (e.g. proj.celery:app)" if with_attribute
+                 else "a module name (e.g. proj.celeryconfig)")
+        raise ValueError(f"{name} must be {shape}, got {raw[:80]!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -140,6 +184,12 @@ class Settings:
     # What JSON may enter (sagaflow/safejson.py): run input, step results, signal payloads, child inputs.
     json_max_depth: int = 64
     json_max_bytes: int = 1024 * 1024
+    # Logs: the entry points' output format (library code only names its loggers).
+    log_format: str = "logfmt"
+    # Your own Celery app ("proj.celery:app"): the client, `sagaflow worker`, `web` and `flower` use it
+    # (sagaflow.install). Extra Celery settings for sagaflow's own app from a module (config_from_object).
+    celery_app: str = ""
+    celery_config: str = ""
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -147,7 +197,7 @@ class Settings:
         home = Path(env.get("SAGAFLOW_HOME") or ".sagaflow").expanduser().resolve()
         return cls(
             home=home,
-            database_url=env.get("SAGAFLOW_DATABASE_URL") or f"sqlite:///{home / 'sagaflow.db'}",
+            database_url=_database_url(env, "SAGAFLOW_DATABASE_URL", f"sqlite:///{home / 'sagaflow.db'}"),
             broker_url=env.get("SAGAFLOW_BROKER_URL", ""),
             imports=tuple(m.strip() for m in env.get("SAGAFLOW_IMPORTS", "sagaflow.tasks").split(",") if m.strip()),
             # Explicit, no default file: a file found relative to the working directory would be loaded by
@@ -159,7 +209,10 @@ class Settings:
             default_step_timeout=_int(env, "SAGAFLOW_DEFAULT_STEP_TIMEOUT", 300),
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
-            log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
+            log_level=_choice(env, "SAGAFLOW_LOG_LEVEL", "WARNING", LOG_LEVELS, upper=True),
+            log_format=_choice(env, "SAGAFLOW_LOG_FORMAT", "logfmt", LOG_FORMATS),
+            celery_app=_import_path(env, "SAGAFLOW_CELERY_APP", with_attribute=True),
+            celery_config=_import_path(env, "SAGAFLOW_CELERY_CONFIG", with_attribute=False),
             stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
             recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
@@ -237,4 +290,7 @@ class Settings:
             "SAGAFLOW_POLICY_FILE": str(self.policy_file) if self.policy_file_required else "",
             "SAGAFLOW_JSON_MAX_DEPTH": str(self.json_max_depth),
             "SAGAFLOW_JSON_MAX_BYTES": str(self.json_max_bytes),
+            "SAGAFLOW_LOG_FORMAT": self.log_format,
+            "SAGAFLOW_CELERY_APP": self.celery_app,
+            "SAGAFLOW_CELERY_CONFIG": self.celery_config,
         }

@@ -20,6 +20,7 @@ from sagaflow.errors import (
     UnknownRun,
     UnknownSaga,
 )
+from sagaflow.hosting import install  # noqa: E402
 from sagaflow.model.declarative import SagaFileError, handler
 from sagaflow.model.definition import Parallel, RetryKind, RetryPolicy, Saga, Step, StepContext, StepKind, registry
 from sagaflow.model.events import EventKind
@@ -27,6 +28,7 @@ from sagaflow.model.snapshots import Run
 from sagaflow.model.status import RunStatus, StepStatus
 
 __all__ = [
+    "install",
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",
     "Parallel", "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled",
     "SagaClient", "SagaFileError", "SagaflowError", "Step", "StepContext", "StepKind", "StepStatus", "UnknownRun",

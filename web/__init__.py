@@ -229,17 +229,8 @@ def create_app(settings=None) -> Flask:
 
 
 def _log_to_stderr(settings) -> None:
-    """Under gunicorn nothing sets up sagaflow's logs (the CLI and Celery do): give the ``sagaflow`` logger
-    its logfmt handler, so the app's warnings (login_failed, auth_failed, web_exposed_without_token) keep
-    their fields. Propagation is left alone: whatever the host process does with records still happens."""
-    from sagaflow.logs import LogfmtFormatter
+    """Under gunicorn nothing else sets up sagaflow's logs: the web app is an entry point, so it configures
+    output as the CLI does (sagaflow.logs.setup_logging: left alone when the host configured logging)."""
+    from sagaflow.logs import setup_logging
 
-    logger = logging.getLogger("sagaflow")
-    if any(getattr(h, "_sagaflow", False) for h in logger.handlers):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(LogfmtFormatter())
-    handler._sagaflow = True
-    logger.addHandler(handler)
-    if logger.level == logging.NOTSET:
-        logger.setLevel(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)

@@ -46,7 +46,9 @@ def installed(tmp_path_factory):
         assert zf.read(top_level).decode().split() == ["sagaflow"]
     venv = base / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], cwd=base)
-    _run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], cwd=base)
+    # The core and the embedded broker the demo uses (issue 13: Flask, Flower, psycopg2 are extras).
+    _run([str(venv / "bin" / "pip"), "install", "-q", "-c", str(ROOT / "constraints.txt"), f"{wheel}[embedded]"],
+         cwd=base)
     project = base / "project"
     for name, text in USER_FILES.items():
         (project / name).parent.mkdir(parents=True, exist_ok=True)

@@ -81,11 +81,11 @@ def test_sagaflow_web_refuses_a_short_token_and_warns_on_a_public_address(env, w
     runner = CliRunner()
 
     short = runner.invoke(main, ["web"], env={**env, "SAGAFLOW_API_TOKEN": "s3cret"})
-    assert short.exit_code == 1 and served == []
+    assert short.exit_code == 2 and served == []
     assert short.output.strip().splitlines() == [
         "Error: SAGAFLOW_API_TOKEN is 6 characters: it needs at least 32 (e.g. openssl rand -hex 32)"]
     blank = runner.invoke(main, ["web"], env={**env, "SAGAFLOW_API_TOKEN": "  "})
-    assert blank.exit_code == 1 and "SAGAFLOW_API_TOKEN is blank" in blank.output and served == []
+    assert blank.exit_code == 2 and "SAGAFLOW_API_TOKEN is blank" in blank.output and served == []
 
     assert runner.invoke(main, ["web"], env={**env, "SAGAFLOW_API_TOKEN": ""}).exit_code == 0
     assert warnings == []  # loopback: fine without a token
