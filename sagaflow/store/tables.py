@@ -62,11 +62,19 @@ runs = Table(
     # A child run (a parent's child step): the parent run and the index of that step.
     Column("parent_run_id", String(36), nullable=True),
     Column("parent_step", Integer, nullable=True),
+    # A run started by client.restart: the final run it restarts (that run has a run_restarted event).
+    Column("restarted_from", String(36), nullable=True),
+    # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
+    Column("deadline_at", UTCDateTime, nullable=True),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
     Index("ix_saga_runs_created", "created_at"),
     Index("ix_saga_runs_parent", "parent_run_id"),
+    Index("ix_saga_runs_restarted_from", "restarted_from"),
+    Index("ix_saga_runs_deadline", "deadline_at"),
+    # On PostgreSQL also ix_saga_runs_input, GIN on (input::jsonb) jsonb_path_ops (migration 0004): an
+    # expression index SQLite cannot build, so it lives in the migration only (store/search.py uses it).
 )
 
 steps = Table(
