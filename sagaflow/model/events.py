@@ -25,6 +25,7 @@ class EventKind(str, Enum):
     RUN_RESOLVED = "run_resolved"  # an operator settled it by hand (detail: the note)
     RUN_RESTARTED = "run_restarted"  # on the old run: a new run restarts it (detail: new_run_id)
     RESTARTED_FROM = "restarted_from"  # on the new run: the run it restarts, the version it runs
+    DEADLINE_PASSED = "deadline_passed"  # the sweeper found it live at its deadline and cancels it
     # a step, forward
     STEP_STARTED = "step_started"
     STEP_SUCCEEDED = "step_succeeded"

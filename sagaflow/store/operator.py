@@ -4,6 +4,7 @@ records a ``run_restarted`` event naming the new one)."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Callable
 
 from sqlalchemy import Engine, select, update
@@ -11,12 +12,13 @@ from sqlalchemy import Engine, select, update
 from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Run
-from sagaflow.model.status import RESOLVABLE_RUN_STATUSES, RunStatus
+from sagaflow.model.status import CANCELLABLE_RUN_STATUSES, RESOLVABLE_RUN_STATUSES, RunStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import event
 
 RESOLVABLE = tuple(s.value for s in RESOLVABLE_RUN_STATUSES)
+CANCELLABLE = tuple(s.value for s in CANCELLABLE_RUN_STATUSES)
 
 
 class Operator:
@@ -59,3 +61,29 @@ class Operator:
         """The run's deadline (start(deadline=) or Saga(deadline=)), written before its first message."""
         with self.engine.begin() as conn:
             conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(deadline_at=deadline_at))
+
+    def passed_deadlines(self, limit: int = 500) -> list[tuple[str, dt.datetime]]:
+        """(run id, deadline) of the runs still pending, running or waiting past their deadline, oldest
+        deadline first. Runs that ended before theirs have it cleared here (so the index scan stays short)."""
+        now = utcnow()
+        r = t.runs.c
+        with self.engine.begin() as conn:
+            conn.execute(update(t.runs).where(r.deadline_at <= now, r.status.notin_(CANCELLABLE))
+                         .values(deadline_at=None))
+            rows = conn.execute(select(r.id, r.deadline_at).where(r.deadline_at <= now, r.status.in_(CANCELLABLE))
+                                .order_by(r.deadline_at).limit(limit)).all()
+        return [(row.id, row.deadline_at) for row in rows]
+
+    def take_deadline(self, run_id: str, deadline_at: dt.datetime) -> bool:
+        """Claim a passed deadline (compare-and-set: one sweeper wins) and record ``deadline_passed``; the
+        caller then cancels the run. False when another sweeper took it or the run moved on."""
+        now = utcnow()
+        r = t.runs.c
+        with self.engine.begin() as conn:
+            won = conn.execute(
+                update(t.runs).where(r.id == run_id, r.deadline_at == deadline_at, r.status.in_(CANCELLABLE))
+                .values(deadline_at=None, updated_at=now)
+            ).rowcount
+            if won:
+                event(conn, run_id, EventKind.DEADLINE_PASSED, None, {"deadline": deadline_at.isoformat()}, now)
+        return bool(won)

@@ -246,3 +246,52 @@ def test_the_page_resolves_with_a_note_and_restarts(page, web_url, client):
     client.wait(new_id)
     page.goto(f"{web_url}/runs/{failed.id}")
     assert page.locator("a.restarted-as").get_attribute("href").endswith(new_id)
+
+
+# ---------------------------------------------------------------------------------------------- deadlines
+
+
+def test_a_run_past_its_deadline_is_cancelled_by_the_sweeper_and_compensated(client):
+    import time
+
+    from sagaflow.runtime.recovery import recover_stalled
+
+    run = client.start("deadline_saga", {"sleep": 10})  # Saga(deadline=2)
+    assert run.deadline_at is not None
+    assert 1.9 <= (run.deadline_at - run.created_at).total_seconds() <= 2.1
+    recover_stalled()  # before the deadline: nothing happens
+    assert not [e for e in client.get(run.id).events if e.kind == "deadline_passed"]
+    while dt.datetime.now(dt.timezone.utc) < run.deadline_at:
+        time.sleep(0.1)
+    recover_stalled()  # the sweeper, as beat or `sagaflow recover` runs it
+    seen = client.get(run.id)
+    assert [e.kind for e in seen.events if e.kind in ("deadline_passed", "cancel_requested")] == [
+        "deadline_passed", "cancel_requested"]
+    recover_stalled()  # a second sweep does not take the same deadline again
+    assert len([e for e in client.get(run.id).events if e.kind == "deadline_passed"]) == 1
+    done = client.wait(run.id, timeout=60)
+    assert done.status == "cancelled"
+    assert done.step("slow").status == "compensated" and done.step("after").status == "skipped"
+
+
+def test_the_start_deadline_wins_over_the_sagas_and_a_bad_one_is_refused(client):
+    run = client.start("deadline_saga", {"sleep": 0}, deadline=60)
+    assert 59.9 <= (run.deadline_at - run.created_at).total_seconds() <= 60.1
+    assert client.wait(run.id).status == "succeeded"
+    before = _run_count()
+    for bad in (0, -1, "5", True, float("nan")):
+        with pytest.raises(InvalidInput, match="deadline"):
+            client.start("deadline_saga", {}, deadline=bad)
+    assert _run_count() == before
+    plain = client.start("create_booking", {})
+    assert plain.deadline_at is None
+    client.wait(plain.id)
+
+
+def test_a_compensation_timeout_limits_the_undo_not_the_action(client):
+    # the action sleeps 2 s under its 15 s timeout; the undo sleeps 5 s under its own 1.5 s limit
+    run = client.wait(client.start("deadline_saga", {"sleep": 2, "undo_sleep": 5, "fail": True},
+                                   deadline=120).id, timeout=60)
+    assert run.step("slow").status == "compensation_failed"
+    assert run.status == "compensation_failed"
+    assert "TimeLimit" in (run.step("slow").compensation_error or "")
