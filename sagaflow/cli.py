@@ -1,5 +1,5 @@
 """The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | restart |
-resolve | recover | db | demo.
+resolve | prune | stats | recover | db | demo.
 
 Whatever a user can get wrong by typing (an option, an argument, a SAGAFLOW_* setting, a saga module or file,
 the database address) ends in one line on stderr, ``Error: ...`` saying what to do, and a non-zero exit: 2
@@ -28,7 +28,7 @@ from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
 from sagaflow.model.definition import registry
-from sagaflow.model.query import parse_time
+from sagaflow.model.query import parse_duration, parse_time
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
@@ -444,6 +444,55 @@ def resolve(run_id, note, as_json) -> None:
     """Settle a compensation_failed or stuck run by hand: it becomes resolved, nothing more runs."""
     _setup()
     _print_run(_client().resolve(run_id, note), as_json, history=False)
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              help="Delete runs that ended longer ago than this: 90s, 15m, 12h, 30d.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(older_than, dry_run, as_json) -> None:
+    """Delete old runs that ended (succeeded, compensated, cancelled, failed, resolved), with their steps,
+    events and signals; never a live, waiting, stuck or compensation_failed run. Metrics keep their counts."""
+    try:
+        age = parse_duration(older_than, "--older-than")
+    except SagaflowError as exc:
+        raise click.BadParameter(str(exc)) from None
+    _setup()
+    result = _client().prune(age, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"runs": result.runs, "by_status": result.by_status, "dry_run": result.dry_run,
+                               "cutoff": result.cutoff.isoformat() if result.cutoff else None}, indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    detail = ", ".join(f"{status} {n}" for status, n in sorted(result.by_status.items()))
+    click.echo(f"{verb} {result.runs} run{'' if result.runs == 1 else 's'} that ended before "
+               f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC{f' ({detail})' if detail else ''}")
+
+
+@main.command()
+@click.option("--saga", default=None, help="Only runs of this saga.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(saga, as_json) -> None:
+    """Counts by status and saga, success rate, run and step duration percentiles."""
+    if saga is not None:
+        check_text(saga, "--saga")
+    _setup()
+    data = _client().stats(saga)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"runs: {data['total']}")
+    for status, n in data["by_status"].items():
+        if n:
+            click.echo(f"  {status:<20} {n}")
+    rate = data["success_rate"]
+    click.echo(f"success rate: {'-' if rate is None else f'{rate:.1%}'} of the runs that ended")
+    for name, per_status in data["by_saga"].items():
+        click.echo(_clean(f"{name}: " + ", ".join(f"{s} {n}" for s, n in per_status.items())))
+    for key, entry in data["run_duration_seconds"].items():
+        click.echo(_clean(f"  {key:<36} n={entry['count']} p50={entry['p50']:.3f}s p90={entry['p90']:.3f}s "
+                          f"p99={entry['p99']:.3f}s max={entry['max']:.3f}s"))
 
 
 @main.command()

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -21,13 +21,15 @@ from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownSaga
 from sagaflow.model import policy
 from sagaflow.model.definition import registry
+from sagaflow.model.query import parse_duration
 from sagaflow.model.snapshots import Run, StepSpec
-from sagaflow.model.status import RunStatus
+from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, compensation_rate, counts_by_status
 from sagaflow.runtime import publish, waits
 from sagaflow.safejson import check_text, ensure_json
 from sagaflow.store import Store
 from sagaflow.store.discard import discard_unpublished_run
-from sagaflow.store.stats import Histogram
+from sagaflow.store.retention import PruneResult
+from sagaflow.store.stats import DURATION_BUCKETS, Histogram
 
 log = logging.getLogger("sagaflow.client")
 
@@ -62,6 +64,26 @@ class Metrics:
     step_event_counts: dict[tuple[str, str, str], int]  # (saga, step, event kind) -> events
     step_durations: dict[tuple[str, str], Histogram]
     compensation_durations: dict[tuple[str, str], Histogram]
+    run_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (saga, final status)
+    runs_started: dict[str, int] = field(default_factory=dict)  # saga -> runs ever started (pruned included)
+
+
+def _with_totals(histograms: dict, totals: dict, metric: str) -> dict:
+    """``histograms`` plus what pruned runs counted under ``metric`` (same buckets)."""
+    out = {key: Histogram(h.buckets, list(h.cumulative), h.count, h.sum) for key, h in histograms.items()}
+    for (name, saga, step, label), value in totals.items():
+        if name != metric:
+            continue
+        h = out.setdefault((saga, step), Histogram(DURATION_BUCKETS, [0] * len(DURATION_BUCKETS), 0, 0.0))
+        if label == "count":
+            h.count += int(value)
+        elif label == "sum":
+            h.sum += value
+        elif label.startswith("le="):
+            bound = float(label[3:])
+            if bound in h.buckets:
+                h.cumulative[h.buckets.index(bound)] += int(value)
+    return out
 
 
 class SagaClient:
@@ -272,9 +294,65 @@ class SagaClient:
         return self.store.step_duration_percentiles()
 
     def metrics(self) -> "Metrics":
-        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process)."""
-        return Metrics(self.store.run_counts(), self.store.run_end_counts(), self.store.step_event_counts(),
-                       self.store.step_duration_histograms(), self.store.compensation_duration_histograms())
+        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process). The
+        counters and histograms add what pruned runs counted (saga_totals), so a prune never lowers them."""
+        totals = self.store.totals()
+        counts = self.store.run_counts()
+        started: dict[str, int] = {}
+        for (saga, _), n in counts.items():
+            started[saga] = started.get(saga, 0) + n
+        ends = dict(self.store.run_end_counts())
+        events = dict(self.store.step_event_counts())
+        for (metric, saga, step, label), value in totals.items():
+            if metric == "runs_started":
+                started[saga] = started.get(saga, 0) + int(value)
+            elif metric == "runs_finished":
+                ends[(saga, label)] = ends.get((saga, label), 0) + int(value)
+            elif metric == "step_events":
+                events[(saga, step, label)] = events.get((saga, step, label), 0) + int(value)
+        return Metrics(counts, ends, events,
+                       _with_totals(self.store.step_duration_histograms(), totals, "step_duration"),
+                       _with_totals(self.store.compensation_duration_histograms(), totals, "compensation_duration"),
+                       _with_totals(self.store.run_duration_histograms(), totals, "run_duration"),
+                       started)
+
+    def prune(self, older_than, dry_run: bool = False) -> PruneResult:
+        """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than
+        ``older_than`` ago (a timedelta, or text: ``90s``, ``15m``, ``12h``, ``30d``), with their steps, events
+        and signals, in short batches; never a live, waiting, stuck or compensation_failed run, nor a parent
+        with a child that has not ended. The metrics keep what they counted. ``dry_run``: count only."""
+        if isinstance(older_than, str):
+            older_than = parse_duration(older_than, "older_than")
+        if not isinstance(older_than, dt.timedelta) or older_than <= dt.timedelta(0):
+            raise InvalidInput(f"older_than must be a positive duration (30d, 12h...), got {older_than!r:.80}")
+        cutoff = dt.datetime.now(dt.timezone.utc) - older_than
+        result = self.store.prune(cutoff, dry_run=dry_run)
+        log.info("pruned", extra={"runs": result.runs, "cutoff": cutoff.isoformat(), "dry_run": dry_run})
+        return result
+
+    def stats(self, saga: str | None = None) -> dict:
+        """Counts by status and by saga, the success rate of the runs that ended, the compensation rate, and
+        run and step duration percentiles (seconds), over the runs the database holds now."""
+        counts = self.store.run_counts(saga)
+        by_saga: dict[str, dict[str, int]] = {}
+        for (name, status), n in sorted(counts.items()):
+            by_saga.setdefault(name, {})[status] = n
+        by_status = counts_by_status(counts)
+        ended = sum(n for status, n in by_status.items() if status in {s.value for s in FINAL_RUN_STATUSES})
+        steps: dict[str, dict[str, dict]] = {}
+        for (name, step), entry in sorted(self.store.step_duration_percentiles().items()):
+            if saga is None or name == saga:
+                steps.setdefault(name, {})[step] = entry
+        return {
+            "total": sum(counts.values()),
+            "by_status": by_status,
+            "by_saga": by_saga,
+            "success_rate": round(by_status[RunStatus.SUCCEEDED.value] / ended, 4) if ended else None,
+            "compensation_rate": compensation_rate(counts),
+            "run_duration_seconds": {f"{name}/{status}": entry for (name, status), entry
+                                     in sorted(self.store.run_duration_percentiles(saga).items())},
+            "step_duration_seconds": steps,
+        }
 
     # The web's operator logins and failed authentications (sagaflow/store/sessions.py), shared by every
     # web process through the database.

@@ -13,6 +13,7 @@ Run by the beat task ``sagaflow.recover`` every SAGAFLOW_RECOVERY_INTERVAL secon
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from sagaflow.app import get_settings, get_store
@@ -32,6 +33,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     stall = get_settings().stall_timeout if stall_timeout is None else stall_timeout
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
+    prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
     for run_id, seen in store.stalled_runs(stall, limit):
         recovery = store.take_over_stalled(run_id, seen, stall)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
@@ -70,6 +72,23 @@ def cancel_past_deadline(store, limit: int = 500) -> list[str]:
         log.warning("deadline_passed", extra={"run_id": run_id, "deadline": deadline_at.isoformat()})
         cancelled.append(run_id)
     return cancelled
+
+
+def prune_by_retention(store) -> int:
+    """With SAGAFLOW_RETENTION set, delete the runs that ended longer ago than that (store/retention.py:
+    short batches; the metrics keep their counts). A failure is logged and the sweep goes on."""
+    seconds = get_settings().retention
+    if not seconds:
+        return 0
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    try:
+        result = store.prune(cutoff)
+    except Exception as exc:  # noqa: BLE001 - retention must never stop the recovery sweep
+        log.error("retention_prune_failed", extra={"cutoff": cutoff.isoformat(), "error": describe(exc)})
+        return 0
+    if result.runs:
+        log.info("retention_pruned", extra={"runs": result.runs, "cutoff": cutoff.isoformat()})
+    return result.runs
 
 
 # What the sweeper's take-over decided (Recovery.action), one function each.

@@ -17,6 +17,7 @@ concern.
     stats.py         read-only aggregates for /api/stats, the page's counts, /metrics (Stats)
     sessions.py      the web's operator sessions and authentication failures        (Sessions)
     operator.py      resolve by hand, restart links, deadlines                      (Operator)
+    retention.py     prune old ended runs, folding what they counted into totals    (Retention)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -46,6 +47,7 @@ from sagaflow.store.flags import Flags
 from sagaflow.store.groups import LOST_BRANCH, Groups
 from sagaflow.store.operator import Operator
 from sagaflow.store.recovery import Recoveries
+from sagaflow.store.retention import Retention
 from sagaflow.store.runs import Runs
 from sagaflow.store.sessions import Sessions
 from sagaflow.store.stats import Stats
@@ -53,7 +55,7 @@ from sagaflow.store.waits import Waits
 
 
 class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Stats, Sessions, Operator,
-            Engines):
+            Retention, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

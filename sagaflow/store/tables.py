@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -136,6 +137,20 @@ signals = Table(
 
 # The web app's operator logins (web/security.py): one row per login, deleted at logout, so a copied cookie
 # dies with the session. The cookie carries the id and an HMAC of it keyed by the API token.
+# What pruned runs had counted (store/retention.py folds them in as it deletes them): the metrics' counters
+# and histograms add these to what the remaining rows count, so a prune never makes a counter go down.
+# metric: runs_started | runs_finished | step_events | step_duration | compensation_duration; label: a
+# status, an event kind, or for a histogram "count", "sum" or "le=<bound>".
+totals = Table(
+    "saga_totals",
+    metadata,
+    Column("metric", String(40), primary_key=True),
+    Column("saga", String(200), primary_key=True),
+    Column("step", String(200), primary_key=True),
+    Column("label", String(64), primary_key=True),
+    Column("value", Float, nullable=False),
+)
+
 operator_sessions = Table(
     "saga_operator_sessions",
     metadata,

@@ -295,3 +295,86 @@ def test_a_compensation_timeout_limits_the_undo_not_the_action(client):
     assert run.step("slow").status == "compensation_failed"
     assert run.status == "compensation_failed"
     assert "TimeLimit" in (run.step("slow").compensation_error or "")
+
+
+# ---------------------------------------------------------------------------------------------- retention
+
+
+def _age(run_ids, days: int = 40) -> None:
+    """Make runs look as if they ran ``days`` ago (the test cannot wait a month)."""
+    from sqlalchemy import update
+
+    from sagaflow.store import tables as t
+
+    shift = dt.timedelta(days=days)
+    with get_store().engine.begin() as conn:
+        for run_id in run_ids:
+            run = get_store().get_run(run_id, history=False)
+            conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(
+                created_at=run.created_at - shift, updated_at=run.updated_at - shift,
+                finished_at=run.finished_at - shift if run.finished_at else None))
+
+
+def _counters(web_url) -> dict:
+    """Every counter and histogram sample of /metrics (the gauges of runs now are left out)."""
+    samples = {}
+    for line in call("GET", f"{web_url}/metrics").text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.split("{")[0].endswith(("_total", "_bucket", "_count", "_sum")):
+            samples[name] = float(value)
+    return samples
+
+
+def test_prune_deletes_only_old_ended_runs_and_the_metrics_counters_stay(client, web_url, env):
+    old_ok = client.wait(client.start("create_booking", {"customer": "prune"}).id)
+    old_bad = client.wait(client.start("create_booking", {"fail_at": "send_whatsapp"}).id)
+    stuck = client.wait(client.start("create_booking", {"fail_at": "add_calendar",
+                                                        "fail_compensation": {"send_email": 4}}).id)
+    new_ok = client.wait(client.start("create_booking", {"customer": "prune-new"}).id)
+    live = client.start("deadline_saga", {"sleep": 3}, deadline=600)  # another saga: its counters may move
+    assert (old_ok.status, old_bad.status, stuck.status) == ("succeeded", "compensated", "compensation_failed")
+    _age([old_ok.id, old_bad.id, stuck.id, live.id])
+    before = _counters(web_url)
+    assert any(k.startswith("sagaflow_run_duration_seconds_bucket") for k in before)
+    total = _run_count()
+
+    dry = sagaflow("prune", "--older-than", "30d", "--dry-run", "--json", env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["runs"] >= 2 and _run_count() == total  # nothing deleted
+
+    done = sagaflow("prune", "--older-than", "30d", env=env)
+    assert done.returncode == 0, done.stderr and "deleted" in done.stdout
+    remaining = {r.id for r in client.list(limit=1000)}
+    assert old_ok.id not in remaining and old_bad.id not in remaining
+    assert {stuck.id, new_ok.id, live.id} <= remaining
+    assert client.wait(live.id).status == "succeeded"  # the live run went on untouched
+    assert client.get(stuck.id).status == "compensation_failed"
+
+    after = _counters(web_url)
+    for name, value in before.items():
+        if 'saga="create_booking"' not in name:  # only the live run's saga moved on meanwhile: up
+            assert after[name] >= value, name
+        elif "_sum" in name:  # float sums, added in another order
+            assert after[name] == pytest.approx(value, rel=1e-9, abs=1e-6), name
+        else:
+            assert after[name] == value, name
+
+    for args, message in ((["--older-than", "30 days"], "--older-than must be a duration"),
+                          (["--older-than", "0d"], "must be a duration"), ([], "Missing option")):
+        bad = sagaflow("prune", *args, env=env)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_stats_through_the_client_and_the_cli(client, env):
+    client.wait(client.start("create_booking", {"customer": "stats"}).id)
+    data = client.stats()
+    assert data["total"] >= 1 and data["by_status"]["succeeded"] >= 1
+    assert 0 < data["success_rate"] <= 1
+    entry = data["run_duration_seconds"]["create_booking/succeeded"]
+    assert entry["count"] >= 1 and 0 < entry["p50"] <= entry["max"]
+    assert "create_invoice" in data["step_duration_seconds"]["create_booking"]
+    shown = sagaflow("stats", env=env)
+    assert shown.returncode == 0 and "success rate:" in shown.stdout and "create_booking" in shown.stdout
+    assert json.loads(sagaflow("stats", "--json", env=env).stdout)["total"] >= 1

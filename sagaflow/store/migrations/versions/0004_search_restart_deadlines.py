@@ -1,4 +1,5 @@
-"""operator's day: a GIN index for input search (PostgreSQL), restarted_from (restart links), deadline_at
+"""operator's day: a GIN index for input search (PostgreSQL), restarted_from (restart links), deadline_at,
+saga_totals (what pruned runs counted)
 
 Revision ID: 0004
 Revises: 0003
@@ -19,6 +20,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column('deadline_at', sa.DateTime(), nullable=True))
     op.create_index('ix_saga_runs_restarted_from', 'saga_runs', ['restarted_from'], unique=False)
     op.create_index('ix_saga_runs_deadline', 'saga_runs', ['deadline_at'], unique=False)
+    op.create_table('saga_totals',
+    sa.Column('metric', sa.String(length=40), nullable=False),
+    sa.Column('saga', sa.String(length=200), nullable=False),
+    sa.Column('step', sa.String(length=200), nullable=False),
+    sa.Column('label', sa.String(length=64), nullable=False),
+    sa.Column('value', sa.Float(), nullable=False),
+    sa.PrimaryKeyConstraint('metric', 'saga', 'step', 'label')
+    )
     if op.get_bind().dialect.name == 'postgresql':
         # input search (store/search.py): containment (@>) of top-level fields, answered from this index.
         op.execute('CREATE INDEX ix_saga_runs_input ON saga_runs USING gin ((input::jsonb) jsonb_path_ops)')
@@ -27,6 +36,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == 'postgresql':
         op.execute('DROP INDEX IF EXISTS ix_saga_runs_input')
+    op.drop_table('saga_totals')
     op.drop_index('ix_saga_runs_deadline', table_name='saga_runs')
     op.drop_index('ix_saga_runs_restarted_from', table_name='saga_runs')
     with op.batch_alter_table('saga_runs') as batch:
