@@ -9,6 +9,9 @@ import re
 
 from sagaflow.errors import InvalidInput
 
+# 2026-12-01, 2026-12-01T10:00, ...:00.123456, with Z or an offset (Python's own parser takes much more).
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+                   r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?(Z|[+-][0-9]{2}:?[0-9]{2})?)?")
 _DURATION = re.compile(r"([0-9]{1,9})([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -18,7 +21,7 @@ def parse_time(text: str, name: str) -> dt.datetime:
     a time without a zone is UTC."""
     shown = text if len(text) <= 40 else text[:40] + "..."
     try:
-        value = dt.datetime.fromisoformat(text) if text.isascii() else None
+        value = dt.datetime.fromisoformat(text) if isinstance(text, str) and _TIME.fullmatch(text) else None
     except ValueError:
         value = None
     if value is None:

@@ -76,3 +76,29 @@ def test_prune_deletes_exactly_the_old_ended_runs_and_keeps_their_counts(store):
     assert steps.get(("s", "a", "step_succeeded"), 0) + 1 == before_steps[("s", "a", "step_succeeded")]
     assert store.prune(NOW - dt.timedelta(days=30)).runs == 0  # nothing left to prune
     assert store.totals() == totals
+
+
+def test_the_sweeper_prunes_only_with_sagaflow_retention(store, monkeypatch):
+    from sagaflow.config.settings import Settings
+    from sagaflow.runtime import recovery
+
+    _run(store, "old", "succeeded")
+    _run(store, "young", "succeeded", ended=NOW - dt.timedelta(hours=1))
+    off = Settings.from_env({"SAGAFLOW_DATABASE_URL": "sqlite://"})
+    assert off.retention == 0
+    monkeypatch.setattr(recovery, "get_settings", lambda: off)
+    assert recovery.prune_by_retention(store) == 0 and _ids(store) == {"old", "young"}
+    on = Settings.from_env({"SAGAFLOW_DATABASE_URL": "sqlite://", "SAGAFLOW_RETENTION": "30d"})
+    assert on.retention == 30 * 86400 and Settings.from_env(on.as_env()).retention == on.retention
+    monkeypatch.setattr(recovery, "get_settings", lambda: on)
+    assert recovery.prune_by_retention(store) == 1 and _ids(store) == {"young"}
+
+
+def test_a_bad_sagaflow_retention_is_refused():
+    import pytest
+
+    from sagaflow.config.settings import Settings
+
+    for bad in ("30", "30 days", "0d", "-1d", "1w"):
+        with pytest.raises(ValueError, match="SAGAFLOW_RETENTION must be a duration"):
+            Settings.from_env({"SAGAFLOW_RETENTION": bad})
