@@ -7,6 +7,7 @@ in a few set-based INSERTs (``generate_series``), then time the searches the ope
 
 Each run has 2 step rows and 4 events (started, 2 steps succeeded, ended), 20 statuses cycle (mostly
 succeeded), 10 sagas, 50,000 customers; a timing is the median of ``--repeat`` calls after one warm-up.
+The scrape is timed before and after the runs that ended are folded into saga_totals (as the sweeper does).
 Prints one JSON line per figure. Uses PostgreSQL at SAGAFLOW_BENCH_PG (default the local server) and a
 database of its own (sagaflow_bench_million), dropped at the end unless --keep.
 """
@@ -130,6 +131,11 @@ def main(argv=None) -> int:
         from sagaflow.web import create_app
 
         web = create_app(settings).test_client()
+        seconds, answer = timed(lambda: web.get("/metrics"), 1)
+        figure("metrics_scrape_unfolded", seconds, status=answer.status_code, bytes=len(answer.data))
+        began = time.perf_counter()
+        folded = client.store.fold_counted(settled=0, batch=5000)  # what the sweeper does as runs end
+        figure("fold_into_totals", time.perf_counter() - began, folded=folded)
         seconds, answer = timed(lambda: web.get("/metrics"), max(1, args.repeat // 2))
         figure("metrics_scrape", seconds, status=answer.status_code, bytes=len(answer.data))
         seconds, _ = timed(lambda: client.stats(), max(1, args.repeat // 2))

@@ -29,7 +29,7 @@ from sagaflow.safejson import check_text, ensure_json
 from sagaflow.store import Store
 from sagaflow.store.discard import discard_unpublished_run
 from sagaflow.store.retention import PruneResult
-from sagaflow.store.stats import DURATION_BUCKETS, Histogram
+from sagaflow.store.stats import DURATION_BUCKETS, UNCOUNTED, Histogram
 
 log = logging.getLogger("sagaflow.client")
 
@@ -295,14 +295,13 @@ class SagaClient:
 
     def metrics(self) -> "Metrics":
         """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process). The
-        counters and histograms add what pruned runs counted (saga_totals), so a prune never lowers them."""
+        counters and histograms are saga_totals (what pruned runs, and runs the sweeper folded, counted) plus
+        what the runs not folded yet count: a prune never lowers them, and a scrape reads only recent rows."""
         totals = self.store.totals()
         counts = self.store.run_counts()
-        started: dict[str, int] = {}
-        for (saga, _), n in counts.items():
-            started[saga] = started.get(saga, 0) + n
-        ends = dict(self.store.run_end_counts())
-        events = dict(self.store.step_event_counts())
+        started = dict(self.store.uncounted_started())
+        ends = dict(self.store.run_end_counts(UNCOUNTED))
+        events = dict(self.store.step_event_counts(UNCOUNTED))
         for (metric, saga, step, label), value in totals.items():
             if metric == "runs_started":
                 started[saga] = started.get(saga, 0) + int(value)
@@ -310,11 +309,12 @@ class SagaClient:
                 ends[(saga, label)] = ends.get((saga, label), 0) + int(value)
             elif metric == "step_events":
                 events[(saga, step, label)] = events.get((saga, step, label), 0) + int(value)
-        return Metrics(counts, ends, events,
-                       _with_totals(self.store.step_duration_histograms(), totals, "step_duration"),
-                       _with_totals(self.store.compensation_duration_histograms(), totals, "compensation_duration"),
-                       _with_totals(self.store.run_duration_histograms(), totals, "run_duration"),
-                       started)
+        histograms = {name: _with_totals(read(run_ids=UNCOUNTED), totals, name) for name, read in (
+            ("step_duration", self.store.step_duration_histograms),
+            ("compensation_duration", self.store.compensation_duration_histograms),
+            ("run_duration", self.store.run_duration_histograms))}
+        return Metrics(counts, ends, events, histograms["step_duration"], histograms["compensation_duration"],
+                       histograms["run_duration"], started)
 
     def prune(self, older_than, dry_run: bool = False) -> PruneResult:
         """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than

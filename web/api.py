@@ -8,6 +8,10 @@ browser request from another site, 404 unknown run, 405 wrong method, 409 the ru
 413 body over SAGAFLOW_API_MAX_BODY (chunked or not), 415 a body that is not JSON, 429 too many wrong tokens
 from this address (Retry-After), 503 broker down.
 
+``GET /api/runs`` searches with ``since``/``until`` (ISO 8601), ``idempotency_key`` and ``input.<field>=<value>``
+(docs/operating.md); ``POST /api/runs/<id>/restart`` (a final run, optional ``{"input": ...}``) and
+``POST /api/runs/<id>/resolve`` (``{"note": ...}`` required) are the operator's.
+
 A list item carries ``input_preview`` (at most 200 characters of the input's compact JSON) and
 ``input_truncated`` instead of the input; ``GET /api/runs/<id>`` has the whole of it.
 """

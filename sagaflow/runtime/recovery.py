@@ -34,6 +34,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
+    fold_metrics(store)  # ended runs into saga_totals: a /metrics scrape then reads only recent rows
     for run_id, seen in store.stalled_runs(stall, limit):
         recovery = store.take_over_stalled(run_id, seen, stall)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
@@ -89,6 +90,16 @@ def prune_by_retention(store) -> int:
     if result.runs:
         log.info("retention_pruned", extra={"runs": result.runs, "cutoff": cutoff.isoformat()})
     return result.runs
+
+
+def fold_metrics(store) -> int:
+    """Fold the runs that ended a while ago into saga_totals (store/retention.py), so /metrics costs the
+    same however long the history. A failure is logged; the scrape then reads those runs' rows instead."""
+    try:
+        return store.fold_counted()
+    except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep
+        log.error("metrics_fold_failed", extra={"error": describe(exc)})
+        return 0
 
 
 # What the sweeper's take-over decided (Recovery.action), one function each.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, and_, delete, exists, func, select
+from sqlalchemy import Engine, and_, delete, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import aliased
@@ -23,6 +23,9 @@ from sagaflow.store import tables as t
 PRUNABLE = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
             RunStatus.FAILED.value, RunStatus.RESOLVED.value)
 BATCH = 500
+# A run ended this long ago gets no more events (a late branch of a parallel group, a duplicate delivery
+# refused): the sweeper folds it into saga_totals then.
+FOLD_AFTER = 300.0
 
 
 @dataclass
@@ -64,6 +67,8 @@ def _add(conn, rows: list[dict]) -> None:
 
 def _fold(engine: Engine, conn, run_ids: list[str]) -> None:
     """What these runs count in the metrics, added to saga_totals (in the caller's transaction)."""
+    if not run_ids:
+        return
     rows: list[dict] = []
     r = t.runs.c
     for saga, n in conn.execute(select(r.saga, func.count()).where(r.id.in_(run_ids)).group_by(r.saga)):
@@ -109,14 +114,14 @@ class Retention:
             return result
         while True:
             with self.engine.begin() as conn:
-                query = select(r.id, r.status).where(*_prunable(cutoff)).order_by(r.id).limit(batch)
+                query = select(r.id, r.status, r.counted).where(*_prunable(cutoff)).order_by(r.id).limit(batch)
                 if conn.dialect.name == "postgresql":
                     query = query.with_for_update(skip_locked=True)  # two pruners share the work
                 found = conn.execute(query).all()
                 if not found:
                     break
                 ids = [row.id for row in found]
-                _fold(self.engine, conn, ids)
+                _fold(self.engine, conn, [row.id for row in found if not row.counted])  # the rest: folded before
                 for table in (t.signals, t.events, t.steps):
                     conn.execute(delete(table).where(table.c.run_id.in_(ids)))
                 conn.execute(delete(t.runs).where(r.id.in_(ids)))
@@ -124,6 +129,26 @@ class Retention:
                 result.by_status[row.status] = result.by_status.get(row.status, 0) + 1
             result.runs += len(found)
         return result
+
+    def fold_counted(self, settled: float = FOLD_AFTER, batch: int = BATCH) -> int:
+        """Fold the runs that ended (as prune would delete them) more than ``settled`` seconds ago into
+        saga_totals and mark them ``counted``: /metrics then reads them from the totals, so a scrape costs
+        what the runs not folded yet cost, not the whole history. Short batches; returns the runs folded."""
+        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=settled)
+        r = t.runs.c
+        folded = 0
+        while True:
+            with self.engine.begin() as conn:
+                query = (select(r.id).where(r.counted.is_(False), r.status.in_(PRUNABLE), _ended(cutoff))
+                         .order_by(r.id).limit(batch))
+                if conn.dialect.name == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                ids = list(conn.execute(query).scalars())
+                if not ids:
+                    return folded
+                _fold(self.engine, conn, ids)
+                conn.execute(update(t.runs).where(r.id.in_(ids)).values(counted=True))
+            folded += len(ids)
 
     def totals(self) -> dict[tuple[str, str, str, str], float]:
         return read_totals(self.engine)

@@ -95,8 +95,22 @@ def step_event_counts(engine: Engine, run_ids=None, conn=None) -> dict[tuple[str
     return {(row[0], row[1], row[2]): row[3] for row in _rows(engine, conn, query)}
 
 
+UNCOUNTED = "uncounted"  # as run_ids: only the runs not folded into saga_totals yet (what /metrics reads)
+
+
 def _only(column, run_ids) -> list:
-    return [] if run_ids is None else [column.in_(list(run_ids))]
+    if run_ids is None:
+        return []
+    if isinstance(run_ids, str) and run_ids == UNCOUNTED:
+        return [column.in_(select(t.runs.c.id).where(t.runs.c.counted.is_(False)))]
+    return [column.in_(list(run_ids))]
+
+
+def uncounted_started(engine: Engine) -> dict[str, int]:
+    """{saga: runs not folded into saga_totals yet}: with the totals' runs_started, the runs ever started."""
+    r = t.runs.c
+    query = select(r.saga, func.count()).where(r.counted.is_(False)).group_by(r.saga)
+    return {row[0]: row[1] for row in _rows(engine, None, query)}
 
 
 def _rows(engine: Engine, conn, query) -> list:
@@ -242,20 +256,23 @@ class Stats:
     def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
         return run_counts(self.engine, saga)
 
-    def run_end_counts(self) -> dict[tuple[str, str], int]:
-        return run_end_counts(self.engine)
+    def run_end_counts(self, run_ids=None) -> dict[tuple[str, str], int]:
+        return run_end_counts(self.engine, run_ids)
 
-    def step_event_counts(self) -> dict[tuple[str, str, str], int]:
-        return step_event_counts(self.engine)
+    def step_event_counts(self, run_ids=None) -> dict[tuple[str, str, str], int]:
+        return step_event_counts(self.engine, run_ids)
 
-    def step_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
-        return step_duration_histograms(self.engine, buckets)
+    def step_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return step_duration_histograms(self.engine, buckets, run_ids)
 
-    def compensation_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
-        return compensation_duration_histograms(self.engine, buckets)
+    def compensation_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return compensation_duration_histograms(self.engine, buckets, run_ids)
 
-    def run_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
-        return run_duration_histograms(self.engine, buckets)
+    def run_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return run_duration_histograms(self.engine, buckets, run_ids)
+
+    def uncounted_started(self) -> dict[str, int]:
+        return uncounted_started(self.engine)
 
     def run_duration_percentiles(self, saga: str | None = None) -> dict:
         return run_duration_percentiles(self.engine, saga=saga)

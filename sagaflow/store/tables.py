@@ -67,6 +67,9 @@ runs = Table(
     Column("restarted_from", String(36), nullable=True),
     # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
     Column("deadline_at", UTCDateTime, nullable=True),
+    # Folded into saga_totals (store/retention.py, by the sweeper): /metrics counts this run from the
+    # totals, not from its rows, so a scrape reads only the runs not folded yet.
+    Column("counted", Boolean, nullable=False, server_default=false()),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
@@ -74,6 +77,7 @@ runs = Table(
     Index("ix_saga_runs_parent", "parent_run_id"),
     Index("ix_saga_runs_restarted_from", "restarted_from"),
     Index("ix_saga_runs_deadline", "deadline_at"),
+    Index("ix_saga_runs_counted", "counted", "saga"),
     # On PostgreSQL also ix_saga_runs_input, GIN on (input::jsonb) jsonb_path_ops (migration 0004): an
     # expression index SQLite cannot build, so it lives in the migration only (store/search.py uses it).
 )

@@ -102,3 +102,34 @@ def test_a_bad_sagaflow_retention_is_refused():
     for bad in ("30", "30 days", "0d", "-1d", "1w"):
         with pytest.raises(ValueError, match="SAGAFLOW_RETENTION must be a duration"):
             Settings.from_env({"SAGAFLOW_RETENTION": bad})
+
+
+def test_folded_runs_count_once_from_the_totals_before_and_after_a_prune(store):
+    from sagaflow.store.stats import UNCOUNTED
+
+    with store.engine.begin() as conn:
+        conn.execute(delete(t.totals))
+    for i in range(3):
+        _run(store, f"old-{i}", "succeeded")
+    _run(store, "recent", "succeeded", ended=NOW)
+    _run(store, "live", "running")
+
+    def seen():
+        totals = store.totals()
+        ends = store.run_end_counts(UNCOUNTED).get(("s", "succeeded"), 0) + totals.get(
+            ("runs_finished", "s", "", "succeeded"), 0)
+        steps = store.step_event_counts(UNCOUNTED).get(("s", "a", "step_succeeded"), 0) + totals.get(
+            ("step_events", "s", "a", "step_succeeded"), 0)
+        started = store.uncounted_started().get("s", 0) + totals.get(("runs_started", "s", "", ""), 0)
+        durations = store.step_duration_histograms(run_ids=UNCOUNTED)[("s", "a")].count + totals.get(
+            ("step_duration", "s", "a", "count"), 0)
+        return ends, steps, started, durations
+
+    before = seen()
+    assert before == (4, 4, 5, 5)
+    assert store.fold_counted(settled=60) == 3  # "recent" ended just now: not yet
+    assert seen() == before
+    assert store.uncounted_started() == {"s": 2}  # a scrape reads only these rows
+    assert store.fold_counted(settled=60) == 0
+    assert store.prune(NOW - dt.timedelta(days=30)).runs == 3  # folded already: not counted twice
+    assert seen() == before
