@@ -63,7 +63,7 @@ FILL = [
     SELECT r.id, 'run_' || r.status, NULL, r.finished_at FROM saga_runs r WHERE r.finished_at IS NOT NULL
     """,
     "CREATE INDEX ix_saga_runs_input ON saga_runs USING gin ((input::jsonb) jsonb_path_ops)",
-    "ANALYZE",
+    "VACUUM ANALYZE",  # what autovacuum does soon after a bulk load: sets the visibility map too
 ]
 
 
