@@ -43,7 +43,7 @@ def test_prune_deletes_exactly_the_old_ended_runs_and_keeps_their_counts(store):
         _run(store, f"old-{status}", status)
     for status in ("pending", "running", "compensating", "waiting", "stuck", "compensation_failed"):
         _run(store, f"old-{status}", status)
-    _run(store, "new-succeeded", "succeeded", ended=NOW)
+    _run(store, "new-succeeded", "succeeded", ended=dt.datetime.now(UTC))
     _run(store, "parent", "succeeded")  # its child is still running: kept
     _run(store, "child", "running", parent="parent")
     _run(store, "child-of-live", "succeeded", parent="old-running")  # its parent is live: kept
@@ -111,7 +111,7 @@ def test_folded_runs_count_once_from_the_totals_before_and_after_a_prune(store):
         conn.execute(delete(t.totals))
     for i in range(3):
         _run(store, f"old-{i}", "succeeded")
-    _run(store, "recent", "succeeded", ended=NOW)
+    _run(store, "recent", "succeeded", ended=dt.datetime.now(UTC))  # now, not when the module was imported
     _run(store, "live", "running")
 
     def seen():
