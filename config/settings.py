@@ -21,6 +21,17 @@ def _int(env: dict, name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _duration(env: dict, name: str) -> int:
+    """Seconds from ``90s``, ``15m``, ``12h`` or ``30d``; unset or empty: 0 (off)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return 0
+    match = re.fullmatch(r"([0-9]{1,9})([smhd])", raw)
+    if match is None or int(match.group(1)) == 0:
+        raise ValueError(f"{name} must be a duration such as 90s, 15m, 12h or 30d, got {raw!r}")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
 def _bool(env: dict, name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
@@ -190,6 +201,8 @@ class Settings:
     # (sagaflow.install). Extra Celery settings for sagaflow's own app from a module (config_from_object).
     celery_app: str = ""
     celery_config: str = ""
+    # Retention (issue 16): the sweeper deletes runs that ended more than this many seconds ago (0: off).
+    retention: int = 0
 
     @classmethod
     def from_env(cls, env: dict | None = None) -> "Settings":
@@ -215,6 +228,7 @@ class Settings:
             celery_config=_import_path(env, "SAGAFLOW_CELERY_CONFIG", with_attribute=False),
             stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
             recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
+            retention=_duration(env, "SAGAFLOW_RETENTION"),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
             api_token=_token(env, "SAGAFLOW_API_TOKEN"),
@@ -277,6 +291,7 @@ class Settings:
             "SAGAFLOW_LOG_LEVEL": self.log_level,
             "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
+            "SAGAFLOW_RETENTION": f"{self.retention}s" if self.retention else "",
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
             "SAGAFLOW_API_TOKEN": self.api_token,

@@ -1,5 +1,5 @@
-"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | recover | db |
-demo.
+"""The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | restart |
+resolve | prune | stats | recover | db | demo.
 
 Whatever a user can get wrong by typing (an option, an argument, a SAGAFLOW_* setting, a saga module or file,
 the database address) ends in one line on stderr, ``Error: ...`` saying what to do, and a non-zero exit: 2
@@ -29,6 +29,7 @@ from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
+from sagaflow.model.query import parse_duration, parse_time
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
@@ -386,15 +387,40 @@ def status(run_id, as_json) -> None:
 @main.command()
 @click.option("--status", "status_", default=None, help="Only runs in this status.")
 @click.option("--saga", default=None, help="Only runs of this saga.")
+@click.option("--since", default=None, help="Only runs started at or after this time (ISO 8601: 2026-12-01, "
+                                             "2026-12-01T10:00Z; no zone = UTC).")
+@click.option("--until", default=None, help="Only runs started before this time (ISO 8601).")
+@click.option("--key", "key", default=None, help="The run started with this idempotency key.")
+@click.option("--input", "input_fields", multiple=True, metavar="FIELD=VALUE",
+              help="Only runs whose input has this top-level field with this value (repeatable; a text "
+                   "comparison: 17 finds 17 and \"17\").")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=20, show_default=True)
 @click.option("--offset", type=click.IntRange(0, MAX_OFFSET), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def runs(status_, saga, limit, offset, as_json) -> None:
-    """List runs, newest first."""
+def runs(status_, saga, since, until, key, input_fields, limit, offset, as_json) -> None:
+    """List runs, newest first; the options filter (all must hold)."""
     if saga is not None:
         check_text(saga, "--saga")  # PostgreSQL refuses a NUL in a query, UTF-8 a lone surrogate
+    filters: dict = {}
+    try:
+        if since is not None:
+            filters["since"] = parse_time(since, "--since")
+        if until is not None:
+            filters["until"] = parse_time(until, "--until")
+    except SagaflowError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if key is not None:
+        filters["idempotency_key"] = key
+    fields = {}
+    for term in input_fields:
+        field, sep, value = term.partition("=")
+        if not sep:
+            raise click.BadParameter(_clean(f"--input takes FIELD=VALUE, got {term!r:.80}"))
+        fields[field] = value
+    if fields:
+        filters["input"] = fields
     _setup()
-    page = _client().list(status=status_, saga=saga, limit=limit, offset=offset)
+    page = _client().list(status=status_, saga=saga, limit=limit, offset=offset, **filters)
     if as_json:
         click.echo(json.dumps({"items": [r.to_dict(history=False) for r in page], "total": page.total}, indent=2))
         return
@@ -434,6 +460,79 @@ def retry(run_id, as_json) -> None:
     """Resume the compensations of a run in compensation_failed."""
     _setup()
     _print_run(_client().retry(run_id), as_json, history=False)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--input", "input_json", default=None,
+              help="The new run's input (a JSON object); default: the old run's.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def restart(run_id, input_json, as_json) -> None:
+    """Start a new run of a final run's saga, with its input (or --input); the two are linked."""
+    settings = _setup()
+    data = json_loads(input_json, "--input", settings.json_limits) if input_json is not None else None
+    if data is not None and not isinstance(data, dict):
+        raise click.BadParameter("--input must be a JSON object")
+    _print_run(_client().restart(run_id, data), as_json, history=False)
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--note", required=True, help="How the run was settled by hand (kept in its history).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def resolve(run_id, note, as_json) -> None:
+    """Settle a compensation_failed or stuck run by hand: it becomes resolved, nothing more runs."""
+    _setup()
+    _print_run(_client().resolve(run_id, note), as_json, history=False)
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, metavar="DURATION",
+              help="Delete runs that ended longer ago than this: 90s, 15m, 12h, 30d.")
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(older_than, dry_run, as_json) -> None:
+    """Delete old runs that ended (succeeded, compensated, cancelled, failed, resolved), with their steps,
+    events and signals; never a live, waiting, stuck or compensation_failed run. Metrics keep their counts."""
+    try:
+        age = parse_duration(older_than, "--older-than")
+    except SagaflowError as exc:
+        raise click.BadParameter(str(exc)) from None
+    _setup()
+    result = _client().prune(age, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"runs": result.runs, "by_status": result.by_status, "dry_run": result.dry_run,
+                               "cutoff": result.cutoff.isoformat() if result.cutoff else None}, indent=2))
+        return
+    verb = "would delete" if dry_run else "deleted"
+    detail = ", ".join(f"{status} {n}" for status, n in sorted(result.by_status.items()))
+    click.echo(f"{verb} {result.runs} run{'' if result.runs == 1 else 's'} that ended before "
+               f"{result.cutoff:%Y-%m-%d %H:%M:%S} UTC{f' ({detail})' if detail else ''}")
+
+
+@main.command()
+@click.option("--saga", default=None, help="Only runs of this saga.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def stats(saga, as_json) -> None:
+    """Counts by status and saga, success rate, run and step duration percentiles."""
+    if saga is not None:
+        check_text(saga, "--saga")
+    _setup()
+    data = _client().stats(saga)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"runs: {data['total']}")
+    for status, n in data["by_status"].items():
+        if n:
+            click.echo(f"  {status:<20} {n}")
+    rate = data["success_rate"]
+    click.echo(f"success rate: {'-' if rate is None else f'{rate:.1%}'} of the runs that ended")
+    for name, per_status in data["by_saga"].items():
+        click.echo(_clean(f"{name}: " + ", ".join(f"{s} {n}" for s, n in per_status.items())))
+    for key, entry in data["run_duration_seconds"].items():
+        click.echo(_clean(f"  {key:<36} n={entry['count']} p50={entry['p50']:.3f}s p90={entry['p90']:.3f}s "
+                          f"p99={entry['p99']:.3f}s max={entry['max']:.3f}s"))
 
 
 @main.command()

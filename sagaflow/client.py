@@ -7,30 +7,36 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.config.settings import Settings
-from sagaflow.errors import BrokerUnavailable, InvalidInput
+from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownSaga
 from sagaflow.model import policy
 from sagaflow.model.definition import registry
+from sagaflow.model.query import parse_duration
 from sagaflow.model.snapshots import Run, StepSpec
-from sagaflow.model.status import RunStatus
+from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, compensation_rate, counts_by_status
 from sagaflow.runtime import publish, waits
 from sagaflow.safejson import check_text, ensure_json
 from sagaflow.store import Store
 from sagaflow.store.discard import discard_unpublished_run
-from sagaflow.store.stats import Histogram
+from sagaflow.store.retention import PruneResult
+from sagaflow.store.stats import DURATION_BUCKETS, UNCOUNTED, Histogram
 
 log = logging.getLogger("sagaflow.client")
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_RUN_ID = 36  # a uuid4 as text
+MAX_NOTE = 2000  # client.resolve's note
+INPUT_FIELD = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a top-level input field a search may name
 
 
 def check_run_id(run_id) -> str:
@@ -58,6 +64,26 @@ class Metrics:
     step_event_counts: dict[tuple[str, str, str], int]  # (saga, step, event kind) -> events
     step_durations: dict[tuple[str, str], Histogram]
     compensation_durations: dict[tuple[str, str], Histogram]
+    run_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (saga, final status)
+    runs_started: dict[str, int] = field(default_factory=dict)  # saga -> runs ever started (pruned included)
+
+
+def _with_totals(histograms: dict, totals: dict, metric: str) -> dict:
+    """``histograms`` plus what pruned runs counted under ``metric`` (same buckets)."""
+    out = {key: Histogram(h.buckets, list(h.cumulative), h.count, h.sum) for key, h in histograms.items()}
+    for (name, saga, step, label), value in totals.items():
+        if name != metric:
+            continue
+        h = out.setdefault((saga, step), Histogram(DURATION_BUCKETS, [0] * len(DURATION_BUCKETS), 0, 0.0))
+        if label == "count":
+            h.count += int(value)
+        elif label == "sum":
+            h.sum += value
+        elif label.startswith("le="):
+            bound = float(label[3:])
+            if bound in h.buckets:
+                h.cumulative[h.buckets.index(bound)] += int(value)
+    return out
 
 
 class SagaClient:
@@ -76,12 +102,18 @@ class SagaClient:
 
     # ------------------------------------------------------------------ commands
 
-    def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None) -> Run:
+    def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None,
+              deadline: float | None = None) -> Run:
         """Record the run and publish its first step; returns at once with the run (status pending).
 
         With an idempotency key that was used before, returns that earlier run and starts nothing.
+        ``deadline``: seconds from now (wins over the saga's ``Saga(deadline=)``); a run still live then is
+        cancelled by the sweeper and compensates (a ``deadline_passed`` event first).
         """
-        definition = registry.get(saga)  # raises UnknownSaga
+        return self._start(registry.get(saga), input, idempotency_key, deadline)  # registry: UnknownSaga
+
+    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None
+               ) -> Run:
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -94,8 +126,13 @@ class SagaClient:
                                f"characters")
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
+        if deadline is None:
+            deadline = getattr(definition, "deadline", None)
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not 0 < deadline < 10**9):
+            raise InvalidInput(f"deadline is a positive number of seconds, got {deadline!r:.80}")
         if not definition.steps:
-            raise InvalidInput(f"saga {saga!r} has no steps")
+            raise InvalidInput(f"saga {definition.name!r} has no steps")
         definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
         # PolicyError: an invalid policy file, or a saga that cannot run plain.
         mode = policy.mode_for(definition, get_settings())
@@ -105,10 +142,49 @@ class SagaClient:
             [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode,
         )
         if created:
+            if deadline is not None:
+                self.store.set_deadline(run.id, run.created_at + dt.timedelta(seconds=deadline))
+            if restart_of is not None:
+                self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1])
             try:
                 publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app)
             except Exception as exc:
                 raise self._refused_start(run.id, exc) from exc
+            if deadline is not None or restart_of is not None:
+                run = self.store.get_run(run.id)
+        return run
+
+    def restart(self, run_id: str, input: dict | None = None) -> Run:
+        """Start a new run of a final run's saga and version (the latest version if that one is no longer
+        registered, said in the new run's ``restarted_from`` event), with the same input unless ``input`` is
+        given. The new run names the old (``restarted_from``); the old gets a ``run_restarted`` event naming
+        the new. InvalidTransition for a run that is not final."""
+        old = self.store.get_run(check_run_id(run_id), history=False)
+        if not old.can_restart:
+            raise InvalidTransition(f"run {run_id} is {old.status}: only a final run can be restarted")
+        note = None
+        try:
+            definition = registry.get(old.saga, old.saga_version)
+        except UnknownSaga:
+            definition = registry.get(old.saga)  # UnknownSaga if the saga is gone altogether
+            note = (f"version {old.saga_version} of {old.saga!r} is no longer registered: the restart runs the "
+                    f"latest, version {definition.version}")
+        run = self._start(definition, old.input if input is None else input, None, None, (old.id, note))
+        log.info("restart", extra={"run_id": old.id, "new_run_id": run.id, "saga": run.saga,
+                                         "saga_version": run.saga_version})
+        return run
+
+    def resolve(self, run_id: str, note: str) -> Run:
+        """Settle a run in ``compensation_failed`` or ``stuck`` by hand: it moves to ``resolved`` with the
+        note and the time in a ``run_resolved`` event; nothing is published. InvalidInput without a note;
+        InvalidTransition for any other status."""
+        check_run_id(run_id)
+        if not isinstance(note, str) or not note.strip() or len(note) > MAX_NOTE:
+            raise InvalidInput(f"a note is required: a non-empty string of at most {MAX_NOTE} characters saying "
+                               f"how the run was settled")
+        check_text(note, "the note")
+        run = self.store.resolve_run(run_id, note.strip())
+        log.info("resolve", extra={"run_id": run_id, "saga": run.saga})
         return run
 
     def cancel(self, run_id: str) -> Run:
@@ -147,12 +223,36 @@ class SagaClient:
     def get(self, run_id: str) -> Run:
         return self.store.get_run(check_run_id(run_id))
 
-    def list(self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0) -> RunList:
+    def list(self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0, *,
+             since: dt.datetime | None = None, until: dt.datetime | None = None,
+             idempotency_key: str | None = None, input: dict | None = None) -> RunList:
+        """Runs newest first, ``limit`` from ``offset``; ``total`` counts all that match. Filters: ``status``,
+        ``saga``, ``since``/``until`` (aware datetimes bounding the run's start: since <= start < until),
+        ``idempotency_key``, ``input`` (top-level fields that must equal the run's input fields; a string
+        also matches a number, boolean or null written the same way, as the HTTP API and CLI pass text)."""
         if status is not None and status not in {s.value for s in RunStatus}:
             raise InvalidInput(f"unknown status {status!r} (one of: {', '.join(s.value for s in RunStatus)})")
         if not (isinstance(limit, int) and 1 <= limit <= 1000) or not (isinstance(offset, int) and offset >= 0):
             raise InvalidInput("limit must be 1..1000 and offset >= 0")
-        runs, total = self.store.list_runs(status=status, saga=saga, limit=limit, offset=offset)
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None
+                                      or value.utcoffset() is None):
+                raise InvalidInput(f"{name} must be an aware datetime (with a time zone), got {value!r:.80}")
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+                raise InvalidInput(f"idempotency_key must be a non-empty string of at most "
+                                   f"{MAX_IDEMPOTENCY_KEY} characters")
+            check_text(idempotency_key, "idempotency_key")
+        if input is not None:
+            if not isinstance(input, dict):
+                raise InvalidInput(f"input must be a dict of top-level fields, got {type(input).__name__}")
+            for field in input:
+                if not isinstance(field, str) or not INPUT_FIELD.fullmatch(field):
+                    raise InvalidInput(f"input field names are 1 to 100 letters, digits, '_' or '-', "
+                                       f"got {field!r:.80}")
+            input = ensure_json(input, "input", get_settings().json_limits)
+        runs, total = self.store.list_runs(status=status, saga=saga, limit=limit, offset=offset, since=since,
+                                           until=until, idempotency_key=idempotency_key, input=input or None)
         return RunList(runs, total)
 
     def wait(self, run_id: str, timeout: float = 30.0, poll: float = 0.05) -> Run:
@@ -194,9 +294,65 @@ class SagaClient:
         return self.store.step_duration_percentiles()
 
     def metrics(self) -> "Metrics":
-        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process)."""
-        return Metrics(self.store.run_counts(), self.store.run_end_counts(), self.store.step_event_counts(),
-                       self.store.step_duration_histograms(), self.store.compensation_duration_histograms())
+        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process). The
+        counters and histograms are saga_totals (what pruned runs, and runs the sweeper folded, counted) plus
+        what the runs not folded yet count: a prune never lowers them, and a scrape reads only recent rows."""
+        totals = self.store.totals()
+        counts = self.store.run_counts()
+        started = dict(self.store.uncounted_started())
+        ends = dict(self.store.run_end_counts(UNCOUNTED))
+        events = dict(self.store.step_event_counts(UNCOUNTED))
+        for (metric, saga, step, label), value in totals.items():
+            if metric == "runs_started":
+                started[saga] = started.get(saga, 0) + int(value)
+            elif metric == "runs_finished":
+                ends[(saga, label)] = ends.get((saga, label), 0) + int(value)
+            elif metric == "step_events":
+                events[(saga, step, label)] = events.get((saga, step, label), 0) + int(value)
+        histograms = {name: _with_totals(read(run_ids=UNCOUNTED), totals, name) for name, read in (
+            ("step_duration", self.store.step_duration_histograms),
+            ("compensation_duration", self.store.compensation_duration_histograms),
+            ("run_duration", self.store.run_duration_histograms))}
+        return Metrics(counts, ends, events, histograms["step_duration"], histograms["compensation_duration"],
+                       histograms["run_duration"], started)
+
+    def prune(self, older_than, dry_run: bool = False) -> PruneResult:
+        """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than
+        ``older_than`` ago (a timedelta, or text: ``90s``, ``15m``, ``12h``, ``30d``), with their steps, events
+        and signals, in short batches; never a live, waiting, stuck or compensation_failed run, nor a parent
+        with a child that has not ended. The metrics keep what they counted. ``dry_run``: count only."""
+        if isinstance(older_than, str):
+            older_than = parse_duration(older_than, "older_than")
+        if not isinstance(older_than, dt.timedelta) or older_than <= dt.timedelta(0):
+            raise InvalidInput(f"older_than must be a positive duration (30d, 12h...), got {older_than!r:.80}")
+        cutoff = dt.datetime.now(dt.timezone.utc) - older_than
+        result = self.store.prune(cutoff, dry_run=dry_run)
+        log.info("pruned", extra={"runs": result.runs, "cutoff": cutoff.isoformat(), "dry_run": dry_run})
+        return result
+
+    def stats(self, saga: str | None = None) -> dict:
+        """Counts by status and by saga, the success rate of the runs that ended, the compensation rate, and
+        run and step duration percentiles (seconds), over the runs the database holds now."""
+        counts = self.store.run_counts(saga)
+        by_saga: dict[str, dict[str, int]] = {}
+        for (name, status), n in sorted(counts.items()):
+            by_saga.setdefault(name, {})[status] = n
+        by_status = counts_by_status(counts)
+        ended = sum(n for status, n in by_status.items() if status in {s.value for s in FINAL_RUN_STATUSES})
+        steps: dict[str, dict[str, dict]] = {}
+        for (name, step), entry in sorted(self.store.step_duration_percentiles().items()):
+            if saga is None or name == saga:
+                steps.setdefault(name, {})[step] = entry
+        return {
+            "total": sum(counts.values()),
+            "by_status": by_status,
+            "by_saga": by_saga,
+            "success_rate": round(by_status[RunStatus.SUCCEEDED.value] / ended, 4) if ended else None,
+            "compensation_rate": compensation_rate(counts),
+            "run_duration_seconds": {f"{name}/{status}": entry for (name, status), entry
+                                     in sorted(self.store.run_duration_percentiles(saga).items())},
+            "step_duration_seconds": steps,
+        }
 
     # The web's operator logins and failed authentications (sagaflow/store/sessions.py), shared by every
     # web process through the database.

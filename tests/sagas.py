@@ -262,3 +262,28 @@ def close_account(ctx: StepContext):
 def welcome(ctx: StepContext):
     do(ctx)
     return {"welcomed": True}
+
+
+# Deadlines (tests/integration/test_operator.py): a run may take 2 s; its first step sleeps ``sleep`` s, its
+# undo ``undo_sleep`` s under its own time limit (compensation_timeout), and ``after`` fails on demand.
+deadline_saga = Saga("deadline_saga", deadline=2)
+
+
+@deadline_saga.step(timeout=15, compensation_timeout=1.5, compensation_retry=RetryPolicy(max_attempts=1))
+def slow(ctx: StepContext):
+    time.sleep(float(ctx.input.get("sleep", 10)))
+    return {"slept": True}
+
+
+@slow.compensation
+def unslow(ctx: StepContext):
+    time.sleep(float(ctx.input.get("undo_sleep", 0)))
+
+
+@deadline_saga.step(retry=RetryPolicy(max_attempts=1))
+def after(ctx: StepContext):
+    if ctx.input.get("fail"):
+        from sagaflow import NonRetryableError
+
+        raise NonRetryableError("after failed on purpose")
+    return {"after": True}

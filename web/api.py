@@ -8,6 +8,10 @@ browser request from another site, 404 unknown run, 405 wrong method, 409 the ru
 413 body over SAGAFLOW_API_MAX_BODY (chunked or not), 415 a body that is not JSON, 429 too many wrong tokens
 from this address (Retry-After), 503 broker down.
 
+``GET /api/runs`` searches with ``since``/``until`` (ISO 8601), ``idempotency_key`` and ``input.<field>=<value>``
+(docs/operating.md); ``POST /api/runs/<id>/restart`` (a final run, optional ``{"input": ...}``) and
+``POST /api/runs/<id>/resolve`` (``{"note": ...}`` required) are the operator's.
+
 A list item carries ``input_preview`` (at most 200 characters of the input's compact JSON) and
 ``input_truncated`` instead of the input; ``GET /api/runs/<id>`` has the whole of it.
 """
@@ -19,10 +23,11 @@ import re
 from flask import Blueprint, current_app, jsonify, request, url_for
 
 from sagaflow import safejson
-from sagaflow.client import SagaClient
+from sagaflow.client import INPUT_FIELD, SagaClient
 from sagaflow.errors import BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
 from sagaflow.model.definition import NAME_PATTERN, registry
 from sagaflow.model.policy import PolicyError
+from sagaflow.model.query import parse_time
 from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
 from sagaflow.web import security
 from sagaflow.web.present import run_json, run_list_json, saga_json
@@ -30,7 +35,7 @@ from sagaflow.web.present import run_json, run_list_json, saga_json
 api = Blueprint("api", __name__, url_prefix="/api")
 
 START_FIELDS = ("saga", "input", "idempotency_key")
-LIST_PARAMS = ("status", "saga", "limit", "offset")
+LIST_PARAMS = ("status", "saga", "limit", "offset", "since", "until", "idempotency_key")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 MAX_OFFSET = 10**12  # far past any real table, far inside a 64-bit OFFSET
 _DIGITS = re.compile(r"[0-9]{1,13}")  # ASCII only: str.isdigit() takes "²" and "٣"
@@ -134,9 +139,10 @@ def start_run():
 
 @api.get("/runs")
 def list_runs():
-    unknown = sorted(set(request.args) - set(LIST_PARAMS))
-    if unknown:
-        raise ApiError(400, f"unknown parameter(s) {', '.join(unknown)}: expected {', '.join(LIST_PARAMS)}")
+    try:
+        filters = search_args(request.args)
+    except InvalidInput as exc:
+        raise ApiError(400, str(exc)) from None
     status = request.args.get("status") or None
     if status is not None and status not in {s.value for s in RunStatus}:
         raise ApiError(400, f"unknown status {status!r} (one of: {', '.join(s.value for s in RunStatus)})")
@@ -146,12 +152,40 @@ def list_runs():
     try:
         limit = int_arg("limit", 50, 1, 1000)
         offset = int_arg("offset", 0, 0, MAX_OFFSET)
+        page = _client().list(status=status, saga=saga, limit=limit, offset=offset, **filters)
     except InvalidInput as exc:
         raise ApiError(400, str(exc)) from None
-    page = _client().list(status=status, saga=saga, limit=limit, offset=offset)
     # Each item shows a short preview of its input, never the whole of it (up to SAGAFLOW_JSON_MAX_BYTES
     # per run): the run's own endpoint has it.
     return jsonify(items=[run_list_json(r) for r in page], total=page.total, limit=limit, offset=offset)
+
+
+def search_args(args) -> dict:
+    """The search filters of a query string (the API's and the status page's): ``since``, ``until`` (ISO
+    8601), ``idempotency_key``, ``input.<field>=<value>``; an unknown parameter or a field name that is not
+    1-100 letters, digits, '_' or '-' is InvalidInput. Empty values are no filter."""
+    unknown = sorted(k for k in args if k not in LIST_PARAMS and not k.startswith("input."))
+    if unknown:
+        raise InvalidInput(f"unknown parameter(s) {', '.join(unknown)}: expected {', '.join(LIST_PARAMS)} "
+                           f"or input.<field>")
+    filters: dict = {}
+    for name in ("since", "until"):
+        if args.get(name):
+            filters[name] = parse_time(args[name], name)
+    if args.get("idempotency_key"):
+        filters["idempotency_key"] = args["idempotency_key"]
+    fields = {}
+    for key in args:
+        if key.startswith("input."):
+            field = key[len("input."):]
+            if not INPUT_FIELD.fullmatch(field):
+                raise InvalidInput(f"input.<field>: the field is 1 to 100 letters, digits, '_' or '-' (a "
+                                   f"top-level input field), got {key!r:.80}")
+            if args.get(key) != "":
+                fields[field] = args[key]
+    if fields:
+        filters["input"] = fields
+    return filters
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -183,6 +217,40 @@ def cancel_run(run_id: str):
 @api.post("/runs/<run_id>/retry")
 def retry_run(run_id: str):
     return _act(run_id, _client().retry)
+
+
+@api.post("/runs/<run_id>/restart")
+def restart_run(run_id: str):
+    """A new run of a final run's saga (202, the new run; 409 when the run is not final). Optional body
+    ``{"input": {...}}``: the new run's input instead of the old one's."""
+    data = None
+    if request.get_data(cache=True).strip():
+        body = _json_body()
+        unknown = sorted(set(body) - {"input"})
+        if unknown:
+            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: expected input")
+        data = body.get("input")
+        if data is not None and not isinstance(data, dict):
+            raise ApiError(400, f"input must be a JSON object, got {_json_type(data)}")
+    try:
+        return _act(run_id, lambda run_id: _client().restart(run_id, data))
+    except ApiError:
+        raise
+    except (UnknownSaga, PolicyError, DefinitionError) as exc:
+        raise ApiError(503 if not isinstance(exc, UnknownSaga) else 409, str(exc)) from None
+
+
+@api.post("/runs/<run_id>/resolve")
+def resolve_run(run_id: str):
+    """Settle a compensation_failed or stuck run by hand: ``{"note": "..."}`` (required: 400 without)."""
+    body = _json_body() if request.get_data(cache=True).strip() else {}
+    unknown = sorted(set(body) - {"note"})
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: expected note")
+    note = body.get("note")
+    if not isinstance(note, str) or not note.strip():
+        raise ApiError(400, "a note is required: {\"note\": \"how the run was settled\"}")
+    return _act(run_id, lambda run_id: _client().resolve(run_id, note))
 
 
 @api.post("/runs/<run_id>/signals/<name>")

@@ -10,7 +10,8 @@ answers, survive restarts, and the runtime's hot path does nothing extra.
 
 The cost moves to the scrape: four aggregate queries over the runs, steps and events tables, which grow
 with history (``sagaflow_metrics_collect_seconds`` says how long they took). Counters are counted from the
-event history, which only grows, so they never go down.
+event history plus ``saga_totals``, where a prune (store/retention.py) folds what the runs it deletes had
+counted, in the same transaction as the delete: so they never go down.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class SagaflowCollector(Collector):
         counts, ends, events = read.run_counts, read.run_end_counts, read.step_event_counts
         step_hist, comp_hist = read.step_durations, read.compensation_durations
 
-        known = sorted({s.name for s in sagas.all()} | {saga for saga, _ in counts})
+        known = sorted({s.name for s in sagas.all()} | {saga for saga, _ in counts} | set(read.runs_started))
         started = CounterMetricFamily("sagaflow_runs_started", "Runs started, by saga.", labels=["saga"])
         in_status = GaugeMetricFamily("sagaflow_runs", "Runs in each status now, by saga.", labels=["saga", "status"])
         failed_now = GaugeMetricFamily("sagaflow_runs_compensation_failed",
@@ -55,7 +56,8 @@ class SagaflowCollector(Collector):
                                        labels=["saga"])
         for saga in known:
             per_status = {status: n for (s, status), n in counts.items() if s == saga}
-            started.add_metric([saga], sum(per_status.values()))
+            # ever started: the rows there are plus those pruned (SagaClient.metrics adds saga_totals)
+            started.add_metric([saga], read.runs_started.get(saga, sum(per_status.values())))
             for status in RunStatus:
                 in_status.add_metric([saga, status.value], per_status.get(status.value, 0))
             failed_now.add_metric([saga], per_status.get(RunStatus.COMPENSATION_FAILED.value, 0))
@@ -88,13 +90,16 @@ class SagaflowCollector(Collector):
         yield _histogram("sagaflow_compensation_duration_seconds",
                          "Compensation durations, first start to success or final failure (retries included).",
                          comp_hist)
+        yield _histogram("sagaflow_run_duration_seconds",
+                         "Run durations, start to final status, by saga and outcome (the final status).",
+                         read.run_durations, labels=("saga", "outcome"))
         took = GaugeMetricFamily("sagaflow_metrics_collect_seconds", "Time the queries behind this scrape took.")
         took.add_metric([], time.perf_counter() - began)
         yield took
 
 
-def _histogram(name: str, doc: str, data: dict) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=["saga", "step"])
+def _histogram(name: str, doc: str, data: dict, labels=("saga", "step")) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
     for (saga, step), h in sorted(data.items()):
         buckets = [(_bound(b), c) for b, c in zip(h.buckets, h.cumulative, strict=True)] + [("+Inf", h.count)]
         family.add_metric([saga, step], buckets, sum_value=h.sum)

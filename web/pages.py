@@ -2,7 +2,7 @@
 
   /                 runs, newest first; filters by status and saga; counts at the top; refreshes itself
   /runs/<id>        the run's timeline: every action and compensation as a bar, in time order
-  POST /runs/<id>/cancel, /runs/<id>/retry   the buttons (CSRF-checked; operator login with a token)
+  POST /runs/<id>/cancel, /retry, /resolve, /restart   the buttons (CSRF-checked; operator login with a token)
   /login, /logout   only when SAGAFLOW_API_TOKEN is set (see web/security.py)
 """
 
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
-from sagaflow.client import SagaClient
+from sagaflow.client import INPUT_FIELD, SagaClient
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
 from sagaflow.model.definition import NAME_PATTERN, registry
+from sagaflow.model.query import parse_time
 from sagaflow.model.status import RunStatus, StepStatus, counts_by_status
 from sagaflow.web import security
 from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
@@ -34,6 +35,8 @@ NOTICES = {  # ?done=... after a redirect: fixed texts, never echoed from the re
     "cancel": "Cancel requested: the run stops before its next step and undoes what completed.",
     "retry": "Retry requested: the run resumes where it stopped.",
     "signal": "Signal delivered: the run goes on past its gate.",
+    "resolve": "Resolved by hand: the run is final, its note is in the history.",
+    "restart": "Restarted: this is the new run.",
     "login": "Logged in: you can cancel and retry runs.",
     "logout": "Logged out.",
 }
@@ -76,20 +79,47 @@ def runs():
         return _page_error(400, f"Unknown status {status!r}.")
     if saga is not None and not NAME_PATTERN.match(saga):
         return _page_error(400, f"{saga!r} is not a saga name.")
+    search = {name: request.args.get(name, "").strip() for name in ("q", "key", "since", "until")}
     try:
         offset = int_arg("offset", 0, 0, MAX_OFFSET)
+        filters = _search_filters(search)
     except InvalidInput as exc:
         return _page_error(400, f"{exc}.")
     client = SagaClient()
-    page = client.list(status=status, saga=saga, limit=PAGE_SIZE, offset=offset)
+    try:
+        page = client.list(status=status, saga=saga, limit=PAGE_SIZE, offset=offset, **filters)
+    except InvalidInput as exc:
+        return _page_error(400, f"{exc}.")
     counts = client.run_counts()
     scoped = {k: n for k, n in counts.items() if saga is None or k[0] == saga}
     saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
+    keep = {k: v for k, v in search.items() if v}  # the search stays in every link of the page
     return render_template(
         "runs.html", runs=page, total=page.total, status=status, saga=saga, offset=offset, page_size=PAGE_SIZE,
         by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
-        saga_names=saga_names, duration=duration,
+        saga_names=saga_names, duration=duration, search=search, keep=keep, searching=bool(keep),
     )
+
+
+def _search_filters(search: dict) -> dict:
+    """The page's search box: ``field=value`` terms (space-separated) are input fields; since, until and
+    the idempotency key have their own fields. InvalidInput for a term that is not ``field=value``."""
+    filters: dict = {}
+    fields = {}
+    for term in search["q"].split():
+        field, sep, value = term.partition("=")
+        if not sep or not INPUT_FIELD.fullmatch(field):
+            raise InvalidInput(f"search terms are field=value (a top-level input field: letters, digits, '_' "
+                               f"or '-'), got {term!r:.80}")
+        fields[field] = value
+    if fields:
+        filters["input"] = fields
+    if search["key"]:
+        filters["idempotency_key"] = search["key"]
+    for name in ("since", "until"):
+        if search[name]:
+            filters[name] = parse_time(search[name], name)
+    return filters
 
 
 # ---------------------------------------------------------------------------------------------- detail
@@ -109,7 +139,8 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
         input_json=capped_json(run.input), raw_url=url_for("api.get_run", run_id=run.id),
         # What the run allows is the model's rule (sagaflow/model/status.py), not the page's.
         data=run_json(run), live=run.is_live, notice=notice, error=error,
-        can_cancel=run.can_cancel, can_retry=run.can_retry, pretty=_pretty,
+        can_cancel=run.can_cancel, can_retry=run.can_retry, can_resolve=run.can_resolve,
+        can_restart=run.can_restart, pretty=_pretty,
         past_pivot=run.past_pivot, waiting=[s for s in run.steps if s.status == StepStatus.WAITING],
     ), status_code
 
@@ -132,6 +163,21 @@ def cancel(run_id: str):
 @pages.post("/runs/<run_id>/retry")
 def retry(run_id: str):
     return _act(run_id, "retry", lambda client: client.retry(run_id))
+
+
+@pages.post("/runs/<run_id>/resolve")
+def resolve(run_id: str):
+    return _act(run_id, "resolve", lambda client: client.resolve(run_id, request.form.get("note", "")))
+
+
+@pages.post("/runs/<run_id>/restart")
+def restart(run_id: str):
+    """The new run's page, once started (its restarted_from links back)."""
+    started = []
+    answer = _act(run_id, "restart", lambda client: started.append(client.restart(run_id)))
+    if started:  # it succeeded: _act answered with a redirect to the old run
+        return redirect(url_for("pages.run_detail", run_id=started[0].id, done="restart"), 303)
+    return answer
 
 
 @pages.post("/runs/<run_id>/signals/<name>")

@@ -224,6 +224,7 @@ class Step:
         signal: str | None = None,
         child_saga: str | None = None,
         child_input: ChildInput | None = None,
+        compensation_timeout: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
@@ -266,12 +267,16 @@ class Step:
             raise DefinitionError(f"step {name!r}: queue must be a non-empty string, got {queue!r}")
         if lease is not None and (not _is_number(lease) or lease <= 0):
             raise DefinitionError(f"step {name!r}: lease must be a number of seconds > 0, got {lease!r}")
+        if compensation_timeout is not None and (not _is_number(compensation_timeout) or compensation_timeout <= 0):
+            raise DefinitionError(f"step {name!r}: compensation_timeout must be a number of seconds > 0, "
+                                  f"got {compensation_timeout!r}")
         self.name = name
         self.action = action
         self.compensate = compensation
         self.retry = retry or DEFAULT_RETRY
         self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
         self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
+        self.compensation_timeout = compensation_timeout  # the undo's own time limit; None: ``timeout``
         self.lease = lease  # how long the step counts as alive without a heartbeat; None: the time limit
         self.queue = queue
         self.best_effort = best_effort
@@ -332,13 +337,19 @@ class Parallel:
 class Saga:
     """A named, versioned, ordered list of steps."""
 
-    def __init__(self, name: str, steps: Iterable[Step] = (), *, version: int = 1, register: bool = True) -> None:
+    def __init__(self, name: str, steps: Iterable[Step] = (), *, version: int = 1, register: bool = True,
+                 deadline: float | None = None) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"saga name {name!r} must be an identifier (letters, digits, underscore)")
         if not isinstance(version, int) or version < 1:
             raise DefinitionError(f"saga {name!r}: version must be an integer >= 1, got {version!r}")
+        if deadline is not None and (not _is_number(deadline) or deadline <= 0):
+            raise DefinitionError(f"saga {name!r}: deadline must be a number of seconds > 0, got {deadline!r}")
         self.name = name
         self.version = version
+        # Seconds from its start a run may take (client.start(deadline=) overrides): a run still live then
+        # is cancelled by the sweeper and compensates. None: no deadline.
+        self.deadline = deadline
         self.steps: list[Step] = []
         self._group: int | None = None  # inside ``with saga.parallel():``
         for step in steps:
@@ -364,6 +375,7 @@ class Saga:
         best_effort: bool = False,
         non_atomic: bool = False,
         pivot: bool = False,
+        compensation_timeout: float | None = None,
     ):
         """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
 
@@ -379,6 +391,7 @@ class Saga:
                 best_effort=best_effort,
                 non_atomic=non_atomic,
                 pivot=pivot,
+                compensation_timeout=compensation_timeout,
             )
             self._append(step)
             registry.changed(self)

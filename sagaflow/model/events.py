@@ -22,6 +22,10 @@ class EventKind(str, Enum):
     RUN_STUCK = "run_stuck"
     RUN_WAITING = "run_waiting"  # at a gate or a child step
     RUN_RECOVERED = "run_recovered"  # the sweeper re-drove it
+    RUN_RESOLVED = "run_resolved"  # an operator settled it by hand (detail: the note)
+    RUN_RESTARTED = "run_restarted"  # on the old run: a new run restarts it (detail: new_run_id)
+    RESTARTED_FROM = "restarted_from"  # on the new run: the run it restarts, the version it runs
+    DEADLINE_PASSED = "deadline_passed"  # the sweeper found it live at its deadline and cancels it
     # a step, forward
     STEP_STARTED = "step_started"
     STEP_SUCCEEDED = "step_succeeded"
@@ -55,7 +59,8 @@ class EventKind(str, Enum):
 
 # The final run status each end event records (the stats count ends by these).
 RUN_END_EVENTS = (EventKind.RUN_SUCCEEDED, EventKind.RUN_COMPENSATED, EventKind.RUN_CANCELLED,
-                  EventKind.RUN_COMPENSATION_FAILED, EventKind.RUN_FAILED, EventKind.RUN_STUCK)
+                  EventKind.RUN_COMPENSATION_FAILED, EventKind.RUN_FAILED, EventKind.RUN_STUCK,
+                  EventKind.RUN_RESOLVED)
 # The outcomes of a step and of its compensation that the metrics count.
 STEP_OUTCOME_EVENTS = (EventKind.STEP_SUCCEEDED, EventKind.STEP_FAILED, EventKind.STEP_RETRIED,
                        EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED,

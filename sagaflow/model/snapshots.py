@@ -132,6 +132,8 @@ class Run:
     parent_run_id: str | None = None
     parent_step: int | None = None
     children: tuple[str, ...] = field(default=())  # child runs' ids, in the order they started
+    restarted_from: str | None = None  # client.restart: the run this one restarts
+    deadline_at: dt.datetime | None = None  # the sweeper cancels the run if it is still live then
 
     @property
     def is_final(self) -> bool:
@@ -153,6 +155,14 @@ class Run:
     @property
     def can_retry(self) -> bool:
         return rules.can_retry(self)
+
+    @property
+    def can_resolve(self) -> bool:
+        return rules.can_resolve(self)
+
+    @property
+    def can_restart(self) -> bool:
+        return rules.can_restart(self)
 
     @property
     def cancel_pending(self) -> bool:
@@ -192,6 +202,8 @@ class Run:
             parent_run_id=row.parent_run_id,
             parent_step=row.parent_step,
             children=tuple(children),
+            restarted_from=getattr(row, "restarted_from", None),
+            deadline_at=getattr(row, "deadline_at", None),
         )
 
 

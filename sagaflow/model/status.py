@@ -19,6 +19,7 @@ class RunStatus(str, Enum):
     FAILED = "failed"
     WAITING = "waiting"  # at a gate (for a signal) or a child step (for the child run): holds no worker
     STUCK = "stuck"  # a step after the pivot failed for good: waits for an operator (client.retry)
+    RESOLVED = "resolved"  # an operator settled a compensation_failed or stuck run by hand (client.resolve)
 
     def __str__(self) -> str:
         return self.value
@@ -27,7 +28,7 @@ class RunStatus(str, Enum):
 # compensation_failed and stuck are final for the runtime but wait for an operator (client.retry).
 FINAL_RUN_STATUSES = frozenset(
     {RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.COMPENSATION_FAILED, RunStatus.CANCELLED, RunStatus.FAILED,
-     RunStatus.STUCK}
+     RunStatus.STUCK, RunStatus.RESOLVED}
 )
 
 
@@ -53,6 +54,8 @@ LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.C
 CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING})
 # An operator retry resumes these: the compensations where they stopped, or the step after the pivot.
 RETRYABLE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK})
+# An operator may settle these by hand (client.resolve): they move to resolved, nothing is published.
+RESOLVABLE_RUN_STATUSES = RETRYABLE_RUN_STATUSES
 
 
 def is_live(status: str) -> bool:
@@ -75,6 +78,16 @@ def can_cancel(run) -> bool:
 def can_retry(run) -> bool:
     """An operator retry applies: compensation_failed (resume the undos) or stuck (the step after the pivot)."""
     return run.status in RETRYABLE_RUN_STATUSES
+
+
+def can_resolve(run) -> bool:
+    """An operator may settle the run by hand, with a note: compensation_failed or stuck."""
+    return run.status in RESOLVABLE_RUN_STATUSES
+
+
+def can_restart(run) -> bool:
+    """A new run of the same saga may be started from this one: it is final (whatever the outcome)."""
+    return run.status in FINAL_RUN_STATUSES
 
 
 def cancel_pending(run) -> bool:

@@ -47,10 +47,15 @@ def compensation_task_name(saga: Saga, step: Step) -> str:
     return f"{saga.name}.{step.name}.compensate"
 
 
-def _limits(step: Step) -> dict:
+def _limits(step: Step, compensation: bool = False) -> dict:
+    """The message's time limits (and queue). An undo has its own limit with ``compensation_timeout``; without
+    one it reuses the action's ``timeout``."""
     options: dict = {}
-    if step.timeout and step.kind is not StepKind.GATE:  # a gate's timeout is its deadline, not a time limit
-        options.update(soft_time_limit=step.timeout, time_limit=step.timeout + HARD_LIMIT_GRACE)
+    timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's timeout is its deadline
+    if compensation and getattr(step, "compensation_timeout", None):
+        timeout = step.compensation_timeout
+    if timeout:
+        options.update(soft_time_limit=timeout, time_limit=timeout + HARD_LIMIT_GRACE)
     if step.queue:
         options["queue"] = step.queue
     return options
@@ -155,6 +160,6 @@ def compile_compensation(app: Celery, saga: Saga, run_id: str, indexes: list[int
                           kwargs={"run_id": run_id, "index": index, "version": saga.version},
                           immutable=True,
                           link_error=[app.signature(ON_COMPENSATION_FAILED, args=(run_id, index), immutable=True)],
-                          **_limits(step))
+                          **_limits(step, compensation=True))
         )
     return chain(*links)

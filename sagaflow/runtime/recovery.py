@@ -13,9 +13,11 @@ Run by the beat task ``sagaflow.recover`` every SAGAFLOW_RECOVERY_INTERVAL secon
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from sagaflow.app import get_settings, get_store
+from sagaflow.errors import InvalidTransition
 from sagaflow.model import Recovery
 from sagaflow.model.definition import Saga, registry
 from sagaflow.runtime import publish, waits
@@ -30,6 +32,9 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     store = get_store()
     stall = get_settings().stall_timeout if stall_timeout is None else stall_timeout
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
+    cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
+    prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
+    fold_metrics(store)  # ended runs into saga_totals: a /metrics scrape then reads only recent rows
     for run_id, seen in store.stalled_runs(stall, limit):
         recovery = store.take_over_stalled(run_id, seen, stall)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
@@ -46,6 +51,55 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
                                             "step": recovery.index, "revoked": ",".join(recovery.revoked)})
         recovered.append(recovery)
     return recovered
+
+
+def cancel_past_deadline(store, limit: int = 500) -> list[str]:
+    """Cancel each run still pending, running or waiting past its deadline: a ``deadline_passed`` event,
+    then the operator's cancel path (the run stops before its next step and compensates). One sweeper wins
+    each deadline; a run past its pivot cannot be cancelled and goes on (logged). Returns the runs cancelled."""
+    cancelled = []
+    for run_id, deadline_at in store.passed_deadlines(limit):
+        if not store.take_deadline(run_id, deadline_at):
+            continue
+        try:
+            waits.cancel(store, run_id)
+        except InvalidTransition as exc:  # past its pivot, or it ended meanwhile
+            log.warning("deadline_not_cancelled", extra={"run_id": run_id, "deadline": deadline_at.isoformat(),
+                                                         "error": str(exc)})
+            continue
+        except Exception as exc:  # noqa: BLE001 - the broker refused a waiting run's errback: logged, go on
+            log.error("deadline_cancel_failed", extra={"run_id": run_id, "error": describe(exc)})
+            continue
+        log.warning("deadline_passed", extra={"run_id": run_id, "deadline": deadline_at.isoformat()})
+        cancelled.append(run_id)
+    return cancelled
+
+
+def prune_by_retention(store) -> int:
+    """With SAGAFLOW_RETENTION set, delete the runs that ended longer ago than that (store/retention.py:
+    short batches; the metrics keep their counts). A failure is logged and the sweep goes on."""
+    seconds = get_settings().retention
+    if not seconds:
+        return 0
+    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    try:
+        result = store.prune(cutoff)
+    except Exception as exc:  # noqa: BLE001 - retention must never stop the recovery sweep
+        log.error("retention_prune_failed", extra={"cutoff": cutoff.isoformat(), "error": describe(exc)})
+        return 0
+    if result.runs:
+        log.info("retention_pruned", extra={"runs": result.runs, "cutoff": cutoff.isoformat()})
+    return result.runs
+
+
+def fold_metrics(store) -> int:
+    """Fold the runs that ended a while ago into saga_totals (store/retention.py), so /metrics costs the
+    same however long the history. A failure is logged; the scrape then reads those runs' rows instead."""
+    try:
+        return store.fold_counted()
+    except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep
+        log.error("metrics_fold_failed", extra={"error": describe(exc)})
+        return 0
 
 
 # What the sweeper's take-over decided (Recovery.action), one function each.

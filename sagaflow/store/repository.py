@@ -16,6 +16,8 @@ concern.
     children.py      child runs                                                     (Children)
     stats.py         read-only aggregates for /api/stats, the page's counts, /metrics (Stats)
     sessions.py      the web's operator sessions and authentication failures        (Sessions)
+    operator.py      resolve by hand, restart links, deadlines                      (Operator)
+    retention.py     prune old ended runs, folding what they counted into totals    (Retention)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -49,14 +51,17 @@ from sagaflow.store.compensation import Compensation
 from sagaflow.store.engine import IDLE_PING_SECONDS, Engines, create_db_engine, utcnow
 from sagaflow.store.flags import Flags
 from sagaflow.store.groups import LOST_BRANCH, Groups
+from sagaflow.store.operator import Operator
 from sagaflow.store.recovery import Recoveries
+from sagaflow.store.retention import Retention
 from sagaflow.store.runs import Runs
 from sagaflow.store.sessions import Sessions
 from sagaflow.store.stats import Stats
 from sagaflow.store.waits import Waits
 
 
-class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Engines):
+class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Operator,
+            Retention, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

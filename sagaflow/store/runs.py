@@ -17,6 +17,7 @@ from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
+from sagaflow.store.search import search_conditions
 
 
 def _started(saga: str, version: int, parent_run_id: str | None, parent_step: int | None) -> dict:
@@ -159,16 +160,16 @@ class Runs(Engines):
         return Run.from_row(row, map(StepState.from_row, steps), map(Event.from_row, events), children)
 
     def list_runs(
-        self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0
+        self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0, *,
+        since: dt.datetime | None = None, until: dt.datetime | None = None, idempotency_key: str | None = None,
+        input: dict | None = None,
     ) -> tuple[list[Run], int]:
-        """Newest first, without steps and events; and the total count matching the filters."""
-        conditions = []
-        if status:
-            conditions.append(t.runs.c.status == status)
-        if saga:
-            conditions.append(t.runs.c.saga == saga)
-
+        """Newest first, without steps and events; and the total count matching the filters. ``since`` /
+        ``until`` bound the start (``since <= created_at < until``); ``input``: top-level fields that must
+        equal the run's (search.py says how each value compares)."""
         def read(conn):
+            conditions = search_conditions(conn.dialect.name, status=status, saga=saga, since=since,
+                                           until=until, idempotency_key=idempotency_key, input=input)
             rows = conn.execute(
                 select(t.runs)
                 .where(*conditions)

@@ -30,7 +30,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 # the status gauge only).
 END_EVENTS = {EventKind.run_ended(status).value: status.value for status in (
     RunStatus.SUCCEEDED, RunStatus.COMPENSATED, RunStatus.CANCELLED, RunStatus.COMPENSATION_FAILED, RunStatus.FAILED,
-    RunStatus.STUCK)}
+    RunStatus.STUCK, RunStatus.RESOLVED)}
 STEP_EVENTS = tuple(kind.value for kind in STEP_OUTCOME_EVENTS)
 _COMPENSATION_END = tuple(kind.value for kind in COMPENSATION_ENDS)
 
@@ -74,44 +74,78 @@ by_status = counts_by_status
 # ------------------------------------------------------------------------------------------------ events
 
 
-def run_end_counts(engine: Engine) -> dict[tuple[str, str], int]:
+def run_end_counts(engine: Engine, run_ids=None, conn=None) -> dict[tuple[str, str], int]:
     """{(saga, final status): times a run reached it}, from the event history, which only grows: a run
-    retried out of compensation_failed that then compensates counts once under each status."""
+    retried out of compensation_failed that then compensates counts once under each status. ``run_ids``:
+    only those runs (retention.py folds what it deletes into the totals)."""
     e, r = t.events.c, t.runs.c
     query = (select(r.saga, e.kind, func.count())
              .select_from(t.events.join(t.runs, e.run_id == r.id))
-             .where(e.kind.in_(list(END_EVENTS)))
+             .where(e.kind.in_(list(END_EVENTS)), *_only(e.run_id, run_ids))
              .group_by(r.saga, e.kind))
-    with engine.connect() as conn:
-        return {(row[0], END_EVENTS[row[1]]): row[2] for row in conn.execute(query)}
+    return {(row[0], END_EVENTS[row[1]]): row[2] for row in _rows(engine, conn, query)}
 
 
-def step_event_counts(engine: Engine) -> dict[tuple[str, str, str], int]:
+def step_event_counts(engine: Engine, run_ids=None, conn=None) -> dict[tuple[str, str, str], int]:
     """{(saga, step, kind): events} for the step and compensation outcomes and retries."""
     e, r = t.events.c, t.runs.c
     query = (select(r.saga, e.step, e.kind, func.count())
              .select_from(t.events.join(t.runs, e.run_id == r.id))
-             .where(e.kind.in_(STEP_EVENTS))
+             .where(e.kind.in_(STEP_EVENTS), *_only(e.run_id, run_ids))
              .group_by(r.saga, e.step, e.kind))
-    with engine.connect() as conn:
-        return {(row[0], row[1], row[2]): row[3] for row in conn.execute(query)}
+    return {(row[0], row[1], row[2]): row[3] for row in _rows(engine, conn, query)}
+
+
+UNCOUNTED = "uncounted"  # as run_ids: only the runs not folded into saga_totals yet (what /metrics reads)
+
+
+def _only(column, run_ids) -> list:
+    if run_ids is None:
+        return []
+    if isinstance(run_ids, str) and run_ids == UNCOUNTED:
+        return [column.in_(select(t.runs.c.id).where(t.runs.c.counted.is_(False)))]
+    return [column.in_(list(run_ids))]
+
+
+def uncounted_started(engine: Engine) -> dict[str, int]:
+    """{saga: runs not folded into saga_totals yet}: with the totals' runs_started, the runs ever started."""
+    r = t.runs.c
+    query = select(r.saga, func.count()).where(r.counted.is_(False)).group_by(r.saga)
+    return {row[0]: row[1] for row in _rows(engine, None, query)}
+
+
+def _rows(engine: Engine, conn, query) -> list:
+    """The rows of ``query`` on ``conn`` (the caller's transaction), or on a connection of its own."""
+    if conn is not None:
+        return list(conn.execute(query).all())
+    with engine.connect() as own:
+        return list(own.execute(query).all())
 
 
 # ------------------------------------------------------------------------------------------------ durations
 
 
-def _step_durations(engine: Engine):
+def _run_durations(engine: Engine, run_ids=None):
+    """(saga, final status as "step", seconds) of every run that ended: from its start to its end."""
+    r = t.runs.c
+    return (select(r.saga.label("saga"), r.status.label("step"),
+                   _seconds(engine, r.created_at, r.finished_at).label("seconds"))
+            .where(r.finished_at.is_not(None), *_only(r.id, run_ids))
+            .subquery("durations"))
+
+
+def _step_durations(engine: Engine, run_ids=None):
     """(saga, step, seconds) of every step that finished (succeeded or failed for good): from its first
     start to its end, retries and their waits included."""
     s, r = t.steps.c, t.runs.c
     return (select(r.saga.label("saga"), s.name.label("step"),
                    _seconds(engine, s.started_at, s.finished_at).label("seconds"))
             .select_from(t.steps.join(t.runs, s.run_id == r.id))
-            .where(s.started_at.is_not(None), s.finished_at.is_not(None))
+            .where(s.started_at.is_not(None), s.finished_at.is_not(None), *_only(s.run_id, run_ids))
             .subquery("durations"))
 
 
-def _compensation_durations(engine: Engine):
+def _compensation_durations(engine: Engine, run_ids=None):
     """(saga, step, seconds) of every compensation that ended (succeeded or failed for good), from the event
     pairs: the first compensation_started of a round to the compensation_succeeded or compensation_failed
     that ends it. A round is what one failure (or one operator retry) starts; its attempts are included."""
@@ -121,7 +155,7 @@ def _compensation_durations(engine: Engine):
         select(e.run_id, e.step, e.kind, e.at,
                func.coalesce(func.sum(is_end).over(partition_by=(e.run_id, e.step), order_by=e.id,
                                                    rows=(None, -1)), 0).label("round"))
-        .where(e.kind.in_((EventKind.COMPENSATION_STARTED.value, *_COMPENSATION_END)))
+        .where(e.kind.in_((EventKind.COMPENSATION_STARTED.value, *_COMPENSATION_END)), *_only(e.run_id, run_ids))
         .subquery("ordered")
     )
     o = ordered.c
@@ -139,36 +173,47 @@ def _compensation_durations(engine: Engine):
             .subquery("durations"))
 
 
-def _histograms(engine: Engine, durations, buckets: Sequence[float]) -> dict[tuple[str, str], Histogram]:
+def _histograms(engine: Engine, durations, buckets: Sequence[float], conn=None) -> dict[tuple[str, str], Histogram]:
     d = durations.c
     seconds = func.greatest(d.seconds, 0.0) if engine.dialect.name == "postgresql" else func.max(d.seconds, 0.0)
     columns = [func.sum(case((seconds <= b, 1), else_=0)) for b in buckets]
     query = (select(d.saga, d.step, func.count(), func.coalesce(func.sum(seconds), 0.0), *columns)
              .group_by(d.saga, d.step))
     out = {}
-    with engine.connect() as conn:
-        for row in conn.execute(query):
-            out[(row[0], row[1])] = Histogram(tuple(buckets), [int(v or 0) for v in row[4:]], int(row[2]),
-                                              float(row[3]))
+    for row in _rows(engine, conn, query):
+        out[(row[0], row[1])] = Histogram(tuple(buckets), [int(v or 0) for v in row[4:]], int(row[2]),
+                                          float(row[3]))
     return out
 
 
-def step_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS):
+def run_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None, conn=None):
+    """{(saga, final status): Histogram} of run durations (start to end), counted in SQL."""
+    return _histograms(engine, _run_durations(engine, run_ids), buckets, conn)
+
+
+def step_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None, conn=None):
     """{(saga, step): Histogram} of step durations, counted in SQL."""
-    return _histograms(engine, _step_durations(engine), buckets)
+    return _histograms(engine, _step_durations(engine, run_ids), buckets, conn)
 
 
-def compensation_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS):
+def compensation_duration_histograms(engine: Engine, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None,
+                                     conn=None):
     """{(saga, step): Histogram} of compensation durations, counted in SQL."""
-    return _histograms(engine, _compensation_durations(engine), buckets)
+    return _histograms(engine, _compensation_durations(engine, run_ids), buckets, conn)
+
+
+def run_duration_percentiles(engine: Engine, quantiles: Iterable[float] = (0.5, 0.9, 0.99),
+                             saga: str | None = None) -> dict[tuple[str, str], dict]:
+    """{(saga, final status): {"count", "p50", "p90", "p99", "max"}} in seconds, for the runs that ended."""
+    return step_duration_percentiles(engine, quantiles, saga, durations=_run_durations(engine))
 
 
 def step_duration_percentiles(engine: Engine, quantiles: Iterable[float] = (0.5, 0.9, 0.99),
-                              saga: str | None = None) -> dict[tuple[str, str], dict]:
+                              saga: str | None = None, durations=None) -> dict[tuple[str, str], dict]:
     """{(saga, step): {"count", "p50", "p90", "p99", "max"}} in seconds, for the steps that finished.
     PostgreSQL computes them (percentile_cont); SQLite, which lacks it, returns the durations to sort here."""
     quantiles = tuple(quantiles)
-    d = _step_durations(engine).c
+    d = (durations if durations is not None else _step_durations(engine)).c
     where = [d.saga == saga] if saga else []
     out: dict[tuple[str, str], dict] = {}
     with engine.connect() as conn:
@@ -207,20 +252,31 @@ def _percentile_entry(count, maximum, values, quantiles) -> dict:
 class Stats(Engines):
     """The Store's part for these reads (the faces reach them through SagaClient, never the engine)."""
 
+    engine: Engine  # Engines'
+
     def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
         return run_counts(self.engine, saga)
 
-    def run_end_counts(self) -> dict[tuple[str, str], int]:
-        return run_end_counts(self.engine)
+    def run_end_counts(self, run_ids=None) -> dict[tuple[str, str], int]:
+        return run_end_counts(self.engine, run_ids)
 
-    def step_event_counts(self) -> dict[tuple[str, str, str], int]:
-        return step_event_counts(self.engine)
+    def step_event_counts(self, run_ids=None) -> dict[tuple[str, str, str], int]:
+        return step_event_counts(self.engine, run_ids)
 
-    def step_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
-        return step_duration_histograms(self.engine, buckets)
+    def step_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return step_duration_histograms(self.engine, buckets, run_ids)
 
-    def compensation_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS):
-        return compensation_duration_histograms(self.engine, buckets)
+    def compensation_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return compensation_duration_histograms(self.engine, buckets, run_ids)
+
+    def run_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
+        return run_duration_histograms(self.engine, buckets, run_ids)
+
+    def uncounted_started(self) -> dict[str, int]:
+        return uncounted_started(self.engine)
+
+    def run_duration_percentiles(self, saga: str | None = None) -> dict:
+        return run_duration_percentiles(self.engine, saga=saga)
 
     def step_duration_percentiles(self, quantiles: Iterable[float] = (0.5, 0.9, 0.99)) -> dict:
         return step_duration_percentiles(self.engine, quantiles)
@@ -228,5 +284,6 @@ class Stats(Engines):
 
 __all__ = [
     "DURATION_BUCKETS", "Histogram", "Stats", "by_status", "compensation_duration_histograms", "compensation_rate",
-    "run_counts", "run_end_counts", "step_duration_histograms", "step_duration_percentiles", "step_event_counts",
+    "run_counts", "run_duration_histograms", "run_end_counts", "step_duration_histograms",
+    "step_duration_percentiles", "step_event_counts",
 ]

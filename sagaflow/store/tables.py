@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -62,11 +63,23 @@ runs = Table(
     # A child run (a parent's child step): the parent run and the index of that step.
     Column("parent_run_id", String(36), nullable=True),
     Column("parent_step", Integer, nullable=True),
+    # A run started by client.restart: the final run it restarts (that run has a run_restarted event).
+    Column("restarted_from", String(36), nullable=True),
+    # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
+    Column("deadline_at", UTCDateTime, nullable=True),
+    # Folded into saga_totals (store/retention.py, by the sweeper): /metrics counts this run from the
+    # totals, not from its rows, so a scrape reads only the runs not folded yet.
+    Column("counted", Boolean, nullable=False, server_default=false()),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
     Index("ix_saga_runs_created", "created_at"),
     Index("ix_saga_runs_parent", "parent_run_id"),
+    Index("ix_saga_runs_restarted_from", "restarted_from"),
+    Index("ix_saga_runs_deadline", "deadline_at"),
+    Index("ix_saga_runs_counted", "counted", "saga"),
+    # On PostgreSQL also ix_saga_runs_input, GIN on (input::jsonb) jsonb_path_ops (migration 0004): an
+    # expression index SQLite cannot build, so it lives in the migration only (store/search.py uses it).
 )
 
 steps = Table(
@@ -128,6 +141,20 @@ signals = Table(
 
 # The web app's operator logins (web/security.py): one row per login, deleted at logout, so a copied cookie
 # dies with the session. The cookie carries the id and an HMAC of it keyed by the API token.
+# What pruned runs had counted (store/retention.py folds them in as it deletes them): the metrics' counters
+# and histograms add these to what the remaining rows count, so a prune never makes a counter go down.
+# metric: runs_started | runs_finished | step_events | step_duration | compensation_duration; label: a
+# status, an event kind, or for a histogram "count", "sum" or "le=<bound>".
+totals = Table(
+    "saga_totals",
+    metadata,
+    Column("metric", String(40), primary_key=True),
+    Column("saga", String(200), primary_key=True),
+    Column("step", String(200), primary_key=True),
+    Column("label", String(64), primary_key=True),
+    Column("value", Float, nullable=False),
+)
+
 operator_sessions = Table(
     "saga_operator_sessions",
     metadata,

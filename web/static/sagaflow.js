@@ -42,7 +42,15 @@ document.addEventListener("change", function (event) {
         var box = document.getElementById("autorefresh");
         var keep = box ? box.checked : true;
         var focused = document.activeElement && document.activeElement.name;
+        // What the operator is typing in the search fields (not submitted yet) survives the refresh.
+        var typed = {};
+        current.querySelectorAll("#filters input[type=search], #filters input[type=text]").forEach(function (input) {
+          typed[input.name] = input.value;
+        });
         current.replaceWith(document.adoptNode(fresh));
+        document.querySelectorAll("#filters input[type=search], #filters input[type=text]").forEach(function (input) {
+          if (Object.prototype.hasOwnProperty.call(typed, input.name)) { input.value = typed[input.name]; }
+        });
         var newBox = document.getElementById("autorefresh");
         if (newBox) { newBox.checked = keep; }
         if (focused) {
