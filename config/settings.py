@@ -115,7 +115,12 @@ class Settings:
     # Recovery (sagaflow/recovery.py): a live run that holds no lease and has not moved for stall_timeout
     # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
     stall_timeout: int = 600
-    recovery_interval: int = 30
+    recovery_interval: int = 5
+    # Worker liveness (store/workers.py): a worker that has not heartbeated for worker_dead_after seconds is
+    # dead, and the claims it held are taken back at once; every worker runs the sweeper (one at a time
+    # across the deployment) unless worker_sweeps is off.
+    worker_dead_after: int = 15
+    worker_sweeps: bool = True
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
     saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
@@ -161,7 +166,9 @@ class Settings:
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
             log_level=env.get("SAGAFLOW_LOG_LEVEL", "WARNING").upper(),
             stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
-            recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
+            recovery_interval=_positive(env, "SAGAFLOW_RECOVERY_INTERVAL", 5),
+            worker_dead_after=_positive(env, "SAGAFLOW_WORKER_DEAD_AFTER", 15),
+            worker_sweeps=_bool(env, "SAGAFLOW_WORKER_SWEEPS", True),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
             api_token=_token(env, "SAGAFLOW_API_TOKEN"),
@@ -223,6 +230,8 @@ class Settings:
             "SAGAFLOW_LOG_LEVEL": self.log_level,
             "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
+            "SAGAFLOW_WORKER_DEAD_AFTER": str(self.worker_dead_after),
+            "SAGAFLOW_WORKER_SWEEPS": "1" if self.worker_sweeps else "0",
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
             "SAGAFLOW_API_TOKEN": self.api_token,

@@ -16,7 +16,7 @@ from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.errors import SagaCancelled, SagaflowError
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, StepKind, registry
-from sagaflow.runtime import branches, publish, recovery, waits
+from sagaflow.runtime import branches, liveness, publish, recovery, waits  # noqa: F401 - liveness: worker signals
 from sagaflow.runtime.base import GENERIC_TASK, SagaTask
 from sagaflow.runtime.compiler import (
     CHILD_FINISHED,

@@ -37,6 +37,7 @@ PARAMS = {
     "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
     "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
     "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
+    "worker": ("varchar", None),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -110,7 +111,7 @@ WITH run AS (
 ), claimed AS (
     UPDATE saga_steps
     SET status = 'running', attempts = attempts + 1, claim = :token, lease_expires_at = :lease,
-        started_at = coalesce(started_at, :now), task_id = :task_id
+        started_at = coalesce(started_at, :now), task_id = :task_id, worker = :worker
     WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
       AND EXISTS (SELECT 1 FROM run WHERE status IN ('pending', 'running') AND NOT cancel_requested)
     RETURNING attempts, name
@@ -135,7 +136,7 @@ WITH run AS (
     SET status = 'compensating', compensation_attempts = compensation_attempts + 1,
         compensation_round_attempts = CASE WHEN status = 'succeeded' THEN 1
                                            ELSE compensation_round_attempts + 1 END,
-        claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id
+        claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id, worker = :worker
     WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
       AND EXISTS (SELECT 1 FROM run WHERE status = 'compensating')
     RETURNING compensation_attempts, compensation_round_attempts, name, result
@@ -357,15 +358,16 @@ class FastPath:
         return row.id if row is not None else None
 
     def claim_step(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
-                   now: dt.datetime):
+                   now: dt.datetime, worker: str | None = None):
         return self._one(CLAIM_STEP, run_id=run_id, idx=idx, token=token, earlier=list(earlier), lease=lease,
-                         now=now, task_id=token.rsplit(":", 1)[0], start="pending", active="running")
+                         now=now, task_id=token.rsplit(":", 1)[0], start="pending", active="running",
+                         worker=worker)
 
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
-                           now: dt.datetime):
+                           now: dt.datetime, worker: str | None = None):
         return self._one(CLAIM_COMPENSATION, run_id=run_id, idx=idx, token=token, earlier=list(earlier),
                          lease=lease, now=now, task_id=token.rsplit(":", 1)[0], start="succeeded",
-                         active="compensating")
+                         active="compensating", worker=worker)
 
     def update_held(self, kind: EventKind, run_id: str, idx: int, token: str, now: dt.datetime, *,
                     result: Any = None, error: str | None = None, lease: dt.datetime | None = None,

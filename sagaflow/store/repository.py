@@ -16,6 +16,7 @@ concern.
     children.py      child runs                                                     (Children)
     stats.py         read-only aggregates for /api/stats, the page's counts, /metrics (Stats)
     sessions.py      the web's operator sessions and authentication failures        (Sessions)
+    workers.py       worker heartbeats and liveness, leases (the one sweeper)       (Workers)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -48,9 +49,11 @@ from sagaflow.store.runs import Runs
 from sagaflow.store.sessions import Sessions
 from sagaflow.store.stats import Stats
 from sagaflow.store.waits import Waits
+from sagaflow.store.workers import Workers
 
 
-class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Stats, Sessions, Engines):
+class Store(Runs, Claims, Compensation, Groups, Flags, Waits, Children, Recoveries, Stats, Sessions, Workers,
+            Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

@@ -1,0 +1,128 @@
+"""Worker liveness and the sweeper in every worker, on Celery's worker signals (main process only).
+
+- ``worker_init`` (the main process, before the pool forks): the worker's id (``<node name>:<pid>``) is
+  set as this process's current worker, which every pool child inherits, so each claim names it
+  (store/workers.py); its first heartbeat is written before any task can run.
+- ``worker_ready``: a daemon thread starts. Every few seconds (SAGAFLOW_WORKER_DEAD_AFTER / 5) it moves the
+  heartbeat; every SAGAFLOW_RECOVERY_INTERVAL seconds it offers to sweep: the SQL lease ``sweeper`` lets one
+  worker of the whole deployment win (the holder renews it while it lives), and the winner runs
+  ``recovery.recover_stalled``. Two hundred workers mean two hundred one-row UPDATEs per interval and one
+  sweep. A holder that dies loses the lease after two intervals, and another worker sweeps.
+- ``worker_shutdown`` (a clean stop): the thread stops, the row is deleted, the lease released.
+
+A claim whose worker missed its heartbeats for SAGAFLOW_WORKER_DEAD_AFTER seconds is dead at once,
+whatever its lease: a SIGKILLed worker costs about that plus one interval, with no beat process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+from celery.signals import worker_init, worker_ready, worker_shutdown
+
+from sagaflow.app import get_settings, get_store
+from sagaflow.runtime import recovery
+from sagaflow.runtime.outcomes import describe
+from sagaflow.store.workers import current_worker, set_current_worker
+
+log = logging.getLogger("sagaflow.liveness")
+
+SWEEPER_LEASE = "sweeper"
+
+_stop = threading.Event()
+_thread: threading.Thread | None = None
+
+
+def heartbeat_interval(dead_after: float) -> float:
+    """Five heartbeats per dead_after: a worker is declared dead only after missing about four in a row."""
+    return max(0.5, dead_after / 5)
+
+
+def sweep_once(holder: str, interval: float) -> int | None:
+    """Offer to sweep: when ``holder`` wins (or keeps) the sweeper lease, sweep and return how many runs
+    were re-driven; None when another worker holds it. Any caller may use it (the tests: fifty at once)."""
+    store = get_store()
+    if not store.take_lease(SWEEPER_LEASE, holder, 2 * interval):
+        return None
+    recovered = recovery.recover_stalled()
+    store.forget_dead_workers(max(60.0, 4 * get_settings().worker_dead_after))
+    return len(recovered)
+
+
+def _loop(worker_id: str, hostname: str, queues: str) -> None:
+    settings = get_settings()
+    beat_every = heartbeat_interval(settings.worker_dead_after)
+    sweep_every = float(settings.recovery_interval)
+    next_sweep = time.monotonic() + min(sweep_every, beat_every)
+    while not _stop.wait(beat_every):
+        try:
+            get_store().heartbeat(worker_id, hostname, os.getpid(), queues)
+        except Exception as exc:  # noqa: BLE001 - a database outage: the next beat tries again
+            log.warning("worker_heartbeat_failed", extra={"worker": worker_id, "error": describe(exc),
+                                                          "next": f"tried again in {beat_every} s"})
+            continue
+        if settings.worker_sweeps and time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + sweep_every
+            try:
+                count = sweep_once(worker_id, sweep_every)
+            except Exception as exc:  # noqa: BLE001 - the next interval tries again
+                log.error("worker_sweep_failed", extra={"worker": worker_id, "error": describe(exc),
+                                                        "next": f"tried again in {sweep_every} s"})
+                continue
+            if count:
+                log.info("worker_swept", extra={"worker": worker_id, "recovered": count})
+
+
+def _queues(sender) -> str:
+    try:
+        return ",".join(sorted(sender.app.amqp.queues.consume_from or sender.app.amqp.queues))
+    except Exception:  # noqa: BLE001 - only shown on the status page
+        return ""
+
+
+@worker_init.connect
+def _register(sender=None, **_):
+    hostname = getattr(sender, "hostname", None) or os.uname().nodename
+    worker_id = f"{hostname}:{os.getpid()}"
+    set_current_worker(worker_id)
+    try:
+        get_store().heartbeat(worker_id, hostname, os.getpid(), _queues(sender))
+    except Exception as exc:  # noqa: BLE001 - the heartbeat thread retries; claims fall back to the lease
+        log.warning("worker_heartbeat_failed", extra={"worker": worker_id, "error": describe(exc)})
+    log.info("worker_registered", extra={"worker": worker_id})
+
+
+@worker_ready.connect
+def _start_heartbeats(sender=None, **_):
+    global _thread
+    worker_id = current_worker()
+    if worker_id is None or (_thread is not None and _thread.is_alive()):
+        return
+    hostname, queues = worker_id.rsplit(":", 1)[0], ""
+    controller = getattr(sender, "controller", None)
+    if controller is not None:
+        queues = _queues(controller)
+    _stop.clear()
+    _thread = threading.Thread(target=_loop, args=(worker_id, hostname, queues), name="sagaflow-liveness",
+                               daemon=True)
+    _thread.start()
+
+
+@worker_shutdown.connect
+def _unregister(**_):
+    worker_id = current_worker()
+    _stop.set()
+    if _thread is not None:
+        _thread.join(timeout=10)
+    if worker_id is None:
+        return
+    try:
+        store = get_store()
+        store.remove_worker(worker_id)
+        store.release_lease(SWEEPER_LEASE, worker_id)
+    except Exception as exc:  # noqa: BLE001 - its row ages out; the sweeper treats its claims as dead
+        log.warning("worker_unregister_failed", extra={"worker": worker_id, "error": describe(exc)})
+    log.info("worker_unregistered", extra={"worker": worker_id})
