@@ -1,6 +1,7 @@
 """The status page: server-rendered HTML (Jinja, autoescaped), a little static JS and CSS, no CDN.
 
   /                 runs, newest first; filters by status and saga; counts at the top; refreshes itself
+  /workers          the live workers (heartbeats in SQL) and the steps each holds
   /runs/<id>        the run's timeline: every action and compensation as a bar, in time order
   POST /runs/<id>/cancel, /runs/<id>/retry   the buttons (CSRF-checked; operator login with a token)
   /login, /logout   only when SAGAFLOW_API_TOKEN is set (see web/security.py)
@@ -90,6 +91,13 @@ def runs():
         by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
         saga_names=saga_names, duration=duration,
     )
+
+
+@pages.get("/workers")
+def workers():
+    """Live workers: each worker main process heartbeating in SQL, with the steps its pool holds."""
+    return render_template("workers.html", workers=SagaClient().workers(),
+                           dead_after=_settings().worker_dead_after)
 
 
 # ---------------------------------------------------------------------------------------------- detail

@@ -18,8 +18,10 @@ worker offers every interval (one UPDATE), the holder renews it and sweeps, the 
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any, Callable
 
 from sqlalchemy import and_, delete, exists, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from sagaflow.store import tables as t
@@ -52,6 +54,9 @@ def claim_alive(now: dt.datetime, dead_after: float | None):
 
 
 class Workers:
+    engine: Engine  # given by Engines, with _read (store/engine.py)
+    _read: Callable[[Callable[[Connection], Any]], Any]
+
     def heartbeat(self, worker_id: str, hostname: str, pid: int, queues: str = "") -> None:
         """Record that ``worker_id`` is alive (insert its row the first time)."""
         now = utcnow()
