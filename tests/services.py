@@ -9,6 +9,10 @@ Order of preference, for each:
 SAGAFLOW_TEST_SERVICES=embedded skips 2 and 3 (to check the fallback on a machine that has servers).
 SAGAFLOW_TEST_DATABASE names the tests' database (default sagaflow_test).
 
+The broker is that Redis, unless SAGAFLOW_TEST_BROKER=rabbitmq: then RabbitMQ (SAGAFLOW_TEST_RABBITMQ_URL, or the
+server on 127.0.0.1:5672 with guest/guest), in a vhost of the tests' own (named like the database, created with
+rabbitmqctl and deleted at the end); when none answers, the tests that need it skip, saying why.
+
 The tests use their own Redis db number and their own database; they never wipe anything else.
 """
 
@@ -40,6 +44,8 @@ class Services:
     redis_url: str
     pg_admin_url: str  # a database to connect to for CREATE DATABASE
     how: list[str] = field(default_factory=list)
+    broker_url: str = ""  # the Redis above, or RabbitMQ (SAGAFLOW_TEST_BROKER=rabbitmq)
+    broker_missing: str = ""  # why the broker asked for is not there: the tests skip with this reason
     _stops: list[Callable[[], None]] = field(default_factory=list)
 
     def stop(self) -> None:
@@ -156,7 +162,54 @@ def find_services() -> Services:
     else:
         services.pg_admin_url, how = _embedded_postgres(services, workdir), "embedded"
     services.how.append(f"postgresql {how}: {services.pg_admin_url}")
+
+    # The broker
+    services.broker_url = services.redis_url
+    if os.environ.get("SAGAFLOW_TEST_BROKER", "redis") == "rabbitmq":
+        url, why = find_rabbitmq(services)
+        services.broker_url, services.broker_missing = url or "", why
+        services.how.append(f"broker: rabbitmq {url}" if url else f"broker: rabbitmq MISSING ({why})")
     return services
+
+
+def amqp_answers(url: str) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not usable
+        return False
+
+
+def find_rabbitmq(services: Services | None = None) -> tuple[str | None, str]:
+    """(amqp URL, "") of a RabbitMQ vhost of our own, or (None, why not)."""
+    explicit = os.environ.get("SAGAFLOW_TEST_RABBITMQ_URL")
+    if explicit:
+        if not amqp_answers(explicit):
+            raise RuntimeError(f"SAGAFLOW_TEST_RABBITMQ_URL={explicit} does not answer; start it or unset it")
+        return explicit, ""
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        if sock.connect_ex(("127.0.0.1", 5672)) != 0:
+            return None, "no RabbitMQ listens on 127.0.0.1:5672 (set SAGAFLOW_TEST_RABBITMQ_URL)"
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return None, "RabbitMQ answers on 5672 but rabbitmqctl is missing: cannot create the tests' own vhost"
+    vhost = TEST_DATABASE
+    run = lambda *args: subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)  # noqa: E731
+    run("delete_vhost", vhost)  # a leftover of an interrupted run: ours only
+    made = run("add_vhost", vhost)
+    if made.returncode != 0:
+        return None, f"rabbitmqctl add_vhost {vhost} failed: {made.stderr.strip()[:200]}"
+    run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    if services is not None:
+        services._stops.append(lambda: run("delete_vhost", vhost))
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    if not amqp_answers(url):
+        return None, f"RabbitMQ does not accept guest on vhost {vhost}"
+    return url, ""
 
 
 def fresh_database(admin_url: str, name: str = TEST_DATABASE) -> str:

@@ -3,11 +3,13 @@
 - ``worker_init`` (the main process, before the pool forks): the worker's id (``<node name>:<pid>``) is
   set as this process's current worker, which every pool child inherits, so each claim names it
   (store/workers.py); its first heartbeat is written before any task can run.
-- ``worker_ready``: a daemon thread starts. Every few seconds (SAGAFLOW_WORKER_DEAD_AFTER / 5) it moves the
-  heartbeat; every SAGAFLOW_RECOVERY_INTERVAL seconds it offers to sweep: the SQL lease ``sweeper`` lets one
-  worker of the whole deployment win (the holder renews it while it lives), and the winner runs
-  ``recovery.recover_stalled``. Two hundred workers mean two hundred one-row UPDATEs per interval and one
-  sweep. A holder that dies loses the lease after two intervals, and another worker sweeps.
+- ``worker_ready``: a daemon thread starts that moves the heartbeat every few seconds
+  (SAGAFLOW_WORKER_DEAD_AFTER / 5), SQL only; and on the worker's own timer (its main loop, where publishing
+  is safe on every transport: from another thread it hangs on RabbitMQ), every SAGAFLOW_RECOVERY_INTERVAL
+  seconds, the worker offers to sweep: the SQL lease ``sweeper`` lets one worker of the whole deployment win
+  (the holder renews it while it lives), and the winner runs ``recovery.recover_stalled``. Two hundred
+  workers mean two hundred one-row UPDATEs per interval and one sweep. A holder that dies loses the lease
+  after two intervals, and another worker sweeps.
 - ``worker_shutdown`` (a clean stop): the thread stops, the row is deleted, the lease released.
 
 A claim whose worker missed its heartbeats for SAGAFLOW_WORKER_DEAD_AFTER seconds is dead at once,
@@ -19,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
@@ -52,28 +53,29 @@ def sweep_once(holder: str, interval: float) -> int | None:
     return len(recovered)
 
 
-def _loop(worker_id: str, hostname: str, queues: str) -> None:
-    settings = get_settings()
-    beat_every = heartbeat_interval(settings.worker_dead_after)
-    sweep_every = float(settings.recovery_interval)
-    next_sweep = time.monotonic() + min(sweep_every, beat_every)
+def _beat(worker_id: str, hostname: str, queues: str) -> None:
+    """The heartbeat thread: SQL only. (Publishing from a thread of the worker's main process hangs on
+    RabbitMQ, so the sweep, which publishes, runs on the worker's own timer: _sweep.)"""
+    beat_every = heartbeat_interval(get_settings().worker_dead_after)
     while not _stop.wait(beat_every):
         try:
             get_store().heartbeat(worker_id, hostname, os.getpid(), queues)
         except Exception as exc:  # noqa: BLE001 - a database outage: the next beat tries again
             log.warning("worker_heartbeat_failed", extra={"worker": worker_id, "error": describe(exc),
                                                           "next": f"tried again in {beat_every} s"})
-            continue
-        if settings.worker_sweeps and time.monotonic() >= next_sweep:
-            next_sweep = time.monotonic() + sweep_every
-            try:
-                count = sweep_once(worker_id, sweep_every)
-            except Exception as exc:  # noqa: BLE001 - the next interval tries again
-                log.error("worker_sweep_failed", extra={"worker": worker_id, "error": describe(exc),
-                                                        "next": f"tried again in {sweep_every} s"})
-                continue
-            if count:
-                log.info("worker_swept", extra={"worker": worker_id, "recovered": count})
+
+
+def _sweep(worker_id: str) -> None:
+    """On the worker's timer (its main loop), every SAGAFLOW_RECOVERY_INTERVAL seconds."""
+    interval = float(get_settings().recovery_interval)
+    try:
+        count = sweep_once(worker_id, interval)
+    except Exception as exc:  # noqa: BLE001 - the next interval tries again
+        log.error("worker_sweep_failed", extra={"worker": worker_id, "error": describe(exc),
+                                                "next": f"tried again in {interval} s"})
+        return
+    if count:
+        log.info("worker_swept", extra={"worker": worker_id, "recovered": count})
 
 
 def _queues(sender) -> str:
@@ -106,9 +108,13 @@ def _start_heartbeats(sender=None, **_):
     if controller is not None:
         queues = _queues(controller)
     _stop.clear()
-    _thread = threading.Thread(target=_loop, args=(worker_id, hostname, queues), name="sagaflow-liveness",
+    _thread = threading.Thread(target=_beat, args=(worker_id, hostname, queues), name="sagaflow-heartbeat",
                                daemon=True)
     _thread.start()
+    settings = get_settings()
+    timer = getattr(sender, "timer", None)
+    if settings.worker_sweeps and timer is not None:
+        timer.call_repeatedly(float(settings.recovery_interval), _sweep, (worker_id,))
 
 
 @worker_shutdown.connect
