@@ -121,6 +121,11 @@ class Settings:
     # across the deployment) unless worker_sweeps is off.
     worker_dead_after: int = 15
     worker_sweeps: bool = True
+    # RabbitMQ: quorum queues (replicated; retries use RabbitMQ's native delayed delivery), and the broker's
+    # consumer_timeout in seconds (RabbitMQ closes a channel holding a delivery unacked longer: checked
+    # against the longest step plus retry delay at worker start, as the Redis visibility timeout is).
+    rabbitmq_quorum: bool = False
+    rabbitmq_consumer_timeout: int = 1800
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
     saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
@@ -169,6 +174,8 @@ class Settings:
             recovery_interval=_positive(env, "SAGAFLOW_RECOVERY_INTERVAL", 5),
             worker_dead_after=_positive(env, "SAGAFLOW_WORKER_DEAD_AFTER", 15),
             worker_sweeps=_bool(env, "SAGAFLOW_WORKER_SWEEPS", True),
+            rabbitmq_quorum=_bool(env, "SAGAFLOW_RABBITMQ_QUORUM", False),
+            rabbitmq_consumer_timeout=_positive(env, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT", 1800),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
             api_token=_token(env, "SAGAFLOW_API_TOKEN"),
@@ -232,6 +239,8 @@ class Settings:
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
             "SAGAFLOW_WORKER_DEAD_AFTER": str(self.worker_dead_after),
             "SAGAFLOW_WORKER_SWEEPS": "1" if self.worker_sweeps else "0",
+            "SAGAFLOW_RABBITMQ_QUORUM": "1" if self.rabbitmq_quorum else "0",
+            "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT": str(self.rabbitmq_consumer_timeout),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
             "SAGAFLOW_API_TOKEN": self.api_token,

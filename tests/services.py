@@ -183,10 +183,11 @@ def amqp_answers(url: str) -> bool:
         return False
 
 
-def find_rabbitmq(services: Services | None = None) -> tuple[str | None, str]:
-    """(amqp URL, "") of a RabbitMQ vhost of our own, or (None, why not)."""
+def find_rabbitmq(services: Services | None = None, vhost: str = TEST_DATABASE) -> tuple[str | None, str]:
+    """(amqp URL, "") of a RabbitMQ vhost of our own (``vhost``, deleted when ``services`` stops), or
+    (None, why not)."""
     explicit = os.environ.get("SAGAFLOW_TEST_RABBITMQ_URL")
-    if explicit:
+    if explicit and services is not None:
         if not amqp_answers(explicit):
             raise RuntimeError(f"SAGAFLOW_TEST_RABBITMQ_URL={explicit} does not answer; start it or unset it")
         return explicit, ""
@@ -197,7 +198,6 @@ def find_rabbitmq(services: Services | None = None) -> tuple[str | None, str]:
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         return None, "RabbitMQ answers on 5672 but rabbitmqctl is missing: cannot create the tests' own vhost"
-    vhost = TEST_DATABASE
     run = lambda *args: subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)  # noqa: E731
     run("delete_vhost", vhost)  # a leftover of an interrupted run: ours only
     made = run("add_vhost", vhost)
