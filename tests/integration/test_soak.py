@@ -17,7 +17,9 @@ def _soak(services, runs: int, kills: int) -> dict:
     with open(ARTIFACTS / f"soak-{runs}.log", "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "tests.soak", "--runs", str(runs), "--kills", str(kills),
-             "--pg-admin-url", services.pg_admin_url],
+             "--pg-admin-url", services.pg_admin_url,
+             # SAGAFLOW_TEST_BROKER=rabbitmq: the soak runs on the tests' RabbitMQ vhost (else a throwaway Redis)
+             *(("--redis-url", services.broker_url) if services.broker_url != services.redis_url else ())],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, timeout=1800,
         )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
