@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
@@ -35,6 +36,7 @@ SWEEPER_LEASE = "sweeper"
 
 _stop = threading.Event()
 _thread: threading.Thread | None = None
+_forgotten_at = 0.0
 
 
 def heartbeat_interval(dead_after: float) -> float:
@@ -48,8 +50,12 @@ def sweep_once(holder: str, interval: float) -> int | None:
     store = get_store()
     if not store.take_lease(SWEEPER_LEASE, holder, 2 * interval):
         return None
+    global _forgotten_at
     recovered = recovery.recover_stalled()
-    store.forget_dead_workers(max(60.0, 4 * get_settings().worker_dead_after))
+    keep = max(60.0, 4 * get_settings().worker_dead_after)
+    if time.monotonic() - _forgotten_at > keep:  # the rows of long-dead workers, now and then
+        _forgotten_at = time.monotonic()
+        store.forget_dead_workers(keep)
     return len(recovered)
 
 

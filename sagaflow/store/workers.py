@@ -54,14 +54,17 @@ def claim_alive(now: dt.datetime, dead_after: float | None):
 
 
 class Workers:
-    engine: Engine  # given by Engines, with _read (store/engine.py)
+    engine: Engine  # given by Engines, with autocommit and _read (store/engine.py)
+    autocommit: Any
     _read: Callable[[Callable[[Connection], Any]], Any]
 
     def heartbeat(self, worker_id: str, hostname: str, pid: int, queues: str = "") -> None:
         """Record that ``worker_id`` is alive (insert its row the first time)."""
         now = utcnow()
         w = t.workers.c
-        with self.engine.begin() as conn:
+        # One UPDATE, one round trip on PostgreSQL (autocommit: no BEGIN, COMMIT or pre-ping); only a
+        # worker's first beat inserts its row (a worker has one id, so no two processes race for it).
+        with (self.autocommit.connect() if self.autocommit is not None else self.engine.begin()) as conn:
             moved = conn.execute(update(t.workers).where(w.id == worker_id).values(heartbeat_at=now)).rowcount
             if not moved:
                 conn.execute(insert(t.workers).values(id=worker_id, hostname=hostname, pid=pid,
@@ -112,7 +115,7 @@ class Workers:
         now = utcnow()
         until = now + dt.timedelta(seconds=seconds)
         c = t.leases.c
-        with self.engine.begin() as conn:
+        with (self.autocommit.connect() if self.autocommit is not None else self.engine.begin()) as conn:
             won = conn.execute(update(t.leases).where(
                 c.name == name, or_(c.holder == holder, c.expires_at < now)
             ).values(holder=holder, expires_at=until)).rowcount
