@@ -37,3 +37,42 @@ def refund(ctx: StepContext):
 def ship(ctx: StepContext):
     do(ctx)
     return {"shipped": True}
+
+
+# Several workers, several queues (tests/integration/test_liveness.py): each step and its compensation run on
+# the step's queue; errbacks and the sweeper on the default one. Each action returns the node that ran it.
+routed = Saga("routed")
+
+
+def _node() -> str:
+    from celery import current_task
+
+    return current_task.request.hostname
+
+
+@routed.step(retry=FAST, compensation_retry=FAST, queue="route_a")
+def alpha(ctx: StepContext):
+    do(ctx)
+    return {"node": _node()}
+
+
+@alpha.compensation
+def unalpha(ctx: StepContext):
+    undo(ctx)
+
+
+@routed.step(retry=FAST, compensation_retry=FAST, queue="route_b")
+def beta(ctx: StepContext):
+    do(ctx)
+    return {"node": _node()}
+
+
+@beta.compensation
+def unbeta(ctx: StepContext):
+    undo(ctx)
+
+
+@routed.step(retry=FAST, compensation_retry=FAST, queue="route_c")
+def gamma(ctx: StepContext):
+    do(ctx)
+    return {"node": _node()}

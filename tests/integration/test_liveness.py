@@ -190,3 +190,54 @@ def test_fifty_sweepers_at_once_re_drive_each_stalled_run_once(settings):
             assert run.status == "succeeded" and effects_of(run_id) == ALL_DONE
     finally:
         stop_worker(worker)
+
+
+def test_three_workers_on_three_queues_one_killed_every_run_final_with_each_effect_once(settings):
+    """Step(queue=...): each step and its compensation on its queue; errbacks and the sweeper's own work on
+    the default queue (worker a); worker b killed mid-step, and a replacement for its queue started."""
+    from tests.conftest import ARTIFACTS
+
+    client = SagaClient()
+    imports = ",".join((*settings.imports, "tests.sagas_liveness"))
+
+    def worker(name, queues):
+        return start_worker(settings, name, concurrency=2, log_name=f"{name}.log", args=("-Q", queues),
+                            env={"SAGAFLOW_IMPORTS": imports})
+
+    a, b, c = worker("route-a", "route_a,celery"), worker("route-b", "route_b"), worker("route-c", "route_c")
+    b2 = None
+    try:
+        ok = [client.start("routed", {}) for _ in range(3)]
+        undone = [client.start("routed", {"fail_at": "gamma"}) for _ in range(3)]
+        for run in ok + undone:
+            client.wait(run.id, timeout=60)
+        slow = client.start("routed", {"sleep": {"beta": 30}})  # b dies holding it
+        wait_for(lambda: client.get(slow.id).step("beta").status == "running", timeout=30, what="beta to start")
+        b.send_signal(signal.SIGKILL)
+        b.wait()
+        b2 = worker("route-b2", "route_b")
+        slow = client.wait(slow.id, timeout=120)
+    finally:
+        for proc in (a, b, c, b2):
+            if proc is not None:
+                stop_worker(proc)
+
+    node = os.uname().nodename
+    for run in ok:
+        run = client.get(run.id)
+        assert run.status == "succeeded" and effects_of(run.id) == [("do", "alpha"), ("do", "beta"), ("do", "gamma")]
+        assert [s.result["node"] for s in run.steps] == [f"route-a@{node}", f"route-b@{node}", f"route-c@{node}"]
+    for run in undone:
+        run = client.get(run.id)
+        assert run.status == "compensated"
+        assert effects_of(run.id) == [("do", "alpha"), ("do", "beta"), ("undo", "beta"), ("undo", "alpha")]
+    assert slow.status == "succeeded"
+    assert effects_of(slow.id) == [("do", "alpha"), ("do", "beta"), ("do", "gamma")]
+    assert slow.step("beta").result["node"] == f"route-b2@{node}"
+    recovered = [e for e in slow.events if e.kind == "run_recovered"]
+    assert len(recovered) == 1 and recovered[0].detail["dead_workers"] == [worker_id("route-b", b)]
+    logs = {name: (ARTIFACTS / f"{name}.log").read_text() for name in ("route-a", "route-b", "route-c")}
+    assert "routed.beta.compensate[" in logs["route-b"] and "routed.alpha.compensate[" in logs["route-a"]
+    assert "sagaflow.on_step_failed[" in logs["route-a"]  # the errback, on the default queue
+    assert "routed.beta.compensate[" not in logs["route-a"] + logs["route-c"]
+    assert "on_step_failed[" not in logs["route-b"] + logs["route-c"]
