@@ -108,6 +108,7 @@ def test_a_live_worker_recovers_a_killed_workers_run_without_any_restart(setting
             stop_worker(proc)
 
 
+@pytest.mark.soak  # about 5 minutes: `pytest -m soak -s tests/integration/test_liveness.py` prints p50 and max
 def test_ten_kills_each_run_recovered_once_within_a_minute(settings):
     """Measured recovery times: a new doomed worker per kill, one live worker throughout."""
     client = SagaClient()
