@@ -18,6 +18,7 @@ whatever its lease: a SIGKILLed worker costs about that plus one interval, with 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -26,6 +27,7 @@ import time
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from sagaflow.app import get_settings, get_store
+from sagaflow.model.definition import registry
 from sagaflow.runtime import recovery
 from sagaflow.runtime.outcomes import describe
 from sagaflow.store.workers import current_worker, set_current_worker
@@ -44,11 +46,19 @@ def heartbeat_interval(dead_after: float) -> float:
     return max(0.5, dead_after / 5)
 
 
+def sweeper_lease() -> str:
+    """The lease's name: one per set of registered sagas, so workers that register the same sagas (the
+    usual deployment: one image) sweep one at a time, and a worker with other sagas sweeps its own runs
+    under its own lease (a sweeper re-drives only the sagas it can compile)."""
+    names = ",".join(sorted({saga.name for saga in registry.all()}))
+    return f"{SWEEPER_LEASE}:{hashlib.sha1(names.encode()).hexdigest()[:16]}"
+
+
 def sweep_once(holder: str, interval: float) -> int | None:
     """Offer to sweep: when ``holder`` wins (or keeps) the sweeper lease, sweep and return how many runs
     were re-driven; None when another worker holds it. Any caller may use it (the tests: fifty at once)."""
     store = get_store()
-    if not store.take_lease(SWEEPER_LEASE, holder, 2 * interval):
+    if not store.take_lease(sweeper_lease(), holder, 2 * interval):
         return None
     global _forgotten_at
     recovered = recovery.recover_stalled()
@@ -134,7 +144,7 @@ def _unregister(**_):
     try:
         store = get_store()
         store.remove_worker(worker_id)
-        store.release_lease(SWEEPER_LEASE, worker_id)
+        store.release_lease(sweeper_lease(), worker_id)
     except Exception as exc:  # noqa: BLE001 - its row ages out; the sweeper treats its claims as dead
         log.warning("worker_unregister_failed", extra={"worker": worker_id, "error": describe(exc)})
     log.info("worker_unregistered", extra={"worker": worker_id})

@@ -34,7 +34,9 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     stall = settings.stall_timeout if stall_timeout is None else stall_timeout
     dead_after = settings.worker_dead_after
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
-    for run_id, seen in store.stalled_runs(stall, limit, dead_after=dead_after):
+    # Only the sagas registered here: a sweeper that cannot compile a saga must not take its runs over.
+    sagas = sorted({saga.name for saga in registry.all()})
+    for run_id, seen in store.stalled_runs(stall, limit, dead_after=dead_after, sagas=sagas):
         recovery = store.take_over_stalled(run_id, seen, stall, dead_after=dead_after)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
             continue

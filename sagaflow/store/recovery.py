@@ -4,6 +4,7 @@ wins), and deciding from SQL what to publish to move it on (``Recovery``)."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Sequence
 
 from sqlalchemy import and_, exists, or_, select, update
 
@@ -58,13 +59,15 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
 
 
 class Recoveries:
-    def stalled_runs(self, stall_timeout: float, limit: int = 500,
-                     dead_after: float | None = None) -> list[tuple[str, dt.datetime]]:
+    def stalled_runs(self, stall_timeout: float, limit: int = 500, dead_after: float | None = None,
+                     sagas: Sequence[str] | None = None) -> list[tuple[str, dt.datetime]]:
         """(run id, updated_at) of the stalled runs, longest stalled first. ``dead_after``: a claim whose
-        worker has not heartbeated for that many seconds is dead whatever its lease (None: leases only)."""
+        worker has not heartbeated for that many seconds is dead whatever its lease (None: leases only).
+        ``sagas``: only runs of these sagas (a sweeper re-drives only what it can compile; None: all)."""
         r = t.runs.c
+        only = [r.saga.in_(list(sagas))] if sagas is not None else []
         rows = self._read(lambda conn: conn.execute(
-            select(r.id, r.updated_at).where(stalled(utcnow(), stall_timeout, dead_after))
+            select(r.id, r.updated_at).where(stalled(utcnow(), stall_timeout, dead_after), *only)
             .order_by(r.updated_at).limit(limit)
         ).all())
         return [(row.id, row.updated_at) for row in rows]

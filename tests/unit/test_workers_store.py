@@ -138,3 +138,12 @@ def test_dead_workers_rows_are_forgotten_once_they_hold_nothing(store):
     assert store.forget_dead_workers(60) == 0  # still named by a held claim
     store.complete_step("r1", 0, "t0:0", {})
     assert store.forget_dead_workers(60) == 1
+
+
+def test_a_sweeper_sees_only_the_sagas_it_can_compile(store):
+    as_worker(store, "doomed@host:1")
+    store.create_run("r1", "s", 1, {}, STEPS)
+    store.claim_step("r1", 0, "t0:0", [], 300)
+    silence(store, "doomed@host:1", DEAD_AFTER + 1)
+    assert [r for r, _ in store.stalled_runs(600, dead_after=DEAD_AFTER, sagas=["other"])] == []
+    assert [r for r, _ in store.stalled_runs(600, dead_after=DEAD_AFTER, sagas=["other", "s"])] == ["r1"]
