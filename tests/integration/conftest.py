@@ -35,7 +35,10 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_HOME": str(tmp_path_factory.mktemp("sagaflow-home")),
         "SAGAFLOW_DATABASE_URL": services.pooled(database_url),  # SAGAFLOW_TEST_PGBOUNCER=1: through PgBouncer
         "SAGAFLOW_BROKER_URL": services.broker_url,
-        "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches",
+        # Every worker that consumes the default queue (errbacks) must register every saga: the liveness
+        # sagas too, since their workers share the default queue with the session's worker.
+        "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches,"
+                            "tests.sagas_liveness",
         "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
