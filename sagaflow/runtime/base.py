@@ -28,6 +28,13 @@ class GuardedTask(Task):
     abstract = True
     Strategy = "sagaflow.inbound:strategy"
 
+    def retry(self, *args, countdown=None, **kwargs):
+        # Quorum queues (SAGAFLOW_RABBITMQ_QUORUM): a countdown goes through RabbitMQ's native delayed
+        # delivery, which counts whole seconds, and Celery refuses a countdown between 0 and 1 s there.
+        if countdown is not None and 0 < countdown < 1 and get_settings().rabbitmq_quorum:
+            countdown = 1.0
+        return super().retry(*args, countdown=countdown, **kwargs)
+
 
 class GenericTask(GuardedTask):
     """Base of the generic tasks (errbacks, finish, the sweeper): a refused message is dropped, logged."""

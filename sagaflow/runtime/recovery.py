@@ -7,8 +7,10 @@ visibility timeout (hours), and a lost message never. The sweeper finds such run
 compare-and-set (so two sweepers, or a sweeper and a live worker, never re-drive the same stall twice) and
 publishes what SQL says comes next. Claims make any duplicate message harmless.
 
-Run by the beat task ``sagaflow.recover`` every SAGAFLOW_RECOVERY_INTERVAL seconds, and by
-``sagaflow recover``.
+Run by every worker's main process (runtime/liveness.py: one at a time across the deployment, through a
+SQL lease) every SAGAFLOW_RECOVERY_INTERVAL seconds; optionally by the beat task ``sagaflow.recover``; and
+by ``sagaflow recover``. A claim whose worker stopped heartbeating for SAGAFLOW_WORKER_DEAD_AFTER seconds
+counts as dead whatever its lease, so a killed worker costs seconds, not the step's time limit.
 """
 
 from __future__ import annotations
@@ -30,13 +32,17 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     """Re-drive every run stalled for ``stall_timeout`` seconds (default SAGAFLOW_STALL_TIMEOUT); returns
     what this caller re-drove."""
     store = get_store()
-    stall = get_settings().stall_timeout if stall_timeout is None else stall_timeout
+    settings = get_settings()
+    stall = settings.stall_timeout if stall_timeout is None else stall_timeout
+    dead_after = settings.worker_dead_after
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
     fold_metrics(store)  # ended runs into saga_totals: a /metrics scrape then reads only recent rows
-    for run_id, seen in store.stalled_runs(stall, limit):
-        recovery = store.take_over_stalled(run_id, seen, stall)
+    # Only the sagas registered here: a sweeper that cannot compile a saga must not take its runs over.
+    sagas = sorted({saga.name for saga in registry.all()})
+    for run_id, seen in store.stalled_runs(stall, limit, dead_after=dead_after, sagas=sagas):
+        recovery = store.take_over_stalled(run_id, seen, stall, dead_after=dead_after)
         if recovery is None:  # another sweeper won, or the run moved meanwhile
             continue
         try:

@@ -17,7 +17,7 @@ from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.errors import SagaCancelled, SagaflowError
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, StepKind, registry
-from sagaflow.runtime import branches, publish, recovery, waits
+from sagaflow.runtime import branches, liveness, publish, recovery, waits  # noqa: F401 - liveness: worker signals
 from sagaflow.runtime.base import GENERIC_TASK, SagaTask
 from sagaflow.runtime.compiler import (
     CHILD_FINISHED,
@@ -176,8 +176,19 @@ def check_visibility_timeout(settings) -> None:
     waits unacked in its worker for its whole countdown: the timeout must exceed the longest countdown plus
     the longest time limit, or waiting retries run twice (celery-facts.md, section 4). Checked at worker
     start, against every registered saga."""
-    if not settings.effective_broker_url.startswith("redis"):
-        return  # RabbitMQ redelivers on a dropped connection, not after a timeout
+    url = settings.effective_broker_url
+    if url.startswith("redis"):
+        limit, name = settings.visibility_timeout, "SAGAFLOW_VISIBILITY_TIMEOUT"
+        harm = "a waiting retry would be delivered twice"
+    elif url.startswith(("amqp", "pyamqp")):
+        # RabbitMQ redelivers on a dropped connection, not after a timeout; but it closes the channel of a
+        # consumer that holds a delivery unacked past its consumer_timeout (30 min by default), which a
+        # long step or a long retry countdown does (acks_late).
+        limit, name = settings.rabbitmq_consumer_timeout, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT"
+        harm = ("RabbitMQ would close the worker's channel (consumer_timeout) and deliver the step again; "
+                "raise consumer_timeout in rabbitmq.conf and set SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT to it")
+    else:
+        return
     grace = HARD_LIMIT_GRACE
     worst = settings.default_step_timeout + grace + DB_RETRY.max_interval
     where = "a database-outage retry of a step with the default timeout"
@@ -188,9 +199,9 @@ def check_visibility_timeout(settings) -> None:
                 step.retry.max_interval, step.compensation_retry.max_interval, DB_RETRY.max_interval)
             if wait > worst:
                 worst, where = wait, f"step {saga.name}.{step.name}"
-    if settings.visibility_timeout <= worst:
+    if limit <= worst:
         raise SagaflowError(
-            f"SAGAFLOW_VISIBILITY_TIMEOUT={settings.visibility_timeout} s is not above {worst:.0f} s, the longest "
-            f"time limit plus retry delay ({where}): a waiting retry would be delivered twice. Raise "
-            f"SAGAFLOW_VISIBILITY_TIMEOUT, or lower that step's timeout or max_interval"
+            f"{name}={limit} s is not above {worst:.0f} s, the longest "
+            f"time limit plus retry delay ({where}): {harm}. Raise "
+            f"{name}, or lower that step's timeout or max_interval"
         )

@@ -191,4 +191,4 @@ class Children(Compensation, Waits):
                    or_(forward, backward),
                    c.updated_at < now - dt.timedelta(seconds=stall_timeout))
             .order_by(c.updated_at).limit(limit)
-        ).scalars()))
+        ).scalars().all()))  # read inside the connection: once it is back in the pool, another thread uses it

@@ -33,6 +33,7 @@ from sagaflow.store.guards import (
     succeed_run,
     touch,
 )
+from sagaflow.store.workers import current_worker
 
 
 def claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:
@@ -89,6 +90,7 @@ class Claims(Engines):
                         lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
                         started_at=func.coalesce(s.started_at, now),
                         task_id=token.rsplit(":", 1)[0],
+                        worker=current_worker(),
                     )
                     .returning(s.attempts, s.name)
                 ).first()
@@ -111,7 +113,7 @@ class Claims(Engines):
         now = utcnow()
         assert self.fast is not None  # called only under ``if self.fast``
         row = self.fast.claim_step(run_id, idx, token, earlier_tokens,
-                                   now + dt.timedelta(seconds=lease_seconds), now)
+                                   now + dt.timedelta(seconds=lease_seconds), now, current_worker())
         if row is None or row.status not in LIVE_RUN:
             return Claim(ClaimOutcome.GONE)
         if row.attempts is not None:

@@ -33,6 +33,7 @@ from sagaflow.store.guards import (
     to_compensate,
     touch,
 )
+from sagaflow.store.workers import current_worker
 
 
 class Compensation(Claims):
@@ -75,7 +76,7 @@ class Compensation(Claims):
         now = utcnow()
         lease = now + dt.timedelta(seconds=lease_seconds)
         if self.fast:
-            row = self.fast.claim_compensation(run_id, idx, token, earlier_tokens, lease, now)
+            row = self.fast.claim_compensation(run_id, idx, token, earlier_tokens, lease, now, current_worker())
             if row is None or row.status != RunStatus.COMPENSATING.value:
                 return Claim(ClaimOutcome.GONE)
             if row.compensation_attempts is None:
@@ -103,6 +104,7 @@ class Compensation(Claims):
                     claim=token,
                     lease_expires_at=lease,
                     compensation_task_id=token.rsplit(":", 1)[0],
+                    worker=current_worker(),
                 )
                 .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
             ).first()

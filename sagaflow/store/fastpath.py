@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import re
 from collections import namedtuple
 from typing import Any, Callable, Sequence
@@ -28,6 +29,13 @@ from sqlalchemy.exc import DBAPIError
 from sagaflow.model.events import EventKind
 from sagaflow.store.tables import UTCDateTime
 
+log = logging.getLogger("sagaflow.store")
+
+# PostgreSQL error codes that mean: the session that PREPAREd is not the one that EXECUTEs (a pooler in
+# transaction mode, PgBouncer's pool_mode=transaction, hands each transaction any server connection).
+NOT_OUR_SESSION = {"26000", "42P05"}  # prepared statement does not exist / already exists
+RETRY_AS_TEXT = object()
+
 # Every parameter the statements use: its PostgreSQL type (for PREPARE) and, where Python values need
 # converting, its SQLAlchemy type.
 PARAMS = {
@@ -37,6 +45,7 @@ PARAMS = {
     "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
     "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
     "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
+    "worker": ("varchar", None),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -110,7 +119,7 @@ WITH run AS (
 ), claimed AS (
     UPDATE saga_steps
     SET status = 'running', attempts = attempts + 1, claim = :token, lease_expires_at = :lease,
-        started_at = coalesce(started_at, :now), task_id = :task_id
+        started_at = coalesce(started_at, :now), task_id = :task_id, worker = :worker
     WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
       AND EXISTS (SELECT 1 FROM run WHERE status IN ('pending', 'running') AND NOT cancel_requested)
     RETURNING attempts, name
@@ -135,7 +144,7 @@ WITH run AS (
     SET status = 'compensating', compensation_attempts = compensation_attempts + 1,
         compensation_round_attempts = CASE WHEN status = 'succeeded' THEN 1
                                            ELSE compensation_round_attempts + 1 END,
-        claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id
+        claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id, worker = :worker
     WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
       AND EXISTS (SELECT 1 FROM run WHERE status = 'compensating')
     RETURNING compensation_attempts, compensation_round_attempts, name, result
@@ -311,9 +320,27 @@ class FastPath:
         if prepared:
             @event.listens_for(engine, "connect")
             def _prepare(dbapi_conn, _record):
+                if not self.prepared:
+                    return
                 with dbapi_conn.cursor() as cur:
-                    for statement in ALL:
-                        cur.execute(statement.prepare)
+                    try:
+                        for statement in ALL:
+                            cur.execute(statement.prepare)
+                    except engine.dialect.loaded_dbapi.Error as exc:
+                        # A new connection whose session already has them: a pooler shares sessions.
+                        if getattr(exc, "pgcode", None) not in NOT_OUR_SESSION:
+                            raise
+                        self._pooler_detected(exc)
+
+    def _pooler_detected(self, exc: Exception) -> None:
+        """A transaction-mode pooler (PgBouncer) is between us and PostgreSQL: the statements are sent as
+        text from now on in this process, as SAGAFLOW_PREPARED_STATEMENTS=false would (one planning each)."""
+        if self.prepared:
+            self.prepared = False
+            log.warning("prepared_statements_off", extra={
+                "reason": f"{getattr(exc, 'pgcode', '')} {str(exc).strip()[:120]}",
+                "next": "the hot statements go as text: behind PgBouncer in transaction mode, set "
+                        "SAGAFLOW_PREPARED_STATEMENTS=false to skip this detection"})
 
     def _one(self, statement: Statement, **params):
         if not self.prepared:
@@ -340,15 +367,21 @@ class FastPath:
             finally:
                 cursor.close()
         except dbapi_error as exc:
-            # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
-            # (OperationalError...), which the runtime's database-outage retries catch.
-            invalidated = self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None)
-            if invalidated:
-                raw.invalidate(exc)
-            raise DBAPIError.instance(statement.execute, arguments, exc, dbapi_error,
-                                      connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
+            if getattr(exc, "pgcode", None) in NOT_OUR_SESSION:  # EXECUTE reached another session: it ran nothing
+                self._pooler_detected(exc)
+                row = RETRY_AS_TEXT
+            else:
+                # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
+                # (OperationalError...), which the runtime's database-outage retries catch.
+                invalidated = self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, None)
+                if invalidated:
+                    raw.invalidate(exc)
+                raise DBAPIError.instance(statement.execute, arguments, exc, dbapi_error,
+                                          connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
         finally:
             raw.close()
+        if row is RETRY_AS_TEXT:
+            return self._one(statement, **params)
         for hook in STATEMENT_HOOKS:
             hook(self.engine)
         return statement.row_type(*row) if row is not None else None
@@ -362,15 +395,16 @@ class FastPath:
         return row.id if row is not None else None
 
     def claim_step(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
-                   now: dt.datetime):
+                   now: dt.datetime, worker: str | None = None):
         return self._one(CLAIM_STEP, run_id=run_id, idx=idx, token=token, earlier=list(earlier), lease=lease,
-                         now=now, task_id=token.rsplit(":", 1)[0], start="pending", active="running")
+                         now=now, task_id=token.rsplit(":", 1)[0], start="pending", active="running",
+                         worker=worker)
 
     def claim_compensation(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
-                           now: dt.datetime):
+                           now: dt.datetime, worker: str | None = None):
         return self._one(CLAIM_COMPENSATION, run_id=run_id, idx=idx, token=token, earlier=list(earlier),
                          lease=lease, now=now, task_id=token.rsplit(":", 1)[0], start="succeeded",
-                         active="compensating")
+                         active="compensating", worker=worker)
 
     def update_held(self, kind: EventKind, run_id: str, idx: int, token: str, now: dt.datetime, *,
                     result: Any = None, error: str | None = None, lease: dt.datetime | None = None,

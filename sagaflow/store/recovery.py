@@ -4,6 +4,7 @@ wins), and deciding from SQL what to publish to move it on (``Recovery``)."""
 from __future__ import annotations
 
 import datetime as dt
+from typing import Sequence
 
 from sqlalchemy import and_, exists, or_, select, update
 
@@ -14,21 +15,24 @@ from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
+from sagaflow.store.workers import claim_alive
 
 
-def stalled(now: dt.datetime, stall_timeout: float):
-    """Run is in progress, no step holds a live lease, and either a holder's lease expired (it died) or
+def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = None):
+    """Run is in progress, no step holds a live claim, and either a holder's claim died (its lease
+    expired, or the worker it names stopped heartbeating for dead_after seconds: store/workers.py) or
     nothing moved for stall_timeout seconds (a message was lost: broker restart, a crash before publish,
     a start whose publish failed). A step's success moves no run column (one row write less on the hot
     path), so "moved" is the run's updated_at or its latest step's finished_at."""
     r, s = t.runs.c, t.steps.c
     held = (s.run_id == r.id) & s.status.in_(HELD_STEP)
+    alive = claim_alive(now, dead_after)
     quiet_since = now - dt.timedelta(seconds=stall_timeout)
     return and_(
         r.status.in_(IN_PROGRESS_RUN),
         r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
-        ~exists().where(held, s.lease_expires_at >= now),
-        or_(exists().where(held, s.lease_expires_at < now),
+        ~exists().where(held, alive),
+        or_(exists().where(held, ~alive),
             and_(r.updated_at < quiet_since,
                  ~exists().where(s.run_id == r.id, s.finished_at >= quiet_since))),
     )
@@ -55,15 +59,21 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
 
 
 class Recoveries(Engines):
-    def stalled_runs(self, stall_timeout: float, limit: int = 500) -> list[tuple[str, dt.datetime]]:
-        """(run id, updated_at) of the stalled runs, longest stalled first."""
+    def stalled_runs(self, stall_timeout: float, limit: int = 500, dead_after: float | None = None,
+                     sagas: Sequence[str] | None = None) -> list[tuple[str, dt.datetime]]:
+        """(run id, updated_at) of the stalled runs, longest stalled first. ``dead_after``: a claim whose
+        worker has not heartbeated for that many seconds is dead whatever its lease (None: leases only).
+        ``sagas``: only runs of these sagas (a sweeper re-drives only what it can compile; None: all)."""
         r = t.runs.c
+        only = [r.saga.in_(list(sagas))] if sagas is not None else []
         rows = self._read(lambda conn: conn.execute(
-            select(r.id, r.updated_at).where(stalled(utcnow(), stall_timeout)).order_by(r.updated_at).limit(limit)
+            select(r.id, r.updated_at).where(stalled(utcnow(), stall_timeout, dead_after), *only)
+            .order_by(r.updated_at).limit(limit)
         ).all())
         return [(row.id, row.updated_at) for row in rows]
 
-    def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float) -> Recovery | None:
+    def take_over_stalled(self, run_id: str, seen_updated_at: dt.datetime, stall_timeout: float,
+                          dead_after: float | None = None) -> Recovery | None:
         """Claim the re-drive of a stalled run (compare-and-set on updated_at, so of two sweepers one
         wins, and a run that moved meanwhile is left alone), take back expired claims, and decide from
         SQL what to publish. None when this caller did not win."""
@@ -72,17 +82,18 @@ class Recoveries(Engines):
         with self.engine.begin() as conn:
             run = conn.execute(
                 update(t.runs)
-                .where(r.id == run_id, r.updated_at == seen_updated_at, stalled(now, stall_timeout))
+                .where(r.id == run_id, r.updated_at == seen_updated_at, stalled(now, stall_timeout, dead_after))
                 .values(updated_at=now)
                 .returning(r.status, r.saga, r.saga_version)
             ).first()
             if run is None:
                 return None
             # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
+            lost = and_(s.run_id == run_id, s.status.in_(HELD_STEP), ~claim_alive(now, dead_after))
+            dead_workers = sorted({row.worker for row in conn.execute(select(s.worker).where(lost)).all()
+                                   if row.worker is not None})
             revoked = conn.execute(
-                update(t.steps)
-                .where(s.run_id == run_id, s.status.in_(HELD_STEP), s.lease_expires_at < now)
-                .values(claim=None, lease_expires_at=None)
+                update(t.steps).where(lost).values(claim=None, lease_expires_at=None, worker=None)
                 .returning(s.name)
             ).all()
             if run.status == RunStatus.COMPENSATING.value:
@@ -94,6 +105,7 @@ class Recoveries(Engines):
             recovery = recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))
             event(conn, run_id, EventKind.RUN_RECOVERED, None,
                   {"action": recovery.action, "revoked": list(recovery.revoked),
+                   **({"dead_workers": dead_workers} if dead_workers else {}),
                    **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
                       else {})}, now)
         return recovery

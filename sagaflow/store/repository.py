@@ -18,6 +18,7 @@ concern.
     sessions.py      the web's operator sessions and authentication failures        (Sessions)
     operator.py      resolve by hand, restart links, deadlines                      (Operator)
     retention.py     prune old ended runs, folding what they counted into totals    (Retention)
+    workers.py       worker heartbeats and liveness, leases (the one sweeper)       (Workers)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -58,10 +59,11 @@ from sagaflow.store.runs import Runs
 from sagaflow.store.sessions import Sessions
 from sagaflow.store.stats import Stats
 from sagaflow.store.waits import Waits
+from sagaflow.store.workers import Workers
 
 
 class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Operator,
-            Retention, Engines):
+            Retention, Workers, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

@@ -114,6 +114,9 @@ steps = Table(
     Column("signal", String(200), nullable=True),  # a gate: the signal it waits for
     Column("deadline_at", UTCDateTime, nullable=True),  # a waiting gate: when it times out
     Column("child_run_id", String(36), nullable=True),  # a child step: the child run
+    # The worker (main process, saga_workers.id) whose pool holds the claim: when it stops heartbeating,
+    # the sweeper takes the claim back at once, whatever the lease (store/workers.py).
+    Column("worker", String(200), nullable=True),
 )
 
 events = Table(
@@ -173,4 +176,28 @@ auth_failures = Table(
     Column("failures", Integer, nullable=False),
     Column("window_start", UTCDateTime, nullable=False),
     Column("last_at", UTCDateTime, nullable=False),
+)
+
+# Worker liveness (store/workers.py): one row per running worker main process, its heartbeat moved every few
+# seconds; a clean stop deletes it. A claim naming a worker whose heartbeat is older than
+# SAGAFLOW_WORKER_DEAD_AFTER (or that has no row) is taken back by the sweeper at once.
+workers = Table(
+    "saga_workers",
+    metadata,
+    Column("id", String(200), primary_key=True),  # "<node name>:<pid>"
+    Column("hostname", String(200), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("queues", String(1000), nullable=True),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("heartbeat_at", UTCDateTime, nullable=False),
+)
+
+# Leases that one process at a time holds across the deployment: "sweeper" (the recovery sweep that every
+# worker offers to run; the holder sweeps, the others skip).
+leases = Table(
+    "saga_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
 )

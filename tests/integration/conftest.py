@@ -25,18 +25,25 @@ def services():
 def settings(services, tmp_path_factory):
     from sagaflow.store.migrate import upgrade
 
+    if services.broker_missing:
+        pytest.skip(f"SAGAFLOW_TEST_BROKER asks for a broker that is not here: {services.broker_missing}")
+
     database_url = fresh_database(services.pg_admin_url)
-    redis.Redis.from_url(services.redis_url).flushdb()  # our own db number only
+    if services.broker_url == services.redis_url:
+        redis.Redis.from_url(services.redis_url).flushdb()  # our own db number only
     settings = Settings.from_env({
         "SAGAFLOW_HOME": str(tmp_path_factory.mktemp("sagaflow-home")),
-        "SAGAFLOW_DATABASE_URL": database_url,
-        "SAGAFLOW_BROKER_URL": services.redis_url,
-        "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches",
+        "SAGAFLOW_DATABASE_URL": services.pooled(database_url),  # SAGAFLOW_TEST_PGBOUNCER=1: through PgBouncer
+        "SAGAFLOW_BROKER_URL": services.broker_url,
+        # Every worker that consumes the default queue (errbacks) must register every saga: the liveness
+        # sagas too, since their workers share the default queue with the session's worker.
+        "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches,"
+                            "tests.sagas_liveness",
         "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
     })
-    upgrade(database_url)
+    upgrade(database_url)  # direct: DDL needs no pooler
     configure(settings)
     load_sagas(settings)  # register the sagas in this process too: the modules, then the saga file
     from sagaflow.tasks.effects import ensure_table

@@ -103,7 +103,8 @@ def test_a_step_that_heartbeats_outlives_its_lease_and_a_dead_one_is_recovered_a
     # Recovered after the 1 s lease, well before the 20 s time limit (+ 7 s) would have expired.
     run = rescue(settings, client, doomed, run.id, "heartbeat-rescuer", timeout=20)
     assert run.status == "succeeded"
-    assert ("run_recovered", None) in kinds(run)
+    if settings.broker_url.startswith("redis"):  # RabbitMQ redelivers at once, and the redelivery claims it
+        assert ("run_recovered", None) in kinds(run)
     assert effects_of(run.id) == [("do", "crunch")]
 
 
