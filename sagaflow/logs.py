@@ -70,15 +70,21 @@ class _SagaflowHandler(logging.StreamHandler):
     """The stderr handler setup_logging installs on the root logger, so a second call does not add another."""
 
 
+def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> dict:
+    """The fields of one record, the same for every format: time, level, logger, event, then the extras."""
+    fields = {
+        "ts": formatter.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "event": record.getMessage(),
+    }
+    fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        fields = _fields(self, record)
         line = " ".join(f"{_key(k)}={_quote(v)}" for k, v in fields.items())
         if record.exc_info:
             line += " exc=" + _quote(self.formatException(record.exc_info))
@@ -89,13 +95,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the same fields as the logfmt lines (ASCII, so controls are escaped)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "event": record.getMessage(),
-        }
-        fields.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        fields = _fields(self, record)
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         return json.dumps(fields, default=str, ensure_ascii=True)
