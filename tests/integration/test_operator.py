@@ -359,7 +359,9 @@ def test_prune_deletes_only_old_ended_runs_and_the_metrics_counters_stay(client,
     after = _counters(web_url)
     for name, value in before.items():
         if 'saga="create_booking"' not in name:  # only the live run's saga moved on meanwhile: up
-            assert after[name] >= value, name
+            # float sums, added in another order after the fold: up, or equal but for rounding
+            slack = max(abs(value) * 1e-9, 1e-9) if "_sum" in name else 0
+            assert after[name] >= value - slack, name
         elif "_sum" in name:  # float sums, added in another order
             assert after[name] == pytest.approx(value, rel=1e-9, abs=1e-6), name
         else:
