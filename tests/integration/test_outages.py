@@ -44,6 +44,13 @@ def test_runs_survive_their_database_connections_being_killed(client):
             assert effects_of(run.id) == [("do", s.name) for s in run.steps]
         else:
             assert run.status == "compensated", [(s.name, s.status, s.error) for s in run.steps]
-            failed = next(s.name for s in run.steps if s.status == "failed")
-            assert effects_of(run.id) == expected_after_failure("create_booking", failed)
+            failed = next(s for s in run.steps if s.status == "failed")
+            expected = expected_after_failure("create_booking", failed.name)
+            effects = effects_of(run.id)
+            if ("do", failed.name) in effects and failed.error.startswith("OperationalError"):
+                # The action's own commit reached the database, its connection died before the reply, and its
+                # retries met the same outage: an in-doubt write that no saga can see. Only completed steps are
+                # compensated (DESIGN invariant 3), so that one effect stays; nothing else may differ.
+                expected.insert(sum(kind == "do" for kind, _ in expected), ("do", failed.name))
+            assert effects == expected, failed.error
     assert statuses.count("succeeded") >= len(runs) // 2, statuses
