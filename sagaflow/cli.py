@@ -422,11 +422,12 @@ def runs(status_, saga, since, until, key, input_fields, limit, offset, as_json)
     _setup()
     page = _client().list(status=status_, saga=saga, limit=limit, offset=offset, **filters)
     if as_json:
-        click.echo(json.dumps({"items": [r.to_dict(history=False) for r in page], "total": page.total}, indent=2))
+        click.echo(json.dumps({"items": [r.to_dict(history=False) for r in page], "total": page.total,
+                               "total_is_exact": page.total_is_exact}, indent=2))
         return
     for r in page:
         click.echo(_clean(f"{r.id}  {r.saga:<18} {r.status:<20} {r.created_at:%Y-%m-%d %H:%M:%S}"))
-    click.echo(f"{len(page)} of {page.total} runs")
+    click.echo(f"{len(page)} of {page.total}{'' if page.total_is_exact else '+'} runs")
 
 
 @main.command()

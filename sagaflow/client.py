@@ -28,9 +28,9 @@ from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, compensation_ra
 from sagaflow.runtime import publish, waits
 from sagaflow.safejson import check_text, ensure_json
 from sagaflow.store import Store
+from sagaflow.store.counters import Histogram
 from sagaflow.store.discard import discard_unpublished_run
 from sagaflow.store.retention import PruneResult
-from sagaflow.store.stats import DURATION_BUCKETS, UNCOUNTED, Histogram
 
 log = logging.getLogger("sagaflow.client")
 
@@ -49,42 +49,26 @@ def check_run_id(run_id) -> str:
 
 
 class RunList(list):
-    """A page of runs (newest first); ``total`` counts every run matching the filters."""
+    """A page of runs (newest first); ``total`` counts the runs matching the filters: exactly when
+    ``total_is_exact``, else at least that many (a search matching more than 10,000 runs past the page)."""
 
-    def __init__(self, runs, total: int) -> None:
+    def __init__(self, runs, total: int, total_is_exact: bool = True) -> None:
         super().__init__(runs)
-        self.total = total
+        self.total = int(total)
+        self.total_is_exact = total_is_exact
 
 
-@dataclass(frozen=True)
+@dataclass
 class Metrics:
-    """The aggregates /metrics exposes (sagaflow/store/stats.py computes them in SQL)."""
+    """The aggregates /metrics exposes: the counters the transitions keep (sagaflow/store/counters.py)."""
 
     run_counts: dict[tuple[str, str], int]  # (saga, status) -> runs now
-    run_end_counts: dict[tuple[str, str], int]  # (saga, final status) -> runs that ended so
+    run_end_counts: dict[tuple[str, str], int]  # (saga, final status) -> times a run reached it
     step_event_counts: dict[tuple[str, str, str], int]  # (saga, step, event kind) -> events
-    step_durations: dict[tuple[str, str], Histogram]
-    compensation_durations: dict[tuple[str, str], Histogram]
+    step_durations: dict[tuple[str, str, str], Histogram]  # (saga, step, outcome)
+    compensation_durations: dict[tuple[str, str, str], Histogram]  # (saga, step, outcome)
     run_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (saga, final status)
     runs_started: dict[str, int] = field(default_factory=dict)  # saga -> runs ever started (pruned included)
-
-
-def _with_totals(histograms: dict, totals: dict, metric: str) -> dict:
-    """``histograms`` plus what pruned runs counted under ``metric`` (same buckets)."""
-    out = {key: Histogram(h.buckets, list(h.cumulative), h.count, h.sum) for key, h in histograms.items()}
-    for (name, saga, step, label), value in totals.items():
-        if name != metric:
-            continue
-        h = out.setdefault((saga, step), Histogram(DURATION_BUCKETS, [0] * len(DURATION_BUCKETS), 0, 0.0))
-        if label == "count":
-            h.count += int(value)
-        elif label == "sum":
-            h.sum += value
-        elif label.startswith("le="):
-            bound = float(label[3:])
-            if bound in h.buckets:
-                h.cumulative[h.buckets.index(bound)] += int(value)
-    return out
 
 
 class SagaClient:
@@ -254,7 +238,7 @@ class SagaClient:
             input = ensure_json(input, "input", get_settings().json_limits)
         runs, total = self.store.list_runs(status=status, saga=saga, limit=limit, offset=offset, since=since,
                                            until=until, idempotency_key=idempotency_key, input=input or None)
-        return RunList(runs, total)
+        return RunList(runs, total, getattr(total, "exact", True))
 
     def wait(self, run_id: str, timeout: float = 30.0, poll: float = 0.05) -> Run:
         """Block until the run reaches a final status; raises TimeoutError after ``timeout`` seconds."""
@@ -300,27 +284,13 @@ class SagaClient:
         return self.store.step_duration_percentiles()
 
     def metrics(self) -> "Metrics":
-        """Everything /metrics exposes, read at once (at scrape time: nothing is kept in the process). The
-        counters and histograms are saga_totals (what pruned runs, and runs the sweeper folded, counted) plus
-        what the runs not folded yet count: a prune never lowers them, and a scrape reads only recent rows."""
-        totals = self.store.totals()
-        counts = self.store.run_counts()
-        started = dict(self.store.uncounted_started())
-        ends = dict(self.store.run_end_counts(UNCOUNTED))
-        events = dict(self.store.step_event_counts(UNCOUNTED))
-        for (metric, saga, step, label), value in totals.items():
-            if metric == "runs_started":
-                started[saga] = started.get(saga, 0) + int(value)
-            elif metric == "runs_finished":
-                ends[(saga, label)] = ends.get((saga, label), 0) + int(value)
-            elif metric == "step_events":
-                events[(saga, step, label)] = events.get((saga, step, label), 0) + int(value)
-        histograms = {name: _with_totals(read(run_ids=UNCOUNTED), totals, name) for name, read in (
-            ("step_duration", self.store.step_duration_histograms),
-            ("compensation_duration", self.store.compensation_duration_histograms),
-            ("run_duration", self.store.run_duration_histograms))}
-        return Metrics(counts, ends, events, histograms["step_duration"], histograms["compensation_duration"],
-                       histograms["run_duration"], started)
+        """Everything /metrics exposes, read at once in one statement (nothing is kept in the process): the
+        counters the transitions keep in SQL (store/counters.py), so a scrape costs the same with a million
+        runs as with a thousand, and a prune never lowers a counter."""
+        read = self.store.counter_values()
+        h = read.histograms
+        return Metrics(read.live, read.finished, read.steps, h["step_duration"], h["compensation_duration"],
+                       {(saga, outcome): v for (saga, _, outcome), v in h["run_duration"].items()}, read.started)
 
     def prune(self, older_than, dry_run: bool = False) -> PruneResult:
         """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than

@@ -157,7 +157,9 @@ def list_runs():
         raise ApiError(400, str(exc)) from None
     # Each item shows a short preview of its input, never the whole of it (up to SAGAFLOW_JSON_MAX_BYTES
     # per run): the run's own endpoint has it.
-    return jsonify(items=[run_list_json(r) for r in page], total=page.total, limit=limit, offset=offset)
+    # total_is_exact false: a search matched more runs than it counts (at least ``total``; the page says "N+")
+    return jsonify(items=[run_list_json(r) for r in page], total=page.total, total_is_exact=page.total_is_exact,
+                   limit=limit, offset=offset)
 
 
 def search_args(args) -> dict:

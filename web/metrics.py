@@ -1,17 +1,12 @@
-"""Prometheus metrics on /metrics, derived at scrape time from the SQL store.
+"""Prometheus metrics on /metrics, read at scrape time from the counters the store keeps in SQL.
 
-Why not counters incremented where things happen? Steps run in prefork pool processes, on any number of
-hosts, which come and go: in-process counters would each see a slice, reset on every restart, and need
-prometheus_client's multiprocess directory on every host plus a way to scrape each worker. Every fact the
-metrics need is already a row (runs, steps) or an append-only event, written by the runtime in the same
-transaction as the transition it describes. So a custom Collector runs a few GROUP BY queries per scrape
-(sagaflow/store/stats.py, read through SagaClient.metrics): the numbers are the same whichever web process
-answers, survive restarts, and the runtime's hot path does nothing extra.
-
-The cost moves to the scrape: four aggregate queries over the runs, steps and events tables, which grow
-with history (``sagaflow_metrics_collect_seconds`` says how long they took). Counters are counted from the
-event history plus ``saga_totals``, where a prune (store/retention.py) folds what the runs it deletes had
-counted, in the same transaction as the delete: so they never go down.
+Why not counters incremented in the process? Steps run in prefork pool processes, on any number of hosts,
+which come and go: in-process counters would each see a slice and reset on every restart. Instead every
+transition appends what it changes to a counter log in the same statement or transaction as the transition
+(sagaflow/store/counters.py), and the sweeper compacts the log into one row per series. A scrape is one
+SELECT over those two small tables: the numbers are the same whichever web process answers, survive
+restarts, never go down after a prune, and cost the same with a million runs as with a thousand
+(``sagaflow_metrics_collect_seconds`` says how long the read took).
 """
 
 from __future__ import annotations
@@ -86,10 +81,11 @@ class SagaflowCollector(Collector):
 
         yield from (started, finished, in_status, failed_now, steps, retries, compensations)
         yield _histogram("sagaflow_step_duration_seconds",
-                         "Step durations, first start to success or final failure (retries included).", step_hist)
+                         "Step durations, first start to success or final failure (retries included), by saga, "
+                         "step and outcome.", step_hist, labels=("saga", "step", "outcome"))
         yield _histogram("sagaflow_compensation_duration_seconds",
-                         "Compensation durations, first start to success or final failure (retries included).",
-                         comp_hist)
+                         "Compensation durations, first start of a round to success or final failure (retries "
+                         "included), by saga, step and outcome.", comp_hist, labels=("saga", "step", "outcome"))
         yield _histogram("sagaflow_run_duration_seconds",
                          "Run durations, start to final status, by saga and outcome (the final status).",
                          read.run_durations, labels=("saga", "outcome"))
@@ -100,9 +96,9 @@ class SagaflowCollector(Collector):
 
 def _histogram(name: str, doc: str, data: dict, labels=("saga", "step")) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=list(labels))
-    for (saga, step), h in sorted(data.items()):
+    for key, h in sorted(data.items()):
         buckets = [(_bound(b), c) for b, c in zip(h.buckets, h.cumulative, strict=True)] + [("+Inf", h.count)]
-        family.add_metric([saga, step], buckets, sum_value=h.sum)
+        family.add_metric(list(key), buckets, sum_value=h.sum)
     return family
 
 

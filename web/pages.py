@@ -96,7 +96,8 @@ def runs():
     saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
     keep = {k: v for k, v in search.items() if v}  # the search stays in every link of the page
     return render_template(
-        "runs.html", runs=page, total=page.total, status=status, saga=saga, offset=offset, page_size=PAGE_SIZE,
+        "runs.html", runs=page, total=page.total, total_exact=page.total_is_exact, status=status, saga=saga,
+        offset=offset, page_size=PAGE_SIZE,
         by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
         saga_names=saga_names, duration=duration, search=search, keep=keep, searching=bool(keep),
     )

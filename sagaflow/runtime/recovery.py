@@ -38,7 +38,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
-    fold_metrics(store)  # ended runs into saga_totals: a /metrics scrape then reads only recent rows
+    compact_metrics(store)  # the counter log into one row per series: a /metrics scrape reads little
     # Only the sagas registered here: a sweeper that cannot compile a saga must not take its runs over.
     sagas = sorted({saga.name for saga in registry.all()})
     for run_id, seen in store.stalled_runs(stall, limit, dead_after=dead_after, sagas=sagas):
@@ -98,13 +98,14 @@ def prune_by_retention(store) -> int:
     return result.runs
 
 
-def fold_metrics(store) -> int:
-    """Fold the runs that ended a while ago into saga_totals (store/retention.py), so /metrics costs the
-    same however long the history. A failure is logged; the scrape then reads those runs' rows instead."""
+def compact_metrics(store) -> int:
+    """Move the counter log the transitions append to into one row per series (store/counters.py), so a
+    /metrics scrape reads two small tables. A failure is logged; the scrape then reads a longer log (still
+    exact) until the next pass."""
     try:
-        return store.fold_counted()
+        return store.compact_counters()
     except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep
-        log.error("metrics_fold_failed", extra={"error": describe(exc)})
+        log.error("metrics_compact_failed", extra={"error": describe(exc)})
         return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Sequence
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, case, func, literal, or_, select, update
 
 from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.model.events import EventKind
@@ -89,6 +89,7 @@ class Compensation(Claims):
             run = conn.execute(select(t.runs.c.status, t.runs.c.input).where(t.runs.c.id == run_id)).first()
             if run is None or run.status != RunStatus.COMPENSATING.value:
                 return Claim(ClaimOutcome.GONE)
+            at = literal(now, t.steps.c.compensation_started_at.type)
             claimed = conn.execute(
                 update(t.steps)
                 .where(s.run_id == run_id, s.idx == idx,
@@ -105,6 +106,10 @@ class Compensation(Claims):
                     lease_expires_at=lease,
                     compensation_task_id=token.rsplit(":", 1)[0],
                     worker=current_worker(),
+                    # a round starts from succeeded (or failed: a non-atomic step): its duration counts from here
+                    compensation_started_at=case(
+                        (s.status.in_([StepStatus.SUCCEEDED.value, StepStatus.FAILED.value]), at),
+                        else_=func.coalesce(s.compensation_started_at, at)),
                 )
                 .returning(s.compensation_attempts, s.compensation_round_attempts, s.name, s.result)
             ).first()

@@ -27,6 +27,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from sagaflow.model.events import EventKind
+from sagaflow.store.counters import (
+    COMPENSATION_DURATION,
+    LIVE,
+    LOG_INSERT,
+    STARTED,
+    STEP,
+    STEP_DURATION,
+    sql_moved,
+    sql_observe,
+)
 from sagaflow.store.tables import UTCDateTime
 
 log = logging.getLogger("sagaflow.store")
@@ -45,7 +55,7 @@ PARAMS = {
     "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
     "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
     "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
-    "worker": ("varchar", None),
+    "worker": ("varchar", None), "final": ("varchar", None),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -110,6 +120,10 @@ WITH run AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT id, '{EventKind.RUN_STARTED.value}', NULL, :now, :detail FROM run
     RETURNING id
+), counted AS (
+    {LOG_INSERT}
+    SELECT m.metric, :saga, '', m.outcome, '', 1 FROM run,
+           (VALUES ('{STARTED}', ''), ('{LIVE}', 'pending')) AS m(metric, outcome)
 )
 SELECT id FROM event""")
 
@@ -126,6 +140,11 @@ WITH run AS (
 ), started AS (
     UPDATE saga_runs SET status = 'running', updated_at = :now
     WHERE id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM claimed)
+    RETURNING saga
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{LIVE}', saga, '', m.outcome, '', m.value FROM started,
+           (VALUES ('pending', -1), ('running', 1)) AS m(outcome, value)
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_STARTED.value}', name, :now, json_build_object('attempt', attempts) FROM claimed
@@ -144,6 +163,8 @@ WITH run AS (
     SET status = 'compensating', compensation_attempts = compensation_attempts + 1,
         compensation_round_attempts = CASE WHEN status = 'succeeded' THEN 1
                                            ELSE compensation_round_attempts + 1 END,
+        compensation_started_at = CASE WHEN status = :start OR compensation_started_at IS NULL THEN :now
+                                       ELSE compensation_started_at END,
         claim = :token, lease_expires_at = :lease, compensation_task_id = :task_id, worker = :worker
     WHERE run_id = :run_id AND idx = :idx AND {_CLAIMABLE}
       AND EXISTS (SELECT 1 FROM run WHERE status = 'compensating')
@@ -161,11 +182,16 @@ LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
 
-def _update_held(active: str, assignments: str, kind: EventKind, detail: str, touch: bool = True):
+def _update_held(active: str, assignments: str, kind: EventKind, detail: str, touch: bool = True,
+                 duration: tuple[str, str, str] | None = None):
     """A transition of the step this delivery holds: status :active and claim :token. ``touch`` moves the
     run's updated_at too; a step's success does not (one row write less per step): the recovery sweeper
     reads its finished_at instead (recovery.stalled). claims.HELD lists the same transitions for the
-    transactional path (Claims._held)."""
+    transactional path (Claims._held). The event counts (counters.STEP); ``duration``: (histogram, outcome,
+    the column its start is in) observes the step's or the compensation round's duration too."""
+    saga = "(SELECT saga FROM saga_runs WHERE id = :run_id)"
+    observed = f"""
+    UNION ALL {sql_observe(duration[0], saga, 'name', f"'{duration[1]}'", duration[2], 'held')}""" if duration else ""
     touch_run = """, touch AS (
     UPDATE saga_runs SET updated_at = :now WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
 )""" if touch else ""
@@ -173,10 +199,13 @@ def _update_held(active: str, assignments: str, kind: EventKind, detail: str, to
 WITH held AS (
     UPDATE saga_steps SET {assignments}
     WHERE run_id = :run_id AND idx = :idx AND status = '{active}' AND claim = :token
-    RETURNING name, attempts, compensation_attempts
+    RETURNING name, attempts, compensation_attempts, started_at, compensation_started_at
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{kind.value}', name, :now, {detail} FROM held
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{STEP}', {saga}, name, '{kind.value}', '', 1 FROM held{observed}
 ){touch_run}
 SELECT count(*) FROM held""")
 
@@ -185,21 +214,24 @@ HELD = {
     EventKind.STEP_SUCCEEDED: _update_held(
         "running", "status = 'succeeded', result = :result, error = NULL, finished_at = :now, "
                    "lease_expires_at = NULL",
-        EventKind.STEP_SUCCEEDED, "json_build_object('attempt', attempts)", touch=False),
+        EventKind.STEP_SUCCEEDED, "json_build_object('attempt', attempts)", touch=False,
+        duration=(STEP_DURATION, "succeeded", "started_at")),
     EventKind.STEP_RETRIED: _update_held(
         "running", "lease_expires_at = :lease, error = :error",
         EventKind.STEP_RETRIED, "json_build_object('attempt', attempts, 'error', :error, "
                         "'retry_in', :retry_in)"),
     EventKind.STEP_FAILED: _update_held(
         "running", "status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL",
-        EventKind.STEP_FAILED, "json_build_object('error', :error)"),
+        EventKind.STEP_FAILED, "json_build_object('error', :error)",
+        duration=(STEP_DURATION, "failed", "started_at")),
     EventKind.COMPENSATION_RETRIED: _update_held(
         "compensating", "lease_expires_at = :lease, compensation_error = :error",
         EventKind.COMPENSATION_RETRIED, "json_build_object('attempt', compensation_attempts, "
                                 "'error', :error, 'retry_in', :retry_in)"),
     EventKind.COMPENSATION_FAILED: _update_held(
         "compensating", "status = 'compensation_failed', compensation_error = :error, lease_expires_at = NULL",
-        EventKind.COMPENSATION_FAILED, "json_build_object('error', :error)"),
+        EventKind.COMPENSATION_FAILED, "json_build_object('error', :error)",
+        duration=(COMPENSATION_DURATION, "failed", "compensation_started_at")),
 }
 
 # The last step's completion finishes the run in the same statement (no separate finish task), unless a
@@ -210,20 +242,25 @@ WITH held AS (
     UPDATE saga_steps
     SET status = 'succeeded', result = :result, error = NULL, finished_at = :now, lease_expires_at = NULL
     WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND claim = :token
-    RETURNING name, attempts
+    RETURNING name, attempts, started_at
 ), run AS (
     UPDATE saga_runs
     SET updated_at = :now,
         status = CASE WHEN status = 'running' AND NOT cancel_requested THEN 'succeeded' ELSE status END,
         finished_at = CASE WHEN status = 'running' AND NOT cancel_requested THEN :now ELSE finished_at END
     WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
-    RETURNING status
+    RETURNING status, saga, created_at
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_SUCCEEDED.value}', name, :now, json_build_object('attempt', attempts) FROM held
     UNION ALL
     SELECT :run_id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, CAST(NULL AS json)
     FROM run WHERE status = 'succeeded'
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{STEP}', run.saga, held.name, '{EventKind.STEP_SUCCEEDED.value}', '', 1 FROM held, run
+    UNION ALL {sql_observe(STEP_DURATION, 'run.saga', 'held.name', "'succeeded'", 'held.started_at', 'held, run')}
+    UNION ALL {sql_moved('saga', "'running'", 'status', 'created_at', 'run', "status = 'succeeded'")}
 )
 SELECT (SELECT status FROM run) AS status""")
 
@@ -236,7 +273,7 @@ WITH held AS (
     UPDATE saga_steps
     SET status = 'compensated', compensation_error = NULL, compensated_at = :now, lease_expires_at = NULL
     WHERE run_id = :run_id AND idx = :idx AND status = 'compensating' AND claim = :token
-    RETURNING name
+    RETURNING name, compensation_started_at
 ), remaining AS (
     SELECT count(*) AS n FROM saga_steps
     WHERE run_id = :run_id AND idx <> :idx AND has_compensation AND status IN ('succeeded', 'compensating')
@@ -249,12 +286,19 @@ WITH held AS (
         finished_at = CASE WHEN status = 'compensating' AND (SELECT n FROM remaining) = 0 THEN :now
                            ELSE finished_at END
     WHERE id = :run_id AND EXISTS (SELECT 1 FROM held)
-    RETURNING status
+    RETURNING status, saga, created_at
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.COMPENSATION_SUCCEEDED.value}', name, :now, CAST(NULL AS json) FROM held
     UNION ALL
     SELECT :run_id, 'run_' || status, NULL, :now, NULL FROM run WHERE status IN ('compensated', 'cancelled')
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{STEP}', run.saga, held.name, '{EventKind.COMPENSATION_SUCCEEDED.value}', '', 1 FROM held, run
+    UNION ALL {sql_observe(COMPENSATION_DURATION, 'run.saga', 'held.name', "'succeeded'",
+                           'held.compensation_started_at', 'held, run')}
+    UNION ALL {sql_moved('saga', "'compensating'", 'status', 'created_at', 'run',
+                         "status IN ('compensated', 'cancelled')")}
 )
 SELECT (SELECT status FROM run) AS status""")
 
@@ -265,18 +309,22 @@ SELECT (SELECT status FROM run) AS status""")
 BEGIN_COMPENSATION = Statement("begin_compensation", f"""
 WITH todo AS (
     SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
+), old AS (
+    -- the status the run leaves (pending or running), read under the row lock the UPDATE then holds
+    SELECT id, status FROM saga_runs WHERE id = :run_id AND status IN ('pending', 'running') FOR UPDATE
 ), run AS (
     UPDATE saga_runs
     SET updated_at = :now,
         status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
-                      WHEN cancel_requested THEN 'cancelled' ELSE 'compensated' END,
+                      WHEN saga_runs.cancel_requested THEN 'cancelled' ELSE 'compensated' END,
         finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
-    WHERE id = :run_id AND status IN ('pending', 'running')
-    RETURNING status
+    FROM old
+    WHERE saga_runs.id = old.id AND saga_runs.status = old.status
+    RETURNING saga_runs.status, old.status AS was, saga_runs.saga, saga_runs.created_at
 ), lost AS (
     UPDATE saga_steps SET status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL
     WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND EXISTS (SELECT 1 FROM run)
-    RETURNING name
+    RETURNING name, started_at
 ), skipped AS (
     UPDATE saga_steps SET status = 'skipped'
     WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
@@ -285,6 +333,11 @@ WITH todo AS (
     SELECT :run_id, '{EventKind.STEP_FAILED.value}', name, :now, json_build_object('error', :error) FROM lost
     UNION ALL
     SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{STEP}', run.saga, lost.name, '{EventKind.STEP_FAILED.value}', '', 1 FROM lost, run
+    UNION ALL {sql_observe(STEP_DURATION, 'run.saga', 'lost.name', "'failed'", 'lost.started_at', 'lost, run')}
+    UNION ALL {sql_moved('saga', 'was', 'status', 'created_at', 'run')}
 )
 SELECT (SELECT status FROM run) AS status,
        (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
@@ -293,10 +346,43 @@ FINISH_RUN = Statement("finish_run", f"""
 WITH done AS (
     UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
     WHERE id = :run_id AND status = 'running' AND NOT cancel_requested
-    RETURNING id
+    RETURNING id, saga, created_at, status
 ), event AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT id, '{EventKind.RUN_SUCCEEDED.value}', NULL, :now, NULL FROM done
+), counted AS (
+    {LOG_INSERT}
+    {sql_moved('saga', "'running'", 'status', 'created_at', 'done')}
+)
+SELECT count(*) FROM done""")
+
+# A plain run (policy: compensation off) is created and ends in one statement each: no step rows, no events,
+# only the run row and its counters.
+CREATE_PLAIN_RUN = Statement("create_plain_run", f"""
+WITH run AS (
+    INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
+                           created_at, updated_at, mode)
+    VALUES (:run_id, :saga, :version, 'pending', :input, :key, false, :now, :now, 'plain')
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), counted AS (
+    {LOG_INSERT}
+    SELECT m.metric, :saga, '', m.outcome, '', 1 FROM run,
+           (VALUES ('{STARTED}', ''), ('{LIVE}', 'pending')) AS m(metric, outcome)
+)
+SELECT count(*) FROM run""")
+
+END_PLAIN_RUN = Statement("end_plain_run", f"""
+WITH old AS (
+    SELECT id, status FROM saga_runs
+    WHERE id = :run_id AND status IN ('pending', 'running') AND mode = 'plain' FOR UPDATE
+), done AS (
+    UPDATE saga_runs SET status = :final, updated_at = :now, finished_at = :now, error = :error
+    FROM old WHERE saga_runs.id = old.id AND saga_runs.status = old.status
+    RETURNING saga_runs.saga, saga_runs.created_at, saga_runs.status, old.status AS was
+), counted AS (
+    {LOG_INSERT}
+    {sql_moved('saga', 'was', 'status', 'created_at', 'done')}
 )
 SELECT count(*) FROM done""")
 
@@ -306,7 +392,7 @@ SELECT count(*) FROM done""")
 STATEMENT_HOOKS: list[Callable[[Engine], None]] = []
 
 ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, BEGIN_COMPENSATION,
-       FINISH_RUN, *HELD.values())
+       FINISH_RUN, CREATE_PLAIN_RUN, END_PLAIN_RUN, *HELD.values())
 
 
 class FastPath:
@@ -429,3 +515,12 @@ class FastPath:
 
     def finish_run(self, run_id: str, now: dt.datetime) -> bool:
         return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])
+
+    def create_plain_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
+                         now: dt.datetime) -> bool:
+        """False when the idempotency key (or the run id) is taken."""
+        return bool(self._one(CREATE_PLAIN_RUN, run_id=run_id, saga=saga, version=version, input=input, key=key,
+                              now=now)[0])
+
+    def end_plain_run(self, run_id: str, final: str, error: str | None, now: dt.datetime) -> bool:
+        return bool(self._one(END_PLAIN_RUN, run_id=run_id, final=final, error=error, now=now)[0])

@@ -192,7 +192,8 @@ class Flags(Engines):
 
     def _end_plain_run(self, run_id: str, final: RunStatus, error: str | None) -> bool:
         now = utcnow()
-        # On PostgreSQL the autocommit engine: one statement, one round trip (no BEGIN, COMMIT, pre-ping).
-        with (self.autocommit or self.engine).begin() as conn:
+        if self.fast:  # one statement, one round trip (no BEGIN, COMMIT, pre-ping), its counters included
+            return self.fast.end_plain_run(run_id, final.value, error, now)
+        with self.engine.begin() as conn:
             return set_run_status(conn, run_id, LIVE_RUN, final, now, where=[t.runs.c.mode == "plain"],
                                   error=error, finished_at=now)

@@ -19,6 +19,7 @@ from sqlalchemy import and_, insert, or_, select, update
 
 from sagaflow.model.events import EventKind
 from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.store import counters
 from sagaflow.store import tables as t
 
 LIVE_RUN = (RunStatus.PENDING.value, RunStatus.RUNNING.value)
@@ -33,6 +34,8 @@ FAILED_NON_ATOMIC = and_(t.steps.c.non_atomic.is_(True), t.steps.c.status == Ste
 def _values(statuses) -> list[str]:
     if isinstance(statuses, (RunStatus, StepStatus)):
         return [statuses.value]
+    if isinstance(statuses, str):
+        return [statuses]
     return [s.value if isinstance(s, (RunStatus, StepStatus)) else s for s in statuses]
 
 
@@ -95,13 +98,24 @@ def claimable(start: StepStatus, active: StepStatus, token: str, earlier_tokens:
 
 def set_run_status(conn, run_id: str, expected, new: RunStatus, now: dt.datetime, *, where: Iterable = (),
                    **values) -> bool:
-    """Compare-and-set on the run: from ``expected`` (a status, or several) to ``new``. False, changing
-    nothing, when the run was not in it."""
+    """Compare-and-set on the run: from ``expected`` (a status, or several) to ``new``, with the counters'
+    move (counters.moved: the live gauge, and a final status's count and duration) in the same
+    transaction. False, changing nothing, when the run was not in it."""
     r = t.runs.c
-    return bool(conn.execute(
-        update(t.runs).where(r.id == run_id, _status_is(r.status, expected), *where)
-        .values(status=new.value, updated_at=now, **values)
-    ).rowcount)
+    statuses = _values(expected)
+    if len(statuses) > 1:  # which one it leaves: read under the row lock, then moved from exactly that one
+        old = conn.execute(select(r.status).where(r.id == run_id).with_for_update()).scalar()
+        if old not in statuses:
+            return False
+        statuses = [old]
+    moved = conn.execute(
+        update(t.runs).where(r.id == run_id, r.status == statuses[0], *where)
+        .values(status=new.value, updated_at=now, **values).returning(r.saga, r.created_at)
+    ).first()
+    if moved is None:
+        return False
+    counters.log(conn, counters.moved(moved.saga, statuses[0], new.value, moved.created_at, now))
+    return True
 
 
 def succeed_run(conn, run_id: str, now: dt.datetime, expected=RunStatus.RUNNING, unless_cancelled: bool = True) -> bool:
@@ -156,5 +170,6 @@ def touch(conn, run_id: str, now: dt.datetime) -> None:
 def event(conn, run_id: str, kind: EventKind, step: str | None, detail: dict | None, now: dt.datetime) -> None:
     """Record ``kind`` in the caller's transaction (its text, as stored ever since; a kind the model does not
     name is a ValueError, before anything is written)."""
-    conn.execute(insert(t.events).values(run_id=run_id, kind=EventKind(kind).value, step=step, at=now,
-                                         detail=detail))
+    kind = EventKind(kind)
+    conn.execute(insert(t.events).values(run_id=run_id, kind=kind.value, step=step, at=now, detail=detail))
+    counters.step_event(conn, run_id, kind.value, step, now)  # a step outcome counts (the others: nothing)

@@ -15,7 +15,7 @@ from sagaflow.model.snapshots import Run
 from sagaflow.model.status import CANCELLABLE_RUN_STATUSES, RESOLVABLE_RUN_STATUSES, RunStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
-from sagaflow.store.guards import event
+from sagaflow.store.guards import event, set_run_status
 
 RESOLVABLE = tuple(s.value for s in RESOLVABLE_RUN_STATUSES)
 CANCELLABLE = tuple(s.value for s in CANCELLABLE_RUN_STATUSES)
@@ -34,10 +34,8 @@ class Operator(Engines):
             status = conn.execute(select(r.status).where(r.id == run_id)).scalar()
             if status is None:
                 raise UnknownRun(f"unknown run id {run_id!r}")
-            changed = conn.execute(
-                update(t.runs).where(r.id == run_id, r.status == status, r.status.in_(RESOLVABLE))
-                .values(status=RunStatus.RESOLVED.value, updated_at=now, finished_at=now)
-            ).rowcount
+            changed = status in RESOLVABLE and set_run_status(conn, run_id, status, RunStatus.RESOLVED, now,
+                                                              finished_at=now)
             if changed:
                 event(conn, run_id, EventKind.RUN_RESOLVED, None, {"note": note, "from": status}, now)
         if not changed:

@@ -1,6 +1,7 @@
 """Retention: delete runs that ended before a cutoff, with their steps, events and signals, in small
-batches (each its own short transaction, so no lock is held for long), and fold what they counted into
-``saga_totals`` in the same transaction, so the metrics' counters and histograms never go down.
+batches (each its own short transaction, so no lock is held for long). The metrics' counters and
+histograms were counted by the transitions themselves (counters.py): a prune only takes the deleted runs
+out of the live gauge of their status, in the same transaction; every counter keeps its value.
 
 Deleted: succeeded, compensated, cancelled, failed and resolved runs that ended before the cutoff. Never a
 live, waiting, stuck or compensation_failed run (they wait for the runtime or an operator); never a parent
@@ -11,22 +12,17 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine, and_, delete, exists, func, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import Engine, and_, case, delete, exists, func, select
 from sqlalchemy.orm import aliased
 
 from sagaflow.model.status import RunStatus
-from sagaflow.store import stats
+from sagaflow.store import counters, stats
 from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines
 
 PRUNABLE = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
             RunStatus.FAILED.value, RunStatus.RESOLVED.value)
 BATCH = 500
-# A run ended this long ago gets no more events (a late branch of a parallel group, a duplicate delivery
-# refused): the sweeper folds it into saga_totals then.
-FOLD_AFTER = 300.0
 
 
 @dataclass
@@ -54,48 +50,36 @@ def _prunable(cutoff: dt.datetime) -> list:
     ]
 
 
-def _add(conn, rows: list[dict]) -> None:
-    """Add each row's value to saga_totals (insert, or add to the existing value)."""
-    if not rows:
-        return
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    statement = insert(t.totals)
-    statement = statement.on_conflict_do_update(
-        index_elements=["metric", "saga", "step", "label"],
-        set_={"value": t.totals.c.value + statement.excluded.value})
-    conn.execute(statement, rows)
-
-
-def _fold(engine: Engine, conn, run_ids: list[str]) -> None:
-    """What these runs count in the metrics, added to saga_totals (in the caller's transaction)."""
-    if not run_ids:
-        return
+def seed_counters(conn) -> None:
+    """Add what the rows there are count (runs, their statuses, end and step events, durations) to
+    saga_counters: for rows the counters never saw (migration 0006 upgrading a database; a bulk load that
+    bypassed the runtime, as bench/million.py's). Not for rows the counters already count."""
+    engine = conn.engine
     rows: list[dict] = []
     r = t.runs.c
-    for saga, n in conn.execute(select(r.saga, func.count()).where(r.id.in_(run_ids)).group_by(r.saga)):
-        rows.append(dict(metric="runs_started", saga=saga, step="", label="", value=n))
-    for (saga, status), n in stats.run_end_counts(engine, run_ids, conn).items():
-        rows.append(dict(metric="runs_finished", saga=saga, step="", label=status, value=n))
-    for (saga, step, kind), n in stats.step_event_counts(engine, run_ids, conn).items():
-        rows.append(dict(metric="step_events", saga=saga, step=step or "", label=kind, value=n))
-    for metric, histograms in (
-            ("run_duration", stats.run_duration_histograms(engine, run_ids=run_ids, conn=conn)),
-            ("step_duration", stats.step_duration_histograms(engine, run_ids=run_ids, conn=conn)),
-            ("compensation_duration", stats.compensation_duration_histograms(engine, run_ids=run_ids, conn=conn))):
-        for (saga, step), h in histograms.items():
-            rows.append(dict(metric=metric, saga=saga, step=step, label="count", value=h.count))
-            rows.append(dict(metric=metric, saga=saga, step=step, label="sum", value=h.sum))
-            for bound, n in zip(h.buckets, h.cumulative, strict=True):
-                rows.append(dict(metric=metric, saga=saga, step=step, label=f"le={bound!r}", value=n))
-    _add(conn, rows)
-
-
-def read_totals(engine: Engine) -> dict[tuple[str, str, str, str], float]:
-    """{(metric, saga, step, label): value} of what pruned runs counted."""
-    c = t.totals.c
-    with engine.connect() as conn:
-        return {(row[0], row[1], row[2], row[3]): row[4]
-                for row in conn.execute(select(c.metric, c.saga, c.step, c.label, c.value))}
+    for saga, status, n in conn.execute(select(r.saga, r.status, func.count()).group_by(r.saga, r.status)):
+        rows += [counters.row(counters.STARTED, saga, "", n), counters.row(counters.LIVE, saga, status, n)]
+    for (saga, status), n in stats.run_end_counts(engine, conn=conn).items():
+        rows.append(counters.row(counters.FINISHED, saga, status, n))
+    for (saga, step, kind), n in stats.step_event_counts(engine, conn=conn).items():
+        rows.append(counters.row(counters.STEP, saga, kind, n, step or ""))
+    for metric, durations in ((counters.RUN_DURATION, stats._run_durations(engine)),
+                              (counters.STEP_DURATION, stats._step_durations(engine)),
+                              (counters.COMPENSATION_DURATION, stats._compensation_durations(engine))):
+        d = durations.c
+        us = select(d.saga, d.step, d.outcome, func.round(func.coalesce(d.seconds, 0) * 1000000).label("us")) \
+            .subquery("us")
+        u = us.c
+        positive = case((u.us < 0, 0), else_=u.us)
+        bounds = zip(counters.DURATION_BUCKETS, counters.BOUNDS_US, strict=True)
+        bucket = case(*[(positive <= b, f"le={bound!r}") for bound, b in bounds], else_=counters.INF)
+        for saga, step, outcome, label, n, total in conn.execute(
+                select(u.saga, u.step, u.outcome, bucket, func.count(), func.sum(positive))
+                .group_by(u.saga, u.step, u.outcome, bucket)):
+            step = "" if metric == counters.RUN_DURATION else step
+            rows += [counters.row(metric, saga, outcome, n, step, label),
+                     counters.row(metric, saga, outcome, int(total or 0), step, counters.SUM)]
+    counters.add(conn, counters.merged(rows))
 
 
 class Retention(Engines):
@@ -115,14 +99,19 @@ class Retention(Engines):
             return result
         while True:
             with self.engine.begin() as conn:
-                query = select(r.id, r.status, r.counted).where(*_prunable(cutoff)).order_by(r.id).limit(batch)
+                query = select(r.id, r.saga, r.status).where(*_prunable(cutoff)).order_by(r.id).limit(batch)
                 if conn.dialect.name == "postgresql":
                     query = query.with_for_update(skip_locked=True)  # two pruners share the work
                 found = conn.execute(query).all()
                 if not found:
                     break
                 ids = [row.id for row in found]
-                _fold(self.engine, conn, [row.id for row in found if not row.counted])  # the rest: folded before
+                # the deleted runs leave their status (the live gauge); every counter keeps what they counted
+                gone: dict[tuple[str, str], int] = {}
+                for row in found:
+                    gone[(row.saga, row.status)] = gone.get((row.saga, row.status), 0) + 1
+                counters.log(conn, [counters.row(counters.LIVE, saga, status, -n)
+                                    for (saga, status), n in sorted(gone.items())])
                 for table in (t.signals, t.events, t.steps):
                     conn.execute(delete(table).where(table.c.run_id.in_(ids)))
                 conn.execute(delete(t.runs).where(r.id.in_(ids)))
@@ -131,25 +120,14 @@ class Retention(Engines):
             result.runs += len(found)
         return result
 
-    def fold_counted(self, settled: float = FOLD_AFTER, batch: int = BATCH) -> int:
-        """Fold the runs that ended (as prune would delete them) more than ``settled`` seconds ago into
-        saga_totals and mark them ``counted``: /metrics then reads them from the totals, so a scrape costs
-        what the runs not folded yet cost, not the whole history. Short batches; returns the runs folded."""
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=settled)
-        r = t.runs.c
-        folded = 0
-        while True:
-            with self.engine.begin() as conn:
-                query = (select(r.id).where(r.counted.is_(False), r.status.in_(PRUNABLE), _ended(cutoff))
-                         .order_by(r.id).limit(batch))
-                if conn.dialect.name == "postgresql":
-                    query = query.with_for_update(skip_locked=True)
-                ids = list(conn.execute(query).scalars())
-                if not ids:
-                    return folded
-                _fold(self.engine, conn, ids)
-                conn.execute(update(t.runs).where(r.id.in_(ids)).values(counted=True))
-            folded += len(ids)
+    def compact_counters(self) -> int:
+        """Move the counter log into saga_counters (counters.compact: what the sweeper does each pass, so a
+        scrape reads one row per series); returns the log rows moved."""
+        with self.engine.begin() as conn:
+            return counters.compact(conn)
 
-    def totals(self) -> dict[tuple[str, str, str, str], float]:
-        return read_totals(self.engine)
+    def seed_counters(self) -> None:
+        """Count the rows there are into the counters (counters.seed): only for rows written past the runtime
+        (a bulk load); the runtime's own transitions count themselves."""
+        with self.engine.begin() as conn:
+            seed_counters(conn)

@@ -13,11 +13,27 @@ from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
 from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.store import counters
 from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.flags import refuse_cancel
 from sagaflow.store.guards import LIVE_RUN, event
 from sagaflow.store.search import search_conditions
+
+# A search's total is counted up to this many runs past the page (then "10,000+"): counting a broad match
+# exactly costs a scan of every matching index entry.
+COUNT_CAP = 10_000
+
+
+class Total(int):
+    """A run count; ``exact`` False when it was capped (at least this many)."""
+
+    exact: bool
+
+    def __new__(cls, value: int, exact: bool = True) -> "Total":
+        total = super().__new__(cls, value)
+        total.exact = exact
+        return total
 
 
 def _started(saga: str, version: int, parent_run_id: str | None, parent_step: int | None) -> dict:
@@ -43,6 +59,7 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
                  compensation_round_attempts=0, kind=spec.kind, best_effort=spec.best_effort,
                  non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group, signal=spec.signal)
             for i, spec in enumerate(steps)])
+    counters.log(conn, counters.started(saga))
     return conn.execute(
         insert(t.events).values(run_id=run_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
                                 detail=_started(saga, version, parent_run_id, parent_step))
@@ -93,14 +110,19 @@ class Runs(Engines):
 
     def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
                           idempotency_key: str | None) -> tuple[Run, bool]:
-        """create_run(mode="plain"): the run row alone, one INSERT (autocommit on PostgreSQL)."""
+        """create_run(mode="plain"): the run row alone and its counters, in one transaction."""
         now = utcnow()
+        if self.fast:  # one statement, one round trip
+            if not self.fast.create_plain_run(run_id, saga, version, input, idempotency_key, now):
+                return self._existing(idempotency_key), False
+            return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
         try:
-            with (self.autocommit or self.engine).begin() as conn:
+            with self.engine.begin() as conn:
                 conn.execute(insert(t.runs).values(
                     id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
                     idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
                     mode="plain"))
+                counters.log(conn, counters.started(saga))
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -163,8 +185,9 @@ class Runs(Engines):
         self, status: str | None = None, saga: str | None = None, limit: int = 50, offset: int = 0, *,
         since: dt.datetime | None = None, until: dt.datetime | None = None, idempotency_key: str | None = None,
         input: dict | None = None,
-    ) -> tuple[list[Run], int]:
-        """Newest first, without steps and events; and the total count matching the filters. ``since`` /
+    ) -> tuple[list[Run], "Total"]:
+        """Newest first, without steps and events; and the total matching the filters (a Total: exact, or
+        capped for a search beyond COUNT_CAP, see _total). ``since`` /
         ``until`` bound the start (``since <= created_at < until``); ``input``: top-level fields that must
         equal the run's (search.py says how each value compares)."""
         def read(conn):
@@ -178,9 +201,23 @@ class Runs(Engines):
                 .offset(offset)
             )
             runs = [Run.from_row(r) for r in rows]
-            return runs, conn.execute(select(func.count()).select_from(t.runs).where(*conditions)).scalar_one()
+            return runs, self._total(conn, conditions, status, saga, offset, broad=any(
+                v is not None for v in (since, until, idempotency_key, input)))
 
         return self._read(read)
+
+    @staticmethod
+    def _total(conn, conditions, status, saga, offset: int, broad: bool) -> "Total":
+        """How many runs match: exact from the live gauge when only status and saga filter (counters.py: two
+        small tables, whatever the number of runs); else counted up to COUNT_CAP past ``offset`` and, beyond
+        that, ``offset + COUNT_CAP`` with ``exact`` False (shown as "10,000+")."""
+        if not broad:
+            counts = counters.live_counts(conn, saga)
+            return Total(sum(n for (_, s), n in counts.items() if status is None or s == status), True)
+        cap = offset + COUNT_CAP
+        found = conn.execute(select(func.count()).select_from(
+            select(t.runs.c.id).where(*conditions).limit(cap + 1).subquery())).scalar_one()
+        return Total(min(found, cap), found <= cap)
 
     def request_cancel(self, run_id: str) -> Run:
         """The operator's cancel of a live run: a flag the next claim reads (a waiting run: waits.py's

@@ -1,9 +1,8 @@
-"""Read-only aggregate queries over the runs, steps and events tables: what /api/stats, the status page's
-counts and the Prometheus collector (web/metrics.py) report.
+"""Read-only aggregate queries over the runs, steps and events tables (the percentiles of client.stats, and
+counters.seed, which counts rows written past the runtime), and the reads of the counters the transitions
+keep (counters.py: the live counts, /metrics).
 
-Nothing here writes, and nothing here is called on the runtime's path: the numbers are derived from the
-rows the runtime records anyway, at the moment someone asks. That keeps them right whatever the number of
-worker processes and hosts, across restarts, and at no cost to a running step.
+Nothing here writes, and nothing here is called on the runtime's path.
 
 Every query runs on PostgreSQL and on SQLite. Durations are computed in SQL (``_seconds``), so histograms
 are counted by the database, not by pulling every row into Python.
@@ -11,7 +10,6 @@ are counted by the database, not by pulling every row into Python.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from sqlalchemy import case, func, select
@@ -19,13 +17,11 @@ from sqlalchemy.engine import Engine
 
 from sagaflow.model.events import COMPENSATION_ENDS, STEP_OUTCOME_EVENTS, EventKind
 from sagaflow.model.status import RunStatus, compensation_rate, counts_by_status
+from sagaflow.store import counters
 from sagaflow.store import tables as t
+from sagaflow.store.counters import DURATION_BUCKETS, Histogram
 from sagaflow.store.engine import Engines
 
-# Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-)
 # event kind -> the final run status it records (run_failed: plain runs record no events, so they show in
 # the status gauge only).
 END_EVENTS = {EventKind.run_ended(status).value: status.value for status in (
@@ -33,16 +29,6 @@ END_EVENTS = {EventKind.run_ended(status).value: status.value for status in (
     RunStatus.STUCK, RunStatus.RESOLVED)}
 STEP_EVENTS = tuple(kind.value for kind in STEP_OUTCOME_EVENTS)
 _COMPENSATION_END = tuple(kind.value for kind in COMPENSATION_ENDS)
-
-
-@dataclass
-class Histogram:
-    """Cumulative counts per upper bound (Prometheus style), plus the count and the sum of the values."""
-
-    buckets: tuple[float, ...]
-    cumulative: list[int] = field(default_factory=list)
-    count: int = 0
-    sum: float = 0.0
 
 
 def _seconds(engine: Engine, start, end):
@@ -96,22 +82,10 @@ def step_event_counts(engine: Engine, run_ids=None, conn=None) -> dict[tuple[str
     return {(row[0], row[1], row[2]): row[3] for row in _rows(engine, conn, query)}
 
 
-UNCOUNTED = "uncounted"  # as run_ids: only the runs not folded into saga_totals yet (what /metrics reads)
-
-
 def _only(column, run_ids) -> list:
     if run_ids is None:
         return []
-    if isinstance(run_ids, str) and run_ids == UNCOUNTED:
-        return [column.in_(select(t.runs.c.id).where(t.runs.c.counted.is_(False)))]
     return [column.in_(list(run_ids))]
-
-
-def uncounted_started(engine: Engine) -> dict[str, int]:
-    """{saga: runs not folded into saga_totals yet}: with the totals' runs_started, the runs ever started."""
-    r = t.runs.c
-    query = select(r.saga, func.count()).where(r.counted.is_(False)).group_by(r.saga)
-    return {row[0]: row[1] for row in _rows(engine, None, query)}
 
 
 def _rows(engine: Engine, conn, query) -> list:
@@ -129,7 +103,7 @@ def _run_durations(engine: Engine, run_ids=None):
     """(saga, final status as "step", seconds) of every run that ended: from its start to its end."""
     r = t.runs.c
     return (select(r.saga.label("saga"), r.status.label("step"),
-                   _seconds(engine, r.created_at, r.finished_at).label("seconds"))
+                   _seconds(engine, r.created_at, r.finished_at).label("seconds"), r.status.label("outcome"))
             .where(r.finished_at.is_not(None), *_only(r.id, run_ids))
             .subquery("durations"))
 
@@ -139,7 +113,8 @@ def _step_durations(engine: Engine, run_ids=None):
     start to its end, retries and their waits included."""
     s, r = t.steps.c, t.runs.c
     return (select(r.saga.label("saga"), s.name.label("step"),
-                   _seconds(engine, s.started_at, s.finished_at).label("seconds"))
+                   _seconds(engine, s.started_at, s.finished_at).label("seconds"),
+                   case((s.status == "failed", "failed"), else_="succeeded").label("outcome"))
             .select_from(t.steps.join(t.runs, s.run_id == r.id))
             .where(s.started_at.is_not(None), s.finished_at.is_not(None), *_only(s.run_id, run_ids))
             .subquery("durations"))
@@ -162,12 +137,15 @@ def _compensation_durations(engine: Engine, run_ids=None):
     rounds = (
         select(o.run_id, o.step,
                func.min(case((o.kind == EventKind.COMPENSATION_STARTED.value, o.at))).label("started"),
-               func.max(case((o.kind.in_(_COMPENSATION_END), o.at))).label("ended"))
+               func.max(case((o.kind.in_(_COMPENSATION_END), o.at))).label("ended"),
+               func.max(case((o.kind.in_(_COMPENSATION_END), o.kind))).label("end_kind"))
         .group_by(o.run_id, o.step, o.round)
         .subquery("rounds")
     )
     c, r = rounds.c, t.runs.c
-    return (select(r.saga.label("saga"), c.step.label("step"), _seconds(engine, c.started, c.ended).label("seconds"))
+    outcome = func.replace(c.end_kind, "compensation_", "")
+    return (select(r.saga.label("saga"), c.step.label("step"), _seconds(engine, c.started, c.ended).label("seconds"),
+                   outcome.label("outcome"))
             .select_from(rounds.join(t.runs, c.run_id == r.id))
             .where(c.started.is_not(None), c.ended.is_not(None))
             .subquery("durations"))
@@ -255,7 +233,13 @@ class Stats(Engines):
     engine: Engine  # Engines'
 
     def run_counts(self, saga: str | None = None) -> dict[tuple[str, str], int]:
-        return run_counts(self.engine, saga)
+        """{(saga, status): runs in it now}, from the live gauge the transitions keep (counters.py): two
+        small tables read, whatever the number of runs (run_counts above counts the rows)."""
+        return self._read(lambda conn: counters.live_counts(conn, saga))
+
+    def counter_values(self) -> counters.Counts:
+        """Every counter, gauge and histogram the transitions keep (what /metrics exposes), in one statement."""
+        return self._read(counters.read)
 
     def run_end_counts(self, run_ids=None) -> dict[tuple[str, str], int]:
         return run_end_counts(self.engine, run_ids)
@@ -271,9 +255,6 @@ class Stats(Engines):
 
     def run_duration_histograms(self, buckets: Sequence[float] = DURATION_BUCKETS, run_ids=None):
         return run_duration_histograms(self.engine, buckets, run_ids)
-
-    def uncounted_started(self) -> dict[str, int]:
-        return uncounted_started(self.engine)
 
     def run_duration_percentiles(self, saga: str | None = None) -> dict:
         return run_duration_percentiles(self.engine, saga=saga)

@@ -11,7 +11,6 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
@@ -67,9 +66,6 @@ runs = Table(
     Column("restarted_from", String(36), nullable=True),
     # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
     Column("deadline_at", UTCDateTime, nullable=True),
-    # Folded into saga_totals (store/retention.py, by the sweeper): /metrics counts this run from the
-    # totals, not from its rows, so a scrape reads only the runs not folded yet.
-    Column("counted", Boolean, nullable=False, server_default=false()),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
@@ -77,7 +73,6 @@ runs = Table(
     Index("ix_saga_runs_parent", "parent_run_id"),
     Index("ix_saga_runs_restarted_from", "restarted_from"),
     Index("ix_saga_runs_deadline", "deadline_at"),
-    Index("ix_saga_runs_counted", "counted", "saga"),
     # On PostgreSQL also ix_saga_runs_input, GIN on (input::jsonb) jsonb_path_ops (migration 0004): an
     # expression index SQLite cannot build, so it lives in the migration only (store/search.py uses it).
 )
@@ -105,6 +100,8 @@ steps = Table(
     Column("started_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
     Column("compensated_at", UTCDateTime, nullable=True),
+    # The first claim of this compensation round (the duration histogram measures from it).
+    Column("compensation_started_at", UTCDateTime, nullable=True),
     # What the definition said of the step when the run started (definition.Step), so SQL alone decides.
     Column("kind", String(16), nullable=False, server_default="action"),  # action | gate | child
     Column("best_effort", Boolean, nullable=False, server_default=false()),
@@ -144,18 +141,35 @@ signals = Table(
 
 # The web app's operator logins (web/security.py): one row per login, deleted at logout, so a copied cookie
 # dies with the session. The cookie carries the id and an HMAC of it keyed by the API token.
-# What pruned runs had counted (store/retention.py folds them in as it deletes them): the metrics' counters
-# and histograms add these to what the remaining rows count, so a prune never makes a counter go down.
-# metric: runs_started | runs_finished | step_events | step_duration | compensation_duration; label: a
-# status, an event kind, or for a histogram "count", "sum" or "le=<bound>".
-totals = Table(
-    "saga_totals",
+# The metrics (store/counters.py): every transition appends what it changes to saga_counter_log, in the
+# same statement or transaction as the transition itself (insert-only: no row is shared between workers, so
+# nothing waits on a lock); the sweeper moves the log into saga_counters, one row per series, in one
+# statement. A scrape sums both tables, which stay small whatever the number of runs.
+# metric: started | live | finished | step | run_duration | step_duration | compensation_duration;
+# outcome: a run status, an event kind or succeeded/failed; label: "" for a counter or gauge, "le=<bound>"
+# (one bucket, not cumulative) or "sum_us" (integer microseconds) for a histogram.
+
+counters = Table(
+    "saga_counters",
     metadata,
     Column("metric", String(40), primary_key=True),
     Column("saga", String(200), primary_key=True),
     Column("step", String(200), primary_key=True),
+    Column("outcome", String(64), primary_key=True),
     Column("label", String(64), primary_key=True),
-    Column("value", Float, nullable=False),
+    Column("value", BigInteger, nullable=False),
+)
+
+counter_log = Table(
+    "saga_counter_log",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("metric", String(40), nullable=False),
+    Column("saga", String(200), nullable=False),
+    Column("step", String(200), nullable=False),
+    Column("outcome", String(64), nullable=False),
+    Column("label", String(64), nullable=False),
+    Column("value", BigInteger, nullable=False),
 )
 
 operator_sessions = Table(

@@ -27,7 +27,9 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples, name: str, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sum over the series of ``name`` that carry ``labels`` (e.g. every outcome of a step's histogram)."""
+    wanted = set(labels.items())
+    return sum(v for (n, have), v in samples.items() if n == name and wanted <= set(have))
 
 
 def delta(before, after, name: str, **labels) -> float:
