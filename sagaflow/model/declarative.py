@@ -211,8 +211,8 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_list)
 # ---------------------------------------------------------------------------------------------- schema
 
 FILE_KEYS = {"sagas"}
-SAGA_KEYS = {"name", "version", "description", "defaults", "steps"}
-STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "lease", "queue"}
+SAGA_KEYS = {"name", "version", "description", "defaults", "steps", "deadline"}
+STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "compensation_timeout", "lease", "queue"}
 STEP_FLAGS = ("best_effort", "non_atomic", "pivot")
 STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS} | STEP_OPTIONS
 GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description"}
@@ -291,12 +291,13 @@ def _retry(spec: Any, key: str, parent: _Map, where: _Where) -> RetryPolicy | No
 
 
 def _options(spec: _Map, where: _Where) -> dict:
-    """retry, compensation_retry, timeout, lease and queue of a step (or of a saga's defaults), checked."""
+    """retry, compensation_retry, timeout, compensation_timeout, lease and queue of a step (or of a saga's
+    defaults), checked."""
     options: dict = {}
     for key in ("retry", "compensation_retry"):
         if key in spec:
             options[key] = _retry(spec[key], key, spec, where)
-    for key in ("timeout", "lease"):
+    for key in ("timeout", "compensation_timeout", "lease"):
         if key in spec:
             value = spec[key]
             if value is not None and (not _is_number(value) or value <= 0):
@@ -447,8 +448,12 @@ def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where)
                               step_lines.get(id(step)))
         seen.add(step.name)
     where.step = None
+    deadline = spec.get("deadline")
+    if deadline is not None and (not _is_number(deadline) or deadline <= 0):
+        raise where.error(f"deadline must be a number of seconds > 0, got {_type_name(deadline)} {deadline!r}",
+                          _line(spec, "deadline"))
     try:
-        return Saga(name, built, version=version, register=False)
+        return Saga(name, built, version=version, register=False, deadline=deadline)
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec, "steps")) from None
 

@@ -174,8 +174,8 @@ def child_finished(self, child_run_id: str) -> None:
 def check_visibility_timeout(settings) -> None:
     """On Redis, a message unacked for longer than the visibility timeout is delivered again, and a retry
     waits unacked in its worker for its whole countdown: the timeout must exceed the longest countdown plus
-    the longest time limit, or waiting retries run twice (celery-facts.md, section 4). Checked at worker
-    start, against every registered saga."""
+    the longest time limit (of an action or of its compensation, whichever is longer), or waiting retries
+    run twice (celery-facts.md, section 4). Checked at worker start, against every registered saga."""
     url = settings.effective_broker_url
     if url.startswith("redis"):
         limit, name = settings.visibility_timeout, "SAGAFLOW_VISIBILITY_TIMEOUT"
@@ -195,8 +195,12 @@ def check_visibility_timeout(settings) -> None:
     for saga in registry.all():
         for step in saga.steps:
             timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
-            wait = (timeout or settings.default_step_timeout) + grace + max(
-                step.retry.max_interval, step.compensation_retry.max_interval, DB_RETRY.max_interval)
+            action = (timeout or settings.default_step_timeout) + grace + max(
+                step.retry.max_interval, DB_RETRY.max_interval)
+            # the undo's own limit (compensation_timeout), or the action's when it has none
+            undo = (step.compensation_timeout or timeout or settings.default_step_timeout) + grace + max(
+                step.compensation_retry.max_interval, DB_RETRY.max_interval)
+            wait = max(action, undo)
             if wait > worst:
                 worst, where = wait, f"step {saga.name}.{step.name}"
     if limit <= worst:

@@ -53,3 +53,19 @@ def test_the_worker_refuses_a_visibility_timeout_below_the_longest_wait():
     with pytest.raises(SagaflowError, match="SAGAFLOW_VISIBILITY_TIMEOUT=200 s is not above"):
         check_visibility_timeout(base.with_(visibility_timeout=200))  # the default 300 s timeout alone
     check_visibility_timeout(base.with_(visibility_timeout=200, broker_url="amqp://guest@localhost//"))
+
+
+def test_the_visibility_check_counts_a_compensation_time_limit_longer_than_the_step_s():
+    from sagaflow import Saga, Step
+
+    saga = Saga("long_undo_check", [Step("a", lambda ctx: None, lambda ctx: None, timeout=10,
+                                         compensation_timeout=5000)])
+    try:
+        base = Settings.from_env({"SAGAFLOW_BROKER_URL": "redis://localhost:6379/0"})
+        with pytest.raises(SagaflowError, match="step long_undo_check.a"):
+            check_visibility_timeout(base.with_(visibility_timeout=4000))
+        check_visibility_timeout(base.with_(visibility_timeout=6000))
+    finally:
+        from sagaflow.model.definition import registry
+
+        registry.remove(saga.name)

@@ -285,7 +285,7 @@ def test_with_no_handlers_registered_the_error_says_where_they_come_from(write, 
      "step 'ingest': unknown key 'interval' in 'retry'"),
     ("sagas:\n  - name: s\n    defaults: {compensation: parse}\n    steps: [{action: ingest}]\n", 3,
      "saga 's' version 1: unknown key 'compensation' in defaults (did you mean 'compensation_retry'?); allowed: "
-     "compensation_retry, lease, queue, retry, timeout"),
+     "compensation_retry, compensation_timeout, lease, queue, retry, timeout"),
     ("sagas:\n  - name: s\n    steps:\n      - action: ingest\n        lease: -1\n", 5,
      "step 'ingest': lease must be a number of seconds > 0, got an integer -1"),
     # missing or malformed structure
@@ -407,3 +407,30 @@ def test_step_flags_parallel_groups_gates_and_child_steps_in_a_file(load):
 def test_bad_issue_5_shapes_name_the_line_and_the_problem(error, steps, line, message):
     failure = error("sagas:\n  - name: s\n    steps:\n" + steps)
     assert message in str(failure) and failure.line == line, (str(failure), failure.line)
+
+
+def test_a_saga_deadline_and_a_compensation_timeout_are_read_and_checked(load, error):
+    saga = load("""
+sagas:
+  - name: with_limits
+    deadline: 120
+    defaults: {compensation_timeout: 40}
+    steps:
+      - {action: ingest, compensation: delete_uploaded_file, compensation_timeout: 9.5}
+      - {action: parse}
+""")[0]
+    assert saga.deadline == 120
+    assert [s.compensation_timeout for s in saga.steps] == [9.5, 40]
+
+
+def test_a_bad_deadline_or_compensation_timeout_is_refused(error):
+    for bad, message in (("deadline: 0", "deadline must be a number of seconds > 0"),
+                         ("deadline: soon", "deadline must be a number of seconds > 0"),
+                         ("defaults: {compensation_timeout: -1}", "compensation_timeout must be a number of seconds")):
+        assert message in str(error(f"""
+sagas:
+  - name: bad_limits
+    {bad}
+    steps:
+      - {{action: parse}}
+"""))
