@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import delete, select
 
 from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.store import counters
 from sagaflow.store import tables as t
 
 
@@ -15,8 +16,9 @@ def discard_unpublished_run(store, run_id: str) -> bool:
     cannot have been touched by anything else (the recovery sweeper re-drives only after
     SAGAFLOW_STALL_TIMEOUT); the guard keeps it that way if it somehow was."""
     with store.engine.begin() as conn:
-        status = conn.execute(select(t.runs.c.status).where(t.runs.c.id == run_id).with_for_update()).scalar()
-        if status != RunStatus.PENDING.value:
+        found = conn.execute(select(t.runs.c.status, t.runs.c.saga).where(t.runs.c.id == run_id)
+                             .with_for_update()).first()
+        if found is None or found.status != RunStatus.PENDING.value:
             return False
         begun = conn.execute(
             select(t.steps.c.idx).where(t.steps.c.run_id == run_id, t.steps.c.status != StepStatus.PENDING.value)
@@ -29,4 +31,7 @@ def discard_unpublished_run(store, run_id: str) -> bool:
         deleted = conn.execute(
             delete(t.runs).where(t.runs.c.id == run_id, t.runs.c.status == RunStatus.PENDING.value)
         ).rowcount
+        if deleted == 1:  # never published: it takes back what its creation counted (started, pending)
+            counters.log(conn, [counters.row(counters.STARTED, found.saga, "", -1),
+                                counters.row(counters.LIVE, found.saga, RunStatus.PENDING.value, -1)])
     return deleted == 1
