@@ -112,8 +112,9 @@ def _http_url(env: dict, name: str) -> str:
     return value
 
 
-# Chosen by measurement (docs/performance.md): the bench's throughput with 1, 2, 4 and 8.
-PREFETCH_DEFAULT = 4
+# Chosen by measurement (docs/performance.md, "Prefetch"): sagaflow's throughput against the plain chain in
+# the same run was best with 1 of 1, 2, 4 and 8; it is also the one that never holds a message behind a step.
+PREFETCH_DEFAULT = 1
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("logfmt", "json")

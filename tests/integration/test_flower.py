@@ -15,7 +15,7 @@ import pytest
 
 from sagaflow.web.present import flower_link
 from tests.conftest import ARTIFACTS, ROOT
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_until_flower_enabled_events
 from tests.services import free_port
 from tests.web_client import call
 
@@ -57,20 +57,6 @@ def flower(settings, worker):
         log.close()
 
 
-def wait_until_flower_enabled_events(flower, client, timeout=60):
-    """Flower tells the workers to send task events every 5 s (the first time 5 s after it starts), and
-    shows only the tasks that ran after that. Probe runs until Flower lists a task of one."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        probe = client.wait(client.start("create_booking", {}).id)
-        ids = {step.task_id for step in probe.steps}
-        for _ in range(10):
-            if ids & set(call("GET", f"{flower}/api/tasks?limit=1000").json):
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"flower listed no task of a run within {timeout} s: it did not enable events")
-
-
 def test_flower_lists_the_step_and_compensation_tasks_by_name(flower, client, settings):
     from sagaflow.app import celery_app
 
@@ -78,7 +64,8 @@ def test_flower_lists_the_step_and_compensation_tasks_by_name(flower, client, se
     node = f"tests@{os.uname().nodename}"
     conf = celery_app.control.inspect(destination=[node], timeout=5).conf()[node]
     assert conf["worker_send_task_events"] is False and conf["task_send_sent_event"] is False
-    wait_until_flower_enabled_events(flower, client)
+    wait_until_flower_enabled_events(
+        flower, lambda: {s.task_id for s in client.wait(client.start("create_booking", {}).id).steps})
     run = client.wait(client.start("create_booking", {"fail_at": "add_calendar"}).id)
     assert run.status == "compensated"
     expected = {step.task_id: f"create_booking.{step.name}" for step in run.steps if step.task_id}
