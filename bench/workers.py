@@ -31,7 +31,8 @@ class Worker:
             time.sleep(0.1)
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise SystemExit(f"bench: the {label} worker did not start; see {log}")
+                tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
+                raise SystemExit(f"bench: the {label} worker did not start; see {log}. It ended with:\n{tail}")
         self.rss_at_start = self.rss()
 
     @property
