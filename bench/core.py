@@ -12,8 +12,17 @@ from pathlib import Path
 
 from bench.figures import SIZES, Figure, progress
 from bench.services import check_services, drop_database, fresh_database
-from bench.sides import PlainSide, SagaflowSide
+from bench.sides import CelerySagaSide, DbosSide, PlainSide, SagaflowSide
 from bench.workers import Worker
+
+# The peers the timed phases run beside sagaflow, the package each needs (the `bench` extra), and its label.
+PEERS = {"dbos": ("dbos", "DBOS"), "celery-saga": ("celery_saga", "celery-saga")}
+
+
+def missing_package(module: str) -> str | None:
+    import importlib.util
+
+    return None if importlib.util.find_spec(module) is not None else module
 
 
 class Bench:
@@ -30,6 +39,9 @@ class Bench:
         self.workers: dict[str, Worker] = {}
         self.database_url = ""
         self.settings = None
+        self.peers: list = []  # the peer sides that run (DbosSide, CelerySagaSide)
+        self.skipped: list[str] = []  # peers asked for whose package is missing, said in the table
+        self.dbos_database = ""
 
     # ------------------------------------------------------------------ setup and teardown
 
@@ -54,23 +66,45 @@ class Bench:
             "SAGAFLOW_BROKER_URL": self.args.redis_url,
             "SAGAFLOW_IMPORTS": "bench.sagas",
             "SAGAFLOW_LOG_LEVEL": "WARNING",
+            **({"SAGAFLOW_PREFETCH": str(self.args.prefetch)} if self.args.prefetch else {}),
         })
         configure(self.settings)
         import bench.sagas  # noqa: F401  SagaClient.start needs the definitions in this process
 
         self.celery_app = celery_app
         self.sf = SagaflowSide(self.database_url)
-        self.pl = PlainSide(self.args.redis_url, self.args.plain_errback)
+        env = self.settings.as_env()
+        self.pl = PlainSide(self.args.redis_url, self.args.plain_errback, env=env)
+        self.same = PlainSide(self.args.redis_url, self.args.plain_errback, same=True, env=env)
         # The bench's own Redis db only; refuse if some worker already consumes it.
-        if celery_app.control.ping(timeout=1.0) or self.pl.plain.app.control.ping(timeout=0.5):
+        if celery_app.control.ping(timeout=1.0) or self.pl.app.control.ping(timeout=0.5):
             raise SystemExit(f"bench: a worker already listens on {self.args.redis_url}; stop it or pass "
                              f"another --redis-url (the bench flushes its db)")
         redis.Redis.from_url(self.args.redis_url).flushdb()
+
+    def setup_peers(self) -> None:
+        """The peers asked for whose package is installed; a missing one is said and skipped."""
+        for key in self.args.peers:
+            module, label = PEERS[key]
+            if missing_package(module):
+                note = (f"the {label} row: its package is not installed "
+                        f"(pip install -r requirements-bench.txt, or pip install -e '.[bench]')")
+                self.skipped.append(note)
+                progress(f"bench: skipping {note}")
+                continue
+            if key == "celery-saga":
+                self.peers.append(CelerySagaSide(self.args.redis_url))
+            else:
+                self.dbos_database = f"{self.args.database}_dbos"
+                self.peers.append(DbosSide(fresh_database(self.args.pg_admin_url, self.dbos_database)))
 
     def teardown(self) -> None:
         for worker in list(self.workers.values()):
             worker.stop()
         self.workers.clear()
+        for peer in self.peers:
+            if isinstance(peer, DbosSide):
+                peer.close()
         if hasattr(self, "sf"):
             self.sf.pg.close()
             from sagaflow.app import get_store
@@ -82,6 +116,8 @@ class Bench:
             redis.Redis.from_url(self.args.redis_url).flushdb()
             if not self.args.keep_db:
                 drop_database(self.args.pg_admin_url, self.args.database)
+                if self.dbos_database:
+                    drop_database(self.args.pg_admin_url, self.dbos_database)
 
     def worker_env(self, imports: str, database_url: str | None = None) -> dict:
         settings = self.settings.with_(imports=tuple(imports.split(",")),
@@ -102,18 +138,48 @@ class Bench:
         self.workers[key] = worker
         return worker
 
-    def start_plain_worker(self) -> Worker:
-        progress(f"starting the plain worker (prefork, {self.args.concurrency} processes)")
-        app = self.pl.plain.app
+    def start_celery_worker(self, key: str, app_path: str, app, queue: str) -> Worker:
+        """A plain Celery worker of ``app_path`` on ``queue`` (its settings are the app's own: no -E)."""
+        progress(f"starting the {key} worker (prefork, {self.args.concurrency} processes)")
         worker = Worker(
-            "plain", [sys.executable, "-m", "celery", "-A", "bench.plain", "worker", "-E", "-P", "prefork",
-                      "-c", str(self.args.concurrency), "-Q", self.pl.plain.QUEUE, "-l", "WARNING"],
-            self.worker_env("bench.sagas"), self.workdir / "plain-worker.log",
+            key, [sys.executable, "-m", "celery", "-A", app_path, "worker", "-P", "prefork",
+                  "-c", str(self.args.concurrency), "-Q", queue, "-l", "WARNING"],
+            self.worker_env("bench.sagas"), self.workdir / f"{key}-worker.log",
             lambda node: bool(app.control.ping(destination=[node], timeout=0.5)),
-            f"bench-plain-{os.getpid()}@%h",
+            f"bench-{key}-{os.getpid()}@%h",
         )
-        self.workers["plain"] = worker
+        self.workers[key] = worker
         return worker
+
+    def start_plain_worker(self) -> Worker:
+        self.start_celery_worker("plain_same", "bench.plain:same_app", self.same.app, self.same.queue)
+        return self.start_celery_worker("plain", "bench.plain:app", self.pl.app, self.pl.queue)
+
+    def start_peer_workers(self) -> None:
+        """celery-saga's Celery worker; DBOS's executors, one after the other (the first creates DBOS's
+        tables), each until it says it is ready, then paused until DBOS's own runs."""
+        from bench import peer_dbos
+
+        for peer in self.peers:
+            if isinstance(peer, CelerySagaSide):
+                self.start_celery_worker("celery_saga", "bench.peer_celery_saga:app", peer.peer.app,
+                                         peer.peer.QUEUE)
+                continue
+            n = self.args.dbos_processes or self.args.concurrency
+            progress(f"starting {n} DBOS executor(s) (worker_concurrency {self.args.dbos_worker_concurrency}, "
+                     f"polling every {self.args.dbos_poll} s)")
+            argv = [*peer_dbos.EXECUTOR_ARGV, "serve", peer.url, "--poll", str(self.args.dbos_poll)]
+            if self.args.dbos_worker_concurrency:
+                argv += ["--worker-concurrency", str(self.args.dbos_worker_concurrency)]
+            for i in range(n):
+                log = self.workdir / f"dbos-executor-{i}.log"
+                worker = Worker(f"dbos-{i}", argv, self.worker_env("bench.sagas"), log,
+                                lambda _node, log=log: log.exists() and peer_dbos.READY in log.read_text(),
+                                "", hostname_arg=False)
+                self.workers[f"dbos-{i}"] = worker
+                peer.workers.append(worker)
+            peer.connect()
+            peer.pause()
 
     def stop_worker(self, key: str) -> None:
         worker = self.workers.pop(key, None)
@@ -144,6 +210,13 @@ class Bench:
 
     def batch(self, side, n: int, steps: int, fail_at: int | None, what: str, quiet: bool = False) -> dict:
         """Start n runs at once, wait until all are final; elapsed from the first start to the last finish."""
+        side.resume()
+        try:
+            return self._batch(side, n, steps, fail_at, what, quiet)
+        finally:
+            side.pause()
+
+    def _batch(self, side, n: int, steps: int, fail_at: int | None, what: str, quiet: bool) -> dict:
         t0 = time.time()
         for i in range(n):
             side.start(steps, fail_at)
@@ -176,6 +249,7 @@ class Bench:
             self.warm_up(side, steps, fail_at)
         for i in range(n):
             for side in sides:
+                side.resume()
                 t0 = time.time()
                 run_id = side.start(steps, fail_at)
                 start_calls[side.label].append(time.time() - t0)
@@ -185,6 +259,7 @@ class Bench:
                         break
                     # the end time is the run's own record: a slower poll loses no precision, and loads the machine less
                     time.sleep(0.02)
+                side.pause()
                 if end is not None:
                     latencies[side.label].append(end - t0)
             if (i + 1) % 10 == 0:
@@ -198,9 +273,18 @@ class Bench:
         return {"latencies": latencies, "start_calls": start_calls, "ok": all(ok.values())}
 
     def paired_batches(self, n: int, steps: int, fail_at: int | None, what: str) -> tuple[dict, dict]:
+        out = self.batches([self.sf, self.pl], n, steps, fail_at, what)
+        return out["sagaflow"], out["plain"]
+
+    def batches(self, sides: list, n: int, steps: int, fail_at: int | None, what: str) -> dict[str, dict]:
+        """One batch per side, in turn (each after a warm-up); by label."""
         out = {}
-        for side in (self.sf, self.pl):
+        for side in sides:
             self.warm_up(side, steps, fail_at)
             progress(f"  {side.label}: {what}")
             out[side.label] = self.batch(side, n, steps, fail_at, what)
-        return out["sagaflow"], out["plain"]
+        return out
+
+    def headline_sides(self) -> list:
+        """The sides of the headline figures (latency, throughput): sagaflow, both plain chains, the peers."""
+        return [self.sf, self.pl, self.same, *self.peers]

@@ -53,15 +53,25 @@ class Figure:
     sagaflow: float | None
     plain: float | None = None
     target: Target | None = None
-    checked: bool = True  # every run behind this figure ended as it should, on both sides
+    checked: bool = True  # every run behind this figure ended as it should, on every side
     n: int | None = None
     extra: dict = field(default_factory=dict)
+    # The plain chain on sagaflow's own Celery settings (the second row; `plain` is Celery's defaults + acks_late)
+    same: float | None = None
+    # The peers' values, by label ("DBOS", "celery-saga"), in the timed phases
+    peers: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float | None:
         if self.sagaflow is None or not self.plain:
             return None
         return self.sagaflow / self.plain
+
+    @property
+    def ratio_same(self) -> float | None:
+        if self.sagaflow is None or not self.same:
+            return None
+        return self.sagaflow / self.same
 
     @property
     def result(self) -> str | None:
@@ -74,6 +84,8 @@ class Figure:
         return {
             "name": self.name, "title": self.title, "unit": self.unit,
             "sagaflow": _round(self.sagaflow), "plain": _round(self.plain), "ratio": _round(self.ratio),
+            "plain_same_settings": _round(self.same), "ratio_same_settings": _round(self.ratio_same),
+            "peers": {k: _round(v) for k, v in self.peers.items()},
             "target": str(self.target) if self.target else None, "result": self.result,
             "checked": self.checked, "n": self.n, "extra": self.extra,
         }
@@ -118,24 +130,60 @@ def progress(message: str, end: str = "\n") -> None:
     print(message, file=sys.stderr, end=end, flush=True)
 
 
-def render_table(figures: list[Figure], info: dict, summary: dict) -> str:
-    def fmt(x):
-        if x is None:
-            return "-"
-        return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
+def _fmt(x):
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}" if abs(x) < 10 else f"{x:.1f}"
 
-    rows = [("figure", "unit", "sagaflow", "plain", "ratio", "target", "")]
-    for f in figures:
-        rows.append((f.title + ("" if f.checked else "  [UNCHECKED]"), f.unit, fmt(f.sagaflow), fmt(f.plain),
-                     fmt(f.ratio), str(f.target) if f.target else "", f.result or ""))
+
+def _grid(rows: list[tuple]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = [f"sagaflow vs plain Celery chain: size {info['size']}, {info['cpus']} CPUs, load average "
-           f"{info['loadavg_start'][0]} at start / {info['loadavg_end'][0]} at end, {info['seconds']} s"]
+    out = []
     for i, r in enumerate(rows):
         out.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w)
                              for j, (c, w) in enumerate(zip(r, widths, strict=True))))
         if i == 0:
             out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+SYSTEM_COLUMNS = (("w1_throughput", "W1 runs/s"), ("w2_throughput", "W2 runs/s"),
+                  ("w1_latency_p50", "W1 p50 ms"), ("w2_latency_p50", "W2 p50 ms"))
+
+
+def systems_table(figures: list[Figure]) -> list[str]:
+    """The issue's comparison: one row per system (the baseline, the same-settings chain, each peer,
+    sagaflow), the headline figures as columns; empty when the timed phases did not run."""
+    by_name = {f.name: f for f in figures}
+    shown = [by_name.get(name) for name, _ in SYSTEM_COLUMNS]
+    if not any(shown):
+        return []
+    peers = sorted({p for f in shown if f for p in f.peers})
+    systems = [("plain Celery chain, Celery defaults + acks_late", lambda f: f.plain),
+               ("plain Celery chain, sagaflow's Celery settings", lambda f: f.same)]
+    systems += [(peer, lambda f, peer=peer: f.peers.get(peer)) for peer in peers]
+    systems.append(("sagaflow", lambda f: f.sagaflow))
+    rows: list[tuple] = [("system", *(title for _, title in SYSTEM_COLUMNS))]
+    for label, value in systems:
+        rows.append((label, *(_fmt(value(f)) + ("" if f.checked else "?") if f else "-" for f in shown)))
+    return _grid(rows)
+
+
+def render_table(figures: list[Figure], info: dict, summary: dict) -> str:
+    rows = [("figure", "unit", "sagaflow", "plain", "ratio", "plain, same settings", "ratio", "target", "")]
+    for f in figures:
+        rows.append((f.title + ("" if f.checked else "  [UNCHECKED]"), f.unit, _fmt(f.sagaflow), _fmt(f.plain),
+                     _fmt(f.ratio), _fmt(f.same), _fmt(f.ratio_same), str(f.target) if f.target else "",
+                     f.result or ""))
+    out = [f"sagaflow vs plain Celery chain: size {info['size']}, {info['cpus']} CPUs, load average "
+           f"{info['loadavg_start'][0]} at start / {info['loadavg_end'][0]} at end, {info['seconds']} s",
+           "plain = Celery's defaults + acks_late (the baseline); plain, same settings = sagaflow's Celery settings"]
+    out += _grid(rows)
+    systems = systems_table(figures)
+    if systems:
+        out += ["", "against what users would pick instead (same run, same Redis and PostgreSQL):"] + systems
+    for note in info.get("skipped", []):
+        out.append(f"skipped: {note}")
     out.append("outcome checks: " + ("every run ended as it should" if summary["outcome_checks_passed"]
                                      else f"{len(summary['problems'])} problem(s): " + "; ".join(summary["problems"])))
     return "\n".join(out)

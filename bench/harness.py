@@ -1,8 +1,10 @@
 """python -m bench: sagaflow against a plain Celery chain, in one run, on the same Redis and PostgreSQL.
 
-Both workers run side by side for the whole run (prefork, 2 processes each, the Celery settings of
-config/celeryconfig.py): the sagaflow worker on the default queue, the plain one on its own queue, so the
-phases can alternate between them and a change in the machine's load hits both sides alike. Every run's
+The baseline is the plain chain on Celery's own defaults plus acks_late (what a user would run instead); the
+same chain on sagaflow's Celery settings is a second row, and DBOS and celery-saga (the `bench` extra) are
+peer rows in the latency and throughput phases. All workers run side by side for the whole run (prefork, 2
+processes each; DBOS: 2 executor processes, paused while other sides run), each on its own queue, so the
+phases can alternate between them and a change in the machine's load hits every side alike. Every run's
 outcome is checked (sagaflow in SQL, plain through the record its last task writes to Redis); a figure
 whose runs did not all end as they should is marked unchecked and the command exits 2. Missing a target
 is printed (MISS) and does not change the exit code: a benchmark prints figures, it does not assert them.
@@ -25,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.core import Bench
+from bench.core import PEERS, Bench
 from bench.embedded import phase_embedded
 from bench.figures import PHASES, SIZES, progress, render_table
 from bench.policy_off import phase_policy_off
@@ -60,6 +62,10 @@ def run(bench: Bench) -> int:
             bench.start_sagaflow_worker()
         if timed:
             bench.start_plain_worker()
+        if {"latency", "throughput"} & set(bench.phases):
+            bench.setup_peers()
+            bench.start_peer_workers()
+        info["skipped"] = bench.skipped
         for phase, run_phase in RUNNERS.items():
             if phase in bench.phases:
                 run_phase(bench)
@@ -105,6 +111,11 @@ def run_info(bench: Bench) -> dict:
         "python": platform.python_version(), "celery": celery.__version__, "kombu": kombu.__version__,
         "sqlalchemy": sqlalchemy.__version__, "psycopg2": psycopg2.__version__.split()[0],
         "worker": f"prefork -c {bench.args.concurrency}, config/celeryconfig.py",
+        "baseline": "plain chain on Celery's defaults + task_acks_late (bench/plain.py: app)",
+        "peers": list(bench.args.peers), "dbos": {"processes": bench.args.dbos_processes or bench.args.concurrency,
+                                                  "worker_concurrency": bench.args.dbos_worker_concurrency,
+                                                  "poll_seconds": bench.args.dbos_poll},
+        "prefetch": bench.args.prefetch or "default",
         "plain_errback": bench.args.plain_errback, "git": commit,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -145,7 +156,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="plain chain's link_error: a task that applies the compensation chain (default), or "
                         "the chain itself (see bench/plain.py)")
     p.add_argument("--workdir", default=str(ROOT / ".bench"), help="worker logs and the demo's home")
+    p.add_argument("--peers", default=",".join(PEERS),
+                   help=f"peers run beside sagaflow in the latency and throughput phases, among {', '.join(PEERS)}, "
+                        f"or none (default: both; a peer whose package is missing is skipped and said: "
+                        f"pip install -r requirements-bench.txt)")
+    p.add_argument("--dbos-processes", type=int, default=0,
+                   help="DBOS executor processes (default: --concurrency, one per Celery pool process)")
+    p.add_argument("--dbos-worker-concurrency", type=int, default=0,
+                   help="DBOS queue worker_concurrency per executor (default: none, DBOS's own default)")
+    p.add_argument("--dbos-poll", type=float, default=0.01,
+                   help="DBOS queue polling interval in seconds (default %(default)s; DBOS's own is 1 s)")
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="SAGAFLOW_PREFETCH for the sagaflow worker and the same-settings chain (default: sagaflow's)")
     args = p.parse_args(argv)
+    peers = [x.strip() for x in args.peers.split(",") if x.strip() and x.strip() != "none"]
+    if set(peers) - set(PEERS):
+        p.error(f"unknown peer(s) {', '.join(sorted(set(peers) - set(PEERS)))}; choose among {', '.join(PEERS)}")
+    args.peers = tuple(peers)
     phases = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = set(phases) - set(PHASES) - {"profile"}
     if unknown:

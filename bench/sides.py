@@ -1,17 +1,34 @@
-"""The two sides a phase runs: sagaflow (with compensation, or switched off by policy), checked in SQL, and
-the plain Celery chain, checked through the record its last task writes to Redis. Each starts a run, says
-when it finished, counts the finished runs and checks that every run ended as it should."""
+"""The sides a phase runs: sagaflow (with compensation, or switched off by policy), checked in SQL; the plain
+Celery chain on Celery's defaults (the baseline) and on sagaflow's settings, checked through the record its
+last task writes to Redis; and the peers: celery-saga (bench/peer_celery_saga.py), checked in its Redis
+documents, and DBOS (bench/peer_dbos.py), checked in its PostgreSQL tables. Each starts a run, says when it
+finished, counts the finished runs and checks that every run ended as it should."""
 
 from __future__ import annotations
 
+import json
 import uuid
+from datetime import datetime
 
 from bench.services import dsn
 
 FINAL = ("succeeded", "compensated", "compensation_failed", "cancelled", "failed")
 
 
-class SagaflowSide:
+class Side:
+    """What every side has beyond starting and checking runs: a worker to pause while other sides run (only
+    DBOS's executors poll when idle, so only they are paused)."""
+
+    label = ""
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+
+class SagaflowSide(Side):
     """Starts sagaflow runs with SagaClient and checks them in SQL (psycopg2, autocommit, its own connection)."""
 
     label = "sagaflow"
@@ -104,18 +121,21 @@ class PolicyOffSide(SagaflowSide):
         return problems
 
 
-class PlainSide:
-    """Starts plain chains and reads the record their last task writes (bench/plain.py)."""
+class PlainSide(Side):
+    """Starts plain chains and reads the record their last task writes (bench/plain.py). ``same=True``: the
+    chain on sagaflow's Celery settings instead of Celery's defaults plus acks_late."""
 
-    label = "plain"
-
-    def __init__(self, redis_url: str, errback: str) -> None:
+    def __init__(self, redis_url: str, errback: str, same: bool = False, env: dict | None = None) -> None:
         import redis
 
         from bench import plain
 
-        plain.configure(redis_url)
+        plain.configure(redis_url, env)
         self.plain = plain
+        self.app = plain.same_app if same else plain.app
+        self.queue = plain.SAME_QUEUE if same else plain.QUEUE
+        self.label = "plain, sagaflow's settings" if same else "plain"
+        self.key = "plain_same" if same else "plain"
         self.errback = errback
         self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
         self.phase = "none"
@@ -126,7 +146,7 @@ class PlainSide:
 
     def start(self, steps: int, fail_at: int | None) -> str:
         run_id = str(uuid.uuid4())
-        self.plain.build_chain(run_id, steps, self.phase, fail_at, self.errback).apply_async()
+        self.plain.build_chain(run_id, steps, self.phase, fail_at, self.errback, on=self.app).apply_async()
         return run_id
 
     def finished_at(self, run_id: str) -> float | None:
@@ -146,3 +166,157 @@ class PlainSide:
             return []
         what = "ran every step, in order" if fail_at is None else "compensated every earlier step, in reverse"
         return [f"{good} of {n} runs {what} ({len(values)} recorded)"]
+
+
+class CelerySagaSide(Side):
+    """celery-saga 0.1.1 (bench/peer_celery_saga.py): each run is one JSON document in Redis, read back with
+    MGET. W1 and W2 only (4 steps)."""
+
+    label = "celery-saga"
+    key = "celery_saga"
+    FINAL = ("completed", "compensated", "failed")
+
+    def __init__(self, redis_url: str) -> None:
+        import redis
+
+        from bench import peer_celery_saga
+
+        peer_celery_saga.configure(redis_url)
+        self.peer = peer_celery_saga
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.ids: list[str] = []
+
+    def reset(self) -> None:
+        for i in range(0, len(self.ids), 1000):
+            self.redis.delete(*(f"celery_saga:{x}" for x in self.ids[i:i + 1000]))
+        self.ids = []
+
+    def start(self, steps: int, fail_at: int | None) -> str:
+        if steps != self.peer.STEPS:
+            raise ValueError(f"the celery-saga peer runs {self.peer.STEPS} steps, not {steps}")
+        run_id = self.peer.start(fail_at)
+        self.ids.append(run_id)
+        return run_id
+
+    def documents(self, ids: list[str]) -> list[dict | None]:
+        out: list[dict | None] = []
+        for i in range(0, len(ids), 500):
+            out += [json.loads(v) if v else None
+                    for v in self.redis.mget([f"celery_saga:{x}" for x in ids[i:i + 500]])]
+        return out
+
+    @staticmethod
+    def _time(doc: dict) -> float:
+        return datetime.fromisoformat(doc["updated_at"]).timestamp()
+
+    def finished_at(self, run_id: str) -> float | None:
+        (doc,) = self.documents([run_id])
+        return self._time(doc) if doc and doc["status"] in self.FINAL else None
+
+    def final_count(self) -> int:
+        return sum(1 for d in self.documents(self.ids) if d and d["status"] in self.FINAL)
+
+    def last_finish(self) -> float:
+        return max(self._time(d) for d in self.documents(self.ids) if d)
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        docs = self.documents(self.ids)
+        if fail_at is None:
+            want = ("completed", ["success"] * steps)
+        else:
+            want = ("compensated", ["compensated"] * fail_at + ["failed"] + ["pending"] * (steps - fail_at - 1))
+        good = sum(1 for d in docs if d and (d["status"], [s["status"] for s in d["steps"]]) == want)
+        if len(docs) == n and good == n:
+            return []
+        return [f"{good} of {n} runs ended {want[0]} with steps {want[1]} ({len(docs)} started)"]
+
+
+class DbosSide(Side):
+    """DBOS 3.4 (bench/peer_dbos.py): enqueued with DBOSClient, run by the executor processes, checked in its
+    system database. Its executors poll PostgreSQL even when idle, so they are paused (SIGSTOP) while other
+    sides run, and resumed (SIGCONT) for their own runs and before a reset."""
+
+    label = "DBOS"
+    key = "dbos"
+
+    def __init__(self, database_url: str) -> None:
+        import psycopg2
+        from dbos import DBOSClient
+
+        from bench import peer_dbos
+        from bench.services import dsn
+
+        self.peer = peer_dbos
+        self.url = database_url
+        self.client: DBOSClient | None = None
+        self.pg = psycopg2.connect(dsn(database_url))
+        self.pg.autocommit = True
+        self.workers: list = []
+        self.paused = False
+
+    def connect(self) -> None:
+        """Once an executor has created DBOS's tables (a DBOSClient runs no migrations)."""
+        from dbos import DBOSClient
+
+        self.client = DBOSClient(system_database_url=self.url)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.destroy()
+        self.pg.close()
+
+    def pause(self) -> None:
+        if not self.paused:
+            for w in self.workers:
+                w.signal_stop()
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            for w in self.workers:
+                w.signal_continue()
+            self.paused = False
+
+    def sql(self, query: str, params=()) -> list[tuple]:
+        with self.pg.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def reset(self) -> None:
+        paused = self.paused
+        self.resume()  # a paused executor may hold a row lock of its last poll
+        self.sql("DELETE FROM dbos.operation_outputs; DELETE FROM dbos.workflow_status")
+        if paused:
+            self.pause()
+
+    def start(self, steps: int, fail_at: int | None) -> str:
+        if steps != self.peer.STEPS:
+            raise ValueError(f"the DBOS peer runs {self.peer.STEPS} steps, not {steps}")
+        assert self.client is not None
+        name = "bench_w2" if fail_at is not None else "bench_w1"
+        return self.client.enqueue({"workflow_name": name, "queue_name": self.peer.QUEUE}).get_workflow_id()
+
+    def finished_at(self, run_id: str) -> float | None:
+        rows = self.sql("SELECT completed_at FROM dbos.workflow_status WHERE workflow_uuid = %s "
+                        "AND status IN ('SUCCESS', 'ERROR')", (run_id,))
+        return rows[0][0] / 1000 if rows and rows[0][0] else None
+
+    def final_count(self) -> int:
+        return self.sql("SELECT count(*) FROM dbos.workflow_status WHERE status IN ('SUCCESS', 'ERROR')")[0][0]
+
+    def last_finish(self) -> float:
+        return self.sql("SELECT max(completed_at) FROM dbos.workflow_status")[0][0] / 1000
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        problems = []
+        status = "SUCCESS" if fail_at is None else "ERROR"
+        runs = dict(self.sql("SELECT status, count(*) FROM dbos.workflow_status GROUP BY status"))
+        if runs != {status: n}:
+            problems.append(f"workflows by status {runs}, expected {{{status!r}: {n}}}")
+        order = self.peer.expected_order(fail_at)
+        in_order = self.sql(
+            "SELECT count(*) FROM (SELECT string_agg(function_name, ',' ORDER BY function_id) AS o "
+            "FROM dbos.operation_outputs GROUP BY workflow_uuid) x WHERE o = %s", (order,))[0][0]
+        if in_order != n:
+            problems.append(f"{in_order} of {n} workflows recorded exactly {order}, in that order")
+        return problems

@@ -40,12 +40,16 @@ def celery_settings(settings: Settings) -> dict:
         "task_acks_on_failure_or_timeout": True,  # failures go to errbacks, never a requeue loop
         "task_reject_on_worker_lost": False,
         "task_retry_on_worker_lost": True,  # a killed pool child's task is retried, bounded by max_retries
-        "worker_prefetch_multiplier": 1,
+        # A worker reserves prefetch x concurrency messages, those running included (SAGAFLOW_PREFETCH, default 1:
+        # measured best, and no reserved message waits behind a long step; a higher value wants long steps on a
+        # queue of their own, served with 1).
+        "worker_prefetch_multiplier": settings.prefetch,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_soft_shutdown_timeout": 30.0,
-        # Events on, so Flower shows every step and compensation as a task with its own name.
-        "worker_send_task_events": True,
-        "task_send_sent_event": True,
+        # Events off unless SAGAFLOW_TASK_EVENTS: each costs a message per task state. Flower shows every step
+        # and compensation all the same: while it runs it tells the workers to send events (enable_events).
+        "worker_send_task_events": settings.task_events,
+        "task_send_sent_event": settings.task_events,
         "worker_hijack_root_logger": False,
         # A message that fails while the worker receives it is dropped, logged, instead of ending the worker
         # (sagaflow/inbound.py; the depth of every message is checked there too).

@@ -112,6 +112,10 @@ def _http_url(env: dict, name: str) -> str:
     return value
 
 
+# Chosen by measurement (docs/performance.md, "Prefetch"): sagaflow's throughput against the plain chain in
+# the same run was best with 1 of 1, 2, 4 and 8; it is also the one that never holds a message behind a step.
+PREFETCH_DEFAULT = 1
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("logfmt", "json")
 # What SQLAlchemy dialects sagaflow runs on; a plain postgresql:// or postgres:// (what hosting providers hand
@@ -167,6 +171,12 @@ class Settings:
     worker_pool: str
     worker_concurrency: int
     log_level: str
+    # Celery's worker_prefetch_multiplier: a worker reserves prefetch x concurrency messages at a time, those
+    # running included (docs/configuration.md: the worker that serves long steps' queue wants 1).
+    prefetch: int = PREFETCH_DEFAULT
+    # Task events always on (worker_send_task_events, task_send_sent_event). Off by default: they cost every
+    # message an event, and Flower switches the workers' events on itself while it runs (its enable_events).
+    task_events: bool = False
     # Recovery (sagaflow/runtime/recovery.py): a live run that holds no lease and has not moved for stall_timeout
     # seconds is re-driven from SQL; the beat task looks every recovery_interval seconds.
     stall_timeout: int = 600
@@ -232,6 +242,8 @@ class Settings:
             default_step_timeout=_int(env, "SAGAFLOW_DEFAULT_STEP_TIMEOUT", 300),
             worker_pool=env.get("SAGAFLOW_WORKER_POOL", "prefork"),
             worker_concurrency=_int(env, "SAGAFLOW_WORKER_CONCURRENCY", 2),
+            prefetch=_positive(env, "SAGAFLOW_PREFETCH", PREFETCH_DEFAULT),
+            task_events=_bool(env, "SAGAFLOW_TASK_EVENTS", False),
             log_level=_choice(env, "SAGAFLOW_LOG_LEVEL", "WARNING", LOG_LEVELS, upper=True),
             log_format=_choice(env, "SAGAFLOW_LOG_FORMAT", "logfmt", LOG_FORMATS),
             celery_app=_import_path(env, "SAGAFLOW_CELERY_APP", with_attribute=True),
@@ -302,6 +314,8 @@ class Settings:
             "SAGAFLOW_DEFAULT_STEP_TIMEOUT": str(self.default_step_timeout),
             "SAGAFLOW_WORKER_POOL": self.worker_pool,
             "SAGAFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
+            "SAGAFLOW_PREFETCH": str(self.prefetch),
+            "SAGAFLOW_TASK_EVENTS": "1" if self.task_events else "0",
             "SAGAFLOW_LOG_LEVEL": self.log_level,
             "SAGAFLOW_STALL_TIMEOUT": str(self.stall_timeout),
             "SAGAFLOW_RECOVERY_INTERVAL": str(self.recovery_interval),

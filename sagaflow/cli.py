@@ -245,7 +245,8 @@ def main() -> None:
               help="Also run beat in this worker, which schedules the recovery sweeper (one such worker per "
                    "deployment; or run `celery -A sagaflow.app beat` on its own).")
 def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
-    """Run a Celery worker for every registered saga, with task events on for Flower."""
+    """Run a Celery worker for every registered saga. Task events are off unless SAGAFLOW_TASK_EVENTS=1;
+    `sagaflow flower` switches them on in the workers while it runs."""
     for value, option in ((queues, "--queues"), (hostname, "--hostname")):
         if value is not None:
             check_text(value, option)
@@ -273,7 +274,8 @@ def worker(pool, concurrency, queues, loglevel, hostname, beat) -> None:
         broker = start_unless_running(settings.embedded_socket)
         if broker is not None:
             click.echo(f"started the embedded broker on {settings.embedded_socket}", err=True)
-    argv = ["worker", "-E", "-P", pool or settings.worker_pool,
+    # No -E: events follow worker_send_task_events (SAGAFLOW_TASK_EVENTS), and Flower enables them while it runs.
+    argv = ["worker", "-P", pool or settings.worker_pool,
             "-c", str(concurrency or settings.worker_concurrency),
             "-l", (loglevel or settings.log_level).upper()]
     if queues:
@@ -346,6 +348,14 @@ def flower(address, port, url_prefix, flower_args) -> None:
     except ImportError:
         raise click.ClickException("sagaflow flower needs the [flower] extra: pip install 'sagaflow[flower]'") from None
     argv = ["flower", f"--address={address}", f"--port={port}"]
+    # Workers send task events only when asked (SAGAFLOW_TASK_EVENTS is off by default): Flower asks them,
+    # every 5 s while it runs. Said explicitly, so a change of Flower's default cannot leave it blind.
+    if not any(a.lstrip("-").startswith("enable_events") for a in flower_args):
+        argv.append("--enable_events=True")
+    elif not settings.task_events and any(a.lstrip("-").lower() in ("enable_events=false", "enable_events=0")
+                                          for a in flower_args):
+        click.echo("note: with --enable_events=False Flower shows no tasks unless the workers run with "
+                   "SAGAFLOW_TASK_EVENTS=1", err=True)
     if url_prefix:
         argv.append(f"--url_prefix={url_prefix.strip('/')}")
     app.start(argv + list(flower_args))

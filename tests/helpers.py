@@ -18,6 +18,22 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
         time.sleep(0.05)
 
 
+def wait_until_flower_enabled_events(flower_url: str, run_once: Callable[[], set], timeout: float = 60):
+    """Flower tells the workers to send task events every 5 s (the first time 5 s after it starts; their
+    events are off by default), and shows only the tasks that ran after that. Probe: ``run_once`` runs a saga
+    to its end and returns its step task ids; again until Flower lists one of them."""
+    from tests.web_client import call
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = run_once()
+        for _ in range(10):
+            if ids & set(call("GET", f"{flower_url}/api/tasks?limit=1000").json):
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"flower listed no task of a run within {timeout} s: it did not enable events")
+
+
 def kinds(run, *only: str) -> list[tuple[str, str | None]]:
     return [(e.kind, e.step) for e in run.events if not only or e.kind in only]
 

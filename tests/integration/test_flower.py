@@ -1,5 +1,8 @@
 """`sagaflow flower` against the test broker: after a run, Flower lists each step and compensation as a
-task named after it, and the status page's links (SAGAFLOW_FLOWER_URL + /task/<id>) open those tasks."""
+task named after it, and the status page's links (SAGAFLOW_FLOWER_URL + /task/<id>) open those tasks.
+
+The worker runs with the default settings, task events off (SAGAFLOW_TASK_EVENTS unset): Flower sees every
+step all the same, because `sagaflow flower` has Flower switch the workers' events on while it runs."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import pytest
 
 from sagaflow.web.present import flower_link
 from tests.conftest import ARTIFACTS, ROOT
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_until_flower_enabled_events
 from tests.services import free_port
 from tests.web_client import call
 
@@ -54,7 +57,15 @@ def flower(settings, worker):
         log.close()
 
 
-def test_flower_lists_the_step_and_compensation_tasks_by_name(flower, client):
+def test_flower_lists_the_step_and_compensation_tasks_by_name(flower, client, settings):
+    from sagaflow.app import celery_app
+
+    assert settings.task_events is False  # the default: the worker was not started with events on
+    node = f"tests@{os.uname().nodename}"
+    conf = celery_app.control.inspect(destination=[node], timeout=5).conf()[node]
+    assert conf["worker_send_task_events"] is False and conf["task_send_sent_event"] is False
+    wait_until_flower_enabled_events(
+        flower, lambda: {s.task_id for s in client.wait(client.start("create_booking", {}).id).steps})
     run = client.wait(client.start("create_booking", {"fail_at": "add_calendar"}).id)
     assert run.status == "compensated"
     expected = {step.task_id: f"create_booking.{step.name}" for step in run.steps if step.task_id}

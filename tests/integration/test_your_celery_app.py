@@ -18,7 +18,7 @@ import pytest
 from celery import Celery
 
 from tests.conftest import ARTIFACTS
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_until_flower_enabled_events
 from tests.services import free_port
 from tests.web_client import call
 
@@ -198,10 +198,16 @@ def test_sagaflow_flower_on_the_teams_app_lists_the_saga_steps(project, proj_wor
                 return False
 
         wait_for(online, timeout=60, what="flower to see the team's worker")
-        done = _sagaflow(root, env, "start", "h13_trip", "--input",
-                         json.dumps({"customer": "c3", "undo_log": str(tmp_path / "u.log")}), "--wait", "--json")
-        assert done.returncode == 0, done.stderr
-        run = json.loads(done.stdout)
+
+        def trip():
+            done = _sagaflow(root, env, "start", "h13_trip", "--input",
+                             json.dumps({"customer": "c3", "undo_log": str(tmp_path / "u.log")}), "--wait", "--json")
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        # the team's worker sends no task events until Flower enables them (sagaflow's default)
+        wait_until_flower_enabled_events(url, lambda: {s["task_id"] for s in trip()["steps"]})
+        run = trip()
         expected = {s["task_id"]: f"h13_trip.{s['name']}" for s in run["steps"]}
 
         def listed():

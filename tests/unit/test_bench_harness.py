@@ -134,3 +134,73 @@ def test_profile_summary_sorts_task_time_by_package(tmp_path):
     assert " 60.0%  PostgreSQL round trip (driver wait)" in text
     assert " 20.0%  Redis round trip (socket)" in text and " 20.0%  JSON encode/decode" in text
     assert " 60.0%  sagaflow: claim_step" in text
+
+
+def test_the_baseline_is_celery_defaults_plus_acks_late_and_the_second_row_has_sagaflows_settings():
+    plain.configure(plain.DEFAULT_REDIS_URL, {"SAGAFLOW_PREFETCH": "3", "SAGAFLOW_TASK_EVENTS": "1"})
+    try:
+        base, same = plain.app.conf, plain.same_app.conf
+        assert base.task_acks_late is True and base.task_default_queue == plain.QUEUE
+        # Celery's own defaults for the rest: what a user running a plain chain gets
+        assert base.worker_prefetch_multiplier == 4 and base.worker_send_task_events is False
+        assert base.task_send_sent_event is False and base.worker_consumer == "celery.worker.consumer:Consumer"
+        assert same.worker_prefetch_multiplier == 3 and same.worker_send_task_events is True
+        assert same.worker_consumer == "sagaflow.inbound:Consumer" and same.task_default_queue == plain.SAME_QUEUE
+        links = plain.build_chain("r", 2, "ph", on=plain.same_app).tasks
+        assert all(link.app is plain.same_app for link in links)
+    finally:
+        plain.configure(plain.DEFAULT_REDIS_URL, {})
+
+
+def test_peers_are_chosen_on_the_command_line_and_a_missing_package_skips_its_row_and_says_so(monkeypatch):
+    from bench import core
+
+    assert parse_args([]).peers == ("dbos", "celery-saga")
+    assert parse_args(["--peers", "none"]).peers == ()
+    with pytest.raises(SystemExit):
+        parse_args(["--peers", "temporal"])
+    monkeypatch.setattr(core, "missing_package", lambda module: module)
+    bench = core.Bench(parse_args(["--smoke"]))
+    bench.setup_peers()
+    assert bench.peers == [] and len(bench.skipped) == 2
+    assert "the DBOS row: its package is not installed" in bench.skipped[0]
+    assert "celery-saga" in bench.skipped[1] and "requirements-bench.txt" in bench.skipped[1]
+
+
+def test_the_systems_table_has_a_row_per_system_and_marks_unchecked_figures():
+    from bench.figures import systems_table
+
+    figures = [Figure("w1_throughput", "W1", "runs/s", 80, 200, same=120, peers={"DBOS": 100, "celery-saga": 99}),
+               Figure("w2_throughput", "W2", "runs/s", 30, 90, same=40, peers={"DBOS": 50}, checked=False),
+               Figure("w1_latency_p50", "W1 p50", "ms", 15, 6, same=9)]
+    lines = systems_table(figures)
+    assert lines[0].split()[:2] == ["system", "W1"]
+    rows = {line.split("  ")[0]: line.split() for line in lines[2:]}
+    assert set(rows) == {"plain Celery chain, Celery defaults + acks_late",
+                         "plain Celery chain, sagaflow's Celery settings", "DBOS", "celery-saga", "sagaflow"}
+    assert rows["DBOS"][1:] == ["100.0", "50.0?", "-", "-"]
+    assert rows["celery-saga"][1:] == ["99.0", "-?", "-", "-"]
+    assert rows["sagaflow"][1:] == ["80.0", "30.0?", "15.0", "-"]
+    assert Figure("x", "x", "runs/s", 80, 200, same=100).ratio_same == 0.8
+    assert systems_table([Figure("sql_round_trips_per_step", "s", "rt", 2.0)]) == []
+
+
+def test_the_dbos_peer_expects_each_step_then_each_compensation_latest_first():
+    pytest.importorskip("dbos")
+    from bench import peer_dbos
+
+    assert peer_dbos.expected_order(None) == "s0,s1,s2,s3"
+    assert peer_dbos.expected_order(3) == "s0,s1,s2,s3_fails,undo_s2,undo_s1,undo_s0"
+
+
+def test_the_celery_saga_peer_runs_the_same_four_no_op_steps_each_with_its_compensation():
+    pytest.importorskip("celery_saga")
+    from bench import peer_celery_saga as peer
+
+    for saga, last in ((peer.W1, "peer.s3"), (peer.W2, "peer.s3_fail")):
+        steps = saga.plan.flatten()
+        assert [s["task_name"] for s in steps] == ["peer.s0", "peer.s1", "peer.s2", last]
+        assert [s["compensate_task_name"] for s in steps] == [f"peer.undo_s{i}" for i in range(4)]
+    with pytest.raises(peer.PeerFailure):
+        peer.FAIL_LAST.run()
+    assert peer.STEP[0].run() is None and peer.UNDO[0].run(None) is None

@@ -40,7 +40,7 @@ def test_install_sets_what_sagaflow_needs_and_keeps_the_apps_own_choices(tmp_pat
     result = json.loads(done.stdout)
     assert result["good"] == {"task_acks_late": True, "task_reject_on_worker_lost": False,
                               "task_retry_on_worker_lost": True, "worker_prefetch_multiplier": 8,
-                              "worker_send_task_events": True, "worker_consumer": "sagaflow.inbound:Consumer"}
+                              "worker_send_task_events": False, "worker_consumer": "sagaflow.inbound:Consumer"}
     assert result["beat"] == ["mine", "sagaflow-recover"]
     assert result["transport"] == {"socket_keepalive": True, "visibility_timeout": 7200}
     assert result["tasks"] and result["good_problems"] == []
