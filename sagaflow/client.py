@@ -308,6 +308,22 @@ class SagaClient:
         summarize it."""
         return self.store.run_counts(saga)
 
+    def find(self, text: str, limit: int = 10) -> builtins.list[str]:
+        """Run ids that ``text`` names: an id prefix (at least 4 characters, as the page's 8-character ids)
+        or an idempotency key; newest first."""
+        if not isinstance(text, str) or not 0 < len(text.strip()) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"give an id prefix or an idempotency key (1 to {MAX_IDEMPOTENCY_KEY} characters)")
+        return self.store.find_runs(check_text(text, "the search"), limit)
+
+    def attention(self, limit: int = 20) -> builtins.list[Run]:
+        """The runs that need an operator: compensation_failed, stuck, waiting at a gate, past their deadline;
+        the longest wait first."""
+        return self.store.attention_runs(limit)
+
+    def step_marks(self, run_ids) -> dict:
+        """{run id: StepMark}: the step each run failed at, failed to undo, or waits at, with its error."""
+        return self.store.step_marks(run_ids)
+
     def workers(self) -> builtins.list[dict]:
         """The live workers (heartbeat within SAGAFLOW_WORKER_DEAD_AFTER s), oldest first, each with the steps
         its pool holds: {"id", "hostname", "pid", "queues", "started_at", "heartbeat_at", "age", "holds"}."""

@@ -102,11 +102,23 @@ def runs():
     scoped = {k: n for k, n in counts.items() if saga is None or k[0] == saga}
     saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
     keep = {k: v for k, v in search.items() if v}  # the search stays in every link of the page
+    attention = client.attention() if offset == 0 else []
+    marks = client.step_marks([r.id for r in page] + [r.id for r in attention])
     return render_template(
         "runs.html", runs=page, total=page.total, status=status, saga=saga, offset=offset, page_size=PAGE_SIZE,
         by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
         saga_names=saga_names, duration=duration, search=search, keep=keep, searching=bool(keep),
+        attention=attention, marks=marks, waited=_waited, now=now(),
     )
+
+
+def _waited(run, mark) -> float | None:
+    """Seconds a run has waited for an operator (or at its gate): since its step failed or began to wait,
+    else since the run last changed."""
+    if run.status not in ("compensation_failed", "stuck", "waiting") and not (run.deadline_at and run.is_live):
+        return None
+    since = (mark.since if mark is not None else None) or run.finished_at or run.updated_at
+    return max((now() - since).total_seconds(), 0.0)
 
 
 def _search_filters(search: dict) -> dict:
@@ -146,6 +158,11 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     except InvalidInput as exc:
         return _page_error(400, f"{exc}.")
     except UnknownRun:
+        found = SagaClient().find(run_id) if request.method == "GET" else []
+        if len(found) == 1:
+            return redirect(url_for("pages.run_detail", run_id=found[0]), 303)
+        if found:
+            return render_template("found.html", text=run_id, found=found)
         return _page_error(404, f"There is no run with id {run_id!r}.")
     bars, not_started = timeline(run, _settings().flower_url)
     asker = FlowerAsker(_settings().flower_url)
@@ -214,7 +231,26 @@ def _pretty(value, limit: int = PRETTY_CHARS // 4) -> tuple[str, bool]:
 
 @pages.get("/runs/<run_id>")
 def run_detail(run_id: str):
+    """A run by its id; a shorter id (the list's 8 characters) or an idempotency key opens the one run it
+    names, or lists the runs it names."""
     return _render_run(run_id)
+
+
+@pages.get("/go")
+def go():
+    """The list's jump box: an id, an id prefix or an idempotency key."""
+    text = request.args.get("to", "").strip()
+    if not text:
+        return redirect(url_for("pages.runs"), 303)
+    try:
+        found = SagaClient().find(text)
+    except InvalidInput as exc:
+        return _page_error(400, f"{exc}.")
+    if len(found) == 1:
+        return redirect(url_for("pages.run_detail", run_id=found[0]), 303)
+    if not found:
+        return _page_error(404, f"No run has an id starting with {text!r} or the idempotency key {text!r}.")
+    return render_template("found.html", text=text, found=found)
 
 
 @pages.post("/runs/<run_id>/cancel")

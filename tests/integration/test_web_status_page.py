@@ -226,3 +226,47 @@ def test_screenshots_of_the_list_and_each_kind_of_run(page, web_url, client):
         facts = page.locator(".running-facts").first.inner_text()
         assert "running for" in facts and "time limit" in facts
     client.wait(running.id)
+
+
+# ---------------------------------------------------------------------------------------------- the list
+
+
+def test_the_list_puts_what_needs_attention_on_top_and_opens_a_run_by_prefix_or_key(page, web_url, client):
+    broken = client.wait(client.start("create_booking", {"fail_at": "add_calendar",
+                                                         "fail_compensation": {"send_email": 10}}).id)
+    assert broken.status == "compensation_failed"
+    gate = client.start("approval", {}, idempotency_key=f"order-{broken.id[:6]}")
+    waiting(client, gate.id)
+    ok = client.wait(client.start("create_booking", {}).id)
+    undone = client.wait(client.start("create_booking", {"fail_at": "add_calendar"}).id)
+
+    page.goto(f"{web_url}/")
+    band = page.locator("#attention")
+    failed_item = band.locator(f"li[data-run-id='{broken.id}']").inner_text()
+    assert "compensation_failed" in failed_item and "send_email" in failed_item
+    assert "fault on attempt 3" in failed_item and "waiting" in failed_item
+    gate_item = band.locator(f"li[data-run-id='{gate.id}']").inner_text()
+    assert "approve" in gate_item and "waiting" in gate_item
+    assert band.locator(f"li[data-run-id='{ok.id}']").count() == 0
+    # In the list: the failed step and its error; compensated and succeeded look different.
+    row = page.locator(f"tr[data-run-id='{undone.id}']")
+    assert "add_calendar" in row.locator("td.failure").inner_text()
+    assert "failed on purpose" in row.locator("td.failure").inner_text()
+
+    def colour(run_id):
+        return page.locator(f"tr[data-run-id='{run_id}'] .badge").evaluate("e => getComputedStyle(e).color")
+
+    assert colour(ok.id) != colour(undone.id)
+    assert "waiting" in page.locator(f"tr[data-run-id='{gate.id}']").inner_text()
+    shoot(page, "run-list-attention", full_page=False)
+
+    # The list's 8-character id opens the run; so do the jump box's prefix and idempotency key.
+    page.goto(f"{web_url}/runs/{ok.id[:8]}")
+    assert page.url.endswith(f"/runs/{ok.id}")
+    page.goto(f"{web_url}/")
+    page.fill("#jump-to", f"order-{broken.id[:6]}")
+    with page.expect_navigation():
+        page.press("#jump-to", "Enter")
+    assert page.url.endswith(f"/runs/{gate.id}")
+    assert call("GET", f"{web_url}/go?to=ffffffff-no").status == 404
+    client.signal(gate.id, "approved", {"by": "cleanup"})

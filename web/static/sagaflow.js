@@ -78,7 +78,7 @@ function clock(date) { return pad(date.getHours()) + ":" + pad(date.getMinutes()
     var kept = [];
     current.querySelectorAll("form[data-keep][id]").forEach(function (form) {
       var edited = form.contains(document.activeElement);
-      form.querySelectorAll("textarea, input[type=text], input:not([type])").forEach(function (field) {
+      form.querySelectorAll("textarea, input[type=text], input[type=search], input:not([type])").forEach(function (field) {
         if (field.value !== field.defaultValue) { edited = true; }
       });
       if (edited) { kept.push(form); }
