@@ -24,6 +24,7 @@ from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
 from sagaflow.web.flower import FlowerAsker
 from sagaflow.web.present import (
     PRETTY_CHARS,
+    TimeAxis,
     age,
     awaiting_undo,
     capped_json,
@@ -178,6 +179,7 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
         past_pivot=run.past_pivot, waiting=[s for s in run.steps if s.status == StepStatus.WAITING],
         required_signals=_required_signals(run), awaiting=awaiting_undo(run), audit=operator_events(run),
         running=_running(run), flower_state=lambda bar: asker.state(bar.task_id if bar.flower_url else None),
+        pauses=TimeAxis(bars, run.finished_at).pauses if bars else [],
         cancel_event=cancel_event, cancel_waits_for=[s.name for s in run.steps if s.status == StepStatus.RUNNING],
     ), status_code
 

@@ -253,15 +253,50 @@ def timeline(run: Run, flower_url: str = "") -> tuple[list[Bar], list[StepState]
                             rounds=len(rounds), first_attempt=first, last_attempt=last, group=s.group, step=s))
     bars.sort(key=lambda b: (b.start, 0 if b.kind == "step" else 1, b.index if b.kind == "step" else -b.index))
     if bars:
-        t0 = min(b.start for b in bars)
-        t1 = max([b.end or now() for b in bars] + [run.finished_at or t0])
-        span = max((t1 - t0).total_seconds(), 0.001)
+        axis = TimeAxis(bars, run.finished_at)
         for b in bars:
-            b.left = round((b.start - t0).total_seconds() / span * 100, 2)
-            end = b.end or now()
-            b.width = round(max((end - b.start).total_seconds() / span * 100, 0.4), 2)
+            b.left = axis.at(b.start)
+            b.width = round(max(axis.at(b.end or now()) - b.left, 0.4), 2)
             b.left = min(b.left, 100 - b.width)
     return bars, not_started
+
+
+class TimeAxis:
+    """Where a moment falls on the run's time axis, in percent. A long pause with nothing running (a gate
+    waiting for hours, a retry's backoff) is drawn short, so the bars around it stay readable: a gap over
+    PAUSE_SHARE of the run and over PAUSE_MIN seconds counts as PAUSE_DRAWN of the run's busy time."""
+
+    PAUSE_SHARE, PAUSE_MIN, PAUSE_DRAWN = 0.2, 5.0, 0.1
+
+    def __init__(self, bars: list[Bar], finished_at: dt.datetime | None) -> None:
+        spans = sorted((b.start, b.end or now()) for b in bars)
+        t0 = spans[0][0]
+        t1 = max([end for _, end in spans] + [finished_at or t0])
+        total = max((t1 - t0).total_seconds(), 0.001)
+        merged: list[list[dt.datetime]] = []
+        for start, end in spans:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        gaps = [(a[1], b[0]) for a, b in zip(merged, merged[1:], strict=False)]
+        if finished_at and finished_at > merged[-1][1]:
+            gaps.append((merged[-1][1], finished_at))
+        self.pauses = [(a, b) for a, b in gaps
+                       if (b - a).total_seconds() > max(self.PAUSE_MIN, self.PAUSE_SHARE * total)]
+        busy = total - sum((b - a).total_seconds() for a, b in self.pauses)
+        self.drawn = max(busy * self.PAUSE_DRAWN, 0.001)  # seconds each long pause counts as
+        self.t0 = t0
+        self.length = max(busy + self.drawn * len(self.pauses), 0.001)
+
+    def at(self, moment: dt.datetime) -> float:
+        seconds = (moment - self.t0).total_seconds()
+        for a, b in self.pauses:
+            if moment >= b:
+                seconds -= (b - a).total_seconds() - self.drawn
+            elif moment > a:
+                seconds -= (moment - a).total_seconds() * (1 - self.drawn / (b - a).total_seconds())
+        return round(min(max(seconds / self.length * 100, 0.0), 100.0), 2)
 
 
 AWAITING_UNDO = "awaiting_undo"

@@ -270,3 +270,19 @@ def test_the_list_puts_what_needs_attention_on_top_and_opens_a_run_by_prefix_or_
     assert page.url.endswith(f"/runs/{gate.id}")
     assert call("GET", f"{web_url}/go?to=ffffffff-no").status == 404
     client.signal(gate.id, "approved", {"by": "cleanup"})
+
+
+def test_the_cli_records_the_os_user_and_the_reason(settings, client):
+    import getpass
+    import os
+    import subprocess
+    import sys
+
+    run = client.start("approval", {})
+    waiting(client, run.id)
+    env = {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING"}
+    done = subprocess.run([sys.executable, "-m", "sagaflow", "cancel", run.id, "--reason", "duplicate order"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    event = next(e for e in client.wait(run.id).events if e.kind == "cancel_requested")
+    assert event.detail == {"actor": getpass.getuser(), "source": "cli", "reason": "duplicate order"}

@@ -93,3 +93,17 @@ def test_a_soft_time_limit_error_names_the_limit():
                                                      "30 s (the soft limit: the process is killed if it runs on)")
     assert "time limit (" in describe(SoftTimeLimitExceeded())
     assert describe(ValueError("x"), 30) == "ValueError: x"
+
+
+def test_a_long_pause_is_drawn_short_on_the_time_axis():
+    from sagaflow.web.present import Bar, TimeAxis
+
+    t0 = dt.datetime(2026, 12, 6, 3, 0, tzinfo=dt.timezone.utc)
+    second = dt.timedelta(seconds=1)
+    bars = [Bar("step", 0, "a", "succeeded", 1, t0, t0 + second, [], None, None),
+            Bar("step", 1, "gate", "succeeded", 1, t0 + 3600 * second, t0 + 3601 * second, [], None, None)]
+    axis = TimeAxis(bars, t0 + 3601 * second)
+    assert axis.pauses == [(t0 + second, t0 + 3600 * second)]
+    assert 40 < axis.at(t0 + 3600 * second) < 60  # not squeezed to the right edge
+    assert axis.at(t0) == 0 and axis.at(t0 + 3601 * second) == 100
+    assert axis.at(t0 + second) < axis.at(t0 + 1800 * second) < axis.at(t0 + 3600 * second)
