@@ -18,7 +18,13 @@ from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, 
 from sagaflow.model.definition import NAME_PATTERN, registry
 from sagaflow.model.events import EventKind
 from sagaflow.model.query import parse_time
-from sagaflow.model.status import RunStatus, StepStatus, counts_by_status
+from sagaflow.model.status import (
+    HELD_STEP_STATUSES,
+    WAITING_FOR_SOMEONE_RUN_STATUSES,
+    RunStatus,
+    StepStatus,
+    counts_by_status,
+)
 from sagaflow.web import security
 from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
 from sagaflow.web.flower import FlowerAsker
@@ -116,7 +122,8 @@ def runs():
 def _waited(run, mark) -> float | None:
     """Seconds a run has waited for an operator (or at its gate): since its step failed or began to wait,
     else since the run last changed."""
-    if run.status not in ("compensation_failed", "stuck", "waiting") and not (run.deadline_at and run.is_live):
+    waits = run.status in {s.value for s in WAITING_FOR_SOMEONE_RUN_STATUSES}
+    if not waits and not (run.deadline_at and run.is_live):
         return None
     since = (mark.since if mark is not None else None) or run.finished_at or run.updated_at
     return max((now() - since).total_seconds(), 0.0)
@@ -187,7 +194,7 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
 def _running(run) -> dict:
     """For each running step or undo: elapsed seconds, its time limit, lease expiry, worker and the worker's
     last heartbeat (saga_workers)."""
-    held = [s for s in run.steps if s.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)]
+    held = [s for s in run.steps if s.status in {h.value for h in HELD_STEP_STATUSES}]
     if not held:
         return {}
     heartbeats = {w["id"]: w["heartbeat_at"] for w in SagaClient().workers()}

@@ -11,7 +11,7 @@ from urllib.parse import quote
 from sagaflow.model.definition import Saga
 from sagaflow.model.events import COMPENSATION_ENDS, EventKind
 from sagaflow.model.snapshots import Run, StepState
-from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.model.status import HELD_STEP_STATUSES, UNDOING_RUN_STATUSES, StepStatus
 
 S = StepStatus
 # How a started step's bar is coloured: its own status, or "succeeded" for one that went on to be undone.
@@ -187,6 +187,11 @@ class Bar:
     def seconds(self) -> float | None:
         return (self.end - self.start).total_seconds() if self.end else None
 
+    @property
+    def held(self) -> bool:
+        """Still held by a worker: the page shows its elapsed time, lease and worker."""
+        return self.end is None and self.status in {s.value for s in HELD_STEP_STATUSES}
+
 
 class _Round:
     def __init__(self, start: dt.datetime) -> None:
@@ -304,7 +309,7 @@ AWAITING_UNDO = "awaiting_undo"
 
 def awaiting_undo(run: Run) -> list[StepState]:
     """The completed steps a compensating or compensation_failed run has still to undo, latest first."""
-    if run.status not in (RunStatus.COMPENSATING.value, RunStatus.COMPENSATION_FAILED.value):
+    if run.status not in {s.value for s in UNDOING_RUN_STATUSES}:
         return []
     todo = [s for s in run.steps if s.has_compensation and s.status == S.SUCCEEDED.value]
     return sorted(todo, key=lambda s: -s.index)
