@@ -23,13 +23,14 @@ from sagaflow.errors import (
 from sagaflow.hosting import install  # noqa: E402
 from sagaflow.model.declarative import SagaFileError, handler
 from sagaflow.model.definition import Parallel, RetryKind, RetryPolicy, Saga, Step, StepContext, StepKind, registry
-from sagaflow.model.events import EventKind
+from sagaflow.model.events import EventKind, Origin
 from sagaflow.model.snapshots import Run
 from sagaflow.model.status import RunStatus, StepStatus
 
 __all__ = [
     "install",
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",
+    "Origin",
     "Parallel", "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled",
     "SagaClient", "SagaFileError", "SagaflowError", "Step", "StepContext", "StepKind", "StepStatus", "UnknownRun",
     "UnknownSaga", "__version__", "handler", "registry",

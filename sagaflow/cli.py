@@ -12,6 +12,7 @@ step error holding terminal escape sequences cannot rewrite the operator's termi
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import json
 import logging
@@ -29,6 +30,7 @@ from sagaflow.app import load_sagas as app_load_sagas
 from sagaflow.client import SagaClient
 from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
+from sagaflow.model.events import Origin
 from sagaflow.model.query import parse_duration, parse_time
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
@@ -440,13 +442,23 @@ def runs(status_, saga, since, until, key, input_fields, limit, offset, as_json)
     click.echo(f"{len(page)} of {page.total}{'' if page.total_is_exact else '+'} runs")
 
 
+def _by(reason: str | None) -> Origin:
+    """Who asks, as the operator event records it: the OS user running the command."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = f"uid {os.getuid()}"
+    return Origin(actor=user, source="cli", reason=reason)
+
+
 @main.command()
 @click.argument("run_id")
+@click.option("--reason", default=None, help="Why (kept with the event in the run's history).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def cancel(run_id, as_json) -> None:
+def cancel(run_id, reason, as_json) -> None:
     """Cancel a pending, running or waiting run: it stops before its next step and undoes what completed."""
     _setup()
-    _print_run(_client().cancel(run_id), as_json, history=False)
+    _print_run(_client().cancel(run_id, by=_by(reason)), as_json, history=False)
 
 
 @main.command()
@@ -454,47 +466,51 @@ def cancel(run_id, as_json) -> None:
 @click.argument("name")
 @click.option("--payload", "payload_json", default=None,
               help='The signal\'s payload, any JSON value (the gate\'s result): \'{"approved_by": "ann"}\'.')
+@click.option("--reason", default=None, help="Why (kept with the event in the run's history).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def signal(run_id, name, payload_json, as_json) -> None:
+def signal(run_id, name, payload_json, reason, as_json) -> None:
     """Deliver signal NAME to a run: the gate waiting for it passes (a signal sent early is kept for it)."""
     settings = _setup()
     payload = None
     if payload_json is not None:
         payload = json_loads(payload_json, "--payload", settings.json_limits)
-    _print_run(_client().signal(run_id, name, payload), as_json, history=False)
+    _print_run(_client().signal(run_id, name, payload, by=_by(reason)), as_json, history=False)
 
 
 @main.command()
 @click.argument("run_id")
+@click.option("--reason", default=None, help="Why (kept with the event in the run's history).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def retry(run_id, as_json) -> None:
+def retry(run_id, reason, as_json) -> None:
     """Resume the compensations of a run in compensation_failed."""
     _setup()
-    _print_run(_client().retry(run_id), as_json, history=False)
+    _print_run(_client().retry(run_id, by=_by(reason)), as_json, history=False)
 
 
 @main.command()
 @click.argument("run_id")
 @click.option("--input", "input_json", default=None,
               help="The new run's input (a JSON object); default: the old run's.")
+@click.option("--reason", default=None, help="Why (kept with the event in the run's history).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def restart(run_id, input_json, as_json) -> None:
+def restart(run_id, input_json, reason, as_json) -> None:
     """Start a new run of a final run's saga, with its input (or --input); the two are linked."""
     settings = _setup()
     data = json_loads(input_json, "--input", settings.json_limits) if input_json is not None else None
     if data is not None and not isinstance(data, dict):
         raise click.BadParameter("--input must be a JSON object")
-    _print_run(_client().restart(run_id, data), as_json, history=False)
+    _print_run(_client().restart(run_id, data, by=_by(reason)), as_json, history=False)
 
 
 @main.command()
 @click.argument("run_id")
 @click.option("--note", required=True, help="How the run was settled by hand (kept in its history).")
+@click.option("--reason", default=None, help="Why (kept with the event in the run's history).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def resolve(run_id, note, as_json) -> None:
+def resolve(run_id, note, reason, as_json) -> None:
     """Settle a compensation_failed or stuck run by hand: it becomes resolved, nothing more runs."""
     _setup()
-    _print_run(_client().resolve(run_id, note), as_json, history=False)
+    _print_run(_client().resolve(run_id, note, by=_by(reason)), as_json, history=False)
 
 
 @main.command()

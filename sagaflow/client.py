@@ -22,6 +22,7 @@ from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownSaga
 from sagaflow.model import policy
 from sagaflow.model.definition import registry
+from sagaflow.model.events import Origin
 from sagaflow.model.query import parse_duration
 from sagaflow.model.snapshots import Run, StepSpec
 from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, compensation_rate, counts_by_status
@@ -38,6 +39,22 @@ MAX_IDEMPOTENCY_KEY = 200
 MAX_RUN_ID = 36  # a uuid4 as text
 MAX_NOTE = 2000  # client.resolve's note
 INPUT_FIELD = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a top-level input field a search may name
+
+
+def _origin(by: Origin | None) -> dict:
+    """The detail an operator event records of who asked (model.events.Origin); a bare client call records
+    ``source=client``."""
+    if by is None:
+        by = Origin()
+    if not isinstance(by, Origin):
+        raise InvalidInput(f"by must be a sagaflow.Origin, got {type(by).__name__}")
+    for name in ("actor", "client", "reason"):
+        value = getattr(by, name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise InvalidInput(f"Origin.{name} must be a string, got {type(value).__name__}")
+            check_text(value, f"the {name}")
+    return by.detail()
 
 
 def check_run_id(run_id) -> str:
@@ -97,8 +114,8 @@ class SagaClient:
         """
         return self._start(registry.get(saga), input, idempotency_key, deadline)  # registry: UnknownSaga
 
-    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None
-               ) -> Run:
+    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
+               origin: dict | None = None) -> Run:
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -130,7 +147,7 @@ class SagaClient:
             if deadline is not None:
                 self.store.set_deadline(run.id, run.created_at + dt.timedelta(seconds=deadline))
             if restart_of is not None:
-                self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1])
+                self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1], origin)
             try:
                 publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app)
             except Exception as exc:
@@ -139,7 +156,7 @@ class SagaClient:
                 run = self.store.get_run(run.id)
         return run
 
-    def restart(self, run_id: str, input: dict | None = None) -> Run:
+    def restart(self, run_id: str, input: dict | None = None, *, by: Origin | None = None) -> Run:
         """Start a new run of a final run's saga and version (the latest version if that one is no longer
         registered, said in the new run's ``restarted_from`` event), with the same input unless ``input`` is
         given. The new run names the old (``restarted_from``); the old gets a ``run_restarted`` event naming
@@ -154,12 +171,13 @@ class SagaClient:
             definition = registry.get(old.saga)  # UnknownSaga if the saga is gone altogether
             note = (f"version {old.saga_version} of {old.saga!r} is no longer registered: the restart runs the "
                     f"latest, version {definition.version}")
-        run = self._start(definition, old.input if input is None else input, None, None, (old.id, note))
+        run = self._start(definition, old.input if input is None else input, None, None, (old.id, note),
+                          _origin(by))
         log.info("restart", extra={"run_id": old.id, "new_run_id": run.id, "saga": run.saga,
                                          "saga_version": run.saga_version})
         return run
 
-    def resolve(self, run_id: str, note: str) -> Run:
+    def resolve(self, run_id: str, note: str, *, by: Origin | None = None) -> Run:
         """Settle a run in ``compensation_failed`` or ``stuck`` by hand: it moves to ``resolved`` with the
         note and the time in a ``run_resolved`` event; nothing is published. InvalidInput without a note;
         InvalidTransition for any other status."""
@@ -168,35 +186,35 @@ class SagaClient:
             raise InvalidInput(f"a note is required: a non-empty string of at most {MAX_NOTE} characters saying "
                                f"how the run was settled")
         check_text(note, "the note")
-        run = self.store.resolve_run(run_id, note.strip())
+        run = self.store.resolve_run(run_id, note.strip(), _origin(by))
         log.info("resolve", extra={"run_id": run_id, "saga": run.saga})
         return run
 
-    def cancel(self, run_id: str) -> Run:
+    def cancel(self, run_id: str, *, by: Origin | None = None) -> Run:
         """Ask a pending, running or waiting run to stop: it stops before its next step and undoes what
         completed. At a gate, the gate fails and the undoing begins at once; at a child step, the child run
         is cancelled first (it compensates), then this run compensates."""
-        return waits.cancel(self.store, check_run_id(run_id))
+        return waits.cancel(self.store, check_run_id(run_id), _origin(by))
 
-    def signal(self, run_id: str, name: str, payload=None) -> Run:
+    def signal(self, run_id: str, name: str, payload=None, *, by: Origin | None = None) -> Run:
         """Deliver signal ``name`` (``payload``: any JSON value, the gate's result) to a run, once. A gate
         waiting for it passes and the run goes on; a signal that arrives before the run reaches its gate is
         kept and taken there. Raises InvalidInput (bad name or payload), UnknownRun, InvalidTransition (the
         run is final, its saga has no gate for ``name``, or the signal was already delivered)."""
-        return waits.signal(self.store, check_run_id(run_id), name, payload)
+        return waits.signal(self.store, check_run_id(run_id), name, payload, _origin(by))
 
-    def retry(self, run_id: str) -> Run:
+    def retry(self, run_id: str, *, by: Origin | None = None) -> Run:
         """Resume the compensations of a run in ``compensation_failed``, where they stopped; or send a run
         ``stuck`` after its pivot forward again, from the step that failed (earlier results read from SQL)."""
         check_run_id(run_id)
-        forward = self.store.request_forward_retry(run_id)  # one transaction: there is no fast variant
+        forward = self.store.request_forward_retry(run_id, _origin(by))  # one transaction: there is no fast variant
         if forward is not None:
             start, results = forward
             run = self.store.get_run(run_id, history=False)
             publish.chain_from(registry.get(run.saga, run.saga_version), run_id, start=start, results=results,
                                app=self.app)
             return self.get(run_id)
-        todo = self.store.request_retry(run_id)
+        todo = self.store.request_retry(run_id, _origin(by))
         if todo:
             publish.compensations_of(run_id, todo)
         else:  # nothing left to undo: the run ended at once
@@ -273,6 +291,22 @@ class SagaClient:
         """{(saga, status): runs in that status now}; the model's counts_by_status and compensation_rate
         summarize it."""
         return self.store.run_counts(saga)
+
+    def find(self, text: str, limit: int = 10) -> builtins.list[str]:
+        """Run ids that ``text`` names: an id prefix (at least 4 characters, as the page's 8-character ids)
+        or an idempotency key; newest first."""
+        if not isinstance(text, str) or not 0 < len(text.strip()) <= MAX_IDEMPOTENCY_KEY:
+            raise InvalidInput(f"give an id prefix or an idempotency key (1 to {MAX_IDEMPOTENCY_KEY} characters)")
+        return self.store.find_runs(check_text(text, "the search"), limit)
+
+    def attention(self, limit: int = 20) -> builtins.list[Run]:
+        """The runs that need an operator: compensation_failed, stuck, waiting at a gate, past their deadline;
+        the longest wait first."""
+        return self.store.attention_runs(limit)
+
+    def step_marks(self, run_ids) -> dict:
+        """{run id: StepMark}: the step each run failed at, failed to undo, or waits at, with its error."""
+        return self.store.step_marks(run_ids)
 
     def workers(self) -> builtins.list[dict]:
         """The live workers (heartbeat within SAGAFLOW_WORKER_DEAD_AFTER s), oldest first, each with the steps

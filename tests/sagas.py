@@ -287,3 +287,25 @@ def after(ctx: StepContext):
 
         raise NonRetryableError("after failed on purpose")
     return {"after": True}
+
+
+# A programming error (the status page shows its traceback, file and line) and a step past its time limit.
+buggy = Saga("buggy")
+
+
+def _read_customer(record):
+    return record.get("customer")  # a str has no .get: AttributeError, as a real bug would
+
+
+@buggy.step(retry=RetryPolicy(max_attempts=1))
+def parse_order(ctx: StepContext):
+    return {"customer": _read_customer(str(ctx.input.get("order", "o-1")))}
+
+
+too_slow = Saga("too_slow")
+
+
+@too_slow.step(retry=RetryPolicy(max_attempts=1), timeout=1)
+def dawdle(ctx: StepContext):
+    time.sleep(3)
+    return {}

@@ -189,3 +189,27 @@ def a_unbook(ctx: StepContext):
 
 
 trip_approval.child("approval_run", saga="approval", input=lambda ctx: {})
+
+
+# A gate whose saga declares its payload required: an empty signal is refused (the status page's form too).
+approval_signed = Saga("approval_signed")
+
+
+@approval_signed.step(retry=FAST, compensation_retry=FAST)
+def earmark(ctx: StepContext):
+    do(ctx)
+    return {"earmarked": True}
+
+
+@earmark.compensation
+def unearmark(ctx: StepContext):
+    undo(ctx)
+
+
+approval_signed.gate("countersign", signal="countersigned", timeout=300, payload_required=True)
+
+
+@approval_signed.step(retry=FAST)
+def pay_out(ctx: StepContext):
+    do(ctx)
+    return {"signed_by": ctx.results["countersign"].get("by")}

@@ -213,12 +213,12 @@ def get_run(run_id: str):
 
 @api.post("/runs/<run_id>/cancel")
 def cancel_run(run_id: str):
-    return _act(run_id, _client().cancel)
+    return _act(run_id, lambda run_id: _client().cancel(run_id, by=_origin()))
 
 
 @api.post("/runs/<run_id>/retry")
 def retry_run(run_id: str):
-    return _act(run_id, _client().retry)
+    return _act(run_id, lambda run_id: _client().retry(run_id, by=_origin()))
 
 
 @api.post("/runs/<run_id>/restart")
@@ -235,7 +235,7 @@ def restart_run(run_id: str):
         if data is not None and not isinstance(data, dict):
             raise ApiError(400, f"input must be a JSON object, got {_json_type(data)}")
     try:
-        return _act(run_id, lambda run_id: _client().restart(run_id, data))
+        return _act(run_id, lambda run_id: _client().restart(run_id, data, by=_origin()))
     except ApiError:
         raise
     except (UnknownSaga, PolicyError, DefinitionError) as exc:
@@ -252,7 +252,7 @@ def resolve_run(run_id: str):
     note = body.get("note")
     if not isinstance(note, str) or not note.strip():
         raise ApiError(400, "a note is required: {\"note\": \"how the run was settled\"}")
-    return _act(run_id, lambda run_id: _client().resolve(run_id, note))
+    return _act(run_id, lambda run_id: _client().resolve(run_id, note, by=_origin()))
 
 
 @api.post("/runs/<run_id>/signals/<name>")
@@ -267,7 +267,12 @@ def signal_run(run_id: str, name: str):
             payload = parse_json(raw, "the signal payload")
         except InvalidInput as exc:
             raise ApiError(400, str(exc)) from None
-    return _act(run_id, lambda run_id: _client().signal(run_id, name, payload))
+    return _act(run_id, lambda run_id: _client().signal(run_id, name, payload, by=_origin()))
+
+
+def _origin():
+    """Who asks (the operator event records it): the API token, the client's address, and ``?reason=``."""
+    return security.origin("api", request.args.get("reason"))
 
 
 def _act(run_id: str, action):

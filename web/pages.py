@@ -9,22 +9,36 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from flask import Blueprint, abort, current_app, redirect, render_template, request, url_for
 
 from sagaflow.client import INPUT_FIELD, SagaClient
-from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun
+from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
 from sagaflow.model.definition import NAME_PATTERN, registry
+from sagaflow.model.events import EventKind
 from sagaflow.model.query import parse_time
-from sagaflow.model.status import RunStatus, StepStatus, counts_by_status
+from sagaflow.model.status import (
+    HELD_STEP_STATUSES,
+    WAITING_FOR_SOMEONE_RUN_STATUSES,
+    RunStatus,
+    StepStatus,
+    counts_by_status,
+)
 from sagaflow.web import security
 from sagaflow.web.api import MAX_OFFSET, int_arg, parse_json
+from sagaflow.web.flower import FlowerAsker
 from sagaflow.web.present import (
     PRETTY_CHARS,
+    TimeAxis,
     age,
+    awaiting_undo,
     capped_json,
     capped_text,
     duration,
     human_seconds,
+    now,
+    operator_events,
     run_json,
     timeline,
 )
@@ -95,12 +109,25 @@ def runs():
     scoped = {k: n for k, n in counts.items() if saga is None or k[0] == saga}
     saga_names = sorted({s.name for s in registry.all()} | {name for name, _ in counts})
     keep = {k: v for k, v in search.items() if v}  # the search stays in every link of the page
+    attention = client.attention() if offset == 0 else []
+    marks = client.step_marks([r.id for r in page] + [r.id for r in attention])
     return render_template(
         "runs.html", runs=page, total=page.total, total_exact=page.total_is_exact, status=status, saga=saga,
         offset=offset, page_size=PAGE_SIZE,
         by_status=counts_by_status(scoped), all_count=sum(scoped.values()), statuses=[s.value for s in RunStatus],
         saga_names=saga_names, duration=duration, search=search, keep=keep, searching=bool(keep),
+        attention=attention, marks=marks, waited=_waited, now=now(),
     )
+
+
+def _waited(run, mark) -> float | None:
+    """Seconds a run has waited for an operator (or at its gate): since its step failed or began to wait,
+    else since the run last changed."""
+    waits = run.status in {s.value for s in WAITING_FOR_SOMEONE_RUN_STATUSES}
+    if not waits and not (run.deadline_at and run.is_live):
+        return None
+    since = (mark.since if mark is not None else None) or run.finished_at or run.updated_at
+    return max((now() - since).total_seconds(), 0.0)
 
 
 def _search_filters(search: dict) -> dict:
@@ -140,8 +167,15 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
     except InvalidInput as exc:
         return _page_error(400, f"{exc}.")
     except UnknownRun:
+        found = SagaClient().find(run_id) if request.method == "GET" else []
+        if len(found) == 1:
+            return redirect(url_for("pages.run_detail", run_id=found[0]), 303)
+        if found:
+            return render_template("found.html", text=run_id, found=found)
         return _page_error(404, f"There is no run with id {run_id!r}.")
     bars, not_started = timeline(run, _settings().flower_url)
+    asker = FlowerAsker(_settings().flower_url)
+    cancel_event = next((e for e in reversed(run.events) if e.kind == EventKind.CANCEL_REQUESTED), None)
     notice = NOTICES.get(request.args.get("done", ""))
     return render_template(
         "run.html", run=run, bars=bars, not_started=not_started, duration=duration(run),
@@ -151,7 +185,53 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
         can_cancel=run.can_cancel, can_retry=run.can_retry, can_resolve=run.can_resolve,
         can_restart=run.can_restart, pretty=_pretty,
         past_pivot=run.past_pivot, waiting=[s for s in run.steps if s.status == StepStatus.WAITING],
+        required_signals=_required_signals(run), awaiting=awaiting_undo(run), audit=operator_events(run),
+        running=_running(run), flower_state=lambda bar: asker.state(bar.task_id if bar.flower_url else None),
+        pauses=TimeAxis(bars, run.finished_at).pauses if bars else [],
+        cancel_event=cancel_event, cancel_waits_for=[s.name for s in run.steps if s.status == StepStatus.RUNNING],
     ), status_code
+
+
+def _running(run) -> dict:
+    """For each running step or undo: elapsed seconds, its time limit, lease expiry, worker and the worker's
+    last heartbeat (saga_workers)."""
+    held = [s for s in run.steps if s.status in {h.value for h in HELD_STEP_STATUSES}]
+    if not held:
+        return {}
+    heartbeats = {w["id"]: w["heartbeat_at"] for w in SagaClient().workers()}
+    try:
+        definition = {s.name: s for s in registry.get(run.saga, run.saga_version).steps}
+    except UnknownSaga:
+        definition = {}
+    default = _settings().default_step_timeout
+    facts = {}
+    for s in held:
+        step = definition.get(s.name)
+        undoing = s.status == StepStatus.COMPENSATING
+        limit = None
+        if step is not None:
+            limit = ((step.compensation_timeout or step.timeout) if undoing else step.timeout) or default
+        started = s.started_at if not undoing else None
+        if undoing:
+            started = next((e.at for e in reversed(run.events)
+                            if e.kind == EventKind.COMPENSATION_STARTED and e.step == s.name), None)
+        elapsed = (now() - started).total_seconds() if started else None
+        lease_left = None
+        if s.lease_expires_at:
+            left = (s.lease_expires_at - now()).total_seconds()
+            lease_left = f"in {human_seconds(left)}" if left >= 0 else f"expired {human_seconds(-left)} ago"
+        facts[s.name] = SimpleNamespace(elapsed=elapsed, limit=limit, lease=s.lease_expires_at,
+                                        lease_left=lease_left, worker=s.worker, heartbeat=heartbeats.get(s.worker))
+    return facts
+
+
+def _required_signals(run) -> set[str]:
+    """The signals whose gates declare ``payload_required`` (the form marks the payload required)."""
+    try:
+        saga = registry.get(run.saga, run.saga_version)
+    except UnknownSaga:
+        return set()
+    return {s.signal for s in saga.steps if s.signal and s.payload_required}
 
 
 def _pretty(value, limit: int = PRETTY_CHARS // 4) -> tuple[str, bool]:
@@ -161,29 +241,49 @@ def _pretty(value, limit: int = PRETTY_CHARS // 4) -> tuple[str, bool]:
 
 @pages.get("/runs/<run_id>")
 def run_detail(run_id: str):
+    """A run by its id; a shorter id (the list's 8 characters) or an idempotency key opens the one run it
+    names, or lists the runs it names."""
     return _render_run(run_id)
+
+
+@pages.get("/go")
+def go():
+    """The list's jump box: an id, an id prefix or an idempotency key."""
+    text = request.args.get("to", "").strip()
+    if not text:
+        return redirect(url_for("pages.runs"), 303)
+    try:
+        found = SagaClient().find(text)
+    except InvalidInput as exc:
+        return _page_error(400, f"{exc}.")
+    if len(found) == 1:
+        return redirect(url_for("pages.run_detail", run_id=found[0]), 303)
+    if not found:
+        return _page_error(404, f"No run has an id starting with {text!r} or the idempotency key {text!r}.")
+    return render_template("found.html", text=text, found=found)
 
 
 @pages.post("/runs/<run_id>/cancel")
 def cancel(run_id: str):
-    return _act(run_id, "cancel", lambda client: client.cancel(run_id))
+    return _act(run_id, "cancel", lambda client: client.cancel(run_id, by=_origin()))
 
 
 @pages.post("/runs/<run_id>/retry")
 def retry(run_id: str):
-    return _act(run_id, "retry", lambda client: client.retry(run_id))
+    return _act(run_id, "retry", lambda client: client.retry(run_id, by=_origin()))
 
 
 @pages.post("/runs/<run_id>/resolve")
 def resolve(run_id: str):
-    return _act(run_id, "resolve", lambda client: client.resolve(run_id, request.form.get("note", "")))
+    return _act(run_id, "resolve", lambda client: client.resolve(run_id, request.form.get("note", ""),
+                                                                    by=_origin()))
 
 
 @pages.post("/runs/<run_id>/restart")
 def restart(run_id: str):
     """The new run's page, once started (its restarted_from links back)."""
     started = []
-    answer = _act(run_id, "restart", lambda client: started.append(client.restart(run_id)))
+    answer = _act(run_id, "restart", lambda client: started.append(client.restart(run_id, by=_origin())))
     if started:  # it succeeded: _act answered with a redirect to the old run
         return redirect(url_for("pages.run_detail", run_id=started[0].id, done="restart"), 303)
     return answer
@@ -199,9 +299,14 @@ def signal(run_id: str, name: str):
         except InvalidInput as exc:
             what = "is not JSON" if str(exc).startswith("malformed JSON") else "is refused"
             raise InvalidInput(f"The payload {what} ({exc}): leave it empty or fix it.") from None
-        client.signal(run_id, name, payload)
+        client.signal(run_id, name, payload, by=_origin())
 
     return _act(run_id, "signal", deliver)
+
+
+def _origin():
+    """Who asks: "page login", the browser's address, and the form's optional reason."""
+    return security.origin("page", request.form.get("reason"))
 
 
 def _act(run_id: str, what: str, action):

@@ -37,6 +37,7 @@ from flask import current_app, g, request
 
 from sagaflow.client import SagaClient
 from sagaflow.errors import InvalidInput
+from sagaflow.model.events import REASON_CHARS, Origin
 from sagaflow.safejson import check_text
 
 log = logging.getLogger("sagaflow.web")
@@ -122,6 +123,23 @@ def same_origin() -> bool:
 
 def client_address() -> str:
     return (request.remote_addr or "unknown")[:100]
+
+
+def origin(source: str, reason: str | None = None) -> Origin:
+    """Who asks, as the operator events record it: from the page, "page login" (an operator session; with no
+    SAGAFLOW_API_TOKEN set, "page (no token set)"); from the API, "api token" (or "api (no token set)"); and
+    the client's address. ``reason``: the operator's optional reason (InvalidInput when too long)."""
+    token = bool(api_token())
+    if source == "page":
+        actor = "page login" if token else "page (no token set)"
+    else:
+        actor = "api token" if token else "api (no token set)"
+    if reason is not None:
+        reason = reason.strip()
+        if len(reason) > REASON_CHARS:
+            raise InvalidInput(f"the reason is at most {REASON_CHARS} characters, got {len(reason)}")
+        check_text(reason, "the reason")
+    return Origin(actor=actor, source=source, client=client_address(), reason=reason or None)
 
 
 def throttled() -> int:

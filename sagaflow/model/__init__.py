@@ -13,7 +13,7 @@ Imports nothing of sagaflow but ``sagaflow.errors``: the store, the runtime and 
 never the other way round (tests/unit/test_model.py checks).
 """
 
-from sagaflow.model.events import EventKind
+from sagaflow.model.events import EventKind, Origin
 from sagaflow.model.outcomes import BranchOutcome, Claim, ClaimOutcome, Recovery, WaitOutcome
 from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
 from sagaflow.model.status import (
@@ -30,6 +30,6 @@ from sagaflow.model.status import (
 
 __all__ = [
     "BranchOutcome", "CANCELLABLE_RUN_STATUSES", "Claim", "ClaimOutcome", "Event", "EventKind", "FINAL_RUN_STATUSES",
-    "LIVE_RUN_STATUSES", "RETRYABLE_RUN_STATUSES", "Recovery", "Run", "RunStatus", "StepSpec", "StepState",
+    "LIVE_RUN_STATUSES", "Origin", "RETRYABLE_RUN_STATUSES", "Recovery", "Run", "RunStatus", "StepSpec", "StepState",
     "StepStatus", "WaitOutcome", "can_cancel", "can_retry", "is_live",
 ]

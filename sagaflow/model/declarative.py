@@ -215,7 +215,7 @@ SAGA_KEYS = {"name", "version", "description", "defaults", "steps", "deadline"}
 STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "compensation_timeout", "lease", "queue"}
 STEP_FLAGS = ("best_effort", "non_atomic", "pivot")
 STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS} | STEP_OPTIONS
-GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description"}
+GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description", "payload_required"}
 CHILD_KEYS = {"child", "saga", "compensation", "description"}
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
@@ -375,7 +375,8 @@ def _waiting_step(spec: Any, line: int | None, handlers: HandlerRegistry, where:
     compensation = _handler(spec, "compensation", handlers, where)
     try:
         if kind == "gate":
-            return Step(name, None, compensation, kind="gate", signal=spec["signal"], timeout=spec["timeout"])
+            return Step(name, None, compensation, kind="gate", signal=spec["signal"], timeout=spec["timeout"],
+                        payload_required=spec.get("payload_required", False))
         return Step(name, None, compensation, kind="child", child_saga=spec["saga"])
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec)) from None

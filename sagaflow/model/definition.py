@@ -225,6 +225,7 @@ class Step:
         child_saga: str | None = None,
         child_input: ChildInput | None = None,
         compensation_timeout: float | None = None,
+        payload_required: bool = False,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
@@ -246,8 +247,10 @@ class Step:
                 raise DefinitionError(f"gate {name!r}: signal must be an identifier, got {signal!r}")
             if timeout is None:
                 raise DefinitionError(f"gate {name!r}: give a timeout (seconds): a gate never waits forever")
-        elif signal is not None:
+        elif signal is not None or payload_required:
             raise DefinitionError(f"step {name!r}: only a gate waits for a signal")
+        if not isinstance(payload_required, bool):
+            raise DefinitionError(f"gate {name!r}: payload_required must be True or False, got {payload_required!r}")
         if kind is StepKind.CHILD:
             if not isinstance(child_saga, str) or not NAME_PATTERN.match(child_saga):
                 raise DefinitionError(f"child step {name!r}: saga must be a saga name, got {child_saga!r}")
@@ -284,6 +287,7 @@ class Step:
         self.pivot = pivot
         self.kind = kind
         self.signal = signal  # a gate's signal name
+        self.payload_required = payload_required  # a gate's signal must carry a payload (not null)
         self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
         self.child_input = child_input  # ctx -> the child's input; None: the parent's input
         self.group: int | None = None  # Saga.parallel: the index of the group's first step
@@ -399,11 +403,14 @@ class Saga:
 
         return register(fn) if fn is not None else register
 
-    def gate(self, name: str, *, signal: str, timeout: float, compensation: Action | None = None) -> Step:
+    def gate(self, name: str, *, signal: str, timeout: float, compensation: Action | None = None,
+             payload_required: bool = False) -> Step:
         """Append an approval gate: the run waits (status ``waiting``, holding no worker) until
         ``client.signal(run_id, signal, payload)`` delivers the signal; the payload becomes the step's
-        result. After ``timeout`` seconds the step fails and the run is compensated."""
-        step = Step(name, None, compensation, kind=StepKind.GATE, signal=signal, timeout=timeout)
+        result. After ``timeout`` seconds the step fails and the run is compensated. ``payload_required``: a
+        signal without a payload (None) is refused with InvalidInput, changing nothing."""
+        step = Step(name, None, compensation, kind=StepKind.GATE, signal=signal, timeout=timeout,
+                    payload_required=payload_required)
         self._append(step)
         registry.changed(self)
         return step

@@ -8,6 +8,7 @@ naming a kind comes back in the store, the stats or the faces.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
 
@@ -66,3 +67,35 @@ STEP_OUTCOME_EVENTS = (EventKind.STEP_SUCCEEDED, EventKind.STEP_FAILED, EventKin
                        EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED,
                        EventKind.COMPENSATION_RETRIED)
 COMPENSATION_ENDS = (EventKind.COMPENSATION_SUCCEEDED, EventKind.COMPENSATION_FAILED)
+
+
+# ---------------------------------------------------------------------------------------------- who asked
+
+ORIGIN_TEXT_CHARS = 200  # of an actor or a client address
+REASON_CHARS = 2000  # of an operator's reason
+SOURCES = ("page", "api", "cli", "client")
+ORIGIN_KEYS = ("actor", "source", "client", "reason")  # what an operator event's detail adds
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who asked for an operator event (cancel_requested, retry_requested, signal_received, run_resolved,
+    run_restarted): ``actor`` (the API token's name or "page login", the CLI's OS user), ``source`` (one of
+    SOURCES), ``client`` (the HTTP client's address) and an optional ``reason``. Recorded in the event's
+    detail beside its own keys; empty values are left out, each is cut to a bounded length."""
+
+    actor: str | None = None
+    source: str | None = "client"
+    client: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is not None and self.source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {self.source!r}")
+
+    def detail(self) -> dict:
+        found = {"actor": self.actor, "source": self.source, "client": self.client}
+        detail = {k: str(v)[:ORIGIN_TEXT_CHARS] for k, v in found.items() if v}
+        if self.reason is not None and str(self.reason).strip():
+            detail["reason"] = str(self.reason).strip()[:REASON_CHARS]
+        return detail

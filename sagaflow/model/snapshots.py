@@ -65,6 +65,8 @@ class StepState:
     signal: str | None = None
     deadline_at: dt.datetime | None = None
     child_run_id: str | None = None
+    lease_expires_at: dt.datetime | None = None  # a held step or undo counts as alive until then
+    worker: str | None = None  # the worker (saga_workers.id) whose pool holds it
 
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
@@ -94,6 +96,8 @@ class StepState:
             signal=row.signal,
             deadline_at=row.deadline_at,
             child_run_id=row.child_run_id,
+            lease_expires_at=getattr(row, "lease_expires_at", None),
+            worker=getattr(row, "worker", None),
         )
 
 

@@ -56,6 +56,12 @@ CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunS
 RETRYABLE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK})
 # An operator may settle these by hand (client.resolve): they move to resolved, nothing is published.
 RESOLVABLE_RUN_STATUSES = RETRYABLE_RUN_STATUSES
+# A run in these waits for someone (an operator, or a gate's signal): the status page shows how long.
+WAITING_FOR_SOMEONE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK, RunStatus.WAITING})
+# A run in these has completed steps still to undo ("awaiting undo" on the page).
+UNDOING_RUN_STATUSES = frozenset({RunStatus.COMPENSATING, RunStatus.COMPENSATION_FAILED})
+# A step in these is held by a worker (its action, or its undo, runs): the page shows its lease and worker.
+HELD_STEP_STATUSES = frozenset({StepStatus.RUNNING, StepStatus.COMPENSATING})
 
 
 def is_live(status: str) -> bool:

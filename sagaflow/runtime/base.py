@@ -16,7 +16,7 @@ from sagaflow.app import get_settings, get_store
 from sagaflow.errors import LeaseLost, NonRetryableError, SagaCancelled
 from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.runtime.compiler import HARD_LIMIT_GRACE
-from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LEASE_MARGIN, FailedForGood, describe
+from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LEASE_MARGIN, FailedForGood, describe, traceback_text
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -99,23 +99,31 @@ class SagaTask(GuardedTask):
             raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts) from exc
 
     def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
-                         note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool]) -> FailedForGood:
+                         note_retry: Callable[[str, float, str | None], bool],
+                         give_up: Callable[[str, str | None], bool]) -> FailedForGood:
         """The action (phase "step") or compensation raised: schedule a retry if the policy allows, else
         record the failure. The policy counts executions recorded in SQL (per operator-retry round), not
         Celery retries, so a retry after a database outage or a lost process spends none of its budget.
-        A delivery that no longer holds the claim records nothing and stops."""
-        error = describe(exc)
+        A delivery that no longer holds the claim records nothing and stops. The error's traceback is
+        recorded with the attempt (bounded: outcomes.TRACEBACK_CHARS)."""
+        error = describe(exc, self.soft_limit())
+        trace = traceback_text(exc)
         attempt = claim.round_attempt
         if policy.allows_retry(exc, attempt):
             delay = policy.delay(attempt)
-            if note_retry(error, delay):
+            if note_retry(error, delay, trace):
                 log.info(f"{phase}_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
                 raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
             raise Ignore()
-        if give_up(error):
+        if give_up(error, trace):
             log.warning(f"{phase}_failed", extra={**fields, "attempt": claim.attempt, "error": error})
             return FailedForGood(exc)
         raise Ignore()
+
+    def soft_limit(self) -> float | None:
+        """This delivery's soft time limit (seconds): the message's, else the task's."""
+        limits = getattr(self.request, "timelimit", None) or (None, None)
+        return limits[1] or self.soft_time_limit
 
     def lease_seconds(self, step: Step) -> float:
         """How long a claim counts as alive without a heartbeat: past the hard time limit by a margin, so a

@@ -35,12 +35,12 @@ from sagaflow.runtime.outcomes import LOST_STEP, FailedForGood, cancelled, descr
 log = logging.getLogger("sagaflow.branches")
 
 
-def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callable[[str], bool]:
+def give_up(store, run_id: str, index: int, token: str, fields: dict) -> Callable[[str, str | None], bool]:
     """The branch's ``give_up`` for SagaTask.retry_or_give_up: record the failure; True when the errback
     must fire, else stop quietly (Ignore): one errback per group failure."""
 
-    def record(error: str) -> bool:
-        outcome = store.fail_branch(run_id, index, token, error)
+    def record(error: str, trace: str | None = None) -> bool:
+        outcome = store.fail_branch(run_id, index, token, error, trace)
         if outcome is None:
             return False
         if outcome.decision == "quiet":

@@ -25,7 +25,7 @@ from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
 from sagaflow.runtime import branches, publish, waits
 from sagaflow.runtime.base import SagaTask
-from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe
+from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe, traceback_text
 from sagaflow.safejson import ensure_json
 
 if TYPE_CHECKING:
@@ -67,9 +67,9 @@ class Claimed:
         log.info(f"{self.phase}_duplicate_ignored", extra={**self.fields, "outcome": self.claim.outcome.value})
         raise Ignore()
 
-    def fail(self, exc: Exception, give_up: Callable[[str], bool]) -> FailedForGood:
+    def fail(self, exc: Exception, give_up: Callable[[str, str | None], bool]) -> FailedForGood:
         """Record ``exc`` as this step's (or compensation's) failure for good, without retries."""
-        if give_up(describe(exc)):
+        if give_up(describe(exc), traceback_text(exc)):
             log.warning(f"{self.phase}_failed", extra={**self.fields, "attempt": self.claim.attempt,
                                                        "error": describe(exc)})
             return FailedForGood(exc)
@@ -129,14 +129,14 @@ def _next_window(run_id: str, version: int, saga_name: str, start: int, results:
                            input=input)
 
 
-def _give_up(work: Claimed) -> Callable[[str], bool]:
+def _give_up(work: Claimed) -> Callable[[str, str | None], bool]:
     """How a step records its failure for good: a parallel branch fires one errback per group failure
     (sagaflow/runtime/branches.py); any other step fails its row."""
     if work.step.group is not None:
         return branches.give_up(work.store, work.run_id, work.index, work.token, work.fields)
 
-    def give_up(error: str) -> bool:
-        return work.store.fail_step(work.run_id, work.index, work.token, error)
+    def give_up(error: str, trace: str | None = None) -> bool:
+        return work.store.fail_step(work.run_id, work.index, work.token, error, trace)
 
     return give_up
 
@@ -180,7 +180,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         log.warning("step_lease_lost", extra=fields)
         raise Ignore() from exc
     except SagaCancelled as exc:  # from ctx.heartbeat(): no retry, compensate
-        if give_up(describe(exc)):
+        if give_up(describe(exc), None):
             return FailedForGood(exc)
         raise Ignore() from exc
     except Exception as exc:
@@ -191,7 +191,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
             return _give_up_best_effort(work, exc, results)
         return self.retry_or_give_up(
             exc, work.claim, policy, "step", fields,
-            note_retry=lambda error, delay: store.retry_step(run_id, index, work.token, error, delay, work.lease),
+            note_retry=lambda error, delay, trace: store.retry_step(run_id, index, work.token, error, delay,
+                                                                    work.lease, trace),
             give_up=give_up,
         )
     if step.group is not None:  # records the result, joins the group or undoes a late branch
@@ -314,8 +315,8 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
     if outcome is not ClaimOutcome.CLAIMED:
         work.duplicate()
 
-    def give_up(error: str) -> bool:
-        return store.fail_compensation(run_id, index, work.token, error)
+    def give_up(error: str, trace: str | None = None) -> bool:
+        return store.fail_compensation(run_id, index, work.token, error, trace)
 
     if refused is not None:
         return work.fail(MessageRefused(refused), give_up)
@@ -336,8 +337,8 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
     except Exception as exc:
         return self.retry_or_give_up(
             exc, work.claim, step.compensation_retry, "compensation", fields,
-            note_retry=lambda error, delay: store.retry_compensation(run_id, index, work.token, error, delay,
-                                                                     work.lease),
+            note_retry=lambda error, delay, trace: store.retry_compensation(run_id, index, work.token, error,
+                                                                            delay, work.lease, trace),
             give_up=give_up,
         )
     status = store.complete_compensation(run_id, index, work.token)  # the last undo ends the run too

@@ -146,8 +146,8 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
     except Exception as exc:
         return task.retry_or_give_up(
             exc, claim, step.retry, "step", fields,
-            note_retry=lambda error, delay: store.retry_step(run_id, index, token, error, delay, lease),
-            give_up=lambda error: store.fail_step(run_id, index, token, error),
+            note_retry=lambda error, delay, trace: store.retry_step(run_id, index, token, error, delay, lease, trace),
+            give_up=lambda error, trace: store.fail_step(run_id, index, token, error, trace),
         )
     outcome = store.start_child(run_id, index, token, str(uuid.uuid4()), child_saga.name, child_saga.version, data,
                                 [StepSpec.of(s) for s in child_saga.steps])
@@ -207,25 +207,40 @@ def compensate_child(task, store, saga, step, run_id: str, index: int, token: st
 # ---------------------------------------------------------------------------------------------- operators
 
 
-def signal(store, run_id: str, name: str, payload=None):
+def signal(store, run_id: str, name: str, payload=None, origin: dict | None = None):
     """Deliver signal ``name`` (payload: any JSON value) to a run; returns the run. Refused, changing
     nothing: a bad name or payload (InvalidInput), an unknown run (UnknownRun), a final run, a saga with no
     gate for ``name``, a second delivery (InvalidTransition)."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise InvalidInput(f"signal name {name!r} must be an identifier (letters, digits, underscore)")
     payload = ensure_json(payload, f"the payload of signal {name!r}", get_settings().json_limits)
-    outcome = store.transactional.deliver_signal(run_id, name, payload)
+    if payload is None:
+        required = required_payload_gate(store.get_run(run_id, history=False), name)
+        if required is not None:
+            raise InvalidInput(f"gate {required!r} requires a payload with signal {name!r}: send a JSON value "
+                               f"(for example {{\"by\": \"<your name>\"}})")
+    outcome = store.transactional.deliver_signal(run_id, name, payload, origin)
     log.info("signal_received", extra={"run_id": run_id, "signal": name, "action": outcome.action})
     act(outcome)
     return store.get_run(run_id)
 
 
-def cancel(store, run_id: str):
+def required_payload_gate(run, name: str) -> str | None:
+    """The name of the run's gate that waits for signal ``name`` and declares ``payload_required``, or None
+    (also when the run's saga version is not registered here: the store then judges alone)."""
+    try:
+        saga = registry.get(run.saga, run.saga_version)
+    except UnknownSaga:
+        return None
+    return next((s.name for s in saga.steps if s.signal == name and getattr(s, "payload_required", False)), None)
+
+
+def cancel(store, run_id: str, origin: dict | None = None):
     """client.cancel: a pending or running run through Store.request_cancel; a waiting one here."""
     try:
-        return store.request_cancel(run_id)
+        return store.request_cancel(run_id, origin)
     except InvalidTransition:
-        outcomes = store.transactional.cancel_waiting(run_id)
+        outcomes = store.transactional.cancel_waiting(run_id, origin)
         if outcomes is None:  # not waiting either: the run is final or compensating
             raise
     for outcome in outcomes:

@@ -36,6 +36,11 @@ from sagaflow.store.guards import (
 from sagaflow.store.workers import current_worker
 
 
+def with_traceback(detail: dict, traceback: str | None) -> dict:
+    """An attempt's event detail with its traceback (``traceback`` key), when there is one."""
+    return {**detail, "traceback": traceback} if traceback else detail
+
+
 def claim_lost(status: str | None, result, error, done: StepStatus, failed: StepStatus) -> Claim:
     """What a delivery that could not claim is told, from the status it found."""
     if status == done.value:
@@ -159,12 +164,15 @@ class Claims(Engines):
             touch(conn, run_id, now)
             return run_status(conn, run_id)
 
-    def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float) -> bool:
-        return self._retry(EventKind.STEP_RETRIED, run_id, idx, token, error, delay, lease_seconds)
+    def retry_step(self, run_id: str, idx: int, token: str, error: str, delay: float, lease_seconds: float,
+                   traceback: str | None = None) -> bool:
+        return self._retry(EventKind.STEP_RETRIED, run_id, idx, token, error, delay, lease_seconds, traceback)
 
-    def fail_step(self, run_id: str, idx: int, token: str, error: str) -> bool:
+    def fail_step(self, run_id: str, idx: int, token: str, error: str, traceback: str | None = None) -> bool:
+        """The step failed for good: its error, and the traceback of that attempt in the event."""
         now = utcnow()
-        return self._held(EventKind.STEP_FAILED, run_id, idx, token, now, {"error": error}, dict(error=error),
+        return self._held(EventKind.STEP_FAILED, run_id, idx, token, now, with_traceback({"error": error}, traceback),
+                          dict(error=error, traceback=traceback),
                           status=StepStatus.FAILED.value, error=error, finished_at=now, lease_expires_at=None)
 
     def finish_run(self, run_id: str) -> ClaimOutcome:
@@ -216,15 +224,16 @@ class Claims(Engines):
         return True
 
     def _retry(self, kind: EventKind, run_id: str, idx: int, token: str, error: str, delay: float,
-               lease_seconds: float) -> bool:
+               lease_seconds: float, traceback: str | None = None) -> bool:
         """A policy retry of a held step or compensation: the lease covers the wait before the retry too
         (a waiting step is not a stuck one), and the error is kept."""
         now = utcnow()
         lease = now + dt.timedelta(seconds=delay + lease_seconds)
         retry_in = round(delay, 3)
         error_column = "error" if HELD[kind][0] is StepStatus.RUNNING else "compensation_error"
-        return self._held(kind, run_id, idx, token, now, {"error": error, "retry_in": retry_in},
-                          dict(error=error, lease=lease, retry_in=retry_in),
+        return self._held(kind, run_id, idx, token, now,
+                          with_traceback({"error": error, "retry_in": retry_in}, traceback),
+                          dict(error=error, lease=lease, retry_in=retry_in, traceback=traceback),
                           lease_expires_at=lease, **{error_column: error})
 
     @staticmethod

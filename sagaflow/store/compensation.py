@@ -17,7 +17,7 @@ from sagaflow.model.events import EventKind
 from sagaflow.model.outcomes import Claim, ClaimOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
-from sagaflow.store.claims import Claims, claim_lost
+from sagaflow.store.claims import Claims, claim_lost, with_traceback
 from sagaflow.store.engine import utcnow
 from sagaflow.store.groups import branches_unsettled
 from sagaflow.store.guards import (
@@ -147,12 +147,13 @@ class Compensation(Claims):
             return run_status(conn, run_id)
 
     def retry_compensation(self, run_id: str, idx: int, token: str, error: str, delay: float,
-                           lease_seconds: float) -> bool:
-        return self._retry(EventKind.COMPENSATION_RETRIED, run_id, idx, token, error, delay, lease_seconds)
+                           lease_seconds: float, traceback: str | None = None) -> bool:
+        return self._retry(EventKind.COMPENSATION_RETRIED, run_id, idx, token, error, delay, lease_seconds,
+                           traceback)
 
-    def fail_compensation(self, run_id: str, idx: int, token: str, error: str) -> bool:
-        return self._held(EventKind.COMPENSATION_FAILED, run_id, idx, token, utcnow(), {"error": error},
-                          dict(error=error),
+    def fail_compensation(self, run_id: str, idx: int, token: str, error: str, traceback: str | None = None) -> bool:
+        return self._held(EventKind.COMPENSATION_FAILED, run_id, idx, token, utcnow(),
+                          with_traceback({"error": error}, traceback), dict(error=error, traceback=traceback),
                           status=StepStatus.COMPENSATION_FAILED.value, compensation_error=error,
                           lease_expires_at=None)
 
@@ -192,7 +193,7 @@ class Compensation(Claims):
         event(conn, run_id, EventKind.run_ended(final), None, None, now)
         return True
 
-    def request_retry(self, run_id: str) -> list[int]:
+    def request_retry(self, run_id: str, origin: dict | None = None) -> list[int]:
         """compensation_failed -> compensating; returns the indexes still to compensate, latest first."""
         now = utcnow()
         s = t.steps.c
@@ -213,7 +214,7 @@ class Compensation(Claims):
                                     else_=StepStatus.SUCCEEDED.value),
                         claim=None, lease_expires_at=None)
             )
-            event(conn, run_id, EventKind.RETRY_REQUESTED, None, None, now)
+            event(conn, run_id, EventKind.RETRY_REQUESTED, None, origin or None, now)
             todo = to_compensate(conn, run_id)
             if not todo:
                 self._finish_compensation(conn, run_id, now)

@@ -55,7 +55,7 @@ PARAMS = {
     "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
     "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
     "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
-    "worker": ("varchar", None), "final": ("varchar", None),
+    "worker": ("varchar", None), "final": ("varchar", None), "traceback": ("text", None),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -210,6 +210,12 @@ WITH held AS (
 SELECT count(*) FROM held""")
 
 
+# A failed attempt's event carries its traceback when there is one (claims.with_traceback on the other path).
+def _with_traceback(detail: str) -> str:
+    """``detail`` (a json_build_object call) with the key ``traceback`` when :traceback is not NULL."""
+    return f"json_strip_nulls({detail[:-1]}, 'traceback', CAST(:traceback AS text)))"
+
+
 HELD = {
     EventKind.STEP_SUCCEEDED: _update_held(
         "running", "status = 'succeeded', result = :result, error = NULL, finished_at = :now, "
@@ -218,19 +224,19 @@ HELD = {
         duration=(STEP_DURATION, "succeeded", "started_at")),
     EventKind.STEP_RETRIED: _update_held(
         "running", "lease_expires_at = :lease, error = :error",
-        EventKind.STEP_RETRIED, "json_build_object('attempt', attempts, 'error', :error, "
-                        "'retry_in', :retry_in)"),
+        EventKind.STEP_RETRIED, _with_traceback(
+            "json_build_object('attempt', attempts, 'error', :error, 'retry_in', :retry_in)")),
     EventKind.STEP_FAILED: _update_held(
         "running", "status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL",
-        EventKind.STEP_FAILED, "json_build_object('error', :error)",
+        EventKind.STEP_FAILED, _with_traceback("json_build_object('error', :error)"),
         duration=(STEP_DURATION, "failed", "started_at")),
     EventKind.COMPENSATION_RETRIED: _update_held(
         "compensating", "lease_expires_at = :lease, compensation_error = :error",
-        EventKind.COMPENSATION_RETRIED, "json_build_object('attempt', compensation_attempts, "
-                                "'error', :error, 'retry_in', :retry_in)"),
+        EventKind.COMPENSATION_RETRIED, _with_traceback(
+            "json_build_object('attempt', compensation_attempts, 'error', :error, 'retry_in', :retry_in)")),
     EventKind.COMPENSATION_FAILED: _update_held(
         "compensating", "status = 'compensation_failed', compensation_error = :error, lease_expires_at = NULL",
-        EventKind.COMPENSATION_FAILED, "json_build_object('error', :error)",
+        EventKind.COMPENSATION_FAILED, _with_traceback("json_build_object('error', :error)"),
         duration=(COMPENSATION_DURATION, "failed", "compensation_started_at")),
 }
 
@@ -494,9 +500,9 @@ class FastPath:
 
     def update_held(self, kind: EventKind, run_id: str, idx: int, token: str, now: dt.datetime, *,
                     result: Any = None, error: str | None = None, lease: dt.datetime | None = None,
-                    retry_in: float | None = None) -> bool:
+                    retry_in: float | None = None, traceback: str | None = None) -> bool:
         return bool(self._one(HELD[kind], run_id=run_id, idx=idx, token=token, now=now, result=result,
-                              error=error, lease=lease, retry_in=retry_in)[0])
+                              error=error, lease=lease, retry_in=retry_in, traceback=traceback)[0])
 
     def complete_last_step(self, run_id: str, idx: int, token: str, result: Any, now: dt.datetime) -> str | None:
         """The run's status after, or None when this delivery no longer held the step."""

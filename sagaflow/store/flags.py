@@ -156,7 +156,7 @@ class Flags(Engines):
             succeed_run(conn, run_id, now, unless_cancelled=False)
             return run_status(conn, run_id)
 
-    def request_forward_retry(self, run_id: str) -> tuple[int, dict] | None:
+    def request_forward_retry(self, run_id: str, origin: dict | None = None) -> tuple[int, dict] | None:
         """stuck -> running: the failed step goes back to pending (its attempt count keeps growing; its retry
         policy starts a new round). Returns (the index to resume from, the results before it), or None when
         the run is not stuck (the caller tries the other kinds of retry)."""
@@ -173,8 +173,8 @@ class Flags(Engines):
                 .returning(s.idx, s.name)
             ).all()
             first = min(reset, default=None, key=lambda row: row.idx)
-            event(conn, run_id, EventKind.RETRY_REQUESTED, first.name if first is not None else None, {"forward": True},
-                  now)
+            event(conn, run_id, EventKind.RETRY_REQUESTED, first.name if first is not None else None,
+                  {"forward": True, **(origin or {})}, now)
             rows = conn.execute(select(s.idx, s.status).where(s.run_id == run_id).order_by(s.idx)).all()
             frontier = next((row.idx for row in rows if row.status not in DONE_STEP), len(rows))
             return frontier, results(conn, run_id)

@@ -122,7 +122,8 @@ class Groups(Engines):
         succeed_run(conn, run_id, now, unless_cancelled=False)
         return BranchOutcome("finished")
 
-    def fail_branch(self, run_id: str, idx: int, token: str, error: str) -> BranchOutcome | None:
+    def fail_branch(self, run_id: str, idx: int, token: str, error: str,
+                    traceback: str | None = None) -> BranchOutcome | None:
         """Record a branch's failure for good. Decides "errback" when its errback must begin the
         compensation; "quiet" when someone else already did or will (the run is compensating, or a sibling
         failed first and its errback is on its way): one errback per group failure. A late failure may end
@@ -136,7 +137,8 @@ class Groups(Engines):
                 return None
             live = run.status in LIVE_RUN
             held = fail_step(conn, run_id, idx, StepStatus.RUNNING, error, now, token=token,
-                             detail=_late(live, run.status), returning=[s.branch_group])
+                             detail={**_late(live, run.status), **({"traceback": traceback} if traceback else {})},
+                             returning=[s.branch_group])
             if held is None:
                 return None
             touch(conn, run_id, now)

@@ -25,7 +25,7 @@ class Operator(Engines):
     engine: Engine  # Engines'
     get_run: Callable[..., Run]  # Runs'
 
-    def resolve_run(self, run_id: str, note: str) -> Run:
+    def resolve_run(self, run_id: str, note: str, origin: dict | None = None) -> Run:
         """compensation_failed or stuck -> resolved, with ``note`` and the former status in a run_resolved
         event, in one transaction. InvalidTransition, nothing written, for any other status."""
         now = utcnow()
@@ -37,20 +37,21 @@ class Operator(Engines):
             changed = status in RESOLVABLE and set_run_status(conn, run_id, status, RunStatus.RESOLVED, now,
                                                               finished_at=now)
             if changed:
-                event(conn, run_id, EventKind.RUN_RESOLVED, None, {"note": note, "from": status}, now)
+                event(conn, run_id, EventKind.RUN_RESOLVED, None, {"note": note, "from": status, **(origin or {})}, now)
         if not changed:
             raise InvalidTransition(f"run {run_id} is {status}: only a compensation_failed or stuck run can be "
                                     f"resolved by hand")
         return self.get_run(run_id)
 
-    def link_restart(self, old_run_id: str, new_run_id: str, version: int, note: str | None = None) -> None:
+    def link_restart(self, old_run_id: str, new_run_id: str, version: int, note: str | None = None,
+                     origin: dict | None = None) -> None:
         """The new run names the old (``restarted_from``); the old records ``run_restarted`` naming the new,
         and the new ``restarted_from`` naming the old and the version it runs (``note``: why not the old
         run's version). One transaction."""
         now = utcnow()
         with self.engine.begin() as conn:
             conn.execute(update(t.runs).where(t.runs.c.id == new_run_id).values(restarted_from=old_run_id))
-            detail = {"new_run_id": new_run_id, "saga_version": version}
+            detail = {"new_run_id": new_run_id, "saga_version": version, **(origin or {})}
             event(conn, old_run_id, EventKind.RUN_RESTARTED, None, detail, now)
             back = {"run_id": old_run_id, "saga_version": version, **({"note": note} if note else {})}
             event(conn, new_run_id, EventKind.RESTARTED_FROM, None, back, now)

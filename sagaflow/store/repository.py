@@ -46,6 +46,7 @@ Each public method is one transaction (or one fast statement); a transition is a
 
 from __future__ import annotations
 
+from sagaflow.store.attention import Attention
 from sagaflow.store.children import CHILD_ENDED, CHILD_UNDONE, Children
 from sagaflow.store.claims import Claims
 from sagaflow.store.compensation import Compensation
@@ -63,7 +64,7 @@ from sagaflow.store.workers import Workers
 
 
 class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Operator,
-            Retention, Workers, Engines):
+            Retention, Workers, Attention, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

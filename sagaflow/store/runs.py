@@ -219,7 +219,7 @@ class Runs(Engines):
             select(t.runs.c.id).where(*conditions).limit(cap + 1).subquery())).scalar_one()
         return Total(min(found, cap), found <= cap)
 
-    def request_cancel(self, run_id: str) -> Run:
+    def request_cancel(self, run_id: str, origin: dict | None = None) -> Run:
         """The operator's cancel of a live run: a flag the next claim reads (a waiting run: waits.py's
         cancel_waiting). InvalidTransition, nothing written, for a run that cannot be cancelled."""
         now = utcnow()
@@ -232,7 +232,7 @@ class Runs(Engines):
                 .values(cancel_requested=True, updated_at=now)
             ).rowcount
             if changed:
-                event(conn, run_id, EventKind.CANCEL_REQUESTED, None, None, now)
+                event(conn, run_id, EventKind.CANCEL_REQUESTED, None, origin or None, now)
         run = self.get_run(run_id)
         if not changed and not (run.cancel_requested and run.status in LIVE_RUN):
             raise InvalidTransition(f"run {run_id} is {run.status}: only pending or running runs can be cancelled")

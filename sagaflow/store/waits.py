@@ -96,7 +96,7 @@ class Waits(Engines):
                   {"signal": step.signal, "deadline": deadline.isoformat()}, now)
         return WaitOutcome("waiting", **base)
 
-    def deliver_signal(self, run_id: str, name: str, payload: Any) -> WaitOutcome:
+    def deliver_signal(self, run_id: str, name: str, payload: Any, origin: dict | None = None) -> WaitOutcome:
         """Record signal ``name`` for the run, once; if a gate waits for it, pass the gate (its result: the
         payload) and hand back what to publish. Refused, changing nothing: an unknown run (UnknownRun); a
         final run, a saga with no gate for ``name``, a signal already delivered (InvalidTransition)."""
@@ -120,7 +120,7 @@ class Waits(Engines):
             conn.execute(insert(t.signals).values(run_id=run_id, name=name, payload=payload, received_at=now))
             waiting = next((g for g in gates if g.status == StepStatus.WAITING.value), None)
             event(conn, run_id, EventKind.SIGNAL_RECEIVED, waiting.name if waiting else None,
-                  {"signal": name, "gate_waiting": waiting is not None}, now)
+                  {"signal": name, "gate_waiting": waiting is not None, **(origin or {})}, now)
             base = dict(run_id=run_id, saga=run.saga, version=run.saga_version)
             if waiting is None or run.status != RunStatus.WAITING.value:
                 touch(conn, run_id, now)
@@ -159,7 +159,7 @@ class Waits(Engines):
             set_run_status(conn, run_id, RunStatus.WAITING, RunStatus.RUNNING, now)
         return WaitOutcome("errback", run_id=run_id, saga=run.saga, version=run.saga_version, index=idx, error=error)
 
-    def cancel_waiting(self, run_id: str) -> list[WaitOutcome] | None:
+    def cancel_waiting(self, run_id: str, origin: dict | None = None) -> list[WaitOutcome] | None:
         """Cancel a run that waits (None when it does not: request_cancel handles live runs). At a gate: the
         gate fails and the errback compensates at once ("errback" outcomes to publish). At a child step: the
         run keeps waiting with its cancel recorded, and the child is cancelled (recursively, if it waits
@@ -171,13 +171,13 @@ class Waits(Engines):
                 raise UnknownRun(f"unknown run id {run_id!r}")
             if run.status != RunStatus.WAITING.value:
                 return None
-            return self._cancel_waiting(conn, run, now)
+            return self._cancel_waiting(conn, run, now, origin)
 
-    def _cancel_waiting(self, conn, run, now) -> list[WaitOutcome]:
+    def _cancel_waiting(self, conn, run, now, origin: dict | None = None) -> list[WaitOutcome]:
         s, r = t.steps.c, t.runs.c
         if not run.cancel_requested:
             conn.execute(update(t.runs).where(r.id == run.id).values(cancel_requested=True, updated_at=now))
-            event(conn, run.id, EventKind.CANCEL_REQUESTED, None, None, now)
+            event(conn, run.id, EventKind.CANCEL_REQUESTED, None, origin or None, now)
         step = conn.execute(select(s.idx, s.name, s.kind, s.signal, s.child_run_id)
                             .where(s.run_id == run.id, s.status == StepStatus.WAITING.value)).first()
         if step is None:

@@ -3,6 +3,9 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import redis
 
@@ -111,3 +114,39 @@ def web_token_url(settings, worker, web_url):
                                                 api_max_body=WEB_MAX_BODY)))
     yield url
     stop()
+
+
+# ---------------------------------------------------------------------------------------------- the browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not shutil.which(CHROMIUM):
+        message = f"{CHROMIUM} is missing: apt-get install chromium (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1366, "height": 900})  # a laptop screen
+    page = context.new_page()
+    page.dialogs = []  # every alert/confirm the page opened
+    page.accept_dialogs = False  # dismissed unless a test says otherwise
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message),
+                                      dialog.accept() if page.accept_dialogs else dialog.dismiss()))
+    page.console_errors = []
+    page.on("console", lambda msg: msg.type == "error" and page.console_errors.append(msg.text))
+    yield page
+    context.close()

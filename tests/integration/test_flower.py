@@ -84,3 +84,12 @@ def test_flower_lists_the_step_and_compensation_tasks_by_name(flower, client, se
 
     page = call("GET", flower_link(flower, run.step("send_email").task_id))
     assert page.status == 200 and "create_booking.send_email" in page.text
+
+    # The status page links a task to Flower only once Flower's API says it knows it; a task Flower never
+    # saw (or forgot when it restarted) is named as such, not linked to Flower's 404.
+    from sagaflow.web.flower import KNOWN, UNKNOWN, FlowerAsker
+
+    asker = FlowerAsker(flower)
+    assert asker.state(run.step("send_email").task_id) == KNOWN
+    assert asker.state("0" * 8 + "-0000-0000-0000-" + "0" * 12) == UNKNOWN
+    assert FlowerAsker("http://127.0.0.1:9").state(run.step("send_email").task_id) == "unreachable"

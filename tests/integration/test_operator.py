@@ -126,7 +126,10 @@ def test_resolve_a_compensation_failed_run_by_hand_and_refusals(client, web_url,
     assert resolved.status == "resolved" and resolved.is_final and resolved.finished_at is not None
     last = resolved.events[-1]
     assert (last.kind, last.detail) == ("run_resolved", {"note": "email retracted by hand",
-                                                          "from": "compensation_failed"})
+                                                          "from": "compensation_failed",
+                                                          # who asked (issue 17)
+                                                          "actor": "api (no token set)", "source": "api",
+                                                          "client": "127.0.0.1"})
     # nothing was published: the history stays as it is
     assert client.get(run.id).events == resolved.events
     # a second resolve, and a resolve of a succeeded run, are refused
@@ -174,22 +177,6 @@ def test_restart_of_a_compensated_run_links_both_ways_and_a_live_run_is_refused(
 
 
 # ---------------------------------------------------------------------------------------------- the page
-
-
-@pytest.fixture(scope="module")
-def browser():
-    import shutil
-
-    if not shutil.which("/usr/bin/chromium"):
-        pytest.skip("/usr/bin/chromium is missing: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    from tests.integration.test_web_page import CHROMIUM, CHROMIUM_ARGS
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -110,8 +110,9 @@ def test_the_timeline_puts_compensations_after_the_failure_latest_step_first():
         ("step", "a", "succeeded"), ("step", "b", "succeeded"), ("step", "c", "failed"),
         ("compensation", "b", "compensated"), ("compensation", "a", "compensated")]
     assert [s.name for s in idle] == ["d"]
-    assert bars[2].errors == ["failed: boom <b>"]  # raw here; the template escapes it
-    assert bars[4].errors == ["attempt 1: E: flaky"] and bars[4].attempts == 2 and bars[4].seconds == 3.0
+    assert [e.text for e in bars[2].errors] == ["failed: boom <b>"]  # raw here; the template escapes it
+    assert [e.text for e in bars[4].errors] == ["attempt 1: E: flaky"]
+    assert bars[4].attempts == 2 and bars[4].seconds == 3.0
     assert bars[4].flower_url == "http://f/task/c0"
     assert bars[0].left == 0 and bars[4].left + bars[4].width == 100
 
