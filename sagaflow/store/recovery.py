@@ -41,6 +41,11 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
 def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
     base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
     if run.status == RunStatus.COMPENSATING.value:
+        # An undo that gave up is recorded, but its errback (which ends the run compensation_failed) was lost:
+        # publish that errback again. Never the earlier undos: the compensation stops at the one that failed.
+        failed = [st.idx for st in steps if st.status == StepStatus.COMPENSATION_FAILED.value]
+        if failed:
+            return Recovery(action="compensation_errback", index=failed[-1], **base)
         todo = [st.idx for st in reversed(steps) if st.has_compensation
                 and (st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)
                      or (st.non_atomic and st.status == StepStatus.FAILED.value))]
@@ -106,6 +111,6 @@ class Recoveries(Engines):
             event(conn, run_id, EventKind.RUN_RECOVERED, None,
                   {"action": recovery.action, "revoked": list(recovery.revoked),
                    **({"dead_workers": dead_workers} if dead_workers else {}),
-                   **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
-                      else {})}, now)
+                   **({"from_step": steps[recovery.index].name}
+                      if recovery.action in ("resume", "errback", "compensation_errback") else {})}, now)
         return recovery

@@ -132,6 +132,40 @@ def test_two_sweepers_and_a_live_worker_re_drive_each_stalled_run_once(settings,
         assert len(kinds(run, "run_recovered")) == (1 if run_id in stalled else 0)
 
 
+def test_an_undo_that_gave_up_and_lost_its_errback_ends_compensation_failed_and_undoes_nothing_earlier(
+        settings, client):
+    """The undo of charge gives up; its errback (which ends the run compensation_failed) is lost, as when
+    RabbitMQ handed it to a worker of another database in the short soak. The sweeper must publish that
+    errback again, never the undo of book: before, it did, and the run ended "compensated" with charge's undo
+    missing."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from sagaflow.runtime.recovery import recover_stalled
+    from sagaflow.store import tables as t
+
+    worker = fault_worker(settings, "lost-errback")
+    try:
+        run = client.wait(client.start("faults", {"fail_at": "notify", "fail_compensation": {"charge": 99}}).id,
+                          timeout=60)
+        assert run.status == "compensation_failed"
+        # The errback never ran: the run is still compensating, untouched for a while.
+        long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        with get_store().engine.begin() as conn:
+            conn.execute(update(t.runs).where(t.runs.c.id == run.id)
+                         .values(status="compensating", error=None, finished_at=None, updated_at=long_ago))
+        recover_stalled(stall_timeout=5)  # or a worker's own sweep got there first: either way, once
+        run = client.wait(run.id, timeout=30)
+    finally:
+        stop_worker(worker)
+
+    assert run.status == "compensation_failed"
+    assert [e.detail["action"] for e in run.events if e.kind == "run_recovered"] == ["compensation_errback"]
+    assert effects_of(run.id) == [("do", "book"), ("do", "charge")]  # book was never undone
+    assert [s.status for s in run.steps] == ["succeeded", "compensation_failed", "failed"]
+
+
 @pytest.fixture
 def throwaway_redis(tmp_path):
     """A redis-server of our own on a free port, without persistence, that the test can kill and restart."""
