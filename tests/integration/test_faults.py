@@ -150,13 +150,16 @@ def test_an_undo_that_gave_up_and_lost_its_errback_ends_compensation_failed_and_
         run = client.wait(client.start("faults", {"fail_at": "notify", "fail_compensation": {"charge": 99}}).id,
                           timeout=60)
         assert run.status == "compensation_failed"
-        # The errback never ran: the run is still compensating, untouched for a while.
+        # The errback never ran: the run is still compensating, and nothing moved for a while (so this
+        # process's sweep below takes it over at once, whichever worker holds the sweeper's lease).
         long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
         with get_store().engine.begin() as conn:
             conn.execute(update(t.runs).where(t.runs.c.id == run.id)
                          .values(status="compensating", error=None, finished_at=None, updated_at=long_ago))
+            conn.execute(update(t.steps).where(t.steps.c.run_id == run.id, t.steps.c.finished_at.is_not(None))
+                         .values(finished_at=long_ago))
         recover_stalled(stall_timeout=5)  # or a worker's own sweep got there first: either way, once
-        run = client.wait(run.id, timeout=30)
+        run = client.wait(run.id, timeout=60)
     finally:
         stop_worker(worker)
 
