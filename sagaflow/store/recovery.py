@@ -15,7 +15,7 @@ from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
-from sagaflow.store.workers import claim_alive
+from sagaflow.store.workers import claim_alive, worker_dead
 
 
 def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = None):
@@ -95,8 +95,9 @@ class Recoveries(Engines):
                 return None
             # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
             lost = and_(s.run_id == run_id, s.status.in_(HELD_STEP), ~claim_alive(now, dead_after))
-            dead_workers = sorted({row.worker for row in conn.execute(select(s.worker).where(lost)).all()
-                                   if row.worker is not None})
+            # Named only when the worker stopped heartbeating, not when a live worker's lease ran out.
+            dead_workers = sorted({row.worker for row in conn.execute(
+                select(s.worker).where(lost, worker_dead(now, dead_after))).all()})
             revoked = conn.execute(
                 update(t.steps).where(lost).values(claim=None, lease_expires_at=None, worker=None)
                 .returning(s.name)
