@@ -276,3 +276,62 @@ pidfile = {workdir / 'pgbouncer.pid'}
     url = target.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
     _wait(lambda: proc.poll() is None and pg_answers(url), f"pgbouncer on port {port} (log: {workdir})")
     return port
+
+
+def rabbitmq_server_binary() -> str | None:
+    """The rabbitmq-server script that runs the node as the calling user (Debian's /usr/sbin one switches to
+    the rabbitmq user, who cannot write a temporary directory of ours)."""
+    for path in ("/usr/lib/rabbitmq/bin/rabbitmq-server", "/usr/lib/rabbitmq/sbin/rabbitmq-server"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of the tests' own, for a test that restarts its broker (the machine's RabbitMQ on 5672
+    is shared and is never restarted): its own node name, AMQP and distribution ports, data, logs, config
+    (no plugins, so no management port) and Erlang cookie (HOME) under ``workdir``. ``kill`` SIGKILLs the
+    node (a crash: the connections drop, nothing is shut down cleanly); ``start`` again keeps its data."""
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        self.workdir, self.binary = workdir, binary
+        self.port, self.dist_port = free_port(), free_port()
+        self.node = f"sagaflow-test-{self.port}@localhost"
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}//"
+        self.proc: subprocess.Popen | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (workdir / "enabled_plugins").write_text("[].\n")
+        (workdir / "rabbitmq-env.conf").write_text("")  # not the system's (its NODENAME is the shared node's)
+        self.env = {
+            **os.environ, "HOME": str(workdir), "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"),
+            "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"), "RABBITMQ_LOG_BASE": str(workdir / "log"),
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_PID_FILE": str(workdir / "rabbitmq.pid"), "ERL_EPMD_ADDRESS": "127.0.0.1",
+        }
+
+    def start(self, timeout: float = 120.0) -> None:
+        log = open(self.workdir / "server.log", "a")
+        self.proc = subprocess.Popen([self.binary], env=self.env, cwd=self.workdir, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not amqp_answers(self.url):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = (self.workdir / "server.log").read_text()[-1500:]
+                self.kill()
+                raise RuntimeError(f"the private RabbitMQ node {self.node} did not start; its output ends:\n{tail}")
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        """SIGKILL the node's whole process group (the script, beam.smp, erl_child_setup)."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.proc = None

@@ -9,8 +9,12 @@ Faults come from the examples' knobs (tasks/effects.py): ``fail_at``, ``flaky``,
 starts a new one; the recovery sweeper re-drives what the dead one held) and SIGKILL a pool child (Celery
 retries its task). One worker with 2 pool processes, with beat running the sweeper every second.
 
-It runs against its own redis-server (a throwaway on a free port, unless --redis-url) and its own
-database; prints progress on stderr and a JSON summary on stdout; exits 1 on any violation.
+It runs against its own redis-server (a throwaway on a free port, unless --redis-url), or with
+``--broker rabbitmq`` (the default when SAGAFLOW_TEST_BROKER=rabbitmq) a RabbitMQ vhost of its own (named after
+its database, deleted at the end), and its own database; prints progress on stderr and a JSON summary on
+stdout; exits 1 on any violation. Its broker is never one another worker consumes: a worker of another
+database takes the soak's messages, finds no such run and drops them (the short soak on RabbitMQ once shared
+the test session's vhost and hung, re-driving the same run for ever).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -97,6 +102,10 @@ def check_run(run, effects: list[tuple[str, str]], compensable: set[str]) -> lis
     return problems
 
 
+def _without_password(url: str) -> str:
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
 def _throwaway_redis(workdir: Path):
     from tests.services import free_port, redis_answers
 
@@ -115,12 +124,34 @@ def _throwaway_redis(workdir: Path):
     return url, proc
 
 
+def _own_vhost(name: str, stops: list) -> str:
+    """A RabbitMQ vhost of the soak's own (tests/services.py: deleted first if an interrupted run left it),
+    deleted when the soak ends."""
+    from tests.services import Services, find_rabbitmq
+
+    if os.environ.get("SAGAFLOW_TEST_RABBITMQ_URL"):
+        raise SystemExit("--broker rabbitmq makes a vhost on the local RabbitMQ; with SAGAFLOW_TEST_RABBITMQ_URL, "
+                         "pass --redis-url <an amqp URL no other worker consumes> instead")
+    holder = Services(redis_url="", pg_admin_url="")
+    url, why = find_rabbitmq(holder, vhost=name)
+    if url is None:
+        raise SystemExit(f"--broker rabbitmq: {why}")
+    stops.append(holder.stop)
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--kills", type=int, default=2)
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: time); printed")
-    parser.add_argument("--redis-url", default=None, help="default: a throwaway redis-server on a free port")
+    parser.add_argument("--redis-url", default=None, help="the broker's URL (default: a throwaway redis-server on "
+                                                          "a free port, or a vhost of the soak's own with --broker "
+                                                          "rabbitmq); no other worker may consume it")
+    parser.add_argument("--broker", choices=("redis", "rabbitmq"),
+                        default=os.environ.get("SAGAFLOW_TEST_BROKER", "redis"),
+                        help="rabbitmq: a vhost of the soak's own on the local RabbitMQ (default: "
+                             "SAGAFLOW_TEST_BROKER, else redis)")
     parser.add_argument("--pg-admin-url", default=None, help="default: found like the tests' (tests/services.py)")
     parser.add_argument("--database", default=os.environ.get("SAGAFLOW_TEST_DATABASE", "sagaflow_test") + "_soak")
     parser.add_argument("--in-flight", type=int, default=60, help="runs started but not final, at most")
@@ -137,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         services = find_services()
         stops.append(services.stop)
         args.pg_admin_url = services.pg_admin_url
-    if args.redis_url is None:
+    if args.redis_url is None and args.broker == "rabbitmq":
+        args.redis_url = _own_vhost(args.database, stops)
+    elif args.redis_url is None:
         args.redis_url, redis_proc = _throwaway_redis(workdir)
         stops.append(lambda: (redis_proc.terminate(), redis_proc.wait(10)))
     try:
@@ -252,7 +285,8 @@ def _soak(args, seed: int, rng: random.Random, workdir: Path, database_url: str)
         violations.append(f"{orphans} effects of runs the soak never started")
 
     summary = {
-        "runs": len(run_ids), "seed": seed, "seconds": round(time.monotonic() - began, 1),
+        "runs": len(run_ids), "seed": seed, "broker": _without_password(args.redis_url),
+        "seconds": round(time.monotonic() - began, 1),
         "faults": dict(faults), "kills": dict(kills), "statuses": dict(statuses),
         "recoveries": recoveries, "retries": retries, "violations": violations,
     }

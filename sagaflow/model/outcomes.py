@@ -62,9 +62,10 @@ class Recovery:
 
     action: "resume" (the forward chain from ``index``, given ``results``), "errback" (``index`` failed but
     the run never began compensating), "finish" (every step done), "compensate" (``indexes``, latest first;
-    empty: finish the compensation), "wait" (``index`` waits for its signal or child run: nothing to
-    publish); from sagaflow/runtime/waits.py's sweep: "gate_timeout" (the errback of a gate past its deadline),
-    "child_finished" (a child's end, re-announced to its parent).
+    empty: finish the compensation), "compensation_errback" (the undo of ``index`` gave up but the run is
+    still compensating: its errback was lost; the run ends compensation_failed), "wait" (``index`` waits for
+    its signal or child run: nothing to publish); from sagaflow/runtime/waits.py's sweep: "gate_timeout" (the
+    errback of a gate past its deadline), "child_finished" (a child's end, re-announced to its parent).
     """
 
     run_id: str

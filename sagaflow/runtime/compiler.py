@@ -73,6 +73,12 @@ def _on_step_failed(app: Celery, saga: Saga, run_id: str, index: int) -> Signatu
     return step_errback(app, run_id, index, saga.name, saga.version)
 
 
+def compensation_errback(app: Celery, run_id: str, index: int) -> Signature:
+    """``sagaflow.on_compensation_failed`` for step ``index``: the link_error of every compensation, and the
+    message the recovery sweeper publishes again when an undo gave up and that errback was lost."""
+    return app.signature(ON_COMPENSATION_FAILED, args=(run_id, index), immutable=True)
+
+
 def finish_compensation(app: Celery, run_id: str) -> Signature:
     return app.signature(FINISH_COMPENSATION, args=(run_id,), immutable=True)
 
@@ -159,7 +165,7 @@ def compile_compensation(app: Celery, saga: Saga, run_id: str, indexes: list[int
             app.signature(compensation_task_name(saga, step),
                           kwargs={"run_id": run_id, "index": index, "version": saga.version},
                           immutable=True,
-                          link_error=[app.signature(ON_COMPENSATION_FAILED, args=(run_id, index), immutable=True)],
+                          link_error=[compensation_errback(app, run_id, index)],
                           **_limits(step, compensation=True))
         )
     return chain(*links)

@@ -75,6 +75,12 @@ def errback(run_id: str, index: int, saga: str, version: int) -> None:
     compiler.step_errback(celery_app, run_id, index, saga, version).apply_async()
 
 
+def compensation_errback(run_id: str, index: int) -> None:
+    """``sagaflow.on_compensation_failed`` for step ``index``: its undo gave up; the run ends
+    compensation_failed (the sweeper, when the errback the compensation fired was lost)."""
+    compiler.compensation_errback(celery_app, run_id, index).apply_async()
+
+
 def finish_compensation(run_id: str) -> None:
     """``sagaflow.finish_compensation``: every undo is done, only the run's end is left (the sweeper)."""
     compiler.finish_compensation(celery_app, run_id).apply_async()

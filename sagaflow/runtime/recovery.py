@@ -127,11 +127,17 @@ def _compensate(saga: Saga, recovery: Recovery) -> None:
         publish.finish_compensation(recovery.run_id)
 
 
+def _compensation_errback(saga: Saga, recovery: Recovery) -> None:
+    """An undo gave up and its errback was lost: publish it again (the run ends compensation_failed)."""
+    publish.compensation_errback(recovery.run_id, recovery.index)
+
+
 def _wait(saga: Saga, recovery: Recovery) -> None:
     """A gate or child step waits: its signal, deadline or child moves it."""
 
 
-REDRIVE = {"resume": _resume, "finish": _resume, "errback": _errback, "compensate": _compensate, "wait": _wait}
+REDRIVE = {"resume": _resume, "finish": _resume, "errback": _errback, "compensate": _compensate,
+           "compensation_errback": _compensation_errback, "wait": _wait}
 
 
 def redrive(recovery: Recovery) -> None:

@@ -36,6 +36,13 @@ from sagaflow.store.guards import (
 from sagaflow.store.workers import current_worker
 
 
+def undo_gave_up(conn, run_id: str) -> bool:
+    """Some step of the run is ``compensation_failed``: the run cannot end ``compensated``."""
+    s = t.steps.c
+    return conn.execute(select(s.idx).where(s.run_id == run_id, s.status == StepStatus.COMPENSATION_FAILED.value)
+                        .limit(1)).first() is not None
+
+
 class Compensation(Claims):
     def begin_compensation(self, run_id: str, failed_idx: int, lost_error: str) -> list[int] | None:
         """running -> compensating. Returns the indexes to compensate, latest first, or None when another
@@ -183,8 +190,9 @@ class Compensation(Claims):
 
     def _finish_compensation(self, conn, run_id: str, now: dt.datetime) -> bool:
         """compensating -> compensated (or cancelled, when a cancel started it), unless a parallel branch
-        still has to settle (groups.py: the late branch finishes it)."""
-        if branches_unsettled(conn, run_id):
+        still has to settle (groups.py: the late branch finishes it) or an undo gave up (its errback, or the
+        sweeper re-publishing it, ends the run compensation_failed: never compensated with an undo missing)."""
+        if branches_unsettled(conn, run_id) or undo_gave_up(conn, run_id):
             return False
         cancelled = conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar()
         final = RunStatus.CANCELLED if cancelled else RunStatus.COMPENSATED

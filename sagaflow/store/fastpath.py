@@ -273,7 +273,8 @@ SELECT (SELECT status FROM run) AS status""")
 # (``'run_' || status`` in the two statements below is EventKind.run_ended(status), in SQL: run_compensated,
 # run_cancelled.)
 # A compensation's completion finishes the compensation when no other undo remains (compensated, or
-# cancelled when a cancel started it), whatever the position of the step in its chain.
+# cancelled when a cancel started it), whatever the position of the step in its chain. An undo that gave up
+# counts as remaining: its errback ends the run compensation_failed (compensation._finish_compensation).
 COMPLETE_COMPENSATION = Statement("complete_compensation", f"""
 WITH held AS (
     UPDATE saga_steps
@@ -282,7 +283,8 @@ WITH held AS (
     RETURNING name, compensation_started_at
 ), remaining AS (
     SELECT count(*) AS n FROM saga_steps
-    WHERE run_id = :run_id AND idx <> :idx AND has_compensation AND status IN ('succeeded', 'compensating')
+    WHERE run_id = :run_id AND idx <> :idx
+      AND ((has_compensation AND status IN ('succeeded', 'compensating')) OR status = 'compensation_failed')
 ), run AS (
     UPDATE saga_runs
     SET updated_at = :now,

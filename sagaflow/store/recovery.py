@@ -15,7 +15,7 @@ from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
 from sagaflow.store.groups import settle_lost_branches
 from sagaflow.store.guards import DONE_STEP, HELD_STEP, IN_PROGRESS_RUN, event
-from sagaflow.store.workers import claim_alive
+from sagaflow.store.workers import claim_alive, worker_dead
 
 
 def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = None):
@@ -41,6 +41,11 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
 def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
     base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, revoked=revoked)
     if run.status == RunStatus.COMPENSATING.value:
+        # An undo that gave up is recorded, but its errback (which ends the run compensation_failed) was lost:
+        # publish that errback again. Never the earlier undos: the compensation stops at the one that failed.
+        failed = [st.idx for st in steps if st.status == StepStatus.COMPENSATION_FAILED.value]
+        if failed:
+            return Recovery(action="compensation_errback", index=failed[-1], **base)
         todo = [st.idx for st in reversed(steps) if st.has_compensation
                 and (st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)
                      or (st.non_atomic and st.status == StepStatus.FAILED.value))]
@@ -90,8 +95,9 @@ class Recoveries(Engines):
                 return None
             # The holder is gone: any delivery may claim the step now, and the lease no longer counts.
             lost = and_(s.run_id == run_id, s.status.in_(HELD_STEP), ~claim_alive(now, dead_after))
-            dead_workers = sorted({row.worker for row in conn.execute(select(s.worker).where(lost)).all()
-                                   if row.worker is not None})
+            # Named only when the worker stopped heartbeating, not when a live worker's lease ran out.
+            dead_workers = sorted({row.worker for row in conn.execute(
+                select(s.worker).where(lost, worker_dead(now, dead_after))).all()})
             revoked = conn.execute(
                 update(t.steps).where(lost).values(claim=None, lease_expires_at=None, worker=None)
                 .returning(s.name)
@@ -106,6 +112,6 @@ class Recoveries(Engines):
             event(conn, run_id, EventKind.RUN_RECOVERED, None,
                   {"action": recovery.action, "revoked": list(recovery.revoked),
                    **({"dead_workers": dead_workers} if dead_workers else {}),
-                   **({"from_step": steps[recovery.index].name} if recovery.action in ("resume", "errback")
-                      else {})}, now)
+                   **({"from_step": steps[recovery.index].name}
+                      if recovery.action in ("resume", "errback", "compensation_errback") else {})}, now)
         return recovery

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import and_, delete, exists, insert, or_, select, update
+from sqlalchemy import and_, delete, exists, false, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from sagaflow.store import tables as t
@@ -49,6 +49,16 @@ def claim_alive(now: dt.datetime, dead_after: float | None):
     beat_since = now - dt.timedelta(seconds=dead_after)
     return and_(lease, or_(s.worker.is_(None),
                            exists().where(w.id == s.worker, w.heartbeat_at >= beat_since)))
+
+
+def worker_dead(now: dt.datetime, dead_after: float | None):
+    """A held step's claim names a worker that has not heartbeated within ``dead_after`` seconds (never, with
+    None: then only leases decide)."""
+    s, w = t.steps.c, t.workers.c
+    if dead_after is None:
+        return false()
+    beat_since = now - dt.timedelta(seconds=dead_after)
+    return and_(s.worker.is_not(None), ~exists().where(w.id == s.worker, w.heartbeat_at >= beat_since))
 
 
 class Workers(Engines):

@@ -24,7 +24,7 @@ from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import effects_of
 from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for
-from tests.services import free_port, redis_answers
+from tests.services import PrivateRabbitMQ, free_port, rabbitmq_server_binary, redis_answers
 from tests.workers import start_worker, stop_worker
 
 pytestmark = pytest.mark.integration
@@ -132,6 +132,43 @@ def test_two_sweepers_and_a_live_worker_re_drive_each_stalled_run_once(settings,
         assert len(kinds(run, "run_recovered")) == (1 if run_id in stalled else 0)
 
 
+def test_an_undo_that_gave_up_and_lost_its_errback_ends_compensation_failed_and_undoes_nothing_earlier(
+        settings, client):
+    """The undo of charge gives up; its errback (which ends the run compensation_failed) is lost, as when
+    RabbitMQ handed it to a worker of another database in the short soak. The sweeper must publish that
+    errback again, never the undo of book: before, it did, and the run ended "compensated" with charge's undo
+    missing."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from sagaflow.runtime.recovery import recover_stalled
+    from sagaflow.store import tables as t
+
+    worker = fault_worker(settings, "lost-errback")
+    try:
+        run = client.wait(client.start("faults", {"fail_at": "notify", "fail_compensation": {"charge": 99}}).id,
+                          timeout=60)
+        assert run.status == "compensation_failed"
+        # The errback never ran: the run is still compensating, and nothing moved for a while (so this
+        # process's sweep below takes it over at once, whichever worker holds the sweeper's lease).
+        long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        with get_store().engine.begin() as conn:
+            conn.execute(update(t.runs).where(t.runs.c.id == run.id)
+                         .values(status="compensating", error=None, finished_at=None, updated_at=long_ago))
+            conn.execute(update(t.steps).where(t.steps.c.run_id == run.id, t.steps.c.finished_at.is_not(None))
+                         .values(finished_at=long_ago))
+        recover_stalled(stall_timeout=5)  # or a worker's own sweep got there first: either way, once
+        run = client.wait(run.id, timeout=60)
+    finally:
+        stop_worker(worker)
+
+    assert run.status == "compensation_failed"
+    assert [e.detail["action"] for e in run.events if e.kind == "run_recovered"] == ["compensation_errback"]
+    assert effects_of(run.id) == [("do", "book"), ("do", "charge")]  # book was never undone
+    assert [s.status for s in run.steps] == ["succeeded", "compensation_failed", "failed"]
+
+
 @pytest.fixture
 def throwaway_redis(tmp_path):
     """A redis-server of our own on a free port, without persistence, that the test can kill and restart."""
@@ -183,3 +220,51 @@ def test_runs_continue_after_the_broker_restarts_and_loses_every_message(setting
     for run in finished:
         assert effects_of(run.id) == ALL_DONE
     assert any(("run_recovered", None) in kinds(r) for r in finished)
+
+
+@pytest.fixture
+def private_rabbitmq(settings, tmp_path):
+    """A RabbitMQ node of the test's own that it can kill and restart (tests/services.py): the machine's
+    RabbitMQ is shared and never restarted. In the RabbitMQ pass only (SAGAFLOW_TEST_BROKER=rabbitmq)."""
+    if not settings.broker_url.startswith("amqp"):
+        pytest.skip("the RabbitMQ pass runs it (SAGAFLOW_TEST_BROKER=rabbitmq); this pass's broker is Redis")
+    binary = rabbitmq_server_binary()
+    if binary is None:
+        pytest.skip("rabbitmq-server is not installed (/usr/lib/rabbitmq/bin/rabbitmq-server): no private node")
+    server = PrivateRabbitMQ(tmp_path / "rabbitmq", binary)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.skip(f"a private RabbitMQ node could not start here: {exc}")
+    yield server
+    server.kill()
+
+
+def test_runs_continue_after_rabbitmq_crashes_and_restarts_each_effect_once(settings, private_rabbitmq):
+    """The node is SIGKILLed mid-run (connections dropped, deliveries unacked) and started again on its
+    data: every run ends, forward or compensated, with each action and each undo exactly once."""
+    local = settings.with_(broker_url=private_rabbitmq.url)
+    app = Celery("rabbitmq-restart-test")
+    app.conf.update(celery_settings(local))
+    client = SagaClient(app=app)
+    worker = fault_worker(local, "rabbitmq-restart", beat=True, app=app)
+    try:
+        ok = [client.start("faults", {"sleep": {"charge": 1.0}}).id for _ in range(4)]
+        undone = [client.start("faults", {"fail_at": "notify", "sleep": {"charge": 1.0}}).id for _ in range(3)]
+        wait_for(lambda: any(client.get(r).step("charge").status in ("running", "compensating") for r in ok + undone),
+                 what="a charge or its undo")
+        private_rabbitmq.kill()
+        time.sleep(1)
+        private_rabbitmq.start()
+
+        finished = {r: client.wait(r, timeout=120) for r in ok + undone}
+    finally:
+        stop_worker(worker)
+        app.close()
+
+    for run_id in ok:
+        assert finished[run_id].status == "succeeded"
+        assert effects_of(run_id) == ALL_DONE
+    for run_id in undone:
+        assert finished[run_id].status == "compensated"
+        assert effects_of(run_id) == [("do", "book"), ("do", "charge"), ("undo", "charge"), ("undo", "book")]

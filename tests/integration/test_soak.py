@@ -20,14 +20,16 @@ def _soak(services, runs: int, kills: int) -> dict:
         proc = subprocess.run(
             [sys.executable, "-m", "tests.soak", "--runs", str(runs), "--kills", str(kills),
              "--pg-admin-url", services.pg_admin_url,
-             # SAGAFLOW_TEST_BROKER=rabbitmq: the soak runs on the tests' RabbitMQ vhost (else a throwaway Redis)
-             *(("--redis-url", services.broker_url) if services.broker_url != services.redis_url else ())],
+             # Never the session's broker: the session worker (another database) would take the soak's messages
+             # and drop them. SAGAFLOW_TEST_BROKER=rabbitmq: a vhost of the soak's own (else a throwaway Redis).
+             "--broker", "redis" if services.broker_url == services.redis_url else "rabbitmq"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, timeout=1800,
         )
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(summary, indent=1))
     assert summary["violations"] == [] and proc.returncode == 0
     assert summary["runs"] == runs
+    assert summary["broker"].split("@")[-1] != services.broker_url.split("@")[-1]  # its own vhost or server
     assert sum(summary["kills"].values()) >= 1
     assert set(summary["statuses"]) <= {"succeeded", "compensated", "compensation_failed"}
     return summary

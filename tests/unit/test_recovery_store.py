@@ -139,3 +139,43 @@ def test_a_step_that_finished_within_the_stall_timeout_counts_as_progress(store)
     with store.engine.begin() as conn:
         conn.execute(update(t.steps).where(t.steps.c.run_id == "r1").values(finished_at=long_ago))
     assert stalled(store, stall=60) == ["r1"]
+
+
+def _undo_of_b_gave_up(store):
+    """a and b done, c failed; the undo of b gave up (compensation_failed recorded) and its errback, which
+    ends the run compensation_failed, was lost (RabbitMQ delivered it to a worker of another database in the
+    short soak)."""
+    new_run(store)
+    for i in range(2):
+        store.claim_step("r1", i, f"t{i}:0", [], 60)
+        store.complete_step("r1", i, f"t{i}:0", i)
+    store.claim_step("r1", 2, "t2:0", [], 60)
+    store.fail_step("r1", 2, "t2:0", "boom")
+    assert store.begin_compensation("r1", 2, "lost") == [1, 0]
+    assert store.claim_compensation("r1", 1, "u1:0", [], 60).outcome is C.CLAIMED
+    assert store.fail_compensation("r1", 1, "u1:0", "undo b: gave up")
+
+
+def test_an_undo_that_gave_up_with_its_errback_lost_is_re_driven_as_that_errback_not_the_earlier_undos(store):
+    _undo_of_b_gave_up(store)
+    time.sleep(0.05)
+    recovery = take_over(store, "r1", stall=0.01)
+    # Before: ("compensate", (0,)): the sweeper undid a, and that undo ended the run "compensated" with b's
+    # undo missing.
+    assert (recovery.action, recovery.index, recovery.indexes) == ("compensation_errback", 1, ())
+    assert store.get_run("r1").events[-1].detail["from_step"] == "b"
+    assert store.mark_compensation_failed("r1", 1, "lost")  # what that errback does
+    run = store.get_run("r1")
+    assert run.status == "compensation_failed" and "undo b: gave up" in run.error
+    assert [s.status for s in run.steps] == ["succeeded", "compensation_failed", "failed"]
+
+
+def test_a_run_with_an_undo_that_gave_up_never_ends_compensated(store):
+    _undo_of_b_gave_up(store)
+    # Any other undo that completes now (a duplicate chain, a parallel branch) leaves the run compensating.
+    assert store.claim_compensation("r1", 0, "u0:0", [], 60).outcome is C.CLAIMED
+    assert store.complete_compensation("r1", 0, "u0:0") == "compensating"
+    assert not store.finish_compensation("r1")  # the sweeper's finish_compensation task, likewise
+    assert store.get_run("r1").status == "compensating"
+    assert store.mark_compensation_failed("r1", 1, "lost")
+    assert store.get_run("r1").status == "compensation_failed"

@@ -147,3 +147,18 @@ def test_a_sweeper_sees_only_the_sagas_it_can_compile(store):
     silence(store, "doomed@host:1", DEAD_AFTER + 1)
     assert [r for r, _ in store.stalled_runs(600, dead_after=DEAD_AFTER, sagas=["other"])] == []
     assert [r for r, _ in store.stalled_runs(600, dead_after=DEAD_AFTER, sagas=["other", "s"])] == ["r1"]
+
+
+def test_a_live_workers_expired_lease_is_taken_back_without_naming_the_worker_dead(store):
+    # The soak on RabbitMQ showed "dead_workers" naming a worker that heartbeated all along: only its
+    # retry's message was lost, and the claim's lease ran out.
+    as_worker(store, "alive@host:3")
+    store.create_run("r1", "s", 1, {}, STEPS)
+    store.claim_step("r1", 0, "t0:0", [], 0.05)
+    time.sleep(0.1)
+    store.heartbeat("alive@host:3", "host", 3)
+    (run_id, seen), = store.stalled_runs(600, dead_after=DEAD_AFTER)
+    recovery = store.take_over_stalled(run_id, seen, 600, dead_after=DEAD_AFTER)
+    assert recovery.revoked == ("a",)
+    event = [e for e in store.get_run("r1").events if e.kind == "run_recovered"][-1]
+    assert "dead_workers" not in event.detail
