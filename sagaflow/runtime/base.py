@@ -99,17 +99,22 @@ class SagaTask(GuardedTask):
             raise self.retry(exc=exc, countdown=delay, max_retries=DB_RETRY.max_attempts) from exc
 
     def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
-                         note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool]) -> FailedForGood:
+                         note_retry: Callable[[str, float], bool], give_up: Callable[[str], bool],
+                         wait: Callable[[float], FailedForGood] | None = None) -> FailedForGood:
         """The action (phase "step") or compensation raised: schedule a retry if the policy allows, else
         record the failure. The policy counts executions recorded in SQL (per operator-retry round), not
         Celery retries, so a retry after a database outage or a lost process spends none of its budget.
-        A delivery that no longer holds the claim records nothing and stops."""
+        A delivery that no longer holds the claim records nothing and stops. ``wait``: how a delay of at
+        least SAGAFLOW_DURABLE_RETRY_AFTER seconds waits in SQL instead of the broker (runtime/timers.py:
+        raises Ignore, or returns a FailedForGood when a cancel came in)."""
         error = describe(exc)
         attempt = claim.round_attempt
         if policy.allows_retry(exc, attempt):
             delay = policy.delay(attempt)
             if note_retry(error, delay):
                 log.info(f"{phase}_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+                if wait is not None and delay >= get_settings().durable_retry_after:
+                    return wait(delay)
                 raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
             raise Ignore()
         if give_up(error):
