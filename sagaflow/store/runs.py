@@ -104,6 +104,7 @@ class Runs(Engines):
         try:
             with self.engine.begin() as conn:
                 insert_run(conn, run_id, saga, version, input, idempotency_key, specs, now, mode, start_at=start_at)
+                event(conn, run_id, EventKind.RUN_SCHEDULED, None, {"start_at": start_at.isoformat()}, now)
         except IntegrityError:
             if idempotency_key is None:
                 raise

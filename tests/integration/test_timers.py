@@ -156,7 +156,7 @@ def test_a_delayed_start_runs_at_its_time(client):
     run = client.wait(run.id, timeout=60)  # the worker's own sweep starts it
     assert run.status == "succeeded"
     assert run.step("note").started_at >= run.start_at
-    assert kinds(run)[:2] == [("run_started", None), ("timer_fired", None)]
+    assert kinds(run)[:3] == [("run_started", None), ("run_scheduled", None), ("timer_fired", None)]
 
 
 def test_a_start_a_day_ahead_waits_for_the_moved_clock(client):
