@@ -176,7 +176,8 @@ class SagaClient:
                 str(uuid.uuid4()), definition.name, definition.version, input,
                 [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode, start_at=start_at)
             if created:
-                log.info("run_start_delayed", extra={"run_id": run.id, "saga": run.saga, "start_at": start_at.isoformat()})
+                log.info("run_start_delayed", extra={"run_id": run.id, "saga": run.saga,
+                                                     "start_at": start_at.isoformat()})
                 if deadline is not None:
                     self.store.set_deadline(run.id, start_at + dt.timedelta(seconds=deadline))
                     run = self.store.get_run(run.id)

@@ -118,8 +118,9 @@ def fire_timers(store, now: dt.datetime) -> list[Recovery]:
         outcome = store.transactional.fire_timer(timer.run_id, timer.idx, now)
         if outcome is None:  # cancelled, or another sweeper fired it first
             continue
-        log.info("timer_went_off", extra={"run_id": timer.run_id, "step": timer.name, "due": timer.deadline_at.isoformat(),
-                                       "timer": "sleep" if timer.kind == "sleep" else "retry"})
+        log.info("timer_went_off", extra={"run_id": timer.run_id, "step": timer.name,
+                                          "due": timer.deadline_at.isoformat(),
+                                          "timer": "sleep" if timer.kind == "sleep" else "retry"})
         _act(outcome)
         done.append(Recovery(run_id=timer.run_id, saga=timer.saga, version=timer.saga_version, action="timer_fired",
                              index=timer.idx))

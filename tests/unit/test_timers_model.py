@@ -127,10 +127,10 @@ def test_a_delayed_start_time():
     assert start_time(None, None) is None
     now = dt.datetime.now(UTC)
     assert dt.timedelta(seconds=59) < start_time(None, 60) - now < dt.timedelta(seconds=61)
-    at = now + dt.timedelta(hours=1)
-    assert start_time(at.astimezone(dt.timezone(dt.timedelta(hours=2))), None) == at
+    later = now + dt.timedelta(hours=1)
+    assert start_time(later.astimezone(dt.timezone(dt.timedelta(hours=2))), None) == later
     for at, delay in ((None, 0), (None, True), (now.replace(tzinfo=None), None), (now - dt.timedelta(1), None),
-                      (at, 5)):
+                      (later, 5)):
         with pytest.raises(InvalidInput):
             start_time(at, delay)
 
