@@ -9,8 +9,11 @@ early)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +26,9 @@ from sagaflow.runtime import timers
 from sagaflow.runtime.recovery import recover_stalled
 from sagaflow.store import tables as t
 from sagaflow.tasks.effects import effects_of
+from tests.conftest import ROOT
 from tests.helpers import kinds, wait_for
+from tests.web_client import call
 from tests.workers import start_worker, stop_worker
 
 pytestmark = pytest.mark.integration
@@ -288,3 +293,73 @@ def test_a_bad_schedule_is_refused_and_records_nothing(client, args, error):
     with pytest.raises(InvalidInput, match=error):
         client.add_schedule(*args)
     assert [s.name for s in client.schedules() if s.name == "x1"] == []
+
+
+# ---------------------------------------------------------------------------------------------- the faces
+
+
+def test_the_status_page_shows_a_sleep_until_when_and_a_scheduled_run(client, web_url):
+    run = waiting_at(client, client.start("nap", {"seconds": 3600}).id, "cool_off")
+    until = run.step("cool_off").deadline_at
+    page = call("GET", f"{web_url}/runs/{run.id}")
+    assert page.status == 200
+    assert "Sleeping at cool_off" in page.text and until.strftime("%Y-%m-%d %H:%M:%S") in page.text
+    client.cancel(run.id)
+
+    later = client.start("tick", {}, delay=3600)
+    page = call("GET", f"{web_url}/runs/{later.id}")
+    assert "Scheduled: starts at" in page.text and later.start_at.strftime("%Y-%m-%d %H:%M:%S") in page.text
+    listing = call("GET", f"{web_url}/?status=scheduled")
+    assert listing.status == 200 and later.id[:8] in listing.text
+    client.cancel(later.id)
+
+
+def test_delayed_starts_and_schedules_over_http(client, web_url):
+    answer = call("POST", f"{web_url}/api/runs", {"saga": "tick", "delay": 3600})
+    assert answer.status == 202 and answer.json["status"] == "scheduled", answer.text
+    client.cancel(answer.json["id"])
+    at = (utcnow() + dt.timedelta(hours=1)).isoformat()
+    assert call("POST", f"{web_url}/api/runs", {"saga": "tick", "at": at}).json["status"] == "scheduled"
+    bad = call("POST", f"{web_url}/api/runs", {"saga": "tick", "delay": -1})
+    assert bad.status == 400 and "delay" in bad.json["error"]
+
+    added = call("POST", f"{web_url}/api/schedules", {"name": "http_nightly", "saga": "tick", "cron": "0 2 * * *",
+                                                      "input": {"a": 1}, "catchup": "once"})
+    assert added.status == 201, added.text
+    assert added.json["catchup"] == "once" and added.json["paused"] is False
+    assert call("POST", f"{web_url}/api/schedules", {"name": "http_nightly", "saga": "tick",
+                                                     "cron": "0 2 * * *"}).status == 409
+    assert call("POST", f"{web_url}/api/schedules", {"name": "x", "saga": "tick", "cron": "nope"}).status == 400
+    assert call("POST", f"{web_url}/api/schedules", {"name": "x", "saga": "nosuch", "cron": "* * * * *"}).status == 400
+    assert "http_nightly" in [s["name"] for s in call("GET", f"{web_url}/api/schedules").json["items"]]
+    assert call("POST", f"{web_url}/api/schedules/http_nightly/pause").json["paused"] is True
+    assert call("POST", f"{web_url}/api/schedules/http_nightly/resume").json["paused"] is False
+    assert call("DELETE", f"{web_url}/api/schedules/http_nightly").status == 204
+    assert call("GET", f"{web_url}/api/schedules/http_nightly").status == 404
+
+
+def test_the_schedule_and_delayed_start_commands(settings, client):
+    env = {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING"}
+
+    def sagaflow(*args):
+        return subprocess.run([sys.executable, "-m", "sagaflow", *args], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
+
+    added = sagaflow("schedule", "add", "cli_nightly", "--saga", "tick", "--cron", "0 2 * * *", "--input", '{"a": 1}')
+    assert added.returncode == 0, added.stderr
+    assert "cli_nightly" in sagaflow("schedule", "list").stdout
+    assert "paused" in sagaflow("schedule", "pause", "cli_nightly").stdout
+    assert "next" in sagaflow("schedule", "resume", "cli_nightly").stdout
+    bad = sagaflow("schedule", "add", "cli_bad", "--saga", "tick", "--cron", "99 * * * *")
+    assert bad.returncode != 0 and "is not valid" in bad.stderr and "Traceback" not in bad.stderr
+    assert sagaflow("schedule", "remove", "cli_nightly").returncode == 0
+    gone = sagaflow("schedule", "pause", "cli_nightly")
+    assert gone.returncode != 0 and "unknown schedule" in gone.stderr
+
+    later = sagaflow("start", "tick", "--delay", "3600", "--json")
+    assert later.returncode == 0, later.stderr
+    run_id = json.loads(later.stdout)["id"]
+    assert client.get(run_id).status == "scheduled"
+    shown = sagaflow("status", run_id)
+    assert "starts at" in shown.stdout
+    client.cancel(run_id)
