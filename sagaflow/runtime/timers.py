@@ -102,9 +102,12 @@ def sweep(store, now: dt.datetime | None = None) -> list[Recovery]:
     delayed starts. Returns what it moved on. Only the sagas registered here (a sweeper moves on only what
     it can compile); one sweeper wins each timer and each tick."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    done = fire_timers(store, now)
-    done += fire_schedules(store, now)
-    done += start_due(store, now)
+    done: list[Recovery] = []
+    for part in (fire_timers, fire_schedules, start_due):  # schedules before starts: a tick starts this sweep
+        try:
+            done += part(store, now)
+        except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep; the next sweep tries again
+            log.error("timers_sweep_failed", extra={"part": part.__name__, "error": describe(exc)})
     return done
 
 
