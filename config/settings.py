@@ -186,6 +186,11 @@ class Settings:
     # across the deployment) unless worker_sweeps is off.
     worker_dead_after: int = 15
     worker_sweeps: bool = True
+    # Time as a step (sagaflow/runtime/timers.py): a step retry delay of at least durable_retry_after seconds
+    # waits in SQL (the sweeper fires it) rather than as a Celery countdown held by the broker; a schedule
+    # added without its own catch-up policy takes schedule_catchup ("skip" or "once") for missed ticks.
+    durable_retry_after: int = 60
+    schedule_catchup: str = "skip"
     # RabbitMQ: quorum queues (replicated; retries use RabbitMQ's native delayed delivery), and the broker's
     # consumer_timeout in seconds (RabbitMQ closes a channel holding a delivery unacked longer: checked
     # against the longest step plus retry delay at worker start, as the Redis visibility timeout is).
@@ -252,6 +257,8 @@ class Settings:
             recovery_interval=_positive(env, "SAGAFLOW_RECOVERY_INTERVAL", 5),
             worker_dead_after=_positive(env, "SAGAFLOW_WORKER_DEAD_AFTER", 15),
             worker_sweeps=_bool(env, "SAGAFLOW_WORKER_SWEEPS", True),
+            durable_retry_after=_positive(env, "SAGAFLOW_DURABLE_RETRY_AFTER", 60),
+            schedule_catchup=_choice(env, "SAGAFLOW_SCHEDULE_CATCHUP", "skip", ("skip", "once")),
             rabbitmq_quorum=_bool(env, "SAGAFLOW_RABBITMQ_QUORUM", False),
             rabbitmq_consumer_timeout=_positive(env, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT", 1800),
             retention=_duration(env, "SAGAFLOW_RETENTION"),
@@ -322,6 +329,8 @@ class Settings:
             "SAGAFLOW_RETENTION": f"{self.retention}s" if self.retention else "",
             "SAGAFLOW_WORKER_DEAD_AFTER": str(self.worker_dead_after),
             "SAGAFLOW_WORKER_SWEEPS": "1" if self.worker_sweeps else "0",
+            "SAGAFLOW_DURABLE_RETRY_AFTER": str(self.durable_retry_after),
+            "SAGAFLOW_SCHEDULE_CATCHUP": self.schedule_catchup,
             "SAGAFLOW_RABBITMQ_QUORUM": "1" if self.rabbitmq_quorum else "0",
             "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT": str(self.rabbitmq_consumer_timeout),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,

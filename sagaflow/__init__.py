@@ -19,10 +19,21 @@ from sagaflow.errors import (
     SagaflowError,
     UnknownRun,
     UnknownSaga,
+    UnknownSchedule,
 )
 from sagaflow.hosting import install  # noqa: E402
 from sagaflow.model.declarative import SagaFileError, handler
-from sagaflow.model.definition import Parallel, RetryKind, RetryPolicy, Saga, Step, StepContext, StepKind, registry
+from sagaflow.model.definition import (
+    Parallel,
+    RetryKind,
+    RetryPolicy,
+    Saga,
+    Sleep,
+    Step,
+    StepContext,
+    StepKind,
+    registry,
+)
 from sagaflow.model.events import EventKind, Origin
 from sagaflow.model.snapshots import Run
 from sagaflow.model.status import RunStatus, StepStatus
@@ -32,6 +43,6 @@ __all__ = [
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",
     "Origin",
     "Parallel", "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled",
-    "SagaClient", "SagaFileError", "SagaflowError", "Step", "StepContext", "StepKind", "StepStatus", "UnknownRun",
-    "UnknownSaga", "__version__", "handler", "registry",
+    "SagaClient", "SagaFileError", "SagaflowError", "Sleep", "Step", "StepContext", "StepKind", "StepStatus",
+    "UnknownRun", "UnknownSaga", "UnknownSchedule", "__version__", "handler", "registry",
 ]

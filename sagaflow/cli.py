@@ -1,5 +1,5 @@
 """The `sagaflow` command: worker | web | flower | start | status | runs | cancel | signal | retry | restart |
-resolve | prune | stats | recover | db | demo.
+resolve | prune | stats | recover | schedule | db | demo.
 
 Whatever a user can get wrong by typing (an option, an argument, a SAGAFLOW_* setting, a saga module or file,
 the database address) ends in one line on stderr, ``Error: ...`` saying what to do, and a non-zero exit: 2
@@ -32,6 +32,7 @@ from sagaflow.errors import SagaflowError
 from sagaflow.logs import LEVELS, escape_controls, setup_logging
 from sagaflow.model.events import Origin
 from sagaflow.model.query import parse_duration, parse_time
+from sagaflow.model.schedule import Schedule
 from sagaflow.model.snapshots import Run
 from sagaflow.safejson import check_text
 from sagaflow.safejson import loads as json_loads
@@ -372,14 +373,18 @@ def flower(address, port, url_prefix, flower_args) -> None:
 @click.option("--idempotency-key", default=None, help="A second start with the same key returns the first run.")
 @click.option("--wait", is_flag=True, help="Wait for a final status and print the whole run.")
 @click.option("--timeout", type=SECONDS, default=60.0, show_default=True, help="Seconds to --wait.")
+@click.option("--at", "at", default=None,
+              help="Start at this time instead of now (ISO 8601; no zone means UTC): the run is scheduled.")
+@click.option("--delay", type=SECONDS, default=None, help="Start this many seconds from now: the run is scheduled.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def start(saga, input_json, idempotency_key, wait, timeout, as_json) -> None:
-    """Start a run of SAGA."""
+def start(saga, input_json, idempotency_key, at, delay, wait, timeout, as_json) -> None:
+    """Start a run of SAGA (now, or --at a time, or after --delay seconds)."""
     settings = _setup()
     # Parsed under SAGAFLOW_JSON_MAX_DEPTH/_BYTES without recursion: a deep value is refused, not a crash.
     data = json_loads(input_json, "--input", settings.json_limits)
+    when = parse_time(at, "--at") if at is not None else None
     client = _client()
-    run = client.start(saga, data, idempotency_key=idempotency_key)  # checks the saga, input and key first
+    run = client.start(saga, data, idempotency_key=idempotency_key, at=when, delay=delay)  # checks everything first
     if wait:
         run = client.wait(run.id, timeout=timeout)
     _print_run(run, as_json, history=wait)
@@ -591,7 +596,9 @@ def _print_run(run: Run, as_json: bool, history: bool = True) -> None:
         return
     # Every line through _clean: errors, names and event details are stored data, and may hold anything.
     click.echo(_clean(f"run {run.id}  {run.saga} v{run.saga_version}  {run.status}"
-                      + ("  (cancel requested)" if run.cancel_requested and not run.is_final else "")))
+                      + ("  (cancel requested)" if run.cancel_requested and not run.is_final else "")
+                      + (f"  (starts at {run.start_at.isoformat()})"
+                         if run.status == "scheduled" and run.start_at else "")))
     if run.error:
         click.echo(_clean(f"error: {run.error}"))
     if not history:
@@ -600,6 +607,8 @@ def _print_run(run: Run, as_json: bool, history: bool = True) -> None:
         error = s.compensation_error or s.error or ""
         click.echo(_clean(f"  {s.index:>2} {s.name:<22} {s.status:<20} attempts={s.attempts}"
                           + (f" undo_attempts={s.compensation_attempts}" if s.compensation_attempts else "")
+                          + (f"  until {s.deadline_at.isoformat()}" if s.status == "waiting" and s.deadline_at
+                             else "")
                           + (f"  {error}" if error else "")))
     for e in run.events:
         detail = " ".join(f"{k}={v}" for k, v in (e.detail or {}).items())
@@ -607,6 +616,76 @@ def _print_run(run: Run, as_json: bool, history: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- db
+
+
+@main.group()
+def schedule() -> None:
+    """Start a saga on a cron schedule (UTC): add, list, pause, resume, remove."""
+
+
+def _print_schedule(item: Schedule, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(item.to_dict(), indent=2))
+        return
+    state = "paused" if item.paused else f"next {item.next_fire_at.isoformat()}"
+    click.echo(_clean(f"{item.name:<24} {item.saga:<24} {item.cron:<20} catchup={item.catchup:<5} {state}"))
+
+
+@schedule.command("add")
+@click.argument("name")
+@click.option("--saga", required=True, help="The saga each tick starts.")
+@click.option("--cron", required=True, help='A cron expression in UTC: "0 2 * * *" (02:00 every day); six '
+                                            'fields put the seconds last.')
+@click.option("--input", "input_json", default="{}", help="Each run's input, a JSON object.")
+@click.option("--catchup", type=click.Choice(["skip", "once"]), default=None,
+              help="Ticks missed while no worker swept: skip them, or run once (default SAGAFLOW_SCHEDULE_CATCHUP).")
+@click.option("--paused", is_flag=True, help="Add it paused (sagaflow schedule resume starts it).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedule_add(name, saga, cron, input_json, catchup, paused, as_json) -> None:
+    """Add schedule NAME: start --saga on every tick of --cron, one run per tick."""
+    settings = _setup()
+    data = json_loads(input_json, "--input", settings.json_limits)
+    _print_schedule(_client().add_schedule(name, saga, cron, data, catchup=catchup, paused=paused), as_json)
+
+
+@schedule.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedule_list(as_json) -> None:
+    """The schedules, by name."""
+    _setup()
+    items = _client().schedules()
+    if as_json:
+        click.echo(json.dumps([item.to_dict() for item in items], indent=2))
+        return
+    for item in items:
+        _print_schedule(item, False)
+
+
+@schedule.command("pause")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedule_pause(name, as_json) -> None:
+    """Pause schedule NAME: no tick fires until it is resumed."""
+    _setup()
+    _print_schedule(_client().pause_schedule(name), as_json)
+
+
+@schedule.command("resume")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def schedule_resume(name, as_json) -> None:
+    """Resume schedule NAME from its next tick (the ticks that fell while paused never fire)."""
+    _setup()
+    _print_schedule(_client().resume_schedule(name), as_json)
+
+
+@schedule.command("remove")
+@click.argument("name")
+def schedule_remove(name) -> None:
+    """Remove schedule NAME (the runs it started stay)."""
+    _setup()
+    _client().remove_schedule(name)
+    click.echo(_clean(f"schedule {name} removed"))
 
 
 @main.group()

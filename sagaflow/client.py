@@ -24,6 +24,8 @@ from sagaflow.model import policy
 from sagaflow.model.definition import registry
 from sagaflow.model.events import Origin
 from sagaflow.model.query import parse_duration
+from sagaflow.model.schedule import Schedule, check_catchup, check_cron, next_tick
+from sagaflow.model.schedule import check_name as check_schedule_name
 from sagaflow.model.snapshots import Run, StepSpec
 from sagaflow.model.status import FINAL_RUN_STATUSES, RunStatus, compensation_rate, counts_by_status
 from sagaflow.runtime import publish, waits
@@ -55,6 +57,34 @@ def _origin(by: Origin | None) -> dict:
                 raise InvalidInput(f"Origin.{name} must be a string, got {type(value).__name__}")
             check_text(value, f"the {name}")
     return by.detail()
+
+
+MAX_DELAY = 10**9  # seconds (about 31 years), as a sleep
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def start_time(at, delay) -> dt.datetime | None:
+    """A delayed start's time from ``at`` (an aware datetime in the future) or ``delay`` (seconds > 0), or None
+    for neither. InvalidInput for both, or a bad value."""
+    if at is None and delay is None:
+        return None
+    if at is not None and delay is not None:
+        raise InvalidInput("give at or delay, not both")
+    now = utcnow()
+    if delay is not None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 < delay <= MAX_DELAY:
+            raise InvalidInput(f"delay is a number of seconds > 0 and at most {MAX_DELAY}, got {delay!r:.80}")
+        return now + dt.timedelta(seconds=delay)
+    if not isinstance(at, dt.datetime) or at.tzinfo is None or at.utcoffset() is None:
+        raise InvalidInput(f"at must be a datetime with a time zone (e.g. 2026-12-07T09:00:00+00:00), got {at!r:.80}")
+    if at <= now:
+        raise InvalidInput(f"at ({at.isoformat()}) is not in the future; start the run now instead")
+    if at > now + dt.timedelta(seconds=MAX_DELAY):
+        raise InvalidInput(f"at ({at.isoformat()}) is too far ahead")
+    return at.astimezone(dt.timezone.utc)
 
 
 def check_run_id(run_id) -> str:
@@ -105,17 +135,21 @@ class SagaClient:
     # ------------------------------------------------------------------ commands
 
     def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None,
-              deadline: float | None = None) -> Run:
+              deadline: float | None = None, at: dt.datetime | None = None, delay: float | None = None) -> Run:
         """Record the run and publish its first step; returns at once with the run (status pending).
 
         With an idempotency key that was used before, returns that earlier run and starts nothing.
         ``deadline``: seconds from now (wins over the saga's ``Saga(deadline=)``); a run still live then is
         cancelled by the sweeper and compensates (a ``deadline_passed`` event first).
+        ``at`` (a datetime with a time zone) or ``delay`` (seconds): a delayed start. The run is recorded
+        ``scheduled`` and the sweeper starts it when due (within one SAGAFLOW_RECOVERY_INTERVAL); its deadline
+        counts from then. ``cancel`` before then cancels it, nothing having run.
         """
-        return self._start(registry.get(saga), input, idempotency_key, deadline)  # registry: UnknownSaga
+        start_at = start_time(at, delay)
+        return self._start(registry.get(saga), input, idempotency_key, deadline, start_at=start_at)  # UnknownSaga
 
     def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
-               origin: dict | None = None) -> Run:
+               origin: dict | None = None, start_at: dt.datetime | None = None) -> Run:
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -138,6 +172,17 @@ class SagaClient:
         definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
         # PolicyError: an invalid policy file, or a saga that cannot run plain.
         mode = policy.mode_for(definition, get_settings())
+        if start_at is not None:
+            run, created = self.store.create_run(
+                str(uuid.uuid4()), definition.name, definition.version, input,
+                [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode, start_at=start_at)
+            if created:
+                log.info("run_start_delayed", extra={"run_id": run.id, "saga": run.saga,
+                                                     "start_at": start_at.isoformat()})
+                if deadline is not None:
+                    self.store.set_deadline(run.id, start_at + dt.timedelta(seconds=deadline))
+                    run = self.store.get_run(run.id)
+            return run
         self._check_broker()
         run, created = self.store.create_run(
             str(uuid.uuid4()), definition.name, definition.version, input,
@@ -192,8 +237,9 @@ class SagaClient:
 
     def cancel(self, run_id: str, *, by: Origin | None = None) -> Run:
         """Ask a pending, running or waiting run to stop: it stops before its next step and undoes what
-        completed. At a gate, the gate fails and the undoing begins at once; at a child step, the child run
-        is cancelled first (it compensates), then this run compensates."""
+        completed. At a gate or a sleep, the step fails and the undoing begins at once; at a child step, the
+        child run is cancelled first (it compensates), then this run compensates. A scheduled run (a delayed
+        start) is cancelled at once: nothing ran."""
         return waits.cancel(self.store, check_run_id(run_id), _origin(by))
 
     def signal(self, run_id: str, name: str, payload=None, *, by: Origin | None = None) -> Run:
@@ -220,6 +266,49 @@ class SagaClient:
         else:  # nothing left to undo: the run ended at once
             publish.run_ended(run_id)
         return self.get(run_id)
+
+    # ------------------------------------------------------------------ schedules
+
+    def add_schedule(self, name: str, saga: str, cron: str, input: dict | None = None, *,
+                     catchup: str | None = None, paused: bool = False) -> Schedule:
+        """Start saga ``saga`` with ``input`` on every tick of ``cron`` (UTC; five fields, or six with the
+        seconds last), one run per tick however many sweepers run. ``catchup``: what happens to ticks missed
+        while no worker swept, "skip" (none runs) or "once" (one run for the latest); default
+        SAGAFLOW_SCHEDULE_CATCHUP. Raises InvalidInput, UnknownSaga, InvalidTransition (the name is taken)."""
+        check_schedule_name(name)
+        registry.get(saga)  # UnknownSaga: a schedule of a saga no process registers would never fire
+        cron = check_cron(cron)
+        if input is None:
+            input = {}
+        if not isinstance(input, dict):
+            raise InvalidInput(f"input must be a JSON object (a dict), got {type(input).__name__}")
+        input = ensure_json(input, "input", get_settings().json_limits)
+        mode = check_catchup(get_settings().schedule_catchup if catchup is None else catchup)
+        if not isinstance(paused, bool):
+            raise InvalidInput(f"paused must be true or false, got {paused!r:.40}")
+        schedule = self.store.add_schedule(name, saga, cron, input, mode.value, next_tick(cron, utcnow()), paused)
+        log.info("schedule_added", extra={"schedule": name, "saga": saga, "cron": cron})
+        return schedule
+
+    def schedules(self) -> builtins.list[Schedule]:
+        return self.store.list_schedules()
+
+    def schedule(self, name: str) -> Schedule:
+        return self.store.get_schedule(check_schedule_name(name))
+
+    def pause_schedule(self, name: str) -> Schedule:
+        """No tick fires until ``resume_schedule``."""
+        return self.store.pause_schedule(check_schedule_name(name), True)
+
+    def resume_schedule(self, name: str) -> Schedule:
+        """Fire again from the next tick; the ticks that fell while paused never fire."""
+        schedule = self.schedule(name)
+        return self.store.pause_schedule(name, False, next_tick(schedule.cron, utcnow()))
+
+    def remove_schedule(self, name: str) -> None:
+        """Delete the schedule; the runs it started stay."""
+        self.store.remove_schedule(check_schedule_name(name))
+        log.info("schedule_removed", extra={"schedule": name})
 
     # ------------------------------------------------------------------ queries
 

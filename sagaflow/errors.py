@@ -21,6 +21,10 @@ class UnknownRun(SagaflowError, LookupError):
     """No run with that id exists."""
 
 
+class UnknownSchedule(SagaflowError, LookupError):
+    """No schedule of that name exists."""
+
+
 class InvalidTransition(SagaflowError):
     """The run's status does not allow the operation (cancel a finished run, retry a running one)."""
 

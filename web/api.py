@@ -10,7 +10,10 @@ from this address (Retry-After), 503 broker down.
 
 ``GET /api/runs`` searches with ``since``/``until`` (ISO 8601), ``idempotency_key`` and ``input.<field>=<value>``
 (docs/operating.md); ``POST /api/runs/<id>/restart`` (a final run, optional ``{"input": ...}``) and
-``POST /api/runs/<id>/resolve`` (``{"note": ...}`` required) are the operator's.
+``POST /api/runs/<id>/resolve`` (``{"note": ...}`` required) are the operator's. ``POST /api/runs`` takes
+``at`` (ISO 8601) or ``delay`` (seconds) for a delayed start. ``/api/schedules``: list (GET), add (POST
+``{"name", "saga", "cron", "input", "catchup", "paused"}``, 201); ``/api/schedules/<name>``: GET, DELETE (204);
+``POST /api/schedules/<name>/pause`` and ``/resume``.
 
 A list item carries ``input_preview`` (at most 200 characters of the input's compact JSON) and
 ``input_truncated`` instead of the input; ``GET /api/runs/<id>`` has the whole of it.
@@ -24,7 +27,15 @@ from flask import Blueprint, current_app, jsonify, request, url_for
 
 from sagaflow import safejson
 from sagaflow.client import INPUT_FIELD, SagaClient
-from sagaflow.errors import BrokerUnavailable, DefinitionError, InvalidInput, InvalidTransition, UnknownRun, UnknownSaga
+from sagaflow.errors import (
+    BrokerUnavailable,
+    DefinitionError,
+    InvalidInput,
+    InvalidTransition,
+    UnknownRun,
+    UnknownSaga,
+    UnknownSchedule,
+)
 from sagaflow.model.definition import NAME_PATTERN, registry
 from sagaflow.model.policy import PolicyError
 from sagaflow.model.query import parse_time
@@ -34,7 +45,8 @@ from sagaflow.web.present import run_json, run_list_json, saga_json
 
 api = Blueprint("api", __name__, url_prefix="/api")
 
-START_FIELDS = ("saga", "input", "idempotency_key")
+START_FIELDS = ("saga", "input", "idempotency_key", "at", "delay")
+SCHEDULE_FIELDS = ("name", "saga", "cron", "input", "catchup", "paused")
 LIST_PARAMS = ("status", "saga", "limit", "offset", "since", "until", "idempotency_key")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 MAX_OFFSET = 10**12  # far past any real table, far inside a 64-bit OFFSET
@@ -127,7 +139,12 @@ def start_run():
         raise ApiError(400, f"input must be a JSON object, got {_json_type(data)}")
     key = body.get("idempotency_key")
     try:
-        run = _client().start(saga, data, idempotency_key=key)
+        # A delayed start: "at" (ISO 8601; no zone means UTC) or "delay" (seconds); the run is scheduled.
+        at = body.get("at")
+        if at is not None and not isinstance(at, str):
+            raise InvalidInput(f"at must be an ISO 8601 time as a string, got {_json_type(at)}")
+        run = _client().start(saga, data, idempotency_key=key, at=parse_time(at, "at") if at is not None else None,
+                              delay=body.get("delay"))
     except (UnknownSaga, InvalidInput) as exc:
         raise ApiError(400, str(exc)) from None
     except (BrokerUnavailable, PolicyError, DefinitionError) as exc:
@@ -287,6 +304,60 @@ def _act(run_id: str, action):
     except BrokerUnavailable as exc:
         raise ApiError(503, str(exc)) from None
     return jsonify(run_json(run, _flower())), 202
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+
+
+def _schedule_act(action, *args, status: int = 200):
+    try:
+        item = action(*args)
+    except (InvalidInput, UnknownSaga) as exc:
+        raise ApiError(400, str(exc)) from None
+    except UnknownSchedule as exc:
+        raise ApiError(404, str(exc)) from None
+    except InvalidTransition as exc:
+        raise ApiError(409, str(exc)) from None
+    return (jsonify(item.to_dict()), status) if item is not None else ("", 204)
+
+
+@api.get("/schedules")
+def list_schedules():
+    return jsonify(items=[item.to_dict() for item in _client().schedules()])
+
+
+@api.post("/schedules")
+def add_schedule():
+    body = _json_body()
+    unknown = sorted(set(body) - set(SCHEDULE_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}: expected {', '.join(SCHEDULE_FIELDS)}")
+    for field in ("name", "saga", "cron"):
+        if not isinstance(body.get(field), str):
+            raise ApiError(400, f"{field} is required, as a string")
+    return _schedule_act(lambda: _client().add_schedule(body["name"], body["saga"], body["cron"], body.get("input"),
+                                                        catchup=body.get("catchup"),
+                                                        paused=body.get("paused", False)), status=201)
+
+
+@api.get("/schedules/<name>")
+def get_schedule(name: str):
+    return _schedule_act(_client().schedule, name)
+
+
+@api.post("/schedules/<name>/pause")
+def pause_schedule(name: str):
+    return _schedule_act(_client().pause_schedule, name)
+
+
+@api.post("/schedules/<name>/resume")
+def resume_schedule(name: str):
+    return _schedule_act(_client().resume_schedule, name)
+
+
+@api.delete("/schedules/<name>")
+def remove_schedule(name: str):
+    return _schedule_act(_client().remove_schedule, name)
 
 
 # ---------------------------------------------------------------------------------------------- the rest

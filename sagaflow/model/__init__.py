@@ -8,6 +8,7 @@
     definition.py   Saga, Step, Parallel, RetryPolicy, StepContext, the registry
     declarative.py  sagas from YAML files, and the handlers they name
     policy.py       compensation on or off per saga (given the settings by its caller)
+    schedule.py     Schedule, cron checks and the ticks due (croniter), the catch-up policy
 
 Imports nothing of sagaflow but ``sagaflow.errors``: the store, the runtime and the faces import the model,
 never the other way round (tests/unit/test_model.py checks).

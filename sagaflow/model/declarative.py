@@ -217,6 +217,7 @@ STEP_FLAGS = ("best_effort", "non_atomic", "pivot")
 STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS} | STEP_OPTIONS
 GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description", "payload_required"}
 CHILD_KEYS = {"child", "saga", "compensation", "description"}
+SLEEP_KEYS = {"sleep", "seconds", "compensation", "description"}
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
 
@@ -364,11 +365,13 @@ def _step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry
 
 
 def _waiting_step(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where) -> Step:
-    """``{gate: name, signal: ..., timeout: seconds}`` or ``{child: name, saga: ...}``: a step that waits."""
-    kind = "gate" if "gate" in spec else "child"
+    """``{gate: name, signal: ..., timeout: seconds}``, ``{child: name, saga: ...}`` or ``{sleep: name,
+    seconds: ...}``: a step that waits."""
+    kind = "gate" if "gate" in spec else "sleep" if "sleep" in spec else "child"
     where.step = spec[kind] if isinstance(spec[kind], str) else None
-    _check_keys(spec, GATE_KEYS if kind == "gate" else CHILD_KEYS,
-                ("gate", "signal", "timeout") if kind == "gate" else ("child", "saga"), f"a {kind} step", where, line)
+    keys = {"gate": (GATE_KEYS, ("gate", "signal", "timeout")), "child": (CHILD_KEYS, ("child", "saga")),
+            "sleep": (SLEEP_KEYS, ("sleep", "seconds"))}[kind]
+    _check_keys(spec, keys[0], keys[1], f"a {kind} step", where, line)
     name = spec[kind]
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise where.error(f"{kind} must be the step's name (an identifier), got {name!r}", _line(spec, kind))
@@ -377,6 +380,8 @@ def _waiting_step(spec: Any, line: int | None, handlers: HandlerRegistry, where:
         if kind == "gate":
             return Step(name, None, compensation, kind="gate", signal=spec["signal"], timeout=spec["timeout"],
                         payload_required=spec.get("payload_required", False))
+        if kind == "sleep":
+            return Step(name, None, compensation, kind="sleep", seconds=spec["seconds"])
         return Step(name, None, compensation, kind="child", child_saga=spec["saga"])
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec)) from None
@@ -401,7 +406,7 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
                 built.append(Parallel(*branches))
             except DefinitionError as exc:
                 raise where.error(str(exc), _line(spec, "parallel")) from None
-        elif isinstance(spec, dict) and ("gate" in spec or "child" in spec):
+        elif isinstance(spec, dict) and ("gate" in spec or "child" in spec or "sleep" in spec):
             built.append(_waiting_step(spec, line, handlers, where))
         else:
             built.append(_step(spec, line, defaults, handlers, where))
@@ -409,8 +414,8 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
             step_lines[id(built[-1])] = _line(spec) or line
             if nested and (built[-1].pivot or str(built[-1].kind) != "action"):
                 where.step = built[-1].name
-                raise where.error("a gate, a child step or a pivot cannot be in a parallel group: it runs alone",
-                                  _line(spec) or line)
+                raise where.error("a gate, a sleep, a child step or a pivot cannot be in a parallel group: it runs "
+                                  "alone", _line(spec) or line)
     return built
 
 

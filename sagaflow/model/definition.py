@@ -181,6 +181,16 @@ class StepContext:
 
 Action = Callable[[StepContext], Any]
 ChildInput = Callable[[StepContext], dict]
+SleepFor = Callable[[StepContext], float]
+# The longest sleep (about 31 years): a timestamp the database and Python both keep.
+MAX_SLEEP = 10**9
+
+
+def check_sleep_seconds(seconds: Any, what: str) -> float:
+    """A sleep's duration: a number of seconds > 0 (and at most MAX_SLEEP). Returns it as a float."""
+    if not _is_number(seconds) or not 0 < seconds <= MAX_SLEEP:
+        raise DefinitionError(f"{what}: seconds must be a number > 0 and at most {MAX_SLEEP}, got {seconds!r:.80}")
+    return float(seconds)
 
 
 class StepKind(str, Enum):
@@ -189,6 +199,7 @@ class StepKind(str, Enum):
     ACTION = "action"  # call the action
     GATE = "gate"  # wait, holding no worker, for a named signal (client.signal) or its timeout
     CHILD = "child"  # start another saga as a child run; done when the child succeeds
+    SLEEP = "sleep"  # wait, holding no worker and no message, until a time kept in SQL (a durable timer)
 
     def __str__(self) -> str:
         return self.value
@@ -226,6 +237,7 @@ class Step:
         child_input: ChildInput | None = None,
         compensation_timeout: float | None = None,
         payload_required: bool = False,
+        seconds: float | SleepFor | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
@@ -259,6 +271,13 @@ class Step:
                                       f"got {child_input!r}")
         elif child_saga is not None or child_input is not None:
             raise DefinitionError(f"step {name!r}: only a child step names a child saga")
+        if kind is StepKind.SLEEP:
+            if not callable(seconds):
+                check_sleep_seconds(seconds, f"sleep {name!r}")
+            if timeout is not None:
+                raise DefinitionError(f"sleep {name!r}: a sleep has no timeout, only its seconds")
+        elif seconds is not None:
+            raise DefinitionError(f"step {name!r}: only a sleep step sleeps (seconds=)")
         if compensation is not None and not callable(compensation):
             raise DefinitionError(f"step {name!r}: compensation must be callable, got {compensation!r}")
         if timeout is not None and (not _is_number(timeout) or timeout <= 0):
@@ -290,6 +309,7 @@ class Step:
         self.payload_required = payload_required  # a gate's signal must carry a payload (not null)
         self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
         self.child_input = child_input  # ctx -> the child's input; None: the parent's input
+        self.seconds = seconds  # a sleep's duration, or ctx -> seconds (computed when the run gets there)
         self.group: int | None = None  # Saga.parallel: the index of the group's first step
         self.saga: Saga | None = None
 
@@ -327,6 +347,11 @@ class Step:
 
     def __repr__(self) -> str:
         return f"<Step {self.name}{' +compensation' if self.compensate else ''}>"
+
+
+def Sleep(name: str, seconds: float | SleepFor, compensation: Action | None = None) -> Step:
+    """A sleep step for the plain form: ``Saga(name, steps=[a, Sleep("cool_off", 3600), b])``."""
+    return Step(name, None, compensation, kind=StepKind.SLEEP, seconds=seconds)
 
 
 class Parallel:
@@ -426,6 +451,16 @@ class Saga:
         registry.changed(self)
         return step
 
+    def sleep(self, name: str, seconds: float | SleepFor, *, compensation: Action | None = None) -> Step:
+        """Append a durable timer: the run waits ``seconds`` (status ``waiting``, holding no worker and no
+        message: the time is kept in SQL) and the sweeper moves it on when due, within one sweep interval.
+        ``seconds`` may be a function of the context (``lambda ctx: ctx.input["cool_off"]``), computed when
+        the run gets there. A cancel during the sleep compensates the completed steps at once."""
+        step = Step(name, None, compensation, kind=StepKind.SLEEP, seconds=seconds)
+        self._append(step)
+        registry.changed(self)
+        return step
+
     @contextmanager
     def parallel(self):
         """Steps appended inside ``with saga.parallel():`` form one group: they run at the same time and
@@ -490,7 +525,7 @@ class Saga:
         if self._group is not None:
             if step.kind is not StepKind.ACTION or step.pivot:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
-                                      f"(gates, child steps and pivots run alone)")
+                                      f"(gates, sleeps, child steps and pivots run alone)")
             step.group = self._group
         step.saga = self
         self.steps.append(step)

@@ -21,7 +21,9 @@ class EventKind(str, Enum):
     RUN_COMPENSATION_FAILED = "run_compensation_failed"
     RUN_FAILED = "run_failed"  # read by the stats; no transition writes it today (a plain run records no events)
     RUN_STUCK = "run_stuck"
-    RUN_WAITING = "run_waiting"  # at a gate or a child step
+    RUN_WAITING = "run_waiting"  # at a gate, a sleep, a long retry delay or a child step
+    RUN_SCHEDULED = "run_scheduled"  # a delayed start (detail: start_at; a schedule's tick: schedule, tick)
+    TIMER_FIRED = "timer_fired"  # the sweeper found a time due (detail: timer = sleep | retry | start, due)
     RUN_RECOVERED = "run_recovered"  # the sweeper re-drove it
     RUN_RESOLVED = "run_resolved"  # an operator settled it by hand (detail: the note)
     RUN_RESTARTED = "run_restarted"  # on the old run: a new run restarts it (detail: new_run_id)

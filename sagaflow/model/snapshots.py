@@ -138,6 +138,7 @@ class Run:
     children: tuple[str, ...] = field(default=())  # child runs' ids, in the order they started
     restarted_from: str | None = None  # client.restart: the run this one restarts
     deadline_at: dt.datetime | None = None  # the sweeper cancels the run if it is still live then
+    start_at: dt.datetime | None = None  # a delayed start (status scheduled): when the sweeper starts it
 
     @property
     def is_final(self) -> bool:
@@ -208,6 +209,7 @@ class Run:
             children=tuple(children),
             restarted_from=getattr(row, "restarted_from", None),
             deadline_at=getattr(row, "deadline_at", None),
+            start_at=getattr(row, "start_at", None),
         )
 
 

@@ -20,6 +20,10 @@ class RunStatus(str, Enum):
     WAITING = "waiting"  # at a gate (for a signal) or a child step (for the child run): holds no worker
     STUCK = "stuck"  # a step after the pivot failed for good: waits for an operator (client.retry)
     RESOLVED = "resolved"  # an operator settled a compensation_failed or stuck run by hand (client.resolve)
+    # A delayed start (client.start(at=/delay=), or a schedule's tick): recorded, no step published yet; the
+    # sweeper moves it scheduled -> pending and publishes its first step when due. A cancel moves it
+    # scheduled -> cancelled at once (nothing ran, nothing to undo). No other transition leaves it.
+    SCHEDULED = "scheduled"
 
     def __str__(self) -> str:
         return self.value
@@ -41,7 +45,8 @@ class StepStatus(str, Enum):
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
     SKIPPED = "skipped"
-    WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run
+    WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run, a sleep or a long
+    # retry delay for its time (deadline_at: when the sweeper moves it on)
     FAILED_BEST_EFFORT = "failed_best_effort"  # a best-effort step failed for good; the run went on
 
     def __str__(self) -> str:
@@ -49,9 +54,13 @@ class StepStatus(str, Enum):
 
 
 # Not final: the page showing such a run refreshes itself.
-LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING})
-# A cancel may be asked of these (the run stops before its next step, or its gate or child is failed).
-CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING})
+LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING,
+                               RunStatus.SCHEDULED})
+# A cancel may be asked of these (the run stops before its next step, or its gate, sleep or child is failed; a
+# scheduled run is cancelled at once).
+CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.SCHEDULED})
+# The guarded moves out of ``scheduled`` (store/timers.py enforces them in SQL): released when due, or cancelled.
+SCHEDULED_TRANSITIONS = {RunStatus.SCHEDULED: frozenset({RunStatus.PENDING, RunStatus.CANCELLED})}
 # An operator retry resumes these: the compensations where they stopped, or the step after the pivot.
 RETRYABLE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK})
 # An operator may settle these by hand (client.resolve): they move to resolved, nothing is published.

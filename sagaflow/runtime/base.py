@@ -100,12 +100,15 @@ class SagaTask(GuardedTask):
 
     def retry_or_give_up(self, exc: Exception, claim, policy: RetryPolicy, phase: str, fields: dict, *,
                          note_retry: Callable[[str, float, str | None], bool],
-                         give_up: Callable[[str, str | None], bool]) -> FailedForGood:
+                         give_up: Callable[[str, str | None], bool],
+                         wait: Callable[[float], FailedForGood] | None = None) -> FailedForGood:
         """The action (phase "step") or compensation raised: schedule a retry if the policy allows, else
         record the failure. The policy counts executions recorded in SQL (per operator-retry round), not
         Celery retries, so a retry after a database outage or a lost process spends none of its budget.
         A delivery that no longer holds the claim records nothing and stops. The error's traceback is
-        recorded with the attempt (bounded: outcomes.TRACEBACK_CHARS)."""
+        recorded with the attempt (bounded: outcomes.TRACEBACK_CHARS). ``wait``: how a delay of at least
+        SAGAFLOW_DURABLE_RETRY_AFTER seconds waits in SQL instead of the broker (runtime/timers.py: raises
+        Ignore, or returns a FailedForGood when a cancel came in)."""
         error = describe(exc, self.soft_limit())
         trace = traceback_text(exc)
         attempt = claim.round_attempt
@@ -113,6 +116,8 @@ class SagaTask(GuardedTask):
             delay = policy.delay(attempt)
             if note_retry(error, delay, trace):
                 log.info(f"{phase}_retried", extra={**fields, "attempt": attempt, "retry_in": round(delay, 3)})
+                if wait is not None and delay >= get_settings().durable_retry_after:
+                    return wait(delay)
                 raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1)
             raise Ignore()
         if give_up(error, trace):

@@ -18,6 +18,7 @@ whatever its lease: a SIGKILLed worker costs about that plus one interval, with 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -54,14 +55,15 @@ def sweeper_lease() -> str:
     return f"{SWEEPER_LEASE}:{hashlib.sha1(names.encode()).hexdigest()[:16]}"
 
 
-def sweep_once(holder: str, interval: float) -> int | None:
+def sweep_once(holder: str, interval: float, now: dt.datetime | None = None) -> int | None:
     """Offer to sweep: when ``holder`` wins (or keeps) the sweeper lease, sweep and return how many runs
-    were re-driven; None when another worker holds it. Any caller may use it (the tests: fifty at once)."""
+    were re-driven; None when another worker holds it. Any caller may use it (the tests: fifty at once).
+    ``now``: the timers' clock (recovery.recover_stalled); the worker's own sweeps pass none."""
     store = get_store()
     if not store.take_lease(sweeper_lease(), holder, 2 * interval):
         return None
     global _forgotten_at
-    recovered = recovery.recover_stalled()
+    recovered = recovery.recover_stalled(now=now)
     keep = max(60.0, 4 * get_settings().worker_dead_after)
     if time.monotonic() - _forgotten_at > keep:  # the rows of long-dead workers, now and then
         _forgotten_at = time.monotonic()

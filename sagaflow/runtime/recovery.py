@@ -22,20 +22,24 @@ from sagaflow.app import get_settings, get_store
 from sagaflow.errors import InvalidTransition
 from sagaflow.model import Recovery
 from sagaflow.model.definition import Saga, registry
-from sagaflow.runtime import publish, waits
+from sagaflow.runtime import publish, timers, waits
 from sagaflow.runtime.outcomes import describe
 
 log = logging.getLogger("sagaflow.recovery")
 
 
-def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> list[Recovery]:
-    """Re-drive every run stalled for ``stall_timeout`` seconds (default SAGAFLOW_STALL_TIMEOUT); returns
-    what this caller re-drove."""
+def recover_stalled(stall_timeout: float | None = None, limit: int = 500, *,
+                    now: dt.datetime | None = None) -> list[Recovery]:
+    """Re-drive every run stalled for ``stall_timeout`` seconds (default SAGAFLOW_STALL_TIMEOUT), and fire the
+    timers due; returns what this caller moved on. ``now``: the clock the timers are read against (sleeps,
+    long retry delays, delayed starts, schedules; default the real clock): a test passes a later time to fire
+    a three-day sleep at once. Stall detection and leases keep the real clock."""
     store = get_store()
     settings = get_settings()
     stall = settings.stall_timeout if stall_timeout is None else stall_timeout
     dead_after = settings.worker_dead_after
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
+    recovered += timers.sweep(store, now)  # sleeps and retry waits due, schedules' ticks, delayed starts
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
     compact_metrics(store)  # the counter log into one row per series: a /metrics scrape reads little

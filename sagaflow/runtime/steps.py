@@ -23,7 +23,7 @@ from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSer
 from sagaflow.inbound import MessageRefused
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
-from sagaflow.runtime import branches, publish, waits
+from sagaflow.runtime import branches, publish, timers, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe, traceback_text
 from sagaflow.safejson import ensure_json
@@ -165,6 +165,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     give_up = _give_up(work)
     if refused is not None:
         return work.fail(MessageRefused(refused), give_up)
+    if step.kind is StepKind.SLEEP:  # a durable timer (runtime/timers.py)
+        return timers.enter_sleep(store, saga, step, run_id, index, work.token, work.claim, results)
     if step.kind is not StepKind.ACTION:  # a gate or a child step: it may wait (runtime/waits.py)
         return waits.enter(self, store, saga, step, run_id, index, work.token, work.claim, results, work.lease)
 
@@ -194,6 +196,10 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
             note_retry=lambda error, delay, trace: store.retry_step(run_id, index, work.token, error, delay,
                                                                     work.lease, trace),
             give_up=give_up,
+            # A long delay waits in SQL, not in the broker (runtime/timers.py); a parallel branch waits as a
+            # countdown: its run keeps running for the other branches.
+            wait=None if step.group is not None else
+            lambda delay: timers.wait_retry(store.transactional, run_id, index, work.token, delay, fields),
         )
     if step.group is not None:  # records the result, joins the group or undoes a late branch
         return branches.record_success(saga, step, store, run_id, index, work.token, value, results, fields)

@@ -195,8 +195,12 @@ def check_visibility_timeout(settings) -> None:
     for saga in registry.all():
         for step in saga.steps:
             timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
-            action = (timeout or settings.default_step_timeout) + grace + max(
-                step.retry.max_interval, DB_RETRY.max_interval)
+            # A step retry delay of SAGAFLOW_DURABLE_RETRY_AFTER or more waits in SQL (runtime/timers.py),
+            # except in a parallel group, where it stays a countdown.
+            retry = step.retry.max_interval
+            if step.group is None:
+                retry = min(retry, settings.durable_retry_after)
+            action = (timeout or settings.default_step_timeout) + grace + max(retry, DB_RETRY.max_interval)
             # the undo's own limit (compensation_timeout), or the action's when it has none
             undo = (step.compensation_timeout or timeout or settings.default_step_timeout) + grace + max(
                 step.compensation_retry.max_interval, DB_RETRY.max_interval)

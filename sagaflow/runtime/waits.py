@@ -236,7 +236,11 @@ def required_payload_gate(run, name: str) -> str | None:
 
 
 def cancel(store, run_id: str, origin: dict | None = None):
-    """client.cancel: a pending or running run through Store.request_cancel; a waiting one here."""
+    """client.cancel: a scheduled run is cancelled at once (store/timers.py); a pending or running run
+    through Store.request_cancel; a waiting one (gate, sleep, long retry delay, child) here."""
+    if store.cancel_scheduled(run_id):
+        log.info("scheduled_run_cancelled", extra={"run_id": run_id})
+        return store.get_run(run_id)
     try:
         return store.request_cancel(run_id, origin)
     except InvalidTransition:

@@ -85,8 +85,9 @@ def log(conn, rows: list[dict]) -> None:
         conn.execute(insert(t.counter_log), rows)
 
 
-def started(saga: str) -> list[dict]:
-    return [row(STARTED, saga), row(LIVE, saga, RunStatus.PENDING.value)]
+def started(saga: str, status: RunStatus = RunStatus.PENDING) -> list[dict]:
+    """A run created in ``status``: pending, or scheduled for a delayed start."""
+    return [row(STARTED, saga), row(LIVE, saga, status.value)]
 
 
 def moved(saga: str, old: str, new: str, created_at: dt.datetime | None, now: dt.datetime) -> list[dict]:

@@ -13,6 +13,8 @@ concern.
     groups.py        parallel branches: join, late branches, held-back undos        (Groups)
     flags.py         best-effort and pivot steps, plain runs                        (Flags)
     waits.py         gates, signals, cancelling a waiting run                       (Waits)
+    timers.py        sleeps, long retry delays, delayed starts: times kept in SQL   (Timers(Waits))
+    schedules.py     cron schedules and the firing of their ticks                   (Schedules)
     children.py      child runs                                                     (Children)
     stats.py         read-only aggregates for /api/stats, the page's counts, /metrics (Stats)
     sessions.py      the web's operator sessions and authentication failures        (Sessions)
@@ -57,14 +59,16 @@ from sagaflow.store.operator import Operator
 from sagaflow.store.recovery import Recoveries
 from sagaflow.store.retention import Retention
 from sagaflow.store.runs import Runs
+from sagaflow.store.schedules import Schedules
 from sagaflow.store.sessions import Sessions
 from sagaflow.store.stats import Stats
+from sagaflow.store.timers import Timers
 from sagaflow.store.waits import Waits
 from sagaflow.store.workers import Workers
 
 
-class Store(Runs, Children, Groups, Compensation, Claims, Flags, Waits, Recoveries, Stats, Sessions, Operator,
-            Retention, Workers, Attention, Engines):
+class Store(Runs, Children, Groups, Compensation, Claims, Flags, Timers, Waits, Recoveries, Stats, Sessions,
+            Operator, Retention, Workers, Attention, Schedules, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

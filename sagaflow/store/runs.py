@@ -45,13 +45,15 @@ def _started(saga: str, version: int, parent_run_id: str | None, parent_step: in
 
 def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempotency_key: str | None,
                steps: list[StepSpec], now: dt.datetime, mode: str = "saga", parent_run_id: str | None = None,
-               parent_step: int | None = None) -> int:
+               parent_step: int | None = None, start_at: dt.datetime | None = None) -> int:
     """The run row, one row per step and its ``run_started`` event, in the caller's transaction (a run the
-    client starts, or a child run its parent's step starts). Returns the event's id."""
+    client starts, or a child run its parent's step starts). ``start_at``: a delayed start, recorded
+    ``scheduled`` (the sweeper starts it then: store/timers.py). Returns the event's id."""
+    status = RunStatus.SCHEDULED if start_at is not None else RunStatus.PENDING
     conn.execute(insert(t.runs).values(
-        id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+        id=run_id, saga=saga, saga_version=version, status=status.value, input=input,
         idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now, mode=mode,
-        parent_run_id=parent_run_id, parent_step=parent_step))
+        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at))
     if steps:
         conn.execute(insert(t.steps), [
             dict(run_id=run_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,
@@ -59,7 +61,7 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
                  compensation_round_attempts=0, kind=spec.kind, best_effort=spec.best_effort,
                  non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group, signal=spec.signal)
             for i, spec in enumerate(steps)])
-    counters.log(conn, counters.started(saga))
+    counters.log(conn, counters.started(saga, status))
     return conn.execute(
         insert(t.events).values(run_id=run_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
                                 detail=_started(saga, version, parent_run_id, parent_step))
@@ -80,13 +82,17 @@ class Runs(Engines):
         parent_run_id: str | None = None,
         parent_step: int | None = None,
         mode: str = "saga",
+        start_at: dt.datetime | None = None,
     ) -> tuple[Run, bool]:
         """Insert the run, one row per step and the first event in one transaction.
 
         ``steps``: StepSpec, or (name, has compensation) pairs. ``mode="plain"``: policy switched
-        compensation off for this run: the run row alone (no step rows, no event; flags.py ends it). Returns
+        compensation off for this run: the run row alone (no step rows, no event; flags.py ends it).
+        ``start_at``: a delayed start (status ``scheduled``; always through the transaction below). Returns
         ``(run, created)``; with an idempotency key already used, the existing run and False.
         """
+        if start_at is not None:
+            return self._create_scheduled_run(run_id, saga, version, input, steps, idempotency_key, mode, start_at)
         if mode == "plain":
             return self._create_plain_run(run_id, saga, version, input, idempotency_key)
         now = utcnow()
@@ -107,6 +113,20 @@ class Runs(Engines):
             return self._existing(idempotency_key), False
         return self._new_run(run_id, saga, version, input, idempotency_key, specs, now, event_id, mode=mode,
                              parent_run_id=parent_run_id, parent_step=parent_step), True
+
+    def _create_scheduled_run(self, run_id: str, saga: str, version: int, input: dict, steps, idempotency_key,
+                              mode: str, start_at: dt.datetime) -> tuple[Run, bool]:
+        now = utcnow()
+        specs = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps] if mode != "plain" else []
+        try:
+            with self.engine.begin() as conn:
+                insert_run(conn, run_id, saga, version, input, idempotency_key, specs, now, mode, start_at=start_at)
+                event(conn, run_id, EventKind.RUN_SCHEDULED, None, {"start_at": start_at.isoformat()}, now)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            return self._existing(idempotency_key), False
+        return self.get_run(run_id), True
 
     def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
                           idempotency_key: str | None) -> tuple[Run, bool]:

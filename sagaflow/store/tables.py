@@ -66,6 +66,8 @@ runs = Table(
     Column("restarted_from", String(36), nullable=True),
     # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
     Column("deadline_at", UTCDateTime, nullable=True),
+    # A delayed start (status scheduled): when the sweeper publishes its first step (store/timers.py).
+    Column("start_at", UTCDateTime, nullable=True),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
@@ -73,6 +75,7 @@ runs = Table(
     Index("ix_saga_runs_parent", "parent_run_id"),
     Index("ix_saga_runs_restarted_from", "restarted_from"),
     Index("ix_saga_runs_deadline", "deadline_at"),
+    Index("ix_saga_runs_start_at", "start_at"),
     # On PostgreSQL also ix_saga_runs_input, GIN on (input::jsonb) jsonb_path_ops (migration 0004): an
     # expression index SQLite cannot build, so it lives in the migration only (store/search.py uses it).
 )
@@ -103,13 +106,14 @@ steps = Table(
     # The first claim of this compensation round (the duration histogram measures from it).
     Column("compensation_started_at", UTCDateTime, nullable=True),
     # What the definition said of the step when the run started (definition.Step), so SQL alone decides.
-    Column("kind", String(16), nullable=False, server_default="action"),  # action | gate | child
+    Column("kind", String(16), nullable=False, server_default="action"),  # action | gate | child | sleep
     Column("best_effort", Boolean, nullable=False, server_default=false()),
     Column("non_atomic", Boolean, nullable=False, server_default=false()),
     Column("pivot", Boolean, nullable=False, server_default=false()),
     Column("branch_group", Integer, nullable=True),  # a parallel group: the index of its first step
     Column("signal", String(200), nullable=True),  # a gate: the signal it waits for
-    Column("deadline_at", UTCDateTime, nullable=True),  # a waiting gate: when it times out
+    # A waiting gate: when it times out; a sleep, or a step waiting out a long retry delay: when it wakes.
+    Column("deadline_at", UTCDateTime, nullable=True),
     Column("child_run_id", String(36), nullable=True),  # a child step: the child run
     # The worker (main process, saga_workers.id) whose pool holds the claim: when it stops heartbeating,
     # the sweeper takes the claim back at once, whatever the lease (store/workers.py).
@@ -214,4 +218,23 @@ leases = Table(
     Column("name", String(64), primary_key=True),
     Column("holder", String(200), nullable=False),
     Column("expires_at", UTCDateTime, nullable=False),
+)
+
+# Schedules (store/schedules.py): a saga started on each tick of a cron expression (UTC) by the sweeper.
+# next_fire_at is the first tick not fired yet; a sweep moves it with a compare-and-set after starting the
+# due ticks' runs (each idempotent on "schedule:<name>:<tick>"), so many sweepers start one run per tick.
+schedules = Table(
+    "saga_schedules",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("saga", String(200), nullable=False),
+    Column("cron", String(200), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("catchup", String(16), nullable=False, server_default="skip"),  # skip | once (model/schedule.py)
+    Column("next_fire_at", UTCDateTime, nullable=False),
+    Column("last_fired_at", UTCDateTime, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_saga_schedules_due", "paused", "next_fire_at"),
 )

@@ -182,8 +182,9 @@ class Waits(Engines):
                             .where(s.run_id == run.id, s.status == StepStatus.WAITING.value)).first()
         if step is None:
             return []
-        if step.kind == "gate":
-            error = f"cancelled while waiting for signal {step.signal!r}"
+        if step.kind in ("gate", "sleep", "action"):  # a gate, a sleep, a step waiting out a long retry delay
+            error = {"gate": f"cancelled while waiting for signal {step.signal!r}",
+                     "sleep": "cancelled during the sleep"}.get(step.kind, "cancelled while waiting to retry")
             if fail_step(conn, run.id, step.idx, StepStatus.WAITING, error, now) is None:
                 return []
             set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)

@@ -142,3 +142,20 @@ def test_seed_counts_rows_written_past_the_runtime(store):
         by_runtime.started, {k: v for k, v in by_runtime.live.items() if v}, by_runtime.finished, by_runtime.steps)
     assert {k: h.count for k, h in seeded.histograms["step_duration"].items()} == {
         k: h.count for k, h in by_runtime.histograms["step_duration"].items()}
+
+
+def test_the_live_gauge_follows_delayed_starts_and_sleeps(store):
+    """A delayed start is live as scheduled, not pending; its release and its cancel move the gauge; a step
+    waiting on a timer holds its run in waiting (the time features of store/timers.py)."""
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    store.create_run("later", "s", 1, {}, STEPS, start_at=later)
+    store.create_run("never", "s", 1, {}, STEPS, start_at=later)
+    assert {k: v for k, v in _check_against_rows(store).live.items() if v} == {("s", "scheduled"): 2}
+    assert store.release_scheduled("later", later)
+    assert store.cancel_scheduled("never")
+    assert {k: v for k, v in _check_against_rows(store).live.items() if v} == {
+        ("s", "pending"): 1, ("s", "cancelled"): 1}
+    store.claim_step("later", 0, "later-a:0", [], 60)
+    store.start_sleep("later", 0, "later-a:0", 3600)
+    assert {k: v for k, v in _check_against_rows(store).live.items() if v} == {
+        ("s", "waiting"): 1, ("s", "cancelled"): 1}
