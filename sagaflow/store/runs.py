@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sagaflow.errors import InvalidTransition, UnknownRun
 from sagaflow.model.events import EventKind
 from sagaflow.model.snapshots import Event, Run, StepSpec, StepState
-from sagaflow.model.status import RunStatus, StepStatus
+from sagaflow.model.status import LIVE_RUN_STATUSES, RunStatus, StepStatus
 from sagaflow.store import counters
 from sagaflow.store import tables as t
 from sagaflow.store.engine import Engines, utcnow
@@ -23,6 +23,7 @@ from sagaflow.store.search import search_conditions
 # A search's total is counted up to this many runs past the page (then "10,000+"): counting a broad match
 # exactly costs a scan of every matching index entry.
 COUNT_CAP = 10_000
+_LIVE = frozenset(s.value for s in LIVE_RUN_STATUSES)
 
 
 class Total(int):
@@ -221,16 +222,18 @@ class Runs(Engines):
                 .offset(offset)
             )
             runs = [Run.from_row(r) for r in rows]
-            return runs, self._total(conn, conditions, status, saga, offset, broad=any(
-                v is not None for v in (since, until, idempotency_key, input)))
+            # A live status is counted from its rows (few, on the status index): exact even when a row was
+            # changed by hand, past the transitions that keep the gauge. A final one (most rows) reads the gauge.
+            broad = status in _LIVE or any(v is not None for v in (since, until, idempotency_key, input))
+            return runs, self._total(conn, conditions, status, saga, offset, broad=broad)
 
         return self._read(read)
 
     @staticmethod
     def _total(conn, conditions, status, saga, offset: int, broad: bool) -> "Total":
-        """How many runs match: exact from the live gauge when only status and saga filter (counters.py: two
-        small tables, whatever the number of runs); else counted up to COUNT_CAP past ``offset`` and, beyond
-        that, ``offset + COUNT_CAP`` with ``exact`` False (shown as "10,000+")."""
+        """How many runs match: exact from the live gauge when only a final status and saga filter
+        (counters.py: two small tables, whatever the number of runs); else counted up to COUNT_CAP past
+        ``offset`` and, beyond that, ``offset + COUNT_CAP`` with ``exact`` False (shown as "10,000+")."""
         if not broad:
             counts = counters.live_counts(conn, saga)
             return Total(sum(n for (_, s), n in counts.items() if status is None or s == status), True)

@@ -159,3 +159,13 @@ def test_the_live_gauge_follows_delayed_starts_and_sleeps(store):
     store.start_sleep("later", 0, "later-a:0", 3600)
     assert {k: v for k, v in _check_against_rows(store).live.items() if v} == {
         ("s", "waiting"): 1, ("s", "cancelled"): 1}
+
+
+def test_a_live_status_total_counts_rows_so_a_hand_edit_cannot_leave_a_phantom(store):
+    """An operator (or an old writer) moves a row past the transitions: the gauge no longer sees it, but the
+    list's total for a live status counts rows, so nobody waits for a pending run that is not there."""
+    store.create_run("edited", "s", 1, {}, STEPS)
+    with store.engine.begin() as conn:
+        conn.execute(t.runs.update().where(t.runs.c.id == "edited").values(status="failed"))
+    runs, total = store.list_runs(status="pending")
+    assert (runs, total, total.exact) == ([], 0, True)
