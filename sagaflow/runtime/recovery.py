@@ -20,7 +20,7 @@ import logging
 
 from sagaflow.app import get_settings, get_store
 from sagaflow.errors import InvalidTransition
-from sagaflow.model import Recovery
+from sagaflow.model import Recovery, clock
 from sagaflow.model.definition import Saga, registry
 from sagaflow.runtime import publish, waits
 from sagaflow.runtime.outcomes import describe
@@ -87,7 +87,7 @@ def prune_by_retention(store) -> int:
     seconds = get_settings().retention
     if not seconds:
         return 0
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    cutoff = clock.now() - dt.timedelta(seconds=seconds)
     try:
         result = store.prune(cutoff)
     except Exception as exc:  # noqa: BLE001 - retention must never stop the recovery sweep

@@ -281,10 +281,29 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
     return results
 
 
+# Around every call of an action or a compensation: None (the call itself), or sagaflow.testing's fault
+# injector, called as ``interceptor(phase, ctx, call)`` with phase "step" or "compensation"; it returns what
+# the call returns or raises in its place.
+Interceptor = Callable[[str, StepContext, Callable[[StepContext], object]], object]
+_interceptor: Interceptor | None = None
+
+
+def intercept(interceptor: Interceptor | None) -> Interceptor | None:
+    """Put ``interceptor`` around every action and compensation of this process (None: remove it); returns the
+    one it replaces."""
+    global _interceptor
+    previous, _interceptor = _interceptor, interceptor
+    return previous
+
+
+def _invoke(phase: str, call: Callable[[StepContext], object], ctx: StepContext):
+    return call(ctx) if _interceptor is None else _interceptor(phase, ctx, call)
+
+
 def call_action(step: Step, ctx: StepContext):
     """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
     assert step.action is not None  # only action steps get here (gates and child steps have none)
-    value = step.action(ctx)
+    value = _invoke("step", step.action, ctx)
     try:
         return ensure_json(value, f"the result of step {step.name!r}", get_settings().json_limits)
     except InvalidInput as exc:
@@ -327,7 +346,7 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
     ctx = work.context(result=work.claim.result, _heartbeat=work.heartbeat(stop_on_cancel=False))
     try:
         if step.compensate is not None:  # a child step may have none of its own
-            step.compensate(ctx)
+            _invoke("compensation", step.compensate, ctx)
     except (Retry, Ignore):
         raise
     except LeaseLost as exc:

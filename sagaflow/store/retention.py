@@ -19,7 +19,7 @@ from sqlalchemy.orm import aliased
 from sagaflow.model.status import RunStatus
 from sagaflow.store import stats
 from sagaflow.store import tables as t
-from sagaflow.store.engine import Engines
+from sagaflow.store.engine import Engines, utcnow
 
 PRUNABLE = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
             RunStatus.FAILED.value, RunStatus.RESOLVED.value)
@@ -135,7 +135,7 @@ class Retention(Engines):
         """Fold the runs that ended (as prune would delete them) more than ``settled`` seconds ago into
         saga_totals and mark them ``counted``: /metrics then reads them from the totals, so a scrape costs
         what the runs not folded yet cost, not the whole history. Short batches; returns the runs folded."""
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=settled)
+        cutoff = utcnow() - dt.timedelta(seconds=settled)
         r = t.runs.c
         folded = 0
         while True:
