@@ -20,6 +20,7 @@ class RunStatus(str, Enum):
     WAITING = "waiting"  # at a gate (for a signal) or a child step (for the child run): holds no worker
     STUCK = "stuck"  # a step after the pivot failed for good: waits for an operator (client.retry)
     RESOLVED = "resolved"  # an operator settled a compensation_failed or stuck run by hand (client.resolve)
+    QUEUED = "queued"  # over its saga's max_concurrent_runs: waits for a slot, holding no worker
 
     def __str__(self) -> str:
         return self.value
@@ -43,15 +44,17 @@ class StepStatus(str, Enum):
     SKIPPED = "skipped"
     WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run
     FAILED_BEST_EFFORT = "failed_best_effort"  # a best-effort step failed for good; the run went on
+    QUEUED = "queued"  # over its concurrency or rate_limit: waits for a slot, holding no worker
 
     def __str__(self) -> str:
         return self.value
 
 
 # Not final: the page showing such a run refreshes itself.
-LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING})
+LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING,
+                               RunStatus.QUEUED})
 # A cancel may be asked of these (the run stops before its next step, or its gate or child is failed).
-CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING})
+CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.QUEUED})
 # An operator retry resumes these: the compensations where they stopped, or the step after the pivot.
 RETRYABLE_RUN_STATUSES = frozenset({RunStatus.COMPENSATION_FAILED, RunStatus.STUCK})
 # An operator may settle these by hand (client.resolve): they move to resolved, nothing is published.

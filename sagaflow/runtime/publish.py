@@ -18,10 +18,12 @@ from typing import Iterator
 
 from celery import Celery
 
-from sagaflow.app import celery_app, get_store
+from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.model.definition import Saga, StepKind, registry
+from sagaflow.model.outcomes import Promoted
 from sagaflow.runtime import compiler
 from sagaflow.runtime.outcomes import describe
+from sagaflow.store.limits import run_key
 
 log = logging.getLogger("sagaflow.publish")
 
@@ -95,6 +97,7 @@ def run_ended(run_id: str, saga: str | None = None) -> None:
     given and never named by a child step in this process: no parent to tell, and no read (the linear
     fast path stays as it was). Never raises: the transition is committed; a lost message is re-published
     by the sweeper (runtime/waits.py ``sweep``)."""
+    _free_run_slot(run_id, saga)
     if saga is not None and saga not in _child_sagas():
         return
     fields = {"run_id": run_id}
@@ -105,3 +108,33 @@ def run_ended(run_id: str, saga: str | None = None) -> None:
         if parent is not None:
             child_finished(run_id)
             log.info("child_finished_published", extra={"run_id": run_id, "parent_run_id": parent})
+
+
+def promoted(waiters: list[Promoted]) -> None:
+    """The chain of each run or step that got a slot under a limit (store/limits.py), from its step. One the
+    broker refuses is re-driven by the recovery sweeper (its run is live and nothing moves it). Never
+    raises: the slot is reserved in SQL already."""
+    for waiter in waiters:
+        fields = {"run_id": waiter.run_id, "from_step": waiter.index}
+        with or_log(log, "queued_not_published", fields,
+                    next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT"):
+            chain_from(registry.get(waiter.saga, waiter.version), waiter.run_id, start=waiter.index,
+                       results=waiter.results)
+            log.info("slot_handed_over", extra=fields)
+
+
+def _free_run_slot(run_id: str, saga: str | None) -> None:
+    """A run ended: if its saga has max_concurrent_runs, its slot is free; the earliest queued run gets it.
+    No read at all when no registered saga has that limit. Never raises (the sweeper promotes what this
+    misses: runtime/limits.py promote_all)."""
+    limits = {s.name: s.max_concurrent_runs for s in registry.all() if s.max_concurrent_runs}
+    if not limits or (saga is not None and saga not in limits):
+        return
+    waiters: list[Promoted] = []
+    with or_log(log, "slot_not_promoted", {"run_id": run_id},
+                next="the recovery sweeper promotes the next queued run"):
+        store = get_store()
+        name = saga if saga is not None else store.get_run(run_id, history=False).saga
+        if name in limits:
+            waiters = store.promote(run_key(name), limits[name], 0.0, get_settings().worker_dead_after)
+    promoted(waiters)

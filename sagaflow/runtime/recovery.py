@@ -22,7 +22,7 @@ from sagaflow.app import get_settings, get_store
 from sagaflow.errors import InvalidTransition
 from sagaflow.model import Recovery, clock
 from sagaflow.model.definition import Saga, registry
-from sagaflow.runtime import publish, waits
+from sagaflow.runtime import limits, publish, waits
 from sagaflow.runtime.outcomes import describe
 
 log = logging.getLogger("sagaflow.recovery")
@@ -37,6 +37,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500) -> lis
     dead_after = settings.worker_dead_after
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
+    promote_waiters()  # limits: slots freed by an end or a death nobody reported go to the runs in line
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
     fold_metrics(store)  # ended runs into saga_totals: a /metrics scrape then reads only recent rows
     # Only the sagas registered here: a sweeper that cannot compile a saga must not take its runs over.
@@ -79,6 +80,16 @@ def cancel_past_deadline(store, limit: int = 500) -> list[str]:
         log.warning("deadline_passed", extra={"run_id": run_id, "deadline": deadline_at.isoformat()})
         cancelled.append(run_id)
     return cancelled
+
+
+def promote_waiters() -> int:
+    """Give the free slots of every limit that has a line to its earliest waiters (runtime/limits.py). A
+    failure is logged and the sweep goes on."""
+    try:
+        return limits.promote_all()
+    except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep
+        log.error("limits_promote_failed", extra={"error": describe(exc)})
+        return 0
 
 
 def prune_by_retention(store) -> int:

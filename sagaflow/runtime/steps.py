@@ -23,7 +23,7 @@ from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSer
 from sagaflow.inbound import MessageRefused
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
-from sagaflow.runtime import branches, publish, waits
+from sagaflow.runtime import branches, limits, publish, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe
 from sagaflow.safejson import ensure_json
@@ -110,7 +110,12 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
             _next_window(run_id, version, self.saga_name, index + 1, plain_results, plain=True, input=input)
         return plain_results
     with self.database_outage_retries():
-        outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request))
+        saga, step = self.definition(version)
+        slot = limits.enter(self, saga, step, run_id, index)  # over a limit: the delivery ends here (queued)
+        try:
+            outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request), slot)
+        finally:
+            limits.leave(slot)
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_step_failed
     if window_end:
@@ -142,10 +147,13 @@ def _give_up(work: Claimed) -> Callable[[str], bool]:
 
 
 def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int,
-              refused: str | None = None) -> dict | FailedForGood:
+              refused: str | None = None, slot: limits.Slot | None = None) -> dict | FailedForGood:
     """``refused``: the worker refused this message (sagaflow/inbound.py): its arguments were cut, so the step
-    fails for good without running, and the run compensates."""
+    fails for good without running, and the run compensates. ``slot``: the step's slot under its concurrency
+    (runtime/limits.py), given back at the end if this delivery claims the step."""
     work = claim(self, "step", run_id, index, version)
+    if slot is not None and work.claim.outcome is ClaimOutcome.CLAIMED:
+        slot.claimed = True
     saga, step, store, fields, outcome = work.saga, work.step, work.store, work.fields, work.claim.outcome
     if outcome is ClaimOutcome.CANCELLED:
         log.info("step_cancelled", extra=fields)
