@@ -67,6 +67,7 @@ class Metrics:
     compensation_durations: dict[tuple[str, str], Histogram]
     run_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (saga, final status)
     runs_started: dict[str, int] = field(default_factory=dict)  # saga -> runs ever started (pruned included)
+    queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (saga, step or "run") -> in a limit's line
 
 
 def _with_totals(histograms: dict, totals: dict, metric: str) -> dict:
@@ -320,7 +321,7 @@ class SagaClient:
             ("compensation_duration", self.store.compensation_duration_histograms),
             ("run_duration", self.store.run_duration_histograms))}
         return Metrics(counts, ends, events, histograms["step_duration"], histograms["compensation_duration"],
-                       histograms["run_duration"], started)
+                       histograms["run_duration"], started, self.store.queued_counts())
 
     def prune(self, older_than, dry_run: bool = False) -> PruneResult:
         """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than
