@@ -7,7 +7,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-PHASES = ("latency", "throughput", "steps", "runs", "sql", "policy_off", "embedded")
+PHASES = ("latency", "throughput", "steps", "runs", "sql", "policy_off", "limits", "embedded")
 STEP_COUNTS = (4, 16, 64)
 
 
@@ -100,6 +100,8 @@ def expected_figures(sizes: Sizes, phases=PHASES) -> list[str]:
     if "policy_off" in phases:  # it runs before sql (harness.RUNNERS)
         names += ["off_w1_latency_p50", "off_w1_throughput", "off_sql_statements_per_run",
                   "off_sql_round_trips_per_run"]
+    if "limits" in phases:  # it runs before sql (harness.RUNNERS)
+        names += ["limits_w1_latency_p50", "limits_w1_throughput"]
     if "sql" in phases:
         names += ["sql_round_trips_per_step", "sql_round_trips_per_step_listeners", "sql_statements_per_step",
                   "sql_round_trips_per_start", "w2_sql_round_trips_per_run"]

@@ -104,6 +104,21 @@ class PolicyOffSide(SagaflowSide):
         return problems
 
 
+class LimitedSide(SagaflowSide):
+    """W1 runs of ``bench_w1_limits``: the same no-op steps under limits that never bind (bench/sagas.py)."""
+
+    label = "sagaflow, limits"
+
+    def __init__(self, sagaflow_side: SagaflowSide) -> None:
+        self.by_steps = {4: "bench_w1_limits"}
+        self.client = sagaflow_side.client
+        self.pg = sagaflow_side.pg
+
+    def reset(self) -> None:
+        super().reset()
+        self.sql("TRUNCATE saga_slots, saga_slot_waiters, saga_rate_starts")
+
+
 class PlainSide:
     """Starts plain chains and reads the record their last task writes (bench/plain.py)."""
 

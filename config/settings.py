@@ -180,6 +180,9 @@ class Settings:
     # consumer_timeout in seconds (RabbitMQ closes a channel holding a delivery unacked longer: checked
     # against the longest step plus retry delay at worker start, as the Redis visibility timeout is).
     rabbitmq_quorum: bool = False
+    # RabbitMQ: declare sagaflow's queues with x-max-priority, so run priorities are served (classic queues;
+    # a queue declared without it must be deleted first). Redis needs nothing: sagaflow sets its steps.
+    rabbitmq_priority: bool = False
     rabbitmq_consumer_timeout: int = 1800
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
@@ -241,6 +244,7 @@ class Settings:
             worker_dead_after=_positive(env, "SAGAFLOW_WORKER_DEAD_AFTER", 15),
             worker_sweeps=_bool(env, "SAGAFLOW_WORKER_SWEEPS", True),
             rabbitmq_quorum=_bool(env, "SAGAFLOW_RABBITMQ_QUORUM", False),
+            rabbitmq_priority=_bool(env, "SAGAFLOW_RABBITMQ_PRIORITY", False),
             rabbitmq_consumer_timeout=_positive(env, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT", 1800),
             retention=_duration(env, "SAGAFLOW_RETENTION"),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
@@ -309,6 +313,7 @@ class Settings:
             "SAGAFLOW_WORKER_DEAD_AFTER": str(self.worker_dead_after),
             "SAGAFLOW_WORKER_SWEEPS": "1" if self.worker_sweeps else "0",
             "SAGAFLOW_RABBITMQ_QUORUM": "1" if self.rabbitmq_quorum else "0",
+            "SAGAFLOW_RABBITMQ_PRIORITY": "1" if self.rabbitmq_priority else "0",
             "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT": str(self.rabbitmq_consumer_timeout),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",

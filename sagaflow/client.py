@@ -105,17 +105,23 @@ class SagaClient:
     # ------------------------------------------------------------------ commands
 
     def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None,
-              deadline: float | None = None) -> Run:
+              deadline: float | None = None, priority: int | None = None) -> Run:
         """Record the run and publish its first step; returns at once with the run (status pending).
 
         With an idempotency key that was used before, returns that earlier run and starts nothing.
         ``deadline``: seconds from now (wins over the saga's ``Saga(deadline=)``); a run still live then is
         cancelled by the sweeper and compensates (a ``deadline_passed`` event first).
+        ``priority``: 0 to 9, 9 served first (none: 0), carried on every message of the run: under a backlog
+        the broker hands out higher-priority runs' steps first (runtime/publish.py).
         """
-        return self._start(registry.get(saga), input, idempotency_key, deadline)  # registry: UnknownSaga
+        return self._start(registry.get(saga), input, idempotency_key, deadline,  # registry: UnknownSaga
+                           priority=priority)
 
-    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None
-               ) -> Run:
+    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
+               priority: int | None = None) -> Run:
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or priority not in publish.PRIORITIES):
+            raise InvalidInput(f"priority is an integer from 0 to 9 (9 is served first), got {priority!r:.80}")
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -149,7 +155,8 @@ class SagaClient:
             if restart_of is not None:
                 self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1])
             try:
-                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app)
+                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app,
+                              priority_=priority)
             except Exception as exc:
                 raise self._refused_start(run.id, exc) from exc
             if deadline is not None or restart_of is not None:

@@ -112,3 +112,18 @@ solo = Saga("limit_solo")
 @solo.step(retry=FAST, queue=SOLO_QUEUE, concurrency=1)
 def alone(ctx: StepContext):
     return _work(ctx)
+
+
+# Priorities under a backlog (tests/integration/test_limits.py): two steps, each message at the run's priority.
+PRIO_QUEUE = "limits_prio"
+prioritized = Saga("limit_priority")
+
+
+@prioritized.step(retry=FAST, queue=PRIO_QUEUE)
+def first_half(ctx: StepContext):
+    return {"priority": ctx.input.get("p")}
+
+
+@prioritized.step(retry=FAST, queue=PRIO_QUEUE)
+def second_half(ctx: StepContext):
+    return {"priority": ctx.input.get("p")}

@@ -76,7 +76,8 @@ def enter(task, saga: Saga, step: Step, run_id: str, index: int) -> Slot | None:
             raise Ignore()
     if step.rate_limit:
         key = step_key(saga.name, step.name)
-        wait = store.take_rate(key, step.rate_limit.count, step.rate_limit.period, run_id, index)
+        wait = store.take_rate(key, step.rate_limit.count, step.rate_limit.period, run_id, index,
+                               queued=bool(task.request.retries))  # only a retry can have waited
         if wait > 0:
             # Spread the waiters over the next window, so they do not all come back at the same instant.
             wait += random.uniform(0, step.rate_limit.period / step.rate_limit.count)

@@ -13,10 +13,12 @@ The messages themselves are built by the compiler (runtime/compiler.py), which p
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
 from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.model.definition import Saga, StepKind, registry
@@ -41,26 +43,105 @@ def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = 
         logger.error(event, extra=extra)
 
 
+# ---------------------------------------------------------------------------------------------- priority
+#
+# A run's priority (client.start(priority=0..9), 9 served first; none given: 0) rides on every message of
+# the run: the first chain is published with it, and every message a task publishes while it runs (the next
+# window, the compensations its errback publishes, a retry, the link errbacks stamped on each link) takes
+# the priority of the message that task came in with. Redis serves the *lowest* number first (kombu's
+# priority steps, SAGAFLOW's transport options give it all ten), RabbitMQ the highest (a queue declared with
+# x-max-priority: SAGAFLOW_RABBITMQ_PRIORITY): ``broker_priority`` maps one onto the other. Messages published
+# outside a task (the sweeper's, an operator's) go at the default priority.
+
+PRIORITIES = range(10)
+DEFAULT_PRIORITY = 0
+_current = threading.local()
+
+
+def _redis(app: Celery) -> bool:
+    return str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel"))
+
+
+def broker_priority(priority: int, app: Celery | None = None) -> int:
+    return 9 - priority if _redis(app or celery_app) else priority
+
+
+def sagaflow_priority(value, app: Celery | None = None) -> int | None:
+    """The run priority a delivered message's broker priority stands for (None: it carried none)."""
+    if not isinstance(value, int) or value not in PRIORITIES:
+        return None
+    return 9 - value if _redis(app or celery_app) else value
+
+
+@task_prerun.connect
+def _priority_of_the_delivery(sender=None, task=None, **_):
+    request = getattr(task, "request", None)
+    info = getattr(request, "delivery_info", None) or {}
+    _current.value = sagaflow_priority(info.get("priority"), getattr(task, "app", None))
+
+
+@task_postrun.connect
+def _priority_done(**_):
+    _current.value = None
+
+
+def current_priority() -> int:
+    """The priority of what this process publishes now: the running task's, else the default."""
+    value = getattr(_current, "value", None)
+    return DEFAULT_PRIORITY if value is None else value
+
+
+@contextmanager
+def priority(value: int | None) -> Iterator[None]:
+    """Publish at ``value`` inside the block (client.start: the new run's priority)."""
+    previous = getattr(_current, "value", None)
+    _current.value = value
+    try:
+        yield
+    finally:
+        _current.value = previous
+
+
+def _stamped(canvas, app: Celery):
+    """Set the current priority on every message of ``canvas``: each link, and each link's errbacks."""
+    value = broker_priority(current_priority(), app)
+    for signature in getattr(canvas, "tasks", None) or [canvas]:
+        # A Signature is a dict; a link or errback may also be a plain dict (a deserialized signature).
+        options = signature.setdefault("options", {})
+        options["priority"] = value
+        for errback in options.get("link_error") or ():
+            if isinstance(errback, dict):
+                errback.setdefault("options", {})["priority"] = value
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
 def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None,
-          app: Celery | None = None) -> None:
-    """A new run's first chain. Raises when the broker refuses (the client deletes the run again)."""
-    if plain:
-        chain_from(saga, run_id, plain=True, input=input, app=app)
-    else:
-        chain_from(saga, run_id, app=app)
+          app: Celery | None = None, priority_: int | None = None) -> None:
+    """A new run's first chain, at priority ``priority_`` (None: the default). Raises when the broker refuses
+    (the client deletes the run again)."""
+    with priority(priority_):
+        if plain:
+            chain_from(saga, run_id, plain=True, input=input, app=app)
+        else:
+            chain_from(saga, run_id, app=app)
 
 
 def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = None, *, plain: bool = False,
                input: dict | None = None, app: Celery | None = None) -> None:
     """The forward chain of ``run_id`` from step ``start`` (compiler.compile_run): the next window, the steps
     after a joined group, a resumed run, a gate passed; ``start == len(saga.steps)``: the finish task."""
-    compiler.compile_run(app or celery_app, saga, run_id, start=start, results=results, plain=plain,
-                         input=input).apply_async()
+    app = app or celery_app
+    _stamped(compiler.compile_run(app, saga, run_id, start=start, results=results, plain=plain, input=input),
+             app).apply_async()
 
 
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:
     """The compensations ``indexes`` of ``run_id``, in that order (latest completed first)."""
-    compiler.compile_compensation(app or celery_app, saga, run_id, list(indexes)).apply_async()
+    app = app or celery_app
+    _stamped(compiler.compile_compensation(app, saga, run_id, list(indexes)), app).apply_async()
 
 
 def compensations_of(run_id: str, indexes, saga: str | None = None, version: int | None = None,
@@ -74,17 +155,17 @@ def compensations_of(run_id: str, indexes, saga: str | None = None, version: int
 
 def errback(run_id: str, index: int, saga: str, version: int) -> None:
     """``sagaflow.on_step_failed`` for step ``index``, outside a chain: it begins the compensation."""
-    compiler.step_errback(celery_app, run_id, index, saga, version).apply_async()
+    _stamped(compiler.step_errback(celery_app, run_id, index, saga, version), celery_app).apply_async()
 
 
 def finish_compensation(run_id: str) -> None:
     """``sagaflow.finish_compensation``: every undo is done, only the run's end is left (the sweeper)."""
-    compiler.finish_compensation(celery_app, run_id).apply_async()
+    _stamped(compiler.finish_compensation(celery_app, run_id), celery_app).apply_async()
 
 
 def child_finished(child_run_id: str) -> None:
     """``sagaflow.child_finished``: a child run ended; its parent moves on."""
-    compiler.child_finished(celery_app, child_run_id).apply_async()
+    _stamped(compiler.child_finished(celery_app, child_run_id), celery_app).apply_async()
 
 
 def _child_sagas() -> set[str]:

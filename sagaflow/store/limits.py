@@ -23,6 +23,7 @@ advisory lock on PostgreSQL (works through PgBouncer's transaction pooling), the
 from __future__ import annotations
 
 import datetime as dt
+import random
 
 from sqlalchemy import and_, delete, exists, func, insert, or_, select, text, update
 
@@ -37,7 +38,8 @@ from sagaflow.store.workers import current_worker
 RUN_SLOT = -1  # the idx of a run's slot
 # A rate window is kept this much longer than its period, so that the starts an action sees (a few
 # milliseconds after the SQL decision, each by its own delay) never crowd more than ``count`` into a period.
-RATE_MARGIN = 0.05
+RATE_MARGIN = 0.1
+PRUNE_RATE_STARTS = 0.05  # the share of starts that also delete the rows older than the window
 ENDED = tuple(s.value for s in FINAL_RUN_STATUSES) + (RunStatus.QUEUED.value,)
 
 
@@ -73,52 +75,72 @@ class Limits(Engines):
     def acquire_slot(self, key: str, capacity: int, run_id: str, idx: int, saga: str, version: int,
                      lease_seconds: float, dead_after: float | None = None) -> SlotOutcome:
         """Ask for a slot of ``key`` (at most ``capacity`` held at once) for step ``idx`` of ``run_id``
-        (``RUN_SLOT``: the run itself). Queued: the waiter is recorded and the step (or run) is ``queued``."""
+        (``RUN_SLOT``: the run itself). Queued: the waiter is recorded and the step (or run) is ``queued``.
+
+        When the limit does not bind this is three statements (the key's lock, one read of everything the
+        decision needs, the slot's insert): the benchmark's limits phase measures it."""
         now = utcnow()
-        sl, wt = t.slots.c, t.slot_waiters.c
+        sl, wt, r = t.slots.c, t.slot_waiters.c, t.runs.c
         lease = now + dt.timedelta(seconds=lease_seconds)
+        mine = (sl.key == key, sl.run_id == run_id, sl.idx == idx)
         with self.engine.begin() as conn:
             self._lock(conn, key)
-            if conn.execute(select(t.runs.c.cancel_requested).where(t.runs.c.id == run_id)).scalar():
+            state = conn.execute(select(
+                select(r.cancel_requested).where(r.id == run_id).scalar_subquery().label("cancel"),
+                exists().where(*mine).label("held_by_me"),
+                select(func.count()).select_from(t.slots).where(sl.key == key).scalar_subquery().label("held"),
+                select(func.count()).select_from(t.slot_waiters).where(wt.key == key).scalar_subquery()
+                .label("waiting"),
+            )).one()
+            if state.cancel:
                 return SlotOutcome.HELD  # no line for a cancelled run: its claim meets the cancel at once
-            self._drop_dead_holders(conn, key, now, dead_after)
-            mine = (sl.key == key, sl.run_id == run_id, sl.idx == idx)
-            if conn.execute(select(sl.run_id).where(*mine)).first() is not None:
+            if state.held_by_me:
                 conn.execute(update(t.slots).where(*mine).values(worker=current_worker(), lease_expires_at=lease))
                 return SlotOutcome.HELD
-            held = conn.execute(select(func.count()).select_from(t.slots).where(sl.key == key)).scalar_one()
-            waiter = conn.execute(select(wt.id, wt.queued_at)
-                                  .where(wt.key == key, wt.run_id == run_id, wt.idx == idx)).first()
-            # Arrival: a run's when it was started (client.start), a step's when it first asked.
-            if waiter is not None:
-                arrived = waiter.queued_at
-            elif idx == RUN_SLOT:
-                arrived = conn.execute(select(t.runs.c.created_at).where(t.runs.c.id == run_id)).scalar() or now
-            else:
-                arrived = now
-            ahead_of = [wt.key == key, or_(wt.queued_at < arrived,
-                                           and_(wt.queued_at == arrived, wt.id < (waiter.id if waiter else 0)))]
-            ahead = conn.execute(select(func.count()).select_from(t.slot_waiters).where(*ahead_of)).scalar_one()
-            if idx == RUN_SLOT and waiter is None:
-                # Runs started earlier whose first message is still on its way count as ahead too, so a run
-                # that overtook them on the broker waits its turn. (Should one's message be lost, the
-                # sweeper's promote serves the line anyway: it counts slots and waiters only.)
-                r = t.runs.c
-                ahead += conn.execute(select(func.count()).select_from(t.runs).where(
-                    r.saga == saga, r.status == RunStatus.PENDING.value, r.created_at < arrived,
-                    r.mode == "saga", ~exists().where(sl.key == key, sl.run_id == r.id))).scalar_one()
-            if held + ahead < capacity:
+            if state.held + state.waiting < capacity and idx != RUN_SLOT:
                 conn.execute(insert(t.slots).values(key=key, run_id=run_id, idx=idx, worker=current_worker(),
                                                     lease_expires_at=lease, acquired_at=now))
-                if waiter is not None:
-                    conn.execute(delete(t.slot_waiters).where(wt.id == waiter.id))
-                self._unqueue(conn, run_id, idx, now)
                 return SlotOutcome.GRANTED
-            if waiter is None:
-                conn.execute(insert(t.slot_waiters).values(key=key, run_id=run_id, idx=idx, saga=saga,
-                                                           saga_version=version, queued_at=arrived))
-            self._enqueue(conn, run_id, idx, now, {"limit": key, "capacity": capacity, "ahead": ahead})
-            return SlotOutcome.QUEUED
+            return self._acquire_or_wait(conn, key, capacity, run_id, idx, saga, version, lease, now, dead_after)
+
+    def _acquire_or_wait(self, conn, key: str, capacity: int, run_id: str, idx: int, saga: str, version: int,
+                         lease: dt.datetime, now: dt.datetime, dead_after: float | None) -> SlotOutcome:
+        """The limit may bind: count only live holders, and the waiters that arrived before this one."""
+        sl, wt = t.slots.c, t.slot_waiters.c
+        self._drop_dead_holders(conn, key, now, dead_after)
+        held = conn.execute(select(func.count()).select_from(t.slots).where(sl.key == key)).scalar_one()
+        waiter = conn.execute(select(wt.id, wt.queued_at)
+                              .where(wt.key == key, wt.run_id == run_id, wt.idx == idx)).first()
+        # Arrival: a run's when it was started (client.start), a step's when it first asked.
+        if waiter is not None:
+            arrived = waiter.queued_at
+        elif idx == RUN_SLOT:
+            arrived = conn.execute(select(t.runs.c.created_at).where(t.runs.c.id == run_id)).scalar() or now
+        else:
+            arrived = now
+        ahead_of = [wt.key == key, or_(wt.queued_at < arrived,
+                                       and_(wt.queued_at == arrived, wt.id < (waiter.id if waiter else 0)))]
+        ahead = conn.execute(select(func.count()).select_from(t.slot_waiters).where(*ahead_of)).scalar_one()
+        if idx == RUN_SLOT and waiter is None:
+            # Runs started earlier whose first message is still on its way count as ahead too, so a run that
+            # overtook them on the broker waits its turn. (Should one's message be lost, the sweeper's
+            # promote serves the line anyway: it counts slots and waiters only.)
+            r = t.runs.c
+            ahead += conn.execute(select(func.count()).select_from(t.runs).where(
+                r.saga == saga, r.status == RunStatus.PENDING.value, r.created_at < arrived,
+                r.mode == "saga", ~exists().where(sl.key == key, sl.run_id == r.id))).scalar_one()
+        if held + ahead < capacity:
+            conn.execute(insert(t.slots).values(key=key, run_id=run_id, idx=idx, worker=current_worker(),
+                                                lease_expires_at=lease, acquired_at=now))
+            if waiter is not None:
+                conn.execute(delete(t.slot_waiters).where(wt.id == waiter.id))
+                self._unqueue(conn, run_id, idx, now)
+            return SlotOutcome.GRANTED
+        if waiter is None:
+            conn.execute(insert(t.slot_waiters).values(key=key, run_id=run_id, idx=idx, saga=saga,
+                                                       saga_version=version, queued_at=arrived))
+        self._enqueue(conn, run_id, idx, now, {"limit": key, "capacity": capacity, "ahead": ahead})
+        return SlotOutcome.QUEUED
 
     @staticmethod
     def _enqueue(conn, run_id: str, idx: int, now: dt.datetime, detail: dict) -> bool:
@@ -151,12 +173,14 @@ class Limits(Engines):
     def release_slot(self, key: str, capacity: int, run_id: str, idx: int, lease_seconds: float,
                      dead_after: float | None = None) -> list[Promoted]:
         """Give back the slot of step ``idx`` of ``run_id`` and reserve the free slots for the earliest
-        waiters; returns them (their chains to publish)."""
-        sl = t.slots.c
+        waiters; returns them (their chains to publish). No line: the lock, the delete and one read."""
+        sl, wt = t.slots.c, t.slot_waiters.c
         with self.engine.begin() as conn:
             self._lock(conn, key)
             conn.execute(delete(t.slots).where(sl.key == key, sl.run_id == run_id, sl.idx == idx))
-            return self._promote(conn, key, capacity, lease_seconds, dead_after)
+            if conn.execute(select(exists().where(wt.key == key))).scalar():
+                return self._promote(conn, key, capacity, lease_seconds, dead_after)
+            return []
 
     def promote(self, key: str, capacity: int, lease_seconds: float, dead_after: float | None = None
                 ) -> list[Promoted]:
@@ -172,6 +196,17 @@ class Limits(Engines):
         self._drop_dead_holders(conn, key, now, dead_after)
         held = conn.execute(select(func.count()).select_from(t.slots).where(sl.key == key)).scalar_one()
         free = capacity - held
+        if free <= 0:
+            return []
+        if key.startswith("run:"):
+            # Runs started before the first in line whose message is still on its way get their turn first
+            # (acquire_slot counts them ahead too); a lost one is re-driven by the sweeper's stall check.
+            first = conn.execute(select(func.min(wt.queued_at)).where(wt.key == key)).scalar()
+            if first is not None:
+                r = t.runs.c
+                free -= conn.execute(select(func.count()).select_from(t.runs).where(
+                    r.saga == key.removeprefix("run:"), r.status == RunStatus.PENDING.value, r.created_at < first,
+                    r.mode == "saga", ~exists().where(sl.key == key, sl.run_id == r.id))).scalar_one()
         if free <= 0:
             return []
         waiters = conn.execute(select(wt.id, wt.run_id, wt.idx, wt.saga, wt.saga_version).where(wt.key == key)
@@ -204,21 +239,27 @@ class Limits(Engines):
             select(wt.key, wt.saga, wt.saga_version, wt.idx).where(wt.id.in_(first))).all())
         return [(row.key, row.saga, row.saga_version, row.idx) for row in rows]
 
-    def take_rate(self, key: str, count: int, period: float, run_id: str, idx: int) -> float:
+    def take_rate(self, key: str, count: int, period: float, run_id: str, idx: int, queued: bool = True) -> float:
         """A start of step ``idx`` of ``run_id`` under ``count`` per ``period`` seconds: 0 when it may start
-        now (recorded; a ``queued`` step is ``pending`` again), else the seconds until the window has room."""
-        now = utcnow()
+        now (recorded; a ``queued`` step is ``pending`` again: ``queued`` False says it never waited), else
+        the seconds until the window has room. Starts older than the window are deleted now and then."""
         window = dt.timedelta(seconds=period + RATE_MARGIN)
         rs = t.rate_starts.c
         with self.engine.begin() as conn:
             self._lock(conn, key)
-            conn.execute(delete(t.rate_starts).where(rs.key == key, rs.at <= now - window))
-            starts = conn.execute(select(rs.at).where(rs.key == key).order_by(rs.at)).scalars().all()
-            if len(starts) < count:
+            now = utcnow()  # once the lock is held: the starts are recorded in the order they were let through
+            in_window = (rs.key == key, rs.at > now - window)
+            started = conn.execute(select(func.count()).select_from(t.rate_starts).where(*in_window)).scalar_one()
+            if started < count:
                 conn.execute(insert(t.rate_starts).values(key=key, at=now))
-                self._unqueue(conn, run_id, idx, now)
+                if queued:
+                    self._unqueue(conn, run_id, idx, now)
+                if random.random() < PRUNE_RATE_STARTS:
+                    conn.execute(delete(t.rate_starts).where(rs.key == key, rs.at <= now - window))
                 return 0.0
-            return max(0.001, (starts[len(starts) - count] + window - now).total_seconds())
+            oldest = conn.execute(select(rs.at).where(*in_window).order_by(rs.at.desc())
+                                  .offset(count - 1).limit(1)).scalar_one()
+            return max(0.001, (oldest + window - now).total_seconds())
 
     def queue_step_for_rate(self, run_id: str, idx: int, key: str, wait: float) -> None:
         """A step over its rate limit waits ``queued`` until it is tried again (an event the first time)."""

@@ -11,7 +11,7 @@ import pytest
 
 from sagaflow import SagaClient
 from tests.helpers import kinds, wait_for
-from tests.sagas_limits import QUEUE, SOLO_QUEUE, ensure_table, most_at_once, recorded
+from tests.sagas_limits import PRIO_QUEUE, QUEUE, SOLO_QUEUE, ensure_table, most_at_once, recorded
 from tests.workers import start_worker, stop_worker
 
 pytestmark = pytest.mark.integration
@@ -99,3 +99,22 @@ def test_a_worker_killed_while_holding_a_slot_frees_it(settings, client):
     assert freed_after < 60  # freed by the worker's liveness (dead after 15 s, a sweep every 5 s), not a lease
     done = [(b, e) for run_id, b, e in recorded("limit_solo") if run_id in (first, second) and e is not None]
     assert most_at_once(done) == 1
+
+
+def test_under_a_backlog_of_200_runs_higher_priority_runs_finish_first(settings, worker):
+    if not settings.effective_broker_url.startswith("redis"):
+        pytest.skip("RabbitMQ serves priorities with SAGAFLOW_RABBITMQ_PRIORITY on fresh queues; this pass is Redis")
+    client = SagaClient()
+    # The backlog first: nobody consumes the queue yet. 170 runs at the default priority, then 30 urgent ones.
+    low = [client.start("limit_priority", {"p": 0}).id for _ in range(170)]
+    high = [client.start("limit_priority", {"p": 9}, priority=9).id for _ in range(30)]
+    proc = start_worker(settings, "prio", concurrency=1, log_name="prio.log", args=("-Q", PRIO_QUEUE))
+    try:
+        runs = [client.wait(run_id, timeout=300) for run_id in low + high]
+    finally:
+        stop_worker(proc)
+    assert {r.status for r in runs} == {"succeeded"}
+    by_end = [r.id for r in sorted(runs, key=lambda r: r.finished_at)]
+    first = set(by_end[:30])
+    assert len(first & set(high)) >= 27, f"{len(first & set(high))} of the first 30 to finish were urgent"
+    assert max(by_end.index(i) for i in high) < 40  # every urgent run ahead of at least 130 earlier ones

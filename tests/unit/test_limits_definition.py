@@ -105,7 +105,7 @@ one_run = Saga("lim_one_run", max_concurrent_runs=1)
 @one_run.step()
 def only(ctx):
     ORDER.append(ctx.input["n"])
-    time.sleep(0.02)
+    time.sleep(0.2)
     return 1
 
 
@@ -115,7 +115,10 @@ def test_in_the_harness_a_concurrency_holds_and_runs_queue_in_the_order_they_sta
         assert {r.status for r in runs} == {"succeeded"} and ACTIVE[1] == 2
         assert any("step_queued" in [e.kind for e in r.events] for r in runs)
         ids = [harness.start("lim_one_run", {"n": n}) for n in range(5)]
-        harness.cancel(ids[3])
+        limit = time.monotonic() + 10
+        while harness.get(ids[3]).status != "queued" and time.monotonic() < limit:
+            time.sleep(0.01)
+        assert harness.cancel(ids[3]).status == "cancelled"  # a queued run ends at once
         runs = [harness.wait(i) for i in ids]
         assert [r.status for r in runs] == ["succeeded"] * 3 + ["cancelled", "succeeded"]
         assert ORDER == [0, 1, 2, 4]

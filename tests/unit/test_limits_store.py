@@ -109,7 +109,7 @@ def test_a_rate_window_never_holds_more_than_its_count(store):
     run_id = new_run(store)
     waits = [store.take_rate(KEY, 3, 1.0, run_id, 1) for _ in range(5)]
     assert waits[:3] == [0.0, 0.0, 0.0]
-    assert all(0 < w <= 1.05 for w in waits[3:])
+    assert all(0 < w <= 1.1 for w in waits[3:])
     assert store.take_rate(step_key("s", "other"), 3, 1.0, run_id, 1) == 0.0  # each key its own window
 
 
