@@ -56,6 +56,7 @@ from sagaflow.model import Run, RunStatus, clock
 from sagaflow.model.definition import StepContext, registry
 from sagaflow.runtime import recovery, steps
 from sagaflow.runtime.compiler import step_task_name
+from sagaflow.store.workers import current_worker, set_current_worker
 
 log = logging.getLogger("sagaflow.testing")
 
@@ -328,6 +329,8 @@ class SagaHarness:
         upgrade(database_url)
         load_sagas(settings)
 
+        # The worker thread registers itself as this process's worker (runtime/liveness.py): put it back.
+        stack.callback(set_current_worker, current_worker())
         previous_clock = clock.use(self.clock)
         stack.callback(clock.use, previous_clock)
         previous_interceptor = steps.intercept(self._faults_intercept)

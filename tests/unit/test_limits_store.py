@@ -20,6 +20,7 @@ DEAD_AFTER = 15.0
 
 @pytest.fixture
 def store(store):
+    set_current_worker(None)  # a client's claims and slots (no worker): the lease alone decides
     with store.engine.begin() as conn:
         for table in ("saga_slots", "saga_slot_waiters", "saga_rate_starts", "saga_workers"):
             conn.execute(text(f"DELETE FROM {table}"))
