@@ -112,10 +112,17 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
     with self.database_outage_retries():
         saga, step = self.definition(version)
         slot = limits.enter(self, saga, step, run_id, index)  # over a limit: the delivery ends here (queued)
+        retrying = False
         try:
             outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request), slot)
+        except Retry:
+            # A retry keeps the step's slot: its next delivery finds it held (the step stays claimed
+            # meanwhile, so a waiter handed the slot could not run it) and gives it back at its end.
+            retrying = True
+            raise
         finally:
-            limits.leave(slot)
+            if not retrying:
+                limits.leave(slot)
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_step_failed
     if window_end:

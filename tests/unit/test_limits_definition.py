@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sagaflow import DefinitionError, Saga, SagaFileError, Step
+from sagaflow import DefinitionError, RetryPolicy, Saga, SagaFileError, Step
 from sagaflow.model.declarative import HandlerRegistry, load_saga_file
 from sagaflow.model.definition import RateLimit, Registry
 from sagaflow.testing import SagaHarness
@@ -122,3 +122,21 @@ def test_in_the_harness_a_concurrency_holds_and_runs_queue_in_the_order_they_sta
         runs = [harness.wait(i) for i in ids]
         assert [r.status for r in runs] == ["succeeded"] * 3 + ["cancelled", "succeeded"]
         assert ORDER == [0, 1, 2, 4]
+
+
+flaky_narrow = Saga("lim_flaky")
+
+
+@flaky_narrow.step(concurrency=1, retry=RetryPolicy(max_attempts=3, initial_interval=30, backoff=1.0,
+                                                     max_interval=30))
+def wobble(ctx):
+    return ctx.attempt
+
+
+def test_in_the_harness_a_retried_step_keeps_its_slot_and_the_line_still_moves():
+    with SagaHarness(concurrency=4) as harness:
+        harness.fail_times("wobble", 1)
+        runs = [harness.wait(i) for i in [harness.start("lim_flaky", {}) for _ in range(4)]]
+        assert [r.status for r in runs] == ["succeeded"] * 4
+        assert [r.steps[0].result for r in runs] == [2] * 4  # each failed once, retried, went through
+        assert not [e for r in runs for e in r.events if e.kind == "run_recovered"]  # the sweeper had no part
