@@ -46,7 +46,7 @@ DEFAULT_DATABASE = "sagaflow_bench"
 # embedded runs after them, once the workers are stopped.
 RUNNERS = {
     "latency": phase_latency, "throughput": phase_throughput, "steps": phase_steps, "runs": phase_runs,
-    "profile": phase_profile, "policy_off": phase_policy_off, "limits": phase_limits, "sql": phase_sql,
+    "profile": phase_profile, "limits": phase_limits, "policy_off": phase_policy_off, "sql": phase_sql,
 }
 
 
@@ -58,7 +58,7 @@ def run(bench: Bench) -> int:
     try:
         bench.setup()
         info["database_server"] = bench.sf.sql("SHOW server_version")[0][0]
-        timed = [p for p in ("latency", "throughput", "steps", "runs", "policy_off", "limits") if p in bench.phases]
+        timed = [p for p in ("latency", "throughput", "steps", "runs", "limits", "policy_off") if p in bench.phases]
         if timed or "profile" in bench.phases:
             bench.start_sagaflow_worker()
         if timed:

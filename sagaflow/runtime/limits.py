@@ -114,6 +114,8 @@ def leave(slot: Slot | None) -> None:
 def promote_all() -> int:
     """Part of every recovery sweep: give the free slots of every limit with a line (a run ended unheard, a
     holder died) to its earliest waiters. Returns how many were published."""
+    if not any(saga.max_concurrent_runs or any(step.concurrency for step in saga.steps) for saga in registry.all()):
+        return 0  # no slot limit registered here: no read
     store = get_store()
     dead_after = get_settings().worker_dead_after
     count = 0
