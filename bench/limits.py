@@ -10,14 +10,15 @@ import statistics
 from typing import TYPE_CHECKING
 
 from bench.figures import Figure, percentile, progress
-from bench.sides import LimitedSide
+from bench.sides import OneSagaSide
 
 if TYPE_CHECKING:
     from bench.core import Bench
 
 
 def phase_limits(bench: Bench) -> None:
-    limited, free = LimitedSide(bench.sf), bench.sf
+    limited = OneSagaSide(bench.sf, "bench_w1_limits", "sagaflow, limits")
+    free = OneSagaSide(bench.sf, "bench_w1", "sagaflow")
     n = bench.sizes.latency
     progress(f"limits: W1 with limits that never bind against W1, {n} runs one at a time per side")
     r = bench.one_at_a_time([limited, free], n, 4, None, "w1 latency, limits")
