@@ -7,7 +7,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-PHASES = ("latency", "throughput", "steps", "runs", "sql", "policy_off", "embedded")
+PHASES = ("latency", "throughput", "steps", "runs", "sql", "limits", "policy_off", "embedded")
 STEP_COUNTS = (4, 16, 64)
 
 
@@ -109,6 +109,8 @@ def expected_figures(sizes: Sizes, phases=PHASES) -> list[str]:
         for n in sizes.runs:
             names += [f"runs_{n}_throughput", f"runs_{n}_state_bytes_per_run"]
         names += ["worker_rss_before", "worker_rss_after", "worker_rss_growth"]
+    if "limits" in phases:  # before policy_off, which stops the sagaflow worker (harness.RUNNERS)
+        names += ["limits_w1_latency_p50", "limits_w1_throughput"]
     if "policy_off" in phases:  # it runs before sql (harness.RUNNERS)
         names += ["off_w1_latency_p50", "off_w1_throughput", "off_sql_statements_per_run",
                   "off_sql_round_trips_per_run"]

@@ -9,7 +9,9 @@ outcome is checked (sagaflow in SQL, plain through the record its last task writ
 whose runs did not all end as they should is marked unchecked and the command exits 2. Missing a target
 is printed (MISS) and does not change the exit code: a benchmark prints figures, it does not assert them.
 
-Phases (--only): latency, throughput, steps, runs, sql, policy_off, embedded; and, with --profile, profile.
+Phases (--only): latency, throughput, steps, runs, sql, policy_off, limits, embedded; and, with --profile, profile.
+limits measures W1 under limits that never bind (a run slot, a concurrency slot and a rate start per step: the
+SQL bookkeeping of store/limits.py) against the same W1 without limits, both on sagaflow.
 policy_off measures W1 with compensation switched off by policy (sagaflow/model/policy.py: a plain chain of the
 same step tasks, the run row alone in SQL) against the plain Celery chain, and counts its SQL per run.
 """
@@ -30,6 +32,7 @@ from pathlib import Path
 from bench.core import PEERS, Bench
 from bench.embedded import phase_embedded
 from bench.figures import PHASES, SIZES, progress, render_table
+from bench.limits import phase_limits
 from bench.policy_off import phase_policy_off
 from bench.profile import phase_profile
 from bench.runs import phase_runs
@@ -45,7 +48,7 @@ DEFAULT_DATABASE = "sagaflow_bench"
 # embedded runs after them, once the workers are stopped.
 RUNNERS = {
     "latency": phase_latency, "throughput": phase_throughput, "steps": phase_steps, "runs": phase_runs,
-    "profile": phase_profile, "policy_off": phase_policy_off, "sql": phase_sql,
+    "profile": phase_profile, "limits": phase_limits, "policy_off": phase_policy_off, "sql": phase_sql,
 }
 
 
@@ -57,7 +60,7 @@ def run(bench: Bench) -> int:
     try:
         bench.setup()
         info["database_server"] = bench.sf.sql("SHOW server_version")[0][0]
-        timed = [p for p in ("latency", "throughput", "steps", "runs", "policy_off") if p in bench.phases]
+        timed = [p for p in ("latency", "throughput", "steps", "runs", "limits", "policy_off") if p in bench.phases]
         if timed or "profile" in bench.phases:
             bench.start_sagaflow_worker()
         if timed:

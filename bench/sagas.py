@@ -41,3 +41,10 @@ S16 = Saga("bench_s16", _steps(16))
 S64 = Saga("bench_s64", _steps(64))
 
 BY_STEPS = {4: "bench_w1", 16: "bench_s16", 64: "bench_s64"}
+
+# The limits phase: W1 with limits that never bind (a run slot, a concurrency slot and a rate start per step,
+# all far above what the bench reaches), to measure what the bookkeeping in SQL costs (store/limits.py).
+NEVER_BINDS = 1_000_000
+W1_LIMITS = Saga("bench_w1_limits", [Step(f"s{i}", noop, undo, concurrency=NEVER_BINDS,
+                                          rate_limit=f"{NEVER_BINDS}/s") for i in range(4)],
+                 max_concurrent_runs=NEVER_BINDS)

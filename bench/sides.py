@@ -121,6 +121,33 @@ class PolicyOffSide(SagaflowSide):
         return problems
 
 
+class OneSagaSide(SagaflowSide):
+    """W1 runs of one saga (the limits phase: ``bench_w1_limits`` against ``bench_w1``, both on the sagaflow
+    worker, so the two sides share the tables: each checks its own saga's runs only)."""
+
+    def __init__(self, sagaflow_side: SagaflowSide, saga: str, label: str) -> None:
+        self.by_steps = {4: saga}
+        self.saga = saga
+        self.label = label
+        self.client = sagaflow_side.client
+        self.pg = sagaflow_side.pg
+
+    def reset(self) -> None:
+        super().reset()
+        self.sql("TRUNCATE saga_slots, saga_slot_waiters, saga_rate_starts")
+
+    def check(self, n: int, steps: int, fail_at: int | None) -> list[str]:
+        runs = dict(self.sql("SELECT status, count(*) FROM saga_runs WHERE saga = %s GROUP BY status", (self.saga,)))
+        steps_done = dict(self.sql("SELECT s.status, count(*) FROM saga_steps s JOIN saga_runs r ON r.id = s.run_id "
+                                   "WHERE r.saga = %s GROUP BY s.status", (self.saga,)))
+        problems = []
+        if runs != {"succeeded": n}:
+            problems.append(f"{self.saga} runs by status {runs}, expected {{'succeeded': {n}}}")
+        if steps_done != {"succeeded": n * steps}:
+            problems.append(f"{self.saga} steps by status {steps_done}, expected {{'succeeded': {n * steps}}}")
+        return problems
+
+
 class PlainSide(Side):
     """Starts plain chains and reads the record their last task writes (bench/plain.py). ``same=True``: the
     chain on sagaflow's Celery settings instead of Celery's defaults plus acks_late."""

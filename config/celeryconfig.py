@@ -13,6 +13,8 @@ def celery_settings(settings: Settings) -> dict:
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": 10,
         "unacked_restore_throttle": 1,
+        # Run priorities (client.start(priority=), runtime/publish.py): on Redis one list per priority, all ten.
+        "priority_steps": list(range(10)),
     }
     quorum = {}
     if settings.rabbitmq_quorum and settings.effective_broker_url.startswith(("amqp", "pyamqp")):
@@ -27,7 +29,13 @@ def celery_settings(settings: Settings) -> dict:
             "worker_detect_quorum_queues": True,
             "broker_transport_options": {**transport, "confirm_publish": True},
         }
+    priority = {}
+    if settings.rabbitmq_priority and not settings.rabbitmq_quorum:
+        # RabbitMQ serves by priority only in a queue declared with x-max-priority (classic queues). A queue
+        # declared earlier without it must be deleted first: RabbitMQ refuses to change its arguments.
+        priority = {"task_queue_max_priority": 9, "task_default_priority": 0}
     return {
+        **priority,
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,

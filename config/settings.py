@@ -195,6 +195,9 @@ class Settings:
     # consumer_timeout in seconds (RabbitMQ closes a channel holding a delivery unacked longer: checked
     # against the longest step plus retry delay at worker start, as the Redis visibility timeout is).
     rabbitmq_quorum: bool = False
+    # RabbitMQ: declare sagaflow's queues with x-max-priority, so run priorities are served (classic queues;
+    # a queue declared without it must be deleted first). Redis needs nothing: sagaflow sets its steps.
+    rabbitmq_priority: bool = False
     rabbitmq_consumer_timeout: int = 1800
     alert_hook: str = ""  # "module:callable", called with the Run when it ends in compensation_failed
     prepared_statements: bool = True  # PostgreSQL: plan the hot statements once per connection
@@ -260,6 +263,7 @@ class Settings:
             durable_retry_after=_positive(env, "SAGAFLOW_DURABLE_RETRY_AFTER", 60),
             schedule_catchup=_choice(env, "SAGAFLOW_SCHEDULE_CATCHUP", "skip", ("skip", "once")),
             rabbitmq_quorum=_bool(env, "SAGAFLOW_RABBITMQ_QUORUM", False),
+            rabbitmq_priority=_bool(env, "SAGAFLOW_RABBITMQ_PRIORITY", False),
             rabbitmq_consumer_timeout=_positive(env, "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT", 1800),
             retention=_duration(env, "SAGAFLOW_RETENTION"),
             alert_hook=env.get("SAGAFLOW_ALERT_HOOK", "").strip(),
@@ -332,6 +336,7 @@ class Settings:
             "SAGAFLOW_DURABLE_RETRY_AFTER": str(self.durable_retry_after),
             "SAGAFLOW_SCHEDULE_CATCHUP": self.schedule_catchup,
             "SAGAFLOW_RABBITMQ_QUORUM": "1" if self.rabbitmq_quorum else "0",
+            "SAGAFLOW_RABBITMQ_PRIORITY": "1" if self.rabbitmq_priority else "0",
             "SAGAFLOW_RABBITMQ_CONSUMER_TIMEOUT": str(self.rabbitmq_consumer_timeout),
             "SAGAFLOW_ALERT_HOOK": self.alert_hook,
             "SAGAFLOW_PREPARED_STATEMENTS": "1" if self.prepared_statements else "0",

@@ -116,6 +116,7 @@ class Metrics:
     compensation_durations: dict[tuple[str, str, str], Histogram]  # (saga, step, outcome)
     run_durations: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (saga, final status)
     runs_started: dict[str, int] = field(default_factory=dict)  # saga -> runs ever started (pruned included)
+    queued: dict[tuple[str, str], int] = field(default_factory=dict)  # (saga, step or "run") -> in a limit's line
 
 
 class SagaClient:
@@ -135,7 +136,8 @@ class SagaClient:
     # ------------------------------------------------------------------ commands
 
     def start(self, saga: str, input: dict | None = None, *, idempotency_key: str | None = None,
-              deadline: float | None = None, at: dt.datetime | None = None, delay: float | None = None) -> Run:
+              deadline: float | None = None, at: dt.datetime | None = None, delay: float | None = None,
+              priority: int | None = None) -> Run:
         """Record the run and publish its first step; returns at once with the run (status pending).
 
         With an idempotency key that was used before, returns that earlier run and starts nothing.
@@ -144,12 +146,18 @@ class SagaClient:
         ``at`` (a datetime with a time zone) or ``delay`` (seconds): a delayed start. The run is recorded
         ``scheduled`` and the sweeper starts it when due (within one SAGAFLOW_RECOVERY_INTERVAL); its deadline
         counts from then. ``cancel`` before then cancels it, nothing having run.
+        ``priority``: 0 to 9, 9 served first (none: 0), carried on every message of the run: under a backlog
+        the broker hands out higher-priority runs' steps first (runtime/publish.py).
         """
         start_at = start_time(at, delay)
-        return self._start(registry.get(saga), input, idempotency_key, deadline, start_at=start_at)  # UnknownSaga
+        return self._start(registry.get(saga), input, idempotency_key, deadline,  # registry: UnknownSaga
+                           start_at=start_at, priority=priority)
 
     def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
-               origin: dict | None = None, start_at: dt.datetime | None = None) -> Run:
+               origin: dict | None = None, start_at: dt.datetime | None = None, priority: int | None = None) -> Run:
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or priority not in publish.PRIORITIES):
+            raise InvalidInput(f"priority is an integer from 0 to 9 (9 is served first), got {priority!r:.80}")
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -194,7 +202,8 @@ class SagaClient:
             if restart_of is not None:
                 self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1], origin)
             try:
-                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app)
+                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app,
+                              priority_=priority)
             except Exception as exc:
                 raise self._refused_start(run.id, exc) from exc
             if deadline is not None or restart_of is not None:
@@ -413,7 +422,8 @@ class SagaClient:
         read = self.store.counter_values()
         h = read.histograms
         return Metrics(read.live, read.finished, read.steps, h["step_duration"], h["compensation_duration"],
-                       {(saga, outcome): v for (saga, _, outcome), v in h["run_duration"].items()}, read.started)
+                       {(saga, outcome): v for (saga, _, outcome), v in h["run_duration"].items()}, read.started,
+                       self.store.queued_counts())
 
     def prune(self, older_than, dry_run: bool = False) -> PruneResult:
         """Delete the runs that ended (succeeded, compensated, cancelled, failed, resolved) more than

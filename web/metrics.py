@@ -79,7 +79,13 @@ class SagaflowCollector(Collector):
             else:
                 compensations.add_metric([saga, step, kind.removeprefix("compensation_")], n)
 
-        yield from (started, finished, in_status, failed_now, steps, retries, compensations)
+        queued = GaugeMetricFamily("sagaflow_queued", "Runs (step=\"run\") and steps waiting in a limit's line "
+                                   "now (max_concurrent_runs, concurrency, rate_limit), by saga.",
+                                   labels=["saga", "step"])
+        for (saga, step), n in sorted(read.queued.items()):
+            queued.add_metric([saga, step], n)
+
+        yield from (started, finished, in_status, failed_now, steps, retries, compensations, queued)
         yield _histogram("sagaflow_step_duration_seconds",
                          "Step durations, first start to success or final failure (retries included), by saga, "
                          "step and outcome.", step_hist, labels=("saga", "step", "outcome"))

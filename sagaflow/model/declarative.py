@@ -211,10 +211,11 @@ _Loader.add_constructor("tag:yaml.org,2002:seq", _construct_list)
 # ---------------------------------------------------------------------------------------------- schema
 
 FILE_KEYS = {"sagas"}
-SAGA_KEYS = {"name", "version", "description", "defaults", "steps", "deadline"}
+SAGA_KEYS = {"name", "version", "description", "defaults", "steps", "deadline", "max_concurrent_runs"}
 STEP_OPTIONS = {"retry", "compensation_retry", "timeout", "compensation_timeout", "lease", "queue"}
 STEP_FLAGS = ("best_effort", "non_atomic", "pivot")
-STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS} | STEP_OPTIONS
+STEP_LIMITS = ("concurrency", "rate_limit")  # a step's own: not in defaults (a shared limit is the step's)
+STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS, *STEP_LIMITS} | STEP_OPTIONS
 GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description", "payload_required"}
 CHILD_KEYS = {"child", "saga", "compensation", "description"}
 SLEEP_KEYS = {"sleep", "seconds", "compensation", "description"}
@@ -358,6 +359,9 @@ def _step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry
                 raise where.error(f"{flag} must be true or false, got {_type_name(spec[flag])} {spec[flag]!r}",
                                   _line(spec, flag))
             options[flag] = spec[flag]
+    for key in STEP_LIMITS:
+        if key in spec:
+            options[key] = spec[key]  # checked by Step (the error names the line)
     try:
         return Step(name, action, compensation, **options)
     except DefinitionError as exc:
@@ -459,7 +463,8 @@ def _saga(spec: Any, line: int | None, handlers: HandlerRegistry, where: _Where)
         raise where.error(f"deadline must be a number of seconds > 0, got {_type_name(deadline)} {deadline!r}",
                           _line(spec, "deadline"))
     try:
-        return Saga(name, built, version=version, register=False, deadline=deadline)
+        return Saga(name, built, version=version, register=False, deadline=deadline,
+                    max_concurrent_runs=spec.get("max_concurrent_runs"))
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec, "steps")) from None
 

@@ -46,6 +46,30 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``count`` starts per ``period`` seconds, across every worker: ``"10/s"``, ``"100/m"``, ``"5/h"``
+    (any window of ``period`` seconds holds at most ``count`` starts)."""
+
+    count: int
+    period: float
+
+    @classmethod
+    def parse(cls, text, where: str) -> RateLimit:
+        match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([smh])\s*", text) if isinstance(text, str) else None
+        if match is None or int(match.group(1)) < 1:
+            raise DefinitionError(f"{where}: rate_limit must look like \"10/s\", \"100/m\" or \"5/h\" (a count "
+                                  f">= 1 per second, minute or hour), got {text!r}")
+        return cls(int(match.group(1)), RATE_PERIODS[match.group(2)])
+
+    def __str__(self) -> str:
+        unit = next(u for u, seconds in RATE_PERIODS.items() if seconds == self.period)
+        return f"{self.count}/{unit}"
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how fast a failing action (or compensation) is tried again.
@@ -238,6 +262,8 @@ class Step:
         compensation_timeout: float | None = None,
         payload_required: bool = False,
         seconds: float | SleepFor | None = None,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
@@ -292,9 +318,18 @@ class Step:
         if compensation_timeout is not None and (not _is_number(compensation_timeout) or compensation_timeout <= 0):
             raise DefinitionError(f"step {name!r}: compensation_timeout must be a number of seconds > 0, "
                                   f"got {compensation_timeout!r}")
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                        or concurrency < 1):
+            raise DefinitionError(f"step {name!r}: concurrency must be an integer >= 1, got {concurrency!r}")
+        if (concurrency is not None or rate_limit is not None) and kind is not StepKind.ACTION:
+            raise DefinitionError(f"step {name!r}: only an action step takes concurrency or rate_limit")
         self.name = name
         self.action = action
         self.compensate = compensation
+        # Limits across every worker (store/limits.py): at most ``concurrency`` runs in this step at once,
+        # at most ``rate_limit`` starts per period; a step over its limit waits ``queued``, holding no worker.
+        self.concurrency = concurrency
+        self.rate_limit = RateLimit.parse(rate_limit, f"step {name!r}") if rate_limit is not None else None
         self.retry = retry or DEFAULT_RETRY
         self.compensation_retry = compensation_retry or DEFAULT_COMPENSATION_RETRY
         self.timeout = timeout  # the time limit; None: SAGAFLOW_DEFAULT_STEP_TIMEOUT
@@ -367,15 +402,22 @@ class Saga:
     """A named, versioned, ordered list of steps."""
 
     def __init__(self, name: str, steps: Iterable[Step] = (), *, version: int = 1, register: bool = True,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, max_concurrent_runs: int | None = None) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"saga name {name!r} must be an identifier (letters, digits, underscore)")
         if not isinstance(version, int) or version < 1:
             raise DefinitionError(f"saga {name!r}: version must be an integer >= 1, got {version!r}")
         if deadline is not None and (not _is_number(deadline) or deadline <= 0):
             raise DefinitionError(f"saga {name!r}: deadline must be a number of seconds > 0, got {deadline!r}")
+        if max_concurrent_runs is not None and (isinstance(max_concurrent_runs, bool)
+                                                or not isinstance(max_concurrent_runs, int) or max_concurrent_runs < 1):
+            raise DefinitionError(f"saga {name!r}: max_concurrent_runs must be an integer >= 1, "
+                                  f"got {max_concurrent_runs!r}")
         self.name = name
         self.version = version
+        # At most this many runs of the saga live at once across every worker (store/limits.py); the others
+        # wait ``queued`` in the order they started. None: no limit.
+        self.max_concurrent_runs = max_concurrent_runs
         # Seconds from its start a run may take (client.start(deadline=) overrides): a run still live then
         # is cancelled by the sweeper and compensates. None: no deadline.
         self.deadline = deadline
@@ -405,6 +447,8 @@ class Saga:
         non_atomic: bool = False,
         pivot: bool = False,
         compensation_timeout: float | None = None,
+        concurrency: int | None = None,
+        rate_limit: str | None = None,
     ):
         """Decorator: append the function as the next step. Returns the Step (see ``Step.compensation``)."""
 
@@ -421,6 +465,8 @@ class Saga:
                 non_atomic=non_atomic,
                 pivot=pivot,
                 compensation_timeout=compensation_timeout,
+                concurrency=concurrency,
+                rate_limit=rate_limit,
             )
             self._append(step)
             registry.changed(self)
@@ -526,6 +572,9 @@ class Saga:
             if step.kind is not StepKind.ACTION or step.pivot:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
                                       f"(gates, sleeps, child steps and pivots run alone)")
+            if step.concurrency is not None or step.rate_limit is not None:
+                raise DefinitionError(f"saga {self.name!r}: step {step.name!r}: a step in a parallel group takes "
+                                      f"no concurrency or rate_limit (yet); limit a step before or after it")
             step.group = self._group
         step.saga = self
         self.steps.append(step)

@@ -29,6 +29,8 @@ class EventKind(str, Enum):
     RUN_RESTARTED = "run_restarted"  # on the old run: a new run restarts it (detail: new_run_id)
     RESTARTED_FROM = "restarted_from"  # on the new run: the run it restarts, the version it runs
     DEADLINE_PASSED = "deadline_passed"  # the sweeper found it live at its deadline and cancels it
+    RUN_QUEUED = "run_queued"  # over its saga's max_concurrent_runs: waits for a slot (store/limits.py)
+    STEP_QUEUED = "step_queued"  # over its step's concurrency or rate_limit: waits, holding no worker
     # a step, forward
     STEP_STARTED = "step_started"
     STEP_SUCCEEDED = "step_succeeded"

@@ -101,3 +101,24 @@ class WaitOutcome:
     indexes: tuple[int, ...] = ()
     child_run_id: str | None = None
     error: str | None = None
+
+
+class SlotOutcome(str, enum.Enum):
+    """What asking for a slot under a limit decided (store/limits.py): ``granted`` (a new slot: this delivery
+    runs and releases it), ``held`` (the run or step holds it already: a promoted waiter, a retry, a
+    duplicate delivery), ``queued`` (over the limit: it waits in line, holding no worker)."""
+
+    GRANTED = "granted"
+    HELD = "held"
+    QUEUED = "queued"
+
+
+@dataclass(frozen=True)
+class Promoted:
+    """A waiter that got its slot when one freed: publish its chain from step ``index`` with ``results``."""
+
+    run_id: str
+    saga: str
+    version: int
+    index: int
+    results: dict

@@ -24,6 +24,7 @@ class RunStatus(str, Enum):
     # sweeper moves it scheduled -> pending and publishes its first step when due. A cancel moves it
     # scheduled -> cancelled at once (nothing ran, nothing to undo). No other transition leaves it.
     SCHEDULED = "scheduled"
+    QUEUED = "queued"  # over its saga's max_concurrent_runs: waits for a slot, holding no worker
 
     def __str__(self) -> str:
         return self.value
@@ -48,6 +49,7 @@ class StepStatus(str, Enum):
     WAITING = "waiting"  # a gate waiting for its signal, a child step for its child run, a sleep or a long
     # retry delay for its time (deadline_at: when the sweeper moves it on)
     FAILED_BEST_EFFORT = "failed_best_effort"  # a best-effort step failed for good; the run went on
+    QUEUED = "queued"  # over its concurrency or rate_limit: waits for a slot, holding no worker
 
     def __str__(self) -> str:
         return self.value
@@ -55,10 +57,11 @@ class StepStatus(str, Enum):
 
 # Not final: the page showing such a run refreshes itself.
 LIVE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.COMPENSATING, RunStatus.WAITING,
-                               RunStatus.SCHEDULED})
+                               RunStatus.SCHEDULED, RunStatus.QUEUED})
 # A cancel may be asked of these (the run stops before its next step, or its gate, sleep or child is failed; a
-# scheduled run is cancelled at once).
-CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.SCHEDULED})
+# scheduled or queued run is cancelled at once).
+CANCELLABLE_RUN_STATUSES = frozenset({RunStatus.PENDING, RunStatus.RUNNING, RunStatus.WAITING, RunStatus.SCHEDULED,
+                                      RunStatus.QUEUED})
 # The guarded moves out of ``scheduled`` (store/timers.py enforces them in SQL): released when due, or cancelled.
 SCHEDULED_TRANSITIONS = {RunStatus.SCHEDULED: frozenset({RunStatus.PENDING, RunStatus.CANCELLED})}
 # An operator retry resumes these: the compensations where they stopped, or the step after the pivot.

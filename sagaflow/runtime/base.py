@@ -14,6 +14,7 @@ from celery.signals import worker_init
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
 from sagaflow.errors import LeaseLost, NonRetryableError, SagaCancelled
+from sagaflow.model import clock
 from sagaflow.model.definition import RetryPolicy, Saga, Step, StepKind, registry
 from sagaflow.runtime.compiler import HARD_LIMIT_GRACE
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LEASE_MARGIN, FailedForGood, describe, traceback_text
@@ -33,6 +34,8 @@ class GuardedTask(Task):
         # delivery, which counts whole seconds, and Celery refuses a countdown between 0 and 1 s there.
         if countdown is not None and 0 < countdown < 1 and get_settings().rabbitmq_quorum:
             countdown = 1.0
+        if countdown is not None:  # the wall clock's own delay; sagaflow.testing's clock skips it (model/clock.py)
+            countdown = clock.countdown(countdown)
         return super().retry(*args, countdown=countdown, **kwargs)
 
 

@@ -13,15 +13,19 @@ The messages themselves are built by the compiler (runtime/compiler.py), which p
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from celery import Celery
+from celery.signals import task_postrun, task_prerun
 
-from sagaflow.app import celery_app, get_store
+from sagaflow.app import celery_app, get_settings, get_store
 from sagaflow.model.definition import Saga, StepKind, registry
+from sagaflow.model.outcomes import Promoted
 from sagaflow.runtime import compiler
 from sagaflow.runtime.outcomes import describe
+from sagaflow.store.limits import run_key
 
 log = logging.getLogger("sagaflow.publish")
 
@@ -39,26 +43,105 @@ def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = 
         logger.error(event, extra=extra)
 
 
+# ---------------------------------------------------------------------------------------------- priority
+#
+# A run's priority (client.start(priority=0..9), 9 served first; none given: 0) rides on every message of
+# the run: the first chain is published with it, and every message a task publishes while it runs (the next
+# window, the compensations its errback publishes, a retry, the link errbacks stamped on each link) takes
+# the priority of the message that task came in with. Redis serves the *lowest* number first (kombu's
+# priority steps, SAGAFLOW's transport options give it all ten), RabbitMQ the highest (a queue declared with
+# x-max-priority: SAGAFLOW_RABBITMQ_PRIORITY): ``broker_priority`` maps one onto the other. Messages published
+# outside a task (the sweeper's, an operator's) go at the default priority.
+
+PRIORITIES = range(10)
+DEFAULT_PRIORITY = 0
+_current = threading.local()
+
+
+def _redis(app: Celery) -> bool:
+    return str(app.conf.broker_url or "").startswith(("redis", "rediss", "sentinel"))
+
+
+def broker_priority(priority: int, app: Celery | None = None) -> int:
+    return 9 - priority if _redis(app or celery_app) else priority
+
+
+def sagaflow_priority(value, app: Celery | None = None) -> int | None:
+    """The run priority a delivered message's broker priority stands for (None: it carried none)."""
+    if not isinstance(value, int) or value not in PRIORITIES:
+        return None
+    return 9 - value if _redis(app or celery_app) else value
+
+
+@task_prerun.connect
+def _priority_of_the_delivery(sender=None, task=None, **_):
+    request = getattr(task, "request", None)
+    info = getattr(request, "delivery_info", None) or {}
+    _current.value = sagaflow_priority(info.get("priority"), getattr(task, "app", None))
+
+
+@task_postrun.connect
+def _priority_done(**_):
+    _current.value = None
+
+
+def current_priority() -> int:
+    """The priority of what this process publishes now: the running task's, else the default."""
+    value = getattr(_current, "value", None)
+    return DEFAULT_PRIORITY if value is None else value
+
+
+@contextmanager
+def priority(value: int | None) -> Iterator[None]:
+    """Publish at ``value`` inside the block (client.start: the new run's priority)."""
+    previous = getattr(_current, "value", None)
+    _current.value = value
+    try:
+        yield
+    finally:
+        _current.value = previous
+
+
+def _stamped(canvas, app: Celery):
+    """Set the current priority on every message of ``canvas``: each link, and each link's errbacks."""
+    value = broker_priority(current_priority(), app)
+    for signature in getattr(canvas, "tasks", None) or [canvas]:
+        # A Signature is a dict; a link or errback may also be a plain dict (a deserialized signature).
+        options = signature.setdefault("options", {})
+        options["priority"] = value
+        for errback in options.get("link_error") or ():
+            if isinstance(errback, dict):
+                errback.setdefault("options", {})["priority"] = value
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
 def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None,
-          app: Celery | None = None) -> None:
-    """A new run's first chain. Raises when the broker refuses (the client deletes the run again)."""
-    if plain:
-        chain_from(saga, run_id, plain=True, input=input, app=app)
-    else:
-        chain_from(saga, run_id, app=app)
+          app: Celery | None = None, priority_: int | None = None) -> None:
+    """A new run's first chain, at priority ``priority_`` (None: the default). Raises when the broker refuses
+    (the client deletes the run again)."""
+    with priority(priority_):
+        if plain:
+            chain_from(saga, run_id, plain=True, input=input, app=app)
+        else:
+            chain_from(saga, run_id, app=app)
 
 
 def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = None, *, plain: bool = False,
                input: dict | None = None, app: Celery | None = None) -> None:
     """The forward chain of ``run_id`` from step ``start`` (compiler.compile_run): the next window, the steps
     after a joined group, a resumed run, a gate passed; ``start == len(saga.steps)``: the finish task."""
-    compiler.compile_run(app or celery_app, saga, run_id, start=start, results=results, plain=plain,
-                         input=input).apply_async()
+    app = app or celery_app
+    _stamped(compiler.compile_run(app, saga, run_id, start=start, results=results, plain=plain, input=input),
+             app).apply_async()
 
 
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:
     """The compensations ``indexes`` of ``run_id``, in that order (latest completed first)."""
-    compiler.compile_compensation(app or celery_app, saga, run_id, list(indexes)).apply_async()
+    app = app or celery_app
+    _stamped(compiler.compile_compensation(app, saga, run_id, list(indexes)), app).apply_async()
 
 
 def compensations_of(run_id: str, indexes, saga: str | None = None, version: int | None = None,
@@ -72,7 +155,7 @@ def compensations_of(run_id: str, indexes, saga: str | None = None, version: int
 
 def errback(run_id: str, index: int, saga: str, version: int) -> None:
     """``sagaflow.on_step_failed`` for step ``index``, outside a chain: it begins the compensation."""
-    compiler.step_errback(celery_app, run_id, index, saga, version).apply_async()
+    _stamped(compiler.step_errback(celery_app, run_id, index, saga, version), celery_app).apply_async()
 
 
 def compensation_errback(run_id: str, index: int) -> None:
@@ -83,12 +166,12 @@ def compensation_errback(run_id: str, index: int) -> None:
 
 def finish_compensation(run_id: str) -> None:
     """``sagaflow.finish_compensation``: every undo is done, only the run's end is left (the sweeper)."""
-    compiler.finish_compensation(celery_app, run_id).apply_async()
+    _stamped(compiler.finish_compensation(celery_app, run_id), celery_app).apply_async()
 
 
 def child_finished(child_run_id: str) -> None:
     """``sagaflow.child_finished``: a child run ended; its parent moves on."""
-    compiler.child_finished(celery_app, child_run_id).apply_async()
+    _stamped(compiler.child_finished(celery_app, child_run_id), celery_app).apply_async()
 
 
 def _child_sagas() -> set[str]:
@@ -101,6 +184,7 @@ def run_ended(run_id: str, saga: str | None = None) -> None:
     given and never named by a child step in this process: no parent to tell, and no read (the linear
     fast path stays as it was). Never raises: the transition is committed; a lost message is re-published
     by the sweeper (runtime/waits.py ``sweep``)."""
+    _free_run_slot(run_id, saga)
     if saga is not None and saga not in _child_sagas():
         return
     fields = {"run_id": run_id}
@@ -111,3 +195,33 @@ def run_ended(run_id: str, saga: str | None = None) -> None:
         if parent is not None:
             child_finished(run_id)
             log.info("child_finished_published", extra={"run_id": run_id, "parent_run_id": parent})
+
+
+def promoted(waiters: list[Promoted]) -> None:
+    """The chain of each run or step that got a slot under a limit (store/limits.py), from its step. One the
+    broker refuses is re-driven by the recovery sweeper (its run is live and nothing moves it). Never
+    raises: the slot is reserved in SQL already."""
+    for waiter in waiters:
+        fields = {"run_id": waiter.run_id, "from_step": waiter.index}
+        with or_log(log, "queued_not_published", fields,
+                    next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT"):
+            chain_from(registry.get(waiter.saga, waiter.version), waiter.run_id, start=waiter.index,
+                       results=waiter.results)
+            log.info("slot_handed_over", extra=fields)
+
+
+def _free_run_slot(run_id: str, saga: str | None) -> None:
+    """A run ended: if its saga has max_concurrent_runs, its slot is free; the earliest queued run gets it.
+    No read at all when no registered saga has that limit. Never raises (the sweeper promotes what this
+    misses: runtime/limits.py promote_all)."""
+    limits = {s.name: s.max_concurrent_runs for s in registry.all() if s.max_concurrent_runs}
+    if not limits or (saga is not None and saga not in limits):
+        return
+    waiters: list[Promoted] = []
+    with or_log(log, "slot_not_promoted", {"run_id": run_id},
+                next="the recovery sweeper promotes the next queued run"):
+        store = get_store()
+        name = saga if saga is not None else store.get_run(run_id, history=False).saga
+        if name in limits:
+            waiters = store.promote(run_key(name), limits[name], 0.0, get_settings().worker_dead_after)
+    promoted(waiters)

@@ -20,9 +20,9 @@ import logging
 
 from sagaflow.app import get_settings, get_store
 from sagaflow.errors import InvalidTransition
-from sagaflow.model import Recovery
+from sagaflow.model import Recovery, clock
 from sagaflow.model.definition import Saga, registry
-from sagaflow.runtime import publish, timers, waits
+from sagaflow.runtime import limits, publish, timers, waits
 from sagaflow.runtime.outcomes import describe
 
 log = logging.getLogger("sagaflow.recovery")
@@ -41,6 +41,7 @@ def recover_stalled(stall_timeout: float | None = None, limit: int = 500, *,
     recovered = waits.sweep(store, stall)  # gates past their deadline, child runs' unheard ends
     recovered += timers.sweep(store, now)  # sleeps and retry waits due, schedules' ticks, delayed starts
     cancel_past_deadline(store)  # runs live past their own deadline (Saga(deadline=), start(deadline=))
+    promote_waiters()  # limits: slots freed by an end or a death nobody reported go to the runs in line
     prune_by_retention(store)  # SAGAFLOW_RETENTION: old ended runs (off by default)
     compact_metrics(store)  # the counter log into one row per series: a /metrics scrape reads little
     # Only the sagas registered here: a sweeper that cannot compile a saga must not take its runs over.
@@ -85,13 +86,23 @@ def cancel_past_deadline(store, limit: int = 500) -> list[str]:
     return cancelled
 
 
+def promote_waiters() -> int:
+    """Give the free slots of every limit that has a line to its earliest waiters (runtime/limits.py). A
+    failure is logged and the sweep goes on."""
+    try:
+        return limits.promote_all()
+    except Exception as exc:  # noqa: BLE001 - never stops the recovery sweep
+        log.error("limits_promote_failed", extra={"error": describe(exc)})
+        return 0
+
+
 def prune_by_retention(store) -> int:
     """With SAGAFLOW_RETENTION set, delete the runs that ended longer ago than that (store/retention.py:
     short batches; the metrics keep their counts). A failure is logged and the sweep goes on."""
     seconds = get_settings().retention
     if not seconds:
         return 0
-    cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=seconds)
+    cutoff = clock.now() - dt.timedelta(seconds=seconds)
     try:
         result = store.prune(cutoff)
     except Exception as exc:  # noqa: BLE001 - retention must never stop the recovery sweep

@@ -23,7 +23,7 @@ from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSer
 from sagaflow.inbound import MessageRefused
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
-from sagaflow.runtime import branches, publish, timers, waits
+from sagaflow.runtime import branches, limits, publish, timers, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe, traceback_text
 from sagaflow.safejson import ensure_json
@@ -110,7 +110,19 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
             _next_window(run_id, version, self.saga_name, index + 1, plain_results, plain=True, input=input)
         return plain_results
     with self.database_outage_retries():
-        outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request))
+        saga, step = self.definition(version)
+        slot = limits.enter(self, saga, step, run_id, index)  # over a limit: the delivery ends here (queued)
+        retrying = False
+        try:
+            outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request), slot)
+        except Retry:
+            # A retry keeps the step's slot: its next delivery finds it held (the step stays claimed
+            # meanwhile, so a waiter handed the slot could not run it) and gives it back at its end.
+            retrying = True
+            raise
+        finally:
+            if not retrying:
+                limits.leave(slot)
     if isinstance(outcome, FailedForGood):
         raise outcome.exc  # -> link_error -> on_step_failed
     if window_end:
@@ -142,10 +154,13 @@ def _give_up(work: Claimed) -> Callable[[str, str | None], bool]:
 
 
 def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int,
-              refused: str | None = None) -> dict | FailedForGood:
+              refused: str | None = None, slot: limits.Slot | None = None) -> dict | FailedForGood:
     """``refused``: the worker refused this message (sagaflow/inbound.py): its arguments were cut, so the step
-    fails for good without running, and the run compensates."""
+    fails for good without running, and the run compensates. ``slot``: the step's slot under its concurrency
+    (runtime/limits.py), given back at the end if this delivery claims the step."""
     work = claim(self, "step", run_id, index, version)
+    if slot is not None and work.claim.outcome is ClaimOutcome.CLAIMED:
+        slot.claimed = True
     saga, step, store, fields, outcome = work.saga, work.step, work.store, work.fields, work.claim.outcome
     if outcome is ClaimOutcome.CANCELLED:
         log.info("step_cancelled", extra=fields)
@@ -288,10 +303,29 @@ def _run_plain_step(self: SagaTask, results: dict, run_id: str, index: int, vers
     return results
 
 
+# Around every call of an action or a compensation: None (the call itself), or sagaflow.testing's fault
+# injector, called as ``interceptor(phase, ctx, call)`` with phase "step" or "compensation"; it returns what
+# the call returns or raises in its place.
+Interceptor = Callable[[str, StepContext, Callable[[StepContext], object]], object]
+_interceptor: Interceptor | None = None
+
+
+def intercept(interceptor: Interceptor | None) -> Interceptor | None:
+    """Put ``interceptor`` around every action and compensation of this process (None: remove it); returns the
+    one it replaces."""
+    global _interceptor
+    previous, _interceptor = _interceptor, interceptor
+    return previous
+
+
+def _invoke(phase: str, call: Callable[[StepContext], object], ctx: StepContext):
+    return call(ctx) if _interceptor is None else _interceptor(phase, ctx, call)
+
+
 def call_action(step: Step, ctx: StepContext):
     """The step's action, and its result as JSON data (ResultNotSerializable if it is not JSON)."""
     assert step.action is not None  # only action steps get here (gates and child steps have none)
-    value = step.action(ctx)
+    value = _invoke("step", step.action, ctx)
     try:
         return ensure_json(value, f"the result of step {step.name!r}", get_settings().json_limits)
     except InvalidInput as exc:
@@ -334,7 +368,7 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
     ctx = work.context(result=work.claim.result, _heartbeat=work.heartbeat(stop_on_cancel=False))
     try:
         if step.compensate is not None:  # a child step may have none of its own
-            step.compensate(ctx)
+            _invoke("compensation", step.compensate, ctx)
     except (Retry, Ignore):
         raise
     except LeaseLost as exc:

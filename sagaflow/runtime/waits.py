@@ -236,13 +236,19 @@ def required_payload_gate(run, name: str) -> str | None:
 
 
 def cancel(store, run_id: str, origin: dict | None = None):
-    """client.cancel: a scheduled run is cancelled at once (store/timers.py); a pending or running run
-    through Store.request_cancel; a waiting one (gate, sleep, long retry delay, child) here."""
+    """client.cancel: a scheduled run (store/timers.py) or a run queued for its saga's slot (store/limits.py)
+    is cancelled at once; a pending or running run through Store.request_cancel; a waiting one (gate, sleep,
+    long retry delay, child) here."""
     if store.cancel_scheduled(run_id):
         log.info("scheduled_run_cancelled", extra={"run_id": run_id})
         return store.get_run(run_id)
+    if store.cancel_queued_run(run_id):
+        log.info("queued_run_cancelled", extra={"run_id": run_id})
+        return store.get_run(run_id)
     try:
-        return store.request_cancel(run_id, origin)
+        run = store.request_cancel(run_id, origin)
+        _leave_step_queue(store, run)
+        return run
     except InvalidTransition:
         outcomes = store.transactional.cancel_waiting(run_id, origin)
         if outcomes is None:  # not waiting either: the run is final or compensating
@@ -251,6 +257,17 @@ def cancel(store, run_id: str, origin: dict | None = None):
         log.info("waiting_run_cancelled", extra={"run_id": outcome.run_id, "step": outcome.index})
         act(outcome)
     return store.get_run(run_id)
+
+
+def _leave_step_queue(store, run) -> None:
+    """A cancelled run whose step waits in a limit's line: publish the step now, so that its claim meets
+    the cancel and the run compensates without waiting for a slot."""
+    index = store.leave_step_queue(run.id)
+    if index is None:
+        return
+    with publish.or_log(log, "cancel_not_published", {"run_id": run.id, "step": index},
+                        next="the recovery sweeper re-drives the run after SAGAFLOW_STALL_TIMEOUT"):
+        publish.chain_from(registry.get(run.saga, run.saga_version), run.id, start=index, results={})
 
 
 # ---------------------------------------------------------------------------------------------- the sweeper

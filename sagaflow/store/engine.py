@@ -14,12 +14,13 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 
 from sagaflow.errors import SchemaMissing
+from sagaflow.model import clock
 from sagaflow.store import tables as t
 from sagaflow.store.fastpath import FastPath
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return clock.now()  # the wall clock, or the one sagaflow.testing moves (model/clock.py)
 
 
 def create_db_engine(url: str, autocommit: bool = False) -> Engine:

@@ -31,6 +31,8 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
     return and_(
         r.status.in_(IN_PROGRESS_RUN),
         r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
+        # a step waiting in a limit's line is moved by the slot it waits for (store/limits.py), not re-driven
+        ~exists().where(s.run_id == r.id, s.status == StepStatus.QUEUED.value),
         ~exists().where(held, alive),
         or_(exists().where(held, ~alive),
             and_(r.updated_at < quiet_since,

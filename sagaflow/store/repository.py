@@ -21,6 +21,7 @@ concern.
     operator.py      resolve by hand, restart links, deadlines                      (Operator)
     retention.py     prune old ended runs, folding what they counted into totals    (Retention)
     workers.py       worker heartbeats and liveness, leases (the one sweeper)       (Workers)
+    limits.py        max_concurrent_runs, concurrency and rate_limit across workers  (Limits)
     fastpath.py      PostgreSQL: the success path's transitions as one prepared statement each; the
                      concern that owns a transition chooses it (``if self.fast:``), next to its own
                      transaction for SQLite and the rare paths.
@@ -55,6 +56,7 @@ from sagaflow.store.compensation import Compensation
 from sagaflow.store.engine import IDLE_PING_SECONDS, Engines, create_db_engine, utcnow
 from sagaflow.store.flags import Flags
 from sagaflow.store.groups import LOST_BRANCH, Groups
+from sagaflow.store.limits import Limits
 from sagaflow.store.operator import Operator
 from sagaflow.store.recovery import Recoveries
 from sagaflow.store.retention import Retention
@@ -68,7 +70,7 @@ from sagaflow.store.workers import Workers
 
 
 class Store(Runs, Children, Groups, Compensation, Claims, Flags, Timers, Waits, Recoveries, Stats, Sessions,
-            Operator, Retention, Workers, Attention, Schedules, Engines):
+            Operator, Retention, Workers, Attention, Schedules, Limits, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

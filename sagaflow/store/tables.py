@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 
@@ -237,4 +238,43 @@ schedules = Table(
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     Index("ix_saga_schedules_due", "paused", "next_fire_at"),
+)
+
+# Limits across every worker (store/limits.py). A slot is one row: a run of a saga with max_concurrent_runs
+# (idx -1, alive while the run is live) or a step with a concurrency (alive while its lease runs and its worker
+# heartbeats). A run or step over its limit waits in saga_slot_waiters, served in arrival order (id).
+slots = Table(
+    "saga_slots",
+    metadata,
+    Column("key", String(300), primary_key=True),  # "run:<saga>" or "step:<saga>.<step>"
+    Column("run_id", String(36), primary_key=True),
+    Column("idx", Integer, primary_key=True),
+    Column("worker", String(200), nullable=True),
+    Column("lease_expires_at", UTCDateTime, nullable=False),
+    Column("acquired_at", UTCDateTime, nullable=False),
+)
+
+slot_waiters = Table(
+    "saga_slot_waiters",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(300), nullable=False),
+    Column("run_id", String(36), nullable=False),
+    Column("idx", Integer, nullable=False),
+    Column("saga", String(200), nullable=False),
+    Column("saga_version", Integer, nullable=False),
+    Column("queued_at", UTCDateTime, nullable=False),
+    UniqueConstraint("key", "run_id", "idx", name="uq_saga_slot_waiters"),
+    Index("ix_saga_slot_waiters_key", "key", "id"),
+    Index("ix_saga_slot_waiters_run", "run_id"),
+)
+
+# A step's rate_limit: the starts of the last period, per key (older rows are deleted as new ones come).
+rate_starts = Table(
+    "saga_rate_starts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("key", String(300), nullable=False),
+    Column("at", UTCDateTime, nullable=False),
+    Index("ix_saga_rate_starts_key_at", "key", "at"),
 )

@@ -50,9 +50,9 @@ def test_every_run_status_is_either_live_or_final():
 @pytest.mark.parametrize("status", list(RunStatus))
 def test_what_each_run_status_allows(status):
     run = _run(status.value)
-    assert run.is_live == (status.value in ("pending", "running", "compensating", "waiting", "scheduled"))
+    assert run.is_live == (status.value in ("pending", "running", "compensating", "waiting", "scheduled", "queued"))
     assert run.is_final == (not run.is_live)
-    assert run.can_cancel == (status.value in ("pending", "running", "waiting", "scheduled"))
+    assert run.can_cancel == (status.value in ("pending", "running", "waiting", "scheduled", "queued"))
     assert run.can_retry == (status.value in ("compensation_failed", "stuck"))
     assert not run.cancel_pending
 
