@@ -20,7 +20,7 @@ import redis
 from sagaflow.app import celery_app, configure, get_settings, get_store, load_sagas
 from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable, InvalidInput, InvalidTransition, UnknownSaga
-from sagaflow.model import policy
+from sagaflow.model import clock, policy
 from sagaflow.model.definition import registry
 from sagaflow.model.events import Origin
 from sagaflow.model.query import parse_duration
@@ -63,7 +63,7 @@ MAX_DELAY = 10**9  # seconds (about 31 years), as a sleep
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return clock.now()  # the wall clock, or the one sagaflow.testing moves
 
 
 def start_time(at, delay) -> dt.datetime | None:

@@ -30,7 +30,7 @@ from celery.exceptions import Ignore
 
 from sagaflow.app import get_settings
 from sagaflow.errors import DefinitionError, NonRetryableError, UnknownSaga
-from sagaflow.model import Recovery, StepSpec, WaitOutcome, policy
+from sagaflow.model import Recovery, StepSpec, WaitOutcome, clock, policy
 from sagaflow.model.definition import StepContext, check_sleep_seconds, registry
 from sagaflow.model.schedule import CatchUp, due_ticks
 from sagaflow.runtime import publish, waits
@@ -98,10 +98,11 @@ def _act(outcome: WaitOutcome) -> None:
 
 
 def sweep(store, now: dt.datetime | None = None) -> list[Recovery]:
-    """Fire every timer due at ``now`` (default: the real clock): sleeps and retry waits, schedules' ticks,
-    delayed starts. Returns what it moved on. Only the sagas registered here (a sweeper moves on only what
-    it can compile); one sweeper wins each timer and each tick."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    """Fire every timer due at ``now`` (default: model/clock.py's, the wall clock unless sagaflow.testing
+    moves it): sleeps and retry waits, schedules' ticks, delayed starts. Returns what it moved on. Only the
+    sagas registered here (a sweeper moves on only what it can compile); one sweeper wins each timer and
+    each tick."""
+    now = now or clock.now()
     done: list[Recovery] = []
     for part in (fire_timers, fire_schedules, start_due):  # schedules before starts: a tick starts this sweep
         try:
@@ -163,7 +164,7 @@ def start_due(store, now: dt.datetime) -> list[Recovery]:
         if not store.release_scheduled(run.id, now):  # cancelled, or another sweeper started it
             continue
         if run.deadline_at is None and definition.deadline is not None:
-            store.set_deadline(run.id, dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=definition.deadline))
+            store.set_deadline(run.id, clock.now() + dt.timedelta(seconds=definition.deadline))
         with publish.or_log(log, "scheduled_run_not_published", {"run_id": run.id},
                             next="the run is pending: the recovery sweeper starts it after SAGAFLOW_STALL_TIMEOUT"):
             publish.start(definition, run.id, plain=run.mode == policy.PLAIN, input=run.input)
