@@ -27,7 +27,7 @@ from sagaflow.store.guards import (
     touch,
 )
 from sagaflow.store.runs import insert_run
-from sagaflow.store.waits import Waits, lock_wait_run
+from sagaflow.store.waits import Waits, enter_wait, lock_wait_run
 
 # A child run in one of these has ended for its parent: succeeded, or it can no longer succeed. ``stuck``
 # is not among them: an operator may still take that run forward.
@@ -48,15 +48,10 @@ class Children(Compensation, Waits):
         r = t.runs.c
         steps = list(steps)
         with self.engine.begin() as conn:
-            run = lock_wait_run(conn, run_id)
-            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING)
-            if run is None or run.status != RunStatus.RUNNING.value or step is None:
-                return WaitOutcome("lost", run_id=run_id, index=idx)
-            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
-            if run.cancel_requested:
-                fail_step(conn, run_id, idx, StepStatus.RUNNING, "cancelled before the child run started", now,
-                          token=token)
-                return WaitOutcome("cancelled", **base)
+            run, step, base, stop = enter_wait(conn, run_id, idx, token, now,
+                                               lambda step: "cancelled before the child run started")
+            if stop is not None:
+                return stop
             key = f"child:{run_id}:{step.name}"
             existing = conn.execute(select(r.id, r.saga).where(r.idempotency_key == key)).first()
             if existing is not None:

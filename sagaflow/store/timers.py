@@ -20,8 +20,8 @@ from sagaflow.model.outcomes import WaitOutcome
 from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.engine import utcnow
-from sagaflow.store.guards import event, fail_step, held_step, move_step, results, set_run_status
-from sagaflow.store.waits import Waits, lock_wait_run
+from sagaflow.store.guards import event, move_step, results, set_run_status
+from sagaflow.store.waits import Waits, enter_wait, lock_wait_run
 
 SLEEP = "sleep"
 RETRY = "retry"
@@ -45,15 +45,10 @@ class Timers(Waits):
     def _wait_for_time(self, run_id: str, idx: int, token: str, seconds: float, timer: str) -> WaitOutcome:
         now = utcnow()
         with self.engine.begin() as conn:
-            run = lock_wait_run(conn, run_id)
-            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING)
-            if run is None or run.status != RunStatus.RUNNING.value or step is None:
-                return WaitOutcome("lost", run_id=run_id, index=idx)
-            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
-            if run.cancel_requested:
-                reason = "cancelled at the sleep" if timer == SLEEP else "cancelled while waiting to retry"
-                fail_step(conn, run_id, idx, StepStatus.RUNNING, reason, now, token=token)
-                return WaitOutcome("cancelled", **base)
+            reason = "cancelled at the sleep" if timer == SLEEP else "cancelled while waiting to retry"
+            run, step, base, stop = enter_wait(conn, run_id, idx, token, now, lambda step: reason)
+            if stop is not None:
+                return stop
             until = now + dt.timedelta(seconds=seconds)
             if move_step(conn, run_id, idx, StepStatus.RUNNING, token=token, status=StepStatus.WAITING.value,
                          deadline_at=until, claim=None, lease_expires_at=None, worker=None) is None:

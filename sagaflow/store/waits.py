@@ -40,6 +40,23 @@ def lock_wait_run(conn, run_id: str):
     return lock_run(conn, run_id, r.id, r.saga, r.saga_version, r.input, r.error, r.parent_run_id, r.parent_step)
 
 
+def enter_wait(conn, run_id: str, idx: int, token: str, now: dt.datetime, cancelled_because, *columns):
+    """What every step that starts to wait does first (a gate, a sleep or a long retry wait, a child step):
+    lock the run and check that ``token`` still holds the running step. Returns ``(run, step, base, None)``
+    to go on, or an outcome for the caller to return: ``lost`` (the run or the step moved on), or
+    ``cancelled`` when a cancel came in since the claim (the step fails, ``cancelled_because(step)`` its
+    error). ``base``: the fields of every outcome about this step."""
+    run = lock_wait_run(conn, run_id)
+    step = held_step(conn, run_id, idx, token, StepStatus.RUNNING, *columns)
+    if run is None or run.status != RunStatus.RUNNING.value or step is None:
+        return run, step, {}, WaitOutcome("lost", run_id=run_id, index=idx)
+    base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
+    if run.cancel_requested:
+        fail_step(conn, run_id, idx, StepStatus.RUNNING, cancelled_because(step), now, token=token)
+        return run, step, base, WaitOutcome("cancelled", **base)
+    return run, step, base, None
+
+
 class Waits(Engines):
     def _pass_step(self, conn, run, idx: int, name: str, result: Any, detail: dict, now,
                    from_status: StepStatus) -> WaitOutcome:
@@ -68,15 +85,11 @@ class Waits(Engines):
         now = utcnow()
         s, sig = t.steps.c, t.signals.c
         with self.engine.begin() as conn:
-            run = lock_wait_run(conn, run_id)
-            step = held_step(conn, run_id, idx, token, StepStatus.RUNNING, s.signal)
-            if run is None or run.status != RunStatus.RUNNING.value or step is None:
-                return WaitOutcome("lost", run_id=run_id, index=idx)
-            base = dict(run_id=run_id, saga=run.saga, version=run.saga_version, index=idx)
-            if run.cancel_requested:
-                fail_step(conn, run_id, idx, StepStatus.RUNNING, f"cancelled at the gate for signal {step.signal!r}",
-                          now, token=token)
-                return WaitOutcome("cancelled", **base)
+            run, step, base, stop = enter_wait(
+                conn, run_id, idx, token, now, lambda step: f"cancelled at the gate for signal {step.signal!r}",
+                s.signal)
+            if stop is not None:
+                return stop
             payload = conn.execute(select(sig.payload, sig.received_at)
                                    .where(sig.run_id == run_id, sig.name == step.signal)).first()
             if payload is not None:
