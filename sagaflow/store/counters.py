@@ -31,12 +31,12 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from sqlalchemy import delete, func, insert, select, union_all
+from sqlalchemy import delete, func, insert, literal, select, union_all
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from sagaflow.model.events import COMPENSATION_ENDS, STEP_OUTCOME_EVENTS, EventKind
-from sagaflow.model.status import RunStatus
+from sagaflow.model.status import LIVE_RUN_STATUSES, RunStatus
 from sagaflow.store import tables as t
 
 # Seconds. Steps of the examples take milliseconds; real ones call APIs (seconds) or batch jobs (minutes).
@@ -279,6 +279,28 @@ SELECT count(*) FROM moved""")
     add(conn, rows)
     conn.execute(delete(t.counter_log).where(g.id <= upto))
     return int(moved_count)
+
+
+def reconcile_live(conn) -> int:
+    """Set the live gauge back to what the rows say, for the live statuses only (few rows, on the status
+    index): a row changed by hand past the transitions (an operator's UPDATE, a restore) would otherwise
+    leave it off for good, a negative count on the page. One INSERT ... SELECT of the differences: the rows
+    and the gauge are read in that statement's one snapshot, so a transition committed meanwhile keeps its
+    own log rows and nothing is counted twice. Returns the series corrected."""
+    r, c, g = t.runs.c, t.counters.c, t.counter_log.c
+    live = sorted(s.value for s in LIVE_RUN_STATUSES)
+    parts = union_all(
+        select(r.saga.label("saga"), r.status.label("status"), func.count().label("v"))
+        .where(r.status.in_(live)).group_by(r.saga, r.status),
+        select(c.saga, c.outcome, -c.value).where(c.metric == LIVE, c.outcome.in_(live)),
+        select(g.saga, g.outcome, -g.value).where(g.metric == LIVE, g.outcome.in_(live)),
+    ).subquery()
+    diff = func.sum(parts.c.v)
+    corrections = (select(literal(LIVE), parts.c.saga, literal(""), parts.c.status, literal(""), diff)
+                   .group_by(parts.c.saga, parts.c.status).having(diff != 0))
+    result = conn.execute(insert(t.counter_log).from_select(
+        ["metric", "saga", "step", "outcome", "label", "value"], corrections))
+    return max(result.rowcount or 0, 0)
 
 
 def add(conn, rows: list[dict]) -> None:

@@ -121,9 +121,11 @@ class Retention(Engines):
         return result
 
     def compact_counters(self) -> int:
-        """Move the counter log into saga_counters (counters.compact: what the sweeper does each pass, so a
+        """Set the live gauge back to the rows where a hand edit moved it (counters.reconcile_live), then
+        move the counter log into saga_counters (counters.compact: what the sweeper does each pass, so a
         scrape reads one row per series); returns the log rows moved."""
         with self.engine.begin() as conn:
+            counters.reconcile_live(conn)
             return counters.compact(conn)
 
     def seed_counters(self) -> None:

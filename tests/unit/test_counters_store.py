@@ -6,7 +6,7 @@ import datetime as dt
 
 from sqlalchemy import select
 
-from sagaflow.store import stats
+from sagaflow.store import counters, stats
 from sagaflow.store import tables as t
 
 STEPS = [("a", True), ("b", True)]
@@ -169,3 +169,21 @@ def test_a_live_status_total_counts_rows_so_a_hand_edit_cannot_leave_a_phantom(s
         conn.execute(t.runs.update().where(t.runs.c.id == "edited").values(status="failed"))
     runs, total = store.list_runs(status="pending")
     assert (runs, total, total.exact) == ([], 0, True)
+
+
+def test_the_sweepers_compaction_sets_the_live_gauge_back_after_a_hand_edit(store):
+    """Rows moved by hand past the transitions (a run marked failed, another put back to compensating, as an
+    operator's UPDATE would): the next compaction (each sweep) corrects the live statuses, and a gauge that
+    already agrees is left alone."""
+    _succeeded(store, "ok")
+    store.create_run("edited", "s", 1, {}, STEPS)
+    store.compact_counters()
+    assert store.counter_values().live[("s", "pending")] == 1
+    with store.engine.begin() as conn:
+        conn.execute(t.runs.update().where(t.runs.c.id == "edited").values(status="failed"))
+        conn.execute(t.runs.update().where(t.runs.c.id == "ok").values(status="compensating"))
+    store.compact_counters()
+    live = store.counter_values().live
+    assert live[("s", "pending")] == 0 and live[("s", "compensating")] == 1
+    with store.engine.begin() as conn:
+        assert counters.reconcile_live(conn) == 0  # nothing left to correct
