@@ -202,7 +202,8 @@ def test_the_signal_endpoint_refuses_bad_requests_and_changes_nothing(web_url, w
 
 def test_the_signal_command(settings, client):
     env = {**os.environ, **settings.as_env(), "SAGAFLOW_LOG_LEVEL": "WARNING"}
-    run = waiting(client, client.start("approval", {"sleep": {"charge": 3}}).id)  # not final at the 2nd signal
+    # not final at the 2nd signal: three CLI processes start meanwhile, slow on a loaded machine
+    run = waiting(client, client.start("approval", {"sleep": {"charge": 10}}).id)
 
     def sagaflow(*args):
         return subprocess.run([sys.executable, "-m", "sagaflow", *args], env=env, cwd=ROOT, capture_output=True,
