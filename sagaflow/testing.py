@@ -315,6 +315,9 @@ class SagaHarness:
             "SAGAFLOW_IMPORTS": ",".join(self._imports),
             "SAGAFLOW_SAGA_FILES": ",".join(self._saga_files),
             "SAGAFLOW_WORKER_SWEEPS": "0",  # the harness sweeps when nothing is in flight (wait)
+            # Retry delays go out as countdowns, which the moved clock passes at once (model/clock.py); the
+            # SQL-kept wait of long delays is tested against a real worker (tests/integration/test_timers.py).
+            "SAGAFLOW_DURABLE_RETRY_AFTER": str(10**9),
             **self._extra,
         }
         settings = Settings.from_env({k: v for k, v in env.items() if v != ""})
