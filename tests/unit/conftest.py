@@ -7,8 +7,11 @@ import os
 import pytest
 from sqlalchemy import text
 
+from sagaflow.app import configure, get_store
+from sagaflow.config.settings import Settings
 from sagaflow.store import Store
 from sagaflow.store.migrate import upgrade
+from sagaflow.store.workers import set_current_worker
 from tests.services import DEFAULT_PG, TEST_DATABASE, fresh_database, pg_answers
 
 
@@ -38,3 +41,18 @@ def store(request, tmp_path, postgres_url):
                               "saga_counter_log"))
     yield s
     s.dispose()
+
+
+@pytest.fixture
+def app_and_store(tmp_path):
+    """The web app on a SQLite store of its own (the page tests), and that store."""
+    settings = Settings.from_env({"SAGAFLOW_HOME": str(tmp_path)})
+    configure(settings)
+    upgrade(settings.database_url)
+    from sagaflow.web import create_app
+
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    yield app, get_store()
+    set_current_worker(None)
+    configure(Settings.from_env({}))

@@ -4,27 +4,10 @@ Rendered by the Flask app on SQLite: the behaviour itself is tested on a real wo
 
 import datetime as dt
 
-import pytest
 from sqlalchemy import update
 
-from sagaflow.app import configure, get_store
-from sagaflow.config.settings import Settings
 from sagaflow.model import StepSpec
 from sagaflow.store import tables as t
-from sagaflow.store.migrate import upgrade
-
-
-@pytest.fixture
-def app_and_store(tmp_path):
-    settings = Settings.from_env({"SAGAFLOW_HOME": str(tmp_path)})
-    configure(settings)
-    upgrade(settings.database_url)
-    from sagaflow.web import create_app
-
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    yield app, get_store()
-    configure(Settings.from_env({}))
 
 
 def _set_step(store, run_id, idx, **values):

@@ -3,28 +3,10 @@ holds; a dead or stopped worker is not listed. Rendered by the Flask app on SQLi
 
 import datetime as dt
 
-import pytest
 from sqlalchemy import update
 
-from sagaflow.app import configure, get_store
-from sagaflow.config.settings import Settings
 from sagaflow.store import tables as t
-from sagaflow.store.migrate import upgrade
 from sagaflow.store.workers import set_current_worker
-
-
-@pytest.fixture
-def app_and_store(tmp_path):
-    settings = Settings.from_env({"SAGAFLOW_HOME": str(tmp_path)})
-    configure(settings)
-    upgrade(settings.database_url)
-    from sagaflow.web import create_app
-
-    app = create_app(settings)
-    app.config["TESTING"] = True
-    yield app, get_store()
-    set_current_worker(None)
-    configure(Settings.from_env({}))
 
 
 def test_live_workers_and_the_steps_each_holds_are_shown(app_and_store):
