@@ -151,6 +151,56 @@ def test_cancel_during_a_long_retry_delay_compensates_at_once(client):
     assert effects_of(run.id) == [("do", "reserve"), ("undo", "reserve")]
 
 
+def _undone_once_in_reverse(run_id: str) -> None:
+    """Every action that took effect is undone exactly once, latest first, after all of them."""
+    effects = effects_of(run_id)
+    done = [name for kind, name in effects if kind == "do"]
+    assert effects == [("do", n) for n in done] + [("undo", n) for n in reversed(done)], effects
+
+
+def test_a_deadline_passing_during_a_long_retry_delay_compensates_once(client):
+    """The run's deadline passes while its step waits three hours in SQL to retry: the deadline cancels the
+    waiting run, the undo runs once, and the retry's timer is gone (a sweep three hours on fires nothing)."""
+    run = waiting_at(client, client.start("patient", {"flaky": {"charge": 1}}, deadline=3).id, "charge")
+    until = run.step("charge").deadline_at
+    run = client.wait(run.id, timeout=60)  # the worker's own sweep finds the deadline passed
+    assert run.status == "cancelled"
+    assert ("deadline_passed", None) in kinds(run)
+    assert run.step("charge").attempts == 1
+    assert not fired(recover_stalled(now=until + dt.timedelta(seconds=1)), run.id)
+    time.sleep(1)  # anything published late would have run by now
+    assert effects_of(run.id) == [("do", "reserve"), ("undo", "reserve")]
+
+
+@pytest.mark.parametrize("first", ["timer", "deadline"])
+def test_a_deadline_and_the_retry_timer_due_together_end_the_run_once(client, first):
+    """The harness once saw an undo run twice when its moved clock made a retry timer and the run's deadline
+    due together. On a real worker, with this process's sweep and the worker's own racing for both, in
+    either order: the run ends once, cancelled with every effect undone once in reverse order, or succeeded
+    when the retried step finished before the cancel reached it; never an undo twice."""
+    from sagaflow.runtime.recovery import cancel_past_deadline
+
+    for _ in range(3):
+        run = waiting_at(client, client.start("patient", {"flaky": {"charge": 1}}, deadline=3600).id, "charge")
+        until = run.step("charge").deadline_at
+        with get_store().engine.begin() as conn:  # the deadline has just passed (the test cannot wait an hour)
+            conn.execute(t.runs.update().where(t.runs.c.id == run.id).values(deadline_at=utcnow()))
+        if first == "deadline":
+            cancel_past_deadline(get_store())
+        timers.sweep(get_store(), until + dt.timedelta(seconds=1))
+        cancel_past_deadline(get_store())
+        run = client.wait(run.id, timeout=60)
+        assert run.status in ("cancelled", "succeeded"), run.status
+        if first == "deadline":  # the waiting run was cancelled before the timer was due: it found nothing
+            assert run.status == "cancelled" and ("timer_fired", "charge") not in kinds(run)
+        time.sleep(1)  # a second undo, if one were published, would have run by now
+        if run.status == "succeeded":
+            assert effects_of(run.id) == [("do", "reserve"), ("do", "charge")]
+        else:
+            _undone_once_in_reverse(run.id)
+        assert not fired(recover_stalled(now=until + dt.timedelta(seconds=2)), run.id)
+
+
 # ---------------------------------------------------------------------------------------------- delayed starts
 
 
