@@ -45,6 +45,9 @@ def settings(services, tmp_path_factory):
         "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
+        # On RabbitMQ, queues with x-max-priority (a fresh vhost: none was declared without it), so the pass
+        # also checks that run priorities are served there and that everything else works on such queues.
+        **({"SAGAFLOW_RABBITMQ_PRIORITY": "1"} if services.broker_url.startswith("amqp") else {}),
     })
     upgrade(database_url)  # direct: DDL needs no pooler
     configure(settings)

@@ -102,8 +102,8 @@ def test_a_worker_killed_while_holding_a_slot_frees_it(settings, client):
 
 
 def test_under_a_backlog_of_200_runs_higher_priority_runs_finish_first(settings, worker):
-    if not settings.effective_broker_url.startswith("redis"):
-        pytest.skip("RabbitMQ serves priorities with SAGAFLOW_RABBITMQ_PRIORITY on fresh queues; this pass is Redis")
+    if not settings.effective_broker_url.startswith("redis") and not settings.rabbitmq_priority:
+        pytest.skip("RabbitMQ serves priorities only with SAGAFLOW_RABBITMQ_PRIORITY (queues with x-max-priority)")
     client = SagaClient()
     # The backlog first: nobody consumes the queue yet. 170 runs at the default priority, then 30 urgent ones.
     low = [client.start("limit_priority", {"p": 0}).id for _ in range(170)]
