@@ -369,7 +369,7 @@ class SagaClient:
             time.sleep(poll)
             poll = min(poll * 1.5, 0.5)
 
-    # ------------------------------------------------------------------ for the faces (web/, cli.py)
+    # ------------------------------------------------------------------ for the faces (web/, cli/)
     # What the status page, the HTTP API, the metrics and the CLI read or record besides runs: they hold a
     # client, never the store's engine or SQL.
 

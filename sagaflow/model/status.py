@@ -1,5 +1,5 @@
 """The statuses of runs and steps, and the rules of what each allows: which are final, which are live (the
-page refreshes), which an operator may cancel or retry. Faces (web/, cli.py) ask these rules; none keeps
+page refreshes), which an operator may cancel or retry. Faces (web/, cli/) ask these rules; none keeps
 its own list of statuses. The store's guarded transitions enforce the same rules in SQL (a cancel or a
 retry that loses is refused there whatever a page showed)."""
 

@@ -6,7 +6,7 @@ import re
 import click
 import pytest
 
-from sagaflow.cli import SECONDS, _print_run
+from sagaflow.cli import SECONDS, print_run
 from sagaflow.model import Event, Run, StepState
 
 EVIL = "x\x1b[2J\x1b]0;pwned\x07\r\nforged\x00\x9b\u2028\udcff"
@@ -26,7 +26,7 @@ def _run() -> Run:
 
 
 def test_a_run_is_printed_with_every_control_character_escaped(capsys):
-    _print_run(_run(), as_json=False)
+    print_run(_run(), as_json=False)
     out = capsys.readouterr().out
     out.encode("utf-8")  # a lone surrogate would have made the print itself fail
     assert not RAW.search(out), out
@@ -37,7 +37,7 @@ def test_a_run_is_printed_with_every_control_character_escaped(capsys):
 
 
 def test_json_output_is_json_with_nothing_raw(capsys):
-    _print_run(_run(), as_json=True)
+    print_run(_run(), as_json=True)
     out = capsys.readouterr().out
     assert not RAW.search(out) and out.isascii()
 
