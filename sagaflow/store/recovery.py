@@ -81,9 +81,11 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
     if frontier.status == StepStatus.FAILED.value:
         return Recovery(action="errback", index=frontier.idx, **base)
     if frontier.status == StepStatus.WAITING.value:  # a gate or child step: its signal or child moves it
-        group = frontier.branch_group
-        if group is None or all(st.status in (*DONE_STEP, StepStatus.WAITING.value)
-                                for st in steps if st.branch_group == group):
+        group = [st for st in steps if frontier.branch_group is not None and st.branch_group == frontier.branch_group]
+        sibling = next((st for st in group if st.status == StepStatus.FAILED.value), None)
+        if sibling is not None:  # a child branch waits, but a sibling failed and its errback was lost
+            return Recovery(action="errback", index=sibling.idx, **base)
+        if all(st.status in (*DONE_STEP, StepStatus.WAITING.value) for st in group):
             return Recovery(action="wait", index=frontier.idx, **base)
         # a child branch waits, but a sibling's message was lost: publish the group again (claims turn the
         # messages of the branches that are done, running or waiting into duplicates)
