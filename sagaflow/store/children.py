@@ -1,6 +1,10 @@
 """Child runs: a step that starts a run of another saga and waits for its end, the child's end moving its
 parent on, the undo of a child run, and the children whose end was never reported. The locking rules are
-waits.py's (a parent's run row before its child's)."""
+waits.py's (a parent's run row before its child's).
+
+A child step may be a branch of a parallel group: the run then keeps running while the step waits, and the
+child's end is decided by its group (Groups.end_child_branch: the join, one errback per group failure, a
+late success undone). Its undo is the same as a child step's."""
 
 from __future__ import annotations
 
