@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from sagaflow.app import get_store
 from sagaflow.model import RunStatus
-from sagaflow.runtime.recovery import recover_stalled
+from sagaflow.runtime import waits
 from sagaflow.store.engine import utcnow
 from sagaflow.store.guards import set_run_status
 from sagaflow.tasks.effects import example_effects
@@ -206,7 +206,8 @@ def test_a_lost_report_of_a_child_branch_s_end_is_sent_again_by_the_sweeper(clie
     with store.engine.begin() as conn:
         assert set_run_status(conn, gated, RunStatus.WAITING, RunStatus.COMPENSATED, utcnow(), finished_at=utcnow())
     assert gated in store.unreported_children(0)
-    recover_stalled(stall_timeout=0)
+    # The sweeper's part that tells parents (recover_stalled runs it first), alone: no other run is touched.
+    assert "child_finished" in [r.action for r in waits.sweep(store, 0) if r.run_id == gated]
     wait_for(lambda: client.get(run.id).step("gated").status == "failed", what="the parent to hear of it")
     client.signal(failing, "approved", {"by": "test"})
     run = client.wait(run.id)
