@@ -97,6 +97,12 @@ def test_three_children_one_fails_the_other_two_children_are_compensated_then_th
         assert kinds(run, "compensation_succeeded").count(("compensation_succeeded", name)) == 1
     assert kinds(kids["kid_b"], "compensation_requested") == []
     assert kinds(run)[-1] == ("run_compensated", None)
+    # A duplicate report of each child's end (a redelivered child_finished) changes nothing.
+    before = [(e.kind, e.step) for e in client.get(run.id).events]
+    for child in kids.values():
+        waits.child_finished(get_store(), child.id)
+    assert [(e.kind, e.step) for e in client.get(run.id).events] == before
+    assert effects(run.id) == [("do", "k_open"), ("undo", "k_open")]
 
 
 def test_a_failure_after_the_group_compensates_all_three_children_then_the_earlier_steps(client):
