@@ -3,7 +3,9 @@ and child sagas. Every action and undo records its effect once (tasks/effects.py
 (fail_at, fail_compensation, sleep) read from the run's input; a child run reads them from its own input,
 which its parent builds from the parent's ``child`` key."""
 
-from sagaflow import RetryPolicy, Saga, StepContext
+from sagaflow import RetryPolicy, Saga, StepContext, handler
+from sagaflow.model.declarative import parse_saga_file
+from sagaflow.model.definition import registry
 from sagaflow.tasks.effects import do, undo
 
 FAST = RetryPolicy(max_attempts=3, initial_interval=0.05, backoff=2.0, max_interval=0.5)
@@ -213,3 +215,86 @@ approval_signed.gate("countersign", signal="countersigned", timeout=300, payload
 def pay_out(ctx: StepContext):
     do(ctx)
     return {"signed_by": ctx.results["countersign"].get("by")}
+
+
+# ---------------------------------------------------------------------------------------------- children in parallel
+
+KIDS = ("kid_a", "kid_b", "kid_c")
+
+
+def _kid_input(name: str):
+    """A branch's child input: the parent's ``kids.<branch>`` knobs (fail_at, sleep... for the child's steps)."""
+    return lambda ctx: {**ctx.input.get("kids", {}).get(name, {}), "order": ctx.results["k_open"]["order"]}
+
+
+# k_open -> (kid_a | kid_b | kid_c: three child runs of child_booking, at the same time) -> k_total.
+kids = Saga("kids")
+
+
+@kids.step(retry=FAST, compensation_retry=FAST)
+def k_open(ctx: StepContext):
+    do(ctx)
+    return {"order": ctx.run_id[:8]}
+
+
+@k_open.compensation
+def k_close(ctx: StepContext):
+    undo(ctx)
+
+
+with kids.parallel():
+    for _name in KIDS:
+        kids.child(_name, saga="child_booking", input=_kid_input(_name))
+
+
+@kids.step(retry=FAST, compensation_retry=FAST)
+def k_total(ctx: StepContext):
+    do(ctx)
+    return {"charged": [ctx.results[name]["c_charge"]["charged"] for name in KIDS],
+            "orders": [ctx.results[name]["c_reserve"]["input"]["order"] for name in KIDS]}
+
+
+@k_total.compensation
+def k_untotal(ctx: StepContext):
+    undo(ctx)
+
+
+# k_open -> (gated: a child waiting at its gate | failing: a child waiting at its gate, then failing when
+# signalled | plain: a child_booking run): the test decides when each gated child ends.
+kids_late = Saga("kids_late")
+kids_late.step(k_open.action, name="k_open", retry=FAST, compensation_retry=FAST).compensation(k_close)
+with kids_late.parallel():
+    kids_late.child("gated", saga="approval", input=lambda ctx: {})
+    kids_late.child("failing", saga="approval", input=lambda ctx: {"fail_at": "charge"})
+    kids_late.child("plain", saga="child_booking", input=lambda ctx: {})
+
+
+# k_open -> (two children waiting at their gates | a child_booking run whose c_charge sleeps): for the cancel.
+kids_cancel = Saga("kids_cancel")
+kids_cancel.step(k_open.action, name="k_open", retry=FAST, compensation_retry=FAST).compensation(k_close)
+with kids_cancel.parallel():
+    kids_cancel.child("gate_1", saga="approval", input=lambda ctx: {})
+    kids_cancel.child("gate_2", saga="approval", input=lambda ctx: {})
+    kids_cancel.child("sleepy", saga="child_booking", input=lambda ctx: {"sleep": {"c_charge": 2}})
+
+
+# The same shape in the YAML form: the children take the parent's input.
+handler("kids_yaml_open")(k_open.action)
+handler("kids_yaml_close")(k_close)
+handler("kids_yaml_total")(lambda ctx: (do(ctx), {"saw": sorted(ctx.results)})[1])
+handler("kids_yaml_untotal")(undo)
+KIDS_YAML = """
+sagas:
+  - name: kids_yaml
+    defaults:
+      retry: {max_attempts: 3, initial_interval: 0.05, max_interval: 0.5}
+      compensation_retry: {max_attempts: 3, initial_interval: 0.05, max_interval: 0.5}
+    steps:
+      - {name: k_open, action: kids_yaml_open, compensation: kids_yaml_close}
+      - parallel:
+          - {child: y_a, saga: child_booking}
+          - {child: y_b, saga: child_booking}
+      - {name: y_total, action: kids_yaml_total, compensation: kids_yaml_untotal}
+"""
+for _saga in parse_saga_file("tests/sagas_signals.py (KIDS_YAML)", KIDS_YAML):
+    registry.add(_saga)

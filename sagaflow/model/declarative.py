@@ -416,10 +416,10 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
             built.append(_step(spec, line, defaults, handlers, where))
         if isinstance(built[-1], Step):
             step_lines[id(built[-1])] = _line(spec) or line
-            if nested and (built[-1].pivot or str(built[-1].kind) != "action"):
+            if nested and (built[-1].pivot or str(built[-1].kind) not in ("action", "child")):
                 where.step = built[-1].name
-                raise where.error("a gate, a sleep, a child step or a pivot cannot be in a parallel group: it runs "
-                                  "alone", _line(spec) or line)
+                raise where.error("a gate, a sleep or a pivot cannot be in a parallel group: it runs alone",
+                                  _line(spec) or line)
     return built
 
 

@@ -491,7 +491,8 @@ class Saga:
         """Append a step that runs saga ``saga`` as a child run and completes when the child succeeds (its
         result: the child's step results). The child's failure is the step's failure; a later failure of
         this saga compensates the child's completed steps. ``input(ctx)`` builds the child's input
-        (default: this run's input)."""
+        (default: this run's input). Inside ``with saga.parallel():`` the child runs as a branch: several
+        children at once, each undone if the group or a later step fails."""
         step = Step(name, None, compensation, kind=StepKind.CHILD, child_saga=saga, child_input=input)
         self._append(step)
         registry.changed(self)
@@ -569,9 +570,11 @@ class Saga:
         if step.saga is not None and step.saga is not self:
             raise DefinitionError(f"step {step.name!r} already belongs to saga {step.saga.name!r}")
         if self._group is not None:
-            if step.kind is not StepKind.ACTION or step.pivot:
+            # A child step may be a branch (its child run is the branch's work); a gate or a sleep holds the
+            # whole run, and a pivot's success must not race a sibling's failure: they run alone.
+            if step.kind not in (StepKind.ACTION, StepKind.CHILD) or step.pivot:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
-                                      f"(gates, sleeps, child steps and pivots run alone)")
+                                      f"(gates, sleeps and pivots run alone)")
             if step.concurrency is not None or step.rate_limit is not None:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r}: a step in a parallel group takes "
                                       f"no concurrency or rate_limit (yet); limit a step before or after it")

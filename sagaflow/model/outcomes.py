@@ -87,7 +87,8 @@ class WaitOutcome:
     "errback" (publish on_step_failed for ``index``), "compensate" (publish the compensations ``indexes``,
     latest first, of ``run_id``), "cancelled" (a cancel came in before the step could wait: fail into the
     errback), "failed" (give up: ``error``), "lost" (this delivery no longer holds the step), "none"
-    (nothing to do: a duplicate, or a signal kept for a gate the run has not reached).
+    (nothing to do: a duplicate, or a signal kept for a gate the run has not reached), "branch" (the child of
+    a child step in a parallel group ended: do what ``branch`` decided, as for any branch's end).
     """
 
     action: str
@@ -101,6 +102,7 @@ class WaitOutcome:
     indexes: tuple[int, ...] = ()
     child_run_id: str | None = None
     error: str | None = None
+    branch: BranchOutcome | None = None  # action "branch": a child branch's end, decided by its group
 
 
 class SlotOutcome(str, enum.Enum):

@@ -215,3 +215,35 @@ def _publish_undos(saga: Saga, run_id: str, indexes: list[int], fields: dict) ->
     with publish.or_log(log, "compensation_not_published", fields,
                         next="the recovery sweeper re-drives the compensation after SAGAFLOW_STALL_TIMEOUT"):
         publish.compensations(saga, run_id, indexes)
+
+
+# ---------------------------------------------------------------------------------------------- child branches
+
+
+def child_branch_ended(outcome) -> None:
+    """The child run of a child step that is a branch ended, and its group decided (Store.child_ended ->
+    end_child_branch, a WaitOutcome carrying the BranchOutcome): publish what follows, as an action branch's
+    own task would after its action: the steps after the group, the errback (the first failure of the
+    group, or a cancel), the branch's own undo (a late success: the undo undoes its child), or the undos its
+    end released. Duplicates decide nothing (the store moved the step once)."""
+    saga = registry.get(outcome.saga, outcome.version)
+    step = saga.steps[outcome.index]
+    fields = {"run_id": outcome.run_id, "step": step.name, "child_run_id": outcome.child_run_id}
+    branch = outcome.branch
+    decision = _kind(branch.decision)
+    if decision == "errback":
+        log.warning("step_failed", extra={**fields, "error": outcome.error})
+        _errback(saga, outcome.run_id, outcome.index, fields)
+    elif decision in ("quiet", "stopped", "lost"):
+        log.warning("branch_failed_quietly", extra={
+            **fields, "error": outcome.error,
+            "reason": "the run is compensating already, or a sibling branch failed first and fires the errback"})
+        _after_late_end(outcome.run_id, outcome.index, branch, fields, saga)
+    elif isinstance(follow(saga, step, outcome.run_id, outcome.index, branch, {}, fields), FailedForGood):
+        _errback(saga, outcome.run_id, outcome.index, fields)  # a cancel came in: compensate
+
+
+def _errback(saga: Saga, run_id: str, index: int, fields: dict) -> None:
+    with publish.or_log(log, "errback_not_published", fields,
+                        next="the recovery sweeper publishes it again after SAGAFLOW_STALL_TIMEOUT"):
+        publish.errback(run_id, index, saga.name, saga.version)

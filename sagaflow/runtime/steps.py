@@ -183,7 +183,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
     if step.kind is StepKind.SLEEP:  # a durable timer (runtime/timers.py)
         return timers.enter_sleep(store, saga, step, run_id, index, work.token, work.claim, results)
     if step.kind is not StepKind.ACTION:  # a gate or a child step: it may wait (runtime/waits.py)
-        return waits.enter(self, store, saga, step, run_id, index, work.token, work.claim, results, work.lease)
+        return waits.enter(self, store, saga, step, run_id, index, work.token, work.claim, results, work.lease,
+                           give_up)
 
     # Step flags: past the pivot a cancel is never acted on (the saga can no longer be undone).
     past_pivot = any(s.pivot for s in saga.steps[:index])

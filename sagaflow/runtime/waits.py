@@ -40,7 +40,7 @@ from sagaflow.errors import (
 )
 from sagaflow.model import Recovery, StepSpec, WaitOutcome
 from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
-from sagaflow.runtime import publish
+from sagaflow.runtime import branches, publish
 from sagaflow.runtime.outcomes import FailedForGood, cancelled
 from sagaflow.safejson import ensure_json
 
@@ -96,12 +96,17 @@ def act(outcome: WaitOutcome) -> None:
 # ---------------------------------------------------------------------------------------------- forward
 
 
-def enter(task, store, saga, step, run_id: str, index: int, token: str, claim, results: dict, lease: float):
+def enter(task, store, saga, step, run_id: str, index: int, token: str, claim, results: dict, lease: float,
+          give_up=None):
     """A gate or child step claimed by ``token``. Returns the results to carry on (the gate passed), a
-    outcomes.FailedForGood (into the errback), or raises Ignore (the run waits: nothing continues)."""
+    outcomes.FailedForGood (into the errback), or raises Ignore (the run waits: nothing continues).
+    ``give_up(error, traceback)``: how the step records a failure for good (default: Store.fail_step)."""
     if step.kind is StepKind.GATE:
         return _enter_gate(store, saga, step, run_id, index, token, results)
-    return _start_child(task, store, saga, step, run_id, index, token, claim, results, lease)
+    if give_up is None:
+        def give_up(error, trace=None):
+            return store.fail_step(run_id, index, token, error, trace)
+    return _start_child(task, store, saga, step, run_id, index, token, claim, results, lease, give_up)
 
 
 def _enter_gate(store, saga, step, run_id, index, token, results):
@@ -123,14 +128,13 @@ def _enter_gate(store, saga, step, run_id, index, token, results):
     return {**results, step.name: outcome.result}
 
 
-def _start_child(task, store, saga, step, run_id, index, token, claim, results, lease):
+def _start_child(task, store, saga, step, run_id, index, token, claim, results, lease, give_up):
+    """Start the child run of a child step (a branch of a parallel group too: ``give_up`` records its
+    failure to start as its group wants, one errback per group failure)."""
     fields = {"run_id": run_id, "step": step.name, "child_saga": step.child_saga}
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results))
     try:
-        if step.group is not None:
-            raise ChildNotStarted(f"child step {step.name!r} is in a parallel group, which child steps do not "
-                                  f"support yet: move it out of the group")
         try:
             child_saga = registry.get(step.child_saga)
         except UnknownSaga as exc:
@@ -147,7 +151,7 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
         return task.retry_or_give_up(
             exc, claim, step.retry, "step", fields,
             note_retry=lambda error, delay, trace: store.retry_step(run_id, index, token, error, delay, lease, trace),
-            give_up=lambda error, trace: store.fail_step(run_id, index, token, error, trace),
+            give_up=give_up,
         )
     outcome = store.start_child(run_id, index, token, str(uuid.uuid4()), child_saga.name, child_saga.version, data,
                                 [StepSpec.of(s) for s in child_saga.steps])
@@ -173,6 +177,9 @@ def child_finished(store, child_run_id: str) -> None:
         return
     log.info("child_finished", extra={"run_id": outcome.run_id, "child_run_id": child_run_id,
                                       "action": outcome.action, "step": outcome.index})
+    if outcome.action == "branch":  # a child branch of a parallel group: its group decided
+        branches.child_branch_ended(outcome)
+        return
     act(outcome)
 
 
@@ -248,6 +255,7 @@ def cancel(store, run_id: str, origin: dict | None = None):
     try:
         run = store.request_cancel(run_id, origin)
         _leave_step_queue(store, run)
+        _cancel_child_branches(store, run)
         return run
     except InvalidTransition:
         outcomes = store.transactional.cancel_waiting(run_id, origin)
@@ -257,6 +265,15 @@ def cancel(store, run_id: str, origin: dict | None = None):
         log.info("waiting_run_cancelled", extra={"run_id": outcome.run_id, "step": outcome.index})
         act(outcome)
     return store.get_run(run_id)
+
+
+def _cancel_child_branches(store, run) -> None:
+    """A cancelled running run whose parallel child branches wait for their child runs: cancel those
+    children (each compensates itself and its end fails its branch), so the run compensates without waiting
+    for their work."""
+    for outcome in store.transactional.cancel_child_branches(run.id):
+        log.info("waiting_run_cancelled", extra={"run_id": outcome.run_id, "step": outcome.index})
+        act(outcome)
 
 
 def _leave_step_queue(store, run) -> None:

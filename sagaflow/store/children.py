@@ -1,6 +1,10 @@
 """Child runs: a step that starts a run of another saga and waits for its end, the child's end moving its
 parent on, the undo of a child run, and the children whose end was never reported. The locking rules are
-waits.py's (a parent's run row before its child's)."""
+waits.py's (a parent's run row before its child's).
+
+A child step may be a branch of a parallel group: the run then keeps running while the step waits, and the
+child's end is decided by its group (Groups.end_child_branch: the join, one errback per group failure, a
+late success undone). Its undo is the same as a child step's."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from sagaflow.model.status import RunStatus, StepStatus
 from sagaflow.store import tables as t
 from sagaflow.store.compensation import Compensation
 from sagaflow.store.engine import utcnow
+from sagaflow.store.groups import Groups, undos_after_child_branch
 from sagaflow.store.guards import (
     event,
     fail_step,
@@ -34,9 +39,12 @@ from sagaflow.store.waits import Waits, enter_wait, lock_wait_run
 CHILD_ENDED = (RunStatus.SUCCEEDED.value, RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value,
                RunStatus.FAILED.value, RunStatus.COMPENSATION_FAILED.value)
 CHILD_UNDONE = (RunStatus.COMPENSATED.value, RunStatus.CANCELLED.value, RunStatus.COMPENSATION_FAILED.value)
+# A parent that may wait for a child's end: at a child step (waiting), or at a child branch of a parallel group
+# (running, or compensating: a late branch).
+CHILD_PARENT = (RunStatus.WAITING.value, RunStatus.RUNNING.value, RunStatus.COMPENSATING.value)
 
 
-class Children(Compensation, Waits):
+class Children(Groups, Compensation, Waits):
     def start_child(self, run_id: str, idx: int, token: str, child_id: str, child_saga: str, child_version: int,
                     child_input: dict, steps: Iterable[StepSpec]) -> WaitOutcome:
         """The child step ``idx`` (held by ``token``) is reached: record the child run (idempotency key
@@ -49,7 +57,8 @@ class Children(Compensation, Waits):
         steps = list(steps)
         with self.engine.begin() as conn:
             run, step, base, stop = enter_wait(conn, run_id, idx, token, now,
-                                               lambda step: "cancelled before the child run started")
+                                               lambda step: "cancelled before the child run started",
+                                               t.steps.c.branch_group)
             if stop is not None:
                 return stop
             key = f"child:{run_id}:{step.name}"
@@ -62,9 +71,13 @@ class Children(Compensation, Waits):
             if existing is None:
                 insert_run(conn, child_id, child_saga, child_version, child_input, key, steps, now,
                            parent_run_id=run_id, parent_step=idx)
-            set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
+            # A branch of a parallel group: the run keeps running for its other branches, only the step
+            # waits (the group joins once the child ends: groups.end_child_branch).
+            branch = step.branch_group is not None
+            if not branch:
+                set_run_status(conn, run_id, RunStatus.RUNNING, RunStatus.WAITING, now)
             event(conn, run_id, EventKind.RUN_WAITING, step.name,
-                  {"child_run_id": child_id, "child_saga": child_saga}, now)
+                  {"child_run_id": child_id, "child_saga": child_saga, **({"branch": True} if branch else {})}, now)
         return WaitOutcome("waiting", child_run_id=child_id, **base)
 
     def parent_of(self, run_id: str) -> str | None:
@@ -89,11 +102,22 @@ class Children(Compensation, Waits):
             if run is None:  # the parent was deleted
                 return WaitOutcome("none", run_id=child_id)
             idx = child.parent_step
-            step = conn.execute(select(s.name, s.status, s.child_run_id)
+            step = conn.execute(select(s.name, s.status, s.child_run_id, s.branch_group)
                                 .where(s.run_id == run.id, s.idx == idx)).first()
             base = dict(run_id=run.id, saga=run.saga, version=run.saga_version, index=idx, child_run_id=child_id)
             if step is None or step.child_run_id != child_id:
                 return WaitOutcome("none", **base)
+            if step.branch_group is not None and step.status == StepStatus.WAITING.value \
+                    and child.status in CHILD_ENDED:
+                # A branch of a parallel group: its group decides (the join, one errback, a late undo).
+                error = (f"child run {child_id} (saga {child.saga!r}) ended {child.status}"
+                         + (f": {child.error}" if child.error else ""))
+                branch = self.end_child_branch(
+                    conn, run, idx, step.name, step.branch_group, child_id, child.status,
+                    results(conn, child_id) if child.status == RunStatus.SUCCEEDED.value else None, error, now)
+                if branch is None:
+                    return WaitOutcome("none", **base)
+                return WaitOutcome("branch", branch=branch, error=error, **base)
             if step.status == StepStatus.WAITING.value and run.status == RunStatus.WAITING.value \
                     and child.status in CHILD_ENDED:
                 if child.status == RunStatus.SUCCEEDED.value:
@@ -115,8 +139,9 @@ class Children(Compensation, Waits):
                 if move_step(conn, run.id, idx, StepStatus.COMPENSATING, claim=None, lease_expires_at=None) is None:
                     return WaitOutcome("none", **base)
                 touch(conn, run.id, now)
-                return WaitOutcome("compensate", indexes=tuple(to_compensate(conn, run.id, in_progress=True)),
-                                   status=child.status, **base)
+                todo = (to_compensate(conn, run.id, in_progress=True) if step.branch_group is None
+                        else undos_after_child_branch(conn, run.id, step.branch_group))
+                return WaitOutcome("compensate", indexes=tuple(todo), status=child.status, **base)
         return WaitOutcome("none", **base)
 
     def compensate_child(self, run_id: str, idx: int, token: str, fresh: bool) -> WaitOutcome:
@@ -174,15 +199,16 @@ class Children(Compensation, Waits):
         child = t.runs.alias("child")
         c = child.c
         now = utcnow()
-        forward = and_(s.status == StepStatus.WAITING.value, r.status == RunStatus.WAITING.value,
-                       c.status.in_(CHILD_ENDED))
+        # A linear child step waits with its run; a branch's run keeps running (or began compensating).
+        forward = and_(s.status == StepStatus.WAITING.value, c.status.in_(CHILD_ENDED),
+                       or_(r.status == RunStatus.WAITING.value, s.branch_group.is_not(None)))
         backward = and_(s.status == StepStatus.COMPENSATING.value, r.status == RunStatus.COMPENSATING.value,
                         c.status.in_(CHILD_UNDONE))
         return list(self._read(lambda conn: conn.execute(
             select(c.id)
             .select_from(t.steps.join(t.runs, r.id == s.run_id).join(child, c.id == s.child_run_id))
             # Driven from the parent's status (indexed): only waiting and compensating runs are read.
-            .where(r.status.in_((RunStatus.WAITING.value, RunStatus.COMPENSATING.value)), s.kind == "child",
+            .where(r.status.in_(CHILD_PARENT), s.kind == "child",
                    or_(forward, backward),
                    c.updated_at < now - dt.timedelta(seconds=stall_timeout))
             .order_by(c.updated_at).limit(limit)

@@ -43,6 +43,9 @@ LOST_BRANCH = ("the branch's worker process was lost while the run was compensat
                "so nothing of it is undone")
 # A branch that counts as done for the join of its group.
 BRANCH_DONE = (StepStatus.SUCCEEDED.value, StepStatus.FAILED_BEST_EFFORT.value)
+# A branch that may still end: its action runs, or (a child step) it waits for its child run. The undos of the
+# steps before its group wait for it (hold_back), and the compensation cannot end before it (branches_unsettled).
+BRANCH_LIVE = (StepStatus.RUNNING.value, StepStatus.WAITING.value)
 _BRANCH = t.steps.c.branch_group.is_not(None)
 
 
@@ -142,13 +145,43 @@ class Groups(Engines):
             if held is None:
                 return None
             touch(conn, run_id, now)
-            if not live:  # a non-atomic branch's own undo runs too (compensate)
-                return self._late_end(conn, run_id, idx, run.status, "quiet", now)
-            sibling_failed = conn.execute(
-                select(s.idx).where(s.run_id == run_id, s.branch_group == held.branch_group, s.idx != idx,
-                                    s.status == StepStatus.FAILED.value).limit(1)
-            ).first()
-            return BranchOutcome("quiet" if sibling_failed is not None else "errback")
+            return self._failure_decision(conn, run_id, run.status, idx, held.branch_group, now)
+
+    def _failure_decision(self, conn, run_id: str, run_status: str, idx: int, group: int,
+                          now: dt.datetime) -> BranchOutcome:
+        """Under the run lock, a branch just failed for good: the first failure of a live group fires the
+        errback; a later one, or one after the compensation began, fires none (and may settle the group)."""
+        s = t.steps.c
+        if run_status not in LIVE_RUN:  # a non-atomic branch's own undo runs too (compensate)
+            return self._late_end(conn, run_id, idx, run_status, "quiet", now)
+        sibling_failed = conn.execute(
+            select(s.idx).where(s.run_id == run_id, s.branch_group == group, s.idx != idx,
+                                s.status == StepStatus.FAILED.value).limit(1)
+        ).first()
+        return BranchOutcome("quiet" if sibling_failed is not None else "errback")
+
+    def end_child_branch(self, conn, run, idx: int, name: str, group: int, child_id: str, child_status: str,
+                         child_results: dict | None, error: str | None, now: dt.datetime) -> BranchOutcome | None:
+        """A child step that is a branch of group ``group`` saw its child run end (``child_status``; the
+        caller holds the parent's run lock and checked the step waits for that child). Succeeded: the step
+        succeeds with ``child_results`` and decides like any branch that ends done (the join, a cancel, or
+        "late": the run began compensating meanwhile, so its own undo undoes the child). Any other end: the
+        step fails with ``error`` and decides like any failing branch (one errback per group failure). None
+        when the step no longer waits. Kept apart from the step's identity beyond ``idx`` so that another
+        shape of fan-out can end its children the same way."""
+        live = run.status in LIVE_RUN
+        detail = {"child_run_id": child_id, **_late(live, run.status)}
+        touch(conn, run.id, now)
+        if child_status == RunStatus.SUCCEEDED.value:
+            if move_step(conn, run.id, idx, StepStatus.WAITING, status=StepStatus.SUCCEEDED.value,
+                         result=child_results, error=None, finished_at=now) is None:
+                return None
+            event(conn, run.id, EventKind.STEP_SUCCEEDED, name, detail, now)
+            return self._branch_decision(conn, run.id, run, idx, name, group, now)
+        if fail_step(conn, run.id, idx, StepStatus.WAITING, error or f"child run {child_id} ended {child_status}",
+                     now, detail=detail) is None:
+            return None
+        return self._failure_decision(conn, run.id, run.status, idx, group, now)
 
     def stop_branch(self, run_id: str, idx: int, token: str, earlier_tokens: Sequence[str]) -> BranchOutcome | None:
         """A branch's retry (or redelivery) found the run no longer live: the run began compensating while
@@ -200,8 +233,7 @@ class Groups(Engines):
                 select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)
             ).all()
             undos = to_compensate(conn, run_id, in_progress=True)
-            waiting = any(m.status == StepStatus.RUNNING.value or (m.idx in undos and m.idx not in todo)
-                          for m in members)
+            waiting = any(m.status in BRANCH_LIVE or (m.idx in undos and m.idx not in todo) for m in members)
             now_todo = [i for i in todo if i >= group] if waiting else todo
             if now_todo != todo:
                 event(conn, run_id, EventKind.UNDOS_HELD, None,
@@ -254,24 +286,39 @@ def _open_group(conn, run_id: str) -> int | None:
 def _held_undos(conn, run_id: str, now: dt.datetime) -> list[int]:
     """Under the run lock: if undos wait for the open group (hold_back) and now no branch of the group runs
     and none of its undos is left, those still to do (recorded as undos_released: handed out once)."""
-    s, e = t.steps.c, t.events.c
+    s = t.steps.c
     group = _open_group(conn, run_id)
-    if group is None:
+    if group is None or not _undos_held(conn, run_id):
         return []
+    members = conn.execute(select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)).all()
+    undos = to_compensate(conn, run_id, in_progress=True)
+    if any(m.status in BRANCH_LIVE or m.idx in undos for m in members):
+        return []
+    before = [i for i in undos if i < group]
+    event(conn, run_id, EventKind.UNDOS_RELEASED, None, {"steps": before}, now)
+    return before
+
+
+def undos_after_child_branch(conn, run_id: str, group: int) -> list[int]:
+    """Under the run lock: a child branch's child run finished undoing, so its compensation chain, cut at
+    that branch, goes on. Latest first: the undos still to do (those in progress too: claims make a second
+    delivery harmless), or only those of the group while the steps before it wait for the group (hold_back):
+    the transition that settles the group releases those."""
+    todo = to_compensate(conn, run_id, in_progress=True)
+    if _undos_held(conn, run_id):
+        return [i for i in todo if i >= group]
+    return todo
+
+
+def _undos_held(conn, run_id: str) -> bool:
+    """The undos of the steps before the open group wait for it (undos_held, not yet undos_released)."""
+    e = t.events.c
     last = conn.execute(
         select(e.kind)
         .where(e.run_id == run_id, e.kind.in_([EventKind.UNDOS_HELD.value, EventKind.UNDOS_RELEASED.value]))
         .order_by(e.id.desc()).limit(1)
     ).scalar()
-    if last != EventKind.UNDOS_HELD:
-        return []
-    members = conn.execute(select(s.idx, s.status).where(s.run_id == run_id, s.branch_group == group)).all()
-    undos = to_compensate(conn, run_id, in_progress=True)
-    if any(m.status == StepStatus.RUNNING.value or m.idx in undos for m in members):
-        return []
-    before = [i for i in undos if i < group]
-    event(conn, run_id, EventKind.UNDOS_RELEASED, None, {"steps": before}, now)
-    return before
+    return last == EventKind.UNDOS_HELD
 
 
 def settle_lost_branches(conn, run_id: str, now: dt.datetime) -> None:
@@ -298,6 +345,6 @@ def branches_unsettled(conn, run_id: str) -> bool:
         return False
     lock_run(conn, run_id)
     running = conn.execute(
-        select(s.idx).where(s.run_id == run_id, _BRANCH, s.status == StepStatus.RUNNING.value).limit(1)
+        select(s.idx).where(s.run_id == run_id, _BRANCH, s.status.in_(BRANCH_LIVE)).limit(1)
     ).first()
     return running is not None or bool(to_compensate(conn, run_id, in_progress=True))

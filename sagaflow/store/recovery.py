@@ -30,6 +30,7 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
     quiet_since = now - dt.timedelta(seconds=stall_timeout)
     return and_(
         r.status.in_(IN_PROGRESS_RUN),
+        ~child_branch_waits(r),
         r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
         # a step waiting in a limit's line is moved by the slot it waits for (store/limits.py), not re-driven
         ~exists().where(s.run_id == r.id, s.status == StepStatus.QUEUED.value),
@@ -38,6 +39,20 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
             and_(r.updated_at < quiet_since,
                  ~exists().where(s.run_id == r.id, s.finished_at >= quiet_since))),
     )
+
+
+def child_branch_waits(r):
+    """A child branch of a parallel group waits for its child run and nothing else of the group is left
+    to deliver or held: the run is quiet on purpose (the child's end moves it; unreported_children re-sends
+    a lost one), like a run at a child step, which is ``waiting``. A sibling still pending or held, or failed
+    in a run still running, keeps the ordinary rules, so a lost sibling message or errback is re-driven."""
+    s, other = t.steps.alias("waiting_branch").c, t.steps.alias("sibling").c
+    return exists().where(
+        s.run_id == r.id, s.status == StepStatus.WAITING.value, s.branch_group.is_not(None),
+        ~exists().where(other.run_id == r.id, other.branch_group == s.branch_group,
+                        or_(other.status.in_((StepStatus.PENDING.value, *HELD_STEP)),
+                            # a sibling failed while the run still runs: its errback was lost
+                            and_(other.status == StepStatus.FAILED.value, r.status != RunStatus.COMPENSATING.value))))
 
 
 def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:
@@ -51,6 +66,11 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
         todo = [st.idx for st in reversed(steps) if st.has_compensation
                 and (st.status in (StepStatus.SUCCEEDED.value, StepStatus.COMPENSATING.value)
                      or (st.non_atomic and st.status == StepStatus.FAILED.value))]
+        # A late child branch still waits for its child: the steps before its group are undone after it.
+        late = [st.branch_group for st in steps
+                if st.status == StepStatus.WAITING.value and st.branch_group is not None]
+        if late:
+            todo = [i for i in todo if i >= min(late)]
         return Recovery(action="compensate", indexes=tuple(todo), **base)
     # A best-effort step that failed counts as done: the run went on without its result.
     frontier = next((st for st in steps if st.status not in DONE_STEP), None)
@@ -61,7 +81,14 @@ def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery
     if frontier.status == StepStatus.FAILED.value:
         return Recovery(action="errback", index=frontier.idx, **base)
     if frontier.status == StepStatus.WAITING.value:  # a gate or child step: its signal or child moves it
-        return Recovery(action="wait", index=frontier.idx, **base)
+        group = [st for st in steps if frontier.branch_group is not None and st.branch_group == frontier.branch_group]
+        sibling = next((st for st in group if st.status == StepStatus.FAILED.value), None)
+        if sibling is not None:  # a child branch waits, but a sibling failed and its errback was lost
+            return Recovery(action="errback", index=sibling.idx, **base)
+        if all(st.status in (*DONE_STEP, StepStatus.WAITING.value) for st in group):
+            return Recovery(action="wait", index=frontier.idx, **base)
+        # a child branch waits, but a sibling's message was lost: publish the group again (claims turn the
+        # messages of the branches that are done, running or waiting into duplicates)
     return Recovery(action="resume", index=frontier.idx, results=results, **base)
 
 
@@ -107,7 +134,7 @@ class Recoveries(Engines):
             if run.status == RunStatus.COMPENSATING.value:
                 settle_lost_branches(conn, run_id, now)
             steps = conn.execute(
-                select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic)
+                select(s.idx, s.name, s.status, s.result, s.has_compensation, s.non_atomic, s.branch_group)
                 .where(s.run_id == run_id).order_by(s.idx)
             ).all()
             recovery = recovery_plan(run_id, run, steps, tuple(r.name for r in revoked))

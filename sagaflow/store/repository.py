@@ -38,9 +38,10 @@ they choose the fast path or end a compensation: Claims._held and _retry (used b
 Compensation._finish_compensation (groups.py, children.py), Waits._pass_step (children.py).
 
 What a part uses through ``self`` is explicit in its bases, so mypy checks it: every part derives from
-Engines (``engine``, ``autocommit``, ``fast``, ``_read``), Compensation(Claims), Children(Compensation,
-Waits). Groups only declares Compensation._finish_compensation (under TYPE_CHECKING): compensation.py
-imports groups.branches_unsettled, so Groups(Compensation) would be an import cycle. ``Store`` lists each
+Engines (``engine``, ``autocommit``, ``fast``, ``_read``), Compensation(Claims), Children(Groups,
+Compensation, Waits) (a child branch's end is decided by its group: Groups.end_child_branch). Groups only
+declares Compensation._finish_compensation (under TYPE_CHECKING): compensation.py imports
+groups.branches_unsettled, so Groups(Compensation) would be an import cycle. ``Store`` lists each
 part before the parts it derives from, which keeps the MRO consistent.
 
 Each public method is one transaction (or one fast statement); a transition is an ``UPDATE ... WHERE status

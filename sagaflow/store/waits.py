@@ -203,12 +203,46 @@ class Waits(Engines):
             set_run_status(conn, run.id, RunStatus.WAITING, RunStatus.RUNNING, now)
             return [WaitOutcome("errback", run_id=run.id, saga=run.saga, version=run.saga_version, index=step.idx,
                                 error=error)]
-        child = lock_wait_run(conn, step.child_run_id) if step.child_run_id else None
+        return self._cancel_child(conn, run.id, step.child_run_id, now) if step.child_run_id else []
+
+    def _cancel_child(self, conn, parent_id: str, child_id: str, now) -> list[WaitOutcome]:
+        """Under the parent's lock: cancel its child run (and, through it, the child runs it waits for). A
+        waiting child as cancel_waiting does; a live one gets the cancel flag (it compensates at its next
+        step), and so do the children of its child branches still running."""
+        r = t.runs.c
+        child = lock_wait_run(conn, child_id)
         if child is None or child.cancel_requested and child.status != RunStatus.WAITING.value:
             return []
         if child.status == RunStatus.WAITING.value:
             return self._cancel_waiting(conn, child, now)
-        if child.status in LIVE_RUN:
-            conn.execute(update(t.runs).where(r.id == child.id).values(cancel_requested=True, updated_at=now))
-            event(conn, child.id, EventKind.CANCEL_REQUESTED, None, {"by_parent": run.id}, now)
-        return []
+        if child.status not in LIVE_RUN:
+            return []
+        conn.execute(update(t.runs).where(r.id == child.id).values(cancel_requested=True, updated_at=now))
+        event(conn, child.id, EventKind.CANCEL_REQUESTED, None, {"by_parent": parent_id}, now)
+        return self._cancel_child_branches(conn, child.id, now)
+
+    def _cancel_child_branches(self, conn, run_id: str, now) -> list[WaitOutcome]:
+        """Under the run's lock, its cancel recorded: cancel the child runs its child branches wait for (a
+        child branch waits holding no worker, so no claim of its own would meet the cancel)."""
+        s = t.steps.c
+        waiting = conn.execute(
+            select(s.child_run_id)
+            .where(s.run_id == run_id, s.status == StepStatus.WAITING.value, s.branch_group.is_not(None),
+                   s.child_run_id.is_not(None))
+            .order_by(s.idx)
+        ).scalars().all()
+        outcomes: list[WaitOutcome] = []
+        for child_id in waiting:
+            outcomes += self._cancel_child(conn, run_id, child_id, now)
+        return outcomes
+
+    def cancel_child_branches(self, run_id: str) -> list[WaitOutcome]:
+        """A cancel was recorded for a running run (request_cancel): cancel the child runs of its parallel
+        child branches too, so each ends (compensating itself) and the run compensates without waiting for
+        them to finish their work. Returns what to publish (a waiting grandchild's errback)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            run = lock_wait_run(conn, run_id)
+            if run is None or not run.cancel_requested or run.status not in LIVE_RUN:
+                return []
+            return self._cancel_child_branches(conn, run_id, now)

@@ -390,6 +390,26 @@ def test_step_flags_parallel_groups_gates_and_child_steps_in_a_file(load):
     assert not saga.linear
 
 
+def test_child_steps_as_branches_of_a_parallel_group_in_a_file(load):
+    from sagaflow import StepKind
+
+    (saga,) = load("""
+        sagas:
+          - name: suppliers
+            steps:
+              - {action: ingest, compensation: delete_uploaded_file}
+              - parallel:
+                  - {child: supplier_a, saga: only_parse}
+                  - {child: supplier_b, saga: only_parse, compensation: delete_uploaded_file}
+                  - {name: local, action: parse}
+              - {name: total, action: parse}
+        """)
+    assert [(s.name, s.kind, s.group) for s in saga.steps] == [
+        ("ingest", StepKind.ACTION, None), ("supplier_a", StepKind.CHILD, 1), ("supplier_b", StepKind.CHILD, 1),
+        ("local", StepKind.ACTION, 1), ("total", StepKind.ACTION, None)]
+    assert saga.steps[2].compensate is not None
+
+
 @pytest.mark.parametrize("steps, line, message", [
     ("      - {action: ingest, pivot: yes please}\n", 4, "pivot must be true or false"),
     ("      - {parallel: [{action: ingest}]}\n", 4, "parallel must list at least two steps"),
@@ -398,6 +418,8 @@ def test_step_flags_parallel_groups_gates_and_child_steps_in_a_file(load):
      6, "parallel groups do not nest"),
     ("      - parallel:\n          - {action: ingest}\n          - {action: parse, pivot: true}\n", 6,
      "cannot be in a parallel group"),
+    ("      - parallel:\n          - {action: ingest}\n          - {sleep: nap, seconds: 5}\n", 6,
+     "a gate, a sleep or a pivot cannot be in a parallel group"),
     ("      - {gate: approve, signal: approved}\n", 4, "a gate step needs the key 'timeout'"),
     ("      - {gate: approve, signal: approved, timeout: 5, action: ingest}\n", 4, "unknown key 'action'"),
     ("      - {child: sub, saga: 'not a name'}\n", 4, "saga must be a saga name"),

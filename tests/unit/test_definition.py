@@ -273,9 +273,24 @@ def test_gates_and_pivots_do_not_run_in_parallel_groups():
             s.gate("g", signal="go", timeout=5)
 
 
-def test_child_steps_do_not_run_in_parallel_groups():
-    s = Saga("t_bad3", register=False)
+def test_child_steps_run_as_branches_of_a_parallel_group_but_sleeps_do_not():
+    from sagaflow import Parallel
+    from sagaflow.model.definition import StepKind
+
+    s = Saga("t_kids", register=False)
+    with s.parallel():
+        s.step(lambda c: 1, name="x")
+        s.child("sub", saga="other")
+        s.child("sub2", saga="other", input=lambda ctx: {"n": 2})
+    assert [(st.name, st.kind, st.group) for st in s.steps] == [
+        ("x", StepKind.ACTION, 0), ("sub", StepKind.CHILD, 0), ("sub2", StepKind.CHILD, 0)]
+    assert s.groups() == {0: [0, 1, 2]} and not s.linear
+    plain = Saga("t_kids2", [Step("a", lambda c: 1),
+                             Parallel(Step("k1", None, kind="child", child_saga="other"),
+                                      Step("k2", None, kind="child", child_saga="other"))], register=False)
+    assert [st.group for st in plain.steps] == [None, 1, 1]
+    bad = Saga("t_bad3", register=False)
     with pytest.raises(DefinitionError, match="cannot be in a parallel group"):
-        with s.parallel():
-            s.step(lambda c: 1, name="x")
-            s.child("sub", saga="other")
+        with bad.parallel():
+            bad.step(lambda c: 1, name="x")
+            bad.sleep("nap", 5)

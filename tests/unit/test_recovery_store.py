@@ -179,3 +179,55 @@ def test_a_run_with_an_undo_that_gave_up_never_ends_compensated(store):
     assert store.get_run("r1").status == "compensating"
     assert store.mark_compensation_failed("r1", 1, "lost")
     assert store.get_run("r1").status == "compensation_failed"
+
+
+# ---------------------------------------------------------------------------------------------- child branches
+
+
+def _kids_run(store, run_id="k1", statuses=("succeeded", "waiting", "succeeded", "pending"), run_status="running"):
+    """open -> (kid_a | kid_b: child branches) -> total, with the step statuses given."""
+    from sqlalchemy import update
+
+    from sagaflow.model import StepSpec
+    from sagaflow.store import tables as t
+
+    store.create_run(run_id, "kids", 1, {}, [StepSpec("open", True), StepSpec("kid_a", True, kind="child", group=1),
+                                             StepSpec("kid_b", True, kind="child", group=1), StepSpec("total", True)])
+    with store.engine.begin() as conn:
+        for idx, status in enumerate(statuses):
+            conn.execute(update(t.steps).where(t.steps.c.run_id == run_id, t.steps.c.idx == idx)
+                         .values(status=status))
+        conn.execute(update(t.runs).where(t.runs.c.id == run_id).values(status=run_status))
+
+
+def test_a_run_whose_open_branches_only_wait_for_their_children_is_quiet_not_stalled(store):
+    _kids_run(store)
+    time.sleep(0.05)
+    assert stalled(store, stall=0.01) == []
+    _kids_run(store, "k2", ("compensated", "waiting", "compensated", "skipped"), "compensating")  # a late one
+    time.sleep(0.05)
+    assert stalled(store, stall=0.01) == []
+
+
+def test_a_lost_sibling_beside_a_waiting_child_branch_publishes_the_group_again(store):
+    _kids_run(store, statuses=("succeeded", "waiting", "pending", "pending"))
+    time.sleep(0.05)
+    recovery = take_over(store, "k1", stall=0.01)
+    assert (recovery.action, recovery.index) == ("resume", 1)  # compile_run fans the whole group out
+    # The waiting child branch's copy is a duplicate: its claim finds it busy.
+    assert store.transactional.claim_step("k1", 1, "copy:0", [], 60).outcome is C.BUSY
+
+
+def test_a_failed_sibling_beside_a_waiting_child_branch_gets_its_errback_again(store):
+    _kids_run(store, statuses=("succeeded", "waiting", "failed", "pending"))
+    time.sleep(0.05)
+    recovery = take_over(store, "k1", stall=0.01)
+    assert (recovery.action, recovery.index) == ("errback", 2)
+
+
+def test_a_stalled_compensation_leaves_the_steps_before_a_late_child_branch_for_later(store):
+    # kid_b's undo holder died (compensating, no claim); kid_a still waits for its child (late).
+    _kids_run(store, statuses=("succeeded", "waiting", "compensating", "skipped"), run_status="compensating")
+    time.sleep(0.05)
+    recovery = take_over(store, "k1", stall=0.01)
+    assert (recovery.action, recovery.indexes) == ("compensate", (2,))  # not "open" (0): after the group

@@ -52,3 +52,28 @@ def test_a_plain_mode_run_says_so(app_and_store):
     assert store.get_run("plain-1").steps == ()
     page = app.test_client().get("/runs/plain-1").get_data(as_text=True)
     assert 'id="run-mode"' in page and "switched off by policy" in page
+
+
+def test_child_branches_of_a_parallel_group_each_link_to_their_child_run(app_and_store):
+    app, store = app_and_store
+    now = dt.datetime.now(dt.timezone.utc)
+    kids = ("kid_a", "kid_b", "kid_c")
+    store.create_run("parent-k", "kids", 1, {}, [StepSpec("open", True)] + [
+        StepSpec(name, True, kind="child", group=1) for name in kids] + [StepSpec("total", True)])
+    for idx, name in enumerate(kids, 1):
+        store.create_run(f"child-{name}", "child_booking", 1, {}, [StepSpec("x", True)],
+                         parent_run_id="parent-k", parent_step=idx)
+    _set_step(store, "parent-k", 0, status="succeeded", started_at=now, finished_at=now)
+    _set_step(store, "parent-k", 1, status="succeeded", started_at=now, finished_at=now, child_run_id="child-kid_a")
+    for idx in (2, 3):  # still waiting for their children, while the run runs its group
+        _set_step(store, "parent-k", idx, status="waiting", started_at=now, child_run_id=f"child-{kids[idx - 1]}")
+    with store.engine.begin() as conn:
+        conn.execute(update(t.runs).where(t.runs.c.id == "parent-k").values(status="running"))
+
+    page = app.test_client().get("/runs/parent-k").get_data(as_text=True)
+    for name in kids:
+        assert f'href="/runs/child-{name}"' in page
+    assert 'id="waiting-kid_b"' in page and 'id="waiting-kid_c"' in page and 'id="waiting-kid_a"' not in page
+    assert page.count("Waiting for child run") == 2 and page.count("parallel group 1") == 3
+    child = app.test_client().get("/runs/child-kid_b").get_data(as_text=True)
+    assert 'id="parent-link"' in child and 'href="/runs/parent-k"' in child
