@@ -8,6 +8,8 @@ change in the machine's load hits them alike; the figure is the median of the ro
   plain        bench.plain.build_chain(...).apply_async(): a 4-task chain, Celery's defaults + acks_late
   start        SagaClient.start("bench_w1", ...): 4 no-op steps on PostgreSQL
   start_key    the same with an idempotency key
+  start_deadline  the same with deadline=60
+  start_delayed   the same with delay=3600 (status scheduled: nothing is published)
   start_many   SagaClient.start_many("bench_w1", [...]) of --runs inputs, per run
 
 ``--profile FILE``: cProfile of the ``start`` rounds, the top functions by cumulative time written to FILE.
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database", default="bench_start", help="dropped and created, dropped at the end")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the start rounds; the summary goes here")
     parser.add_argument("--sql", action="store_true", help="count SQL round trips and Redis commands per start")
-    parser.add_argument("--kinds", default="plain,start,start_key,start_many")
+    parser.add_argument("--kinds", default="plain,start,start_key,start_deadline,start_delayed,start_many")
     args = parser.parse_args(argv)
 
     import redis
@@ -90,10 +92,20 @@ def _measure(args, url: str, r) -> int:
         for i in range(n):
             client.start("bench_w1", {"i": i}, idempotency_key=str(uuid.uuid4()))
 
+    def run_start_deadline(n: int) -> None:
+        for i in range(n):
+            client.start("bench_w1", {"i": i}, deadline=60)
+
+    def run_start_delayed(n: int) -> None:
+        for i in range(n):
+            client.start("bench_w1", {"i": i}, delay=3600)
+
     def run_start_many(n: int) -> None:
         client.start_many("bench_w1", [{"i": i} for i in range(n)])
 
-    runners = {"plain": run_plain, "start": run_start, "start_key": run_start_key, "start_many": run_start_many}
+    runners = {"plain": run_plain, "start": run_start, "start_key": run_start_key,
+               "start_deadline": run_start_deadline, "start_delayed": run_start_delayed,
+               "start_many": run_start_many}
     for kind in kinds:  # warm up: connections, prepared statements, imports
         runners[kind](20)
     if args.sql:
@@ -113,12 +125,12 @@ def _measure(args, url: str, r) -> int:
     load = os.getloadavg()
     print(f"# {args.rounds} rounds x {args.runs} starts of each kind; load average {load[0]:.2f} "
           f"on {os.cpu_count()} cores (a shared machine: figures move with the load)")
-    print(f"{'kind':<12}{'median ms/run':>15}{'min':>8}{'max':>8}{'x plain':>9}")
+    print(f"{'kind':<16}{'median ms/run':>15}{'min':>8}{'max':>8}{'x plain':>9}")
     base = statistics.median(times["plain"]) if "plain" in times else None
     for kind in kinds:
         median = statistics.median(times[kind])
         ratio = f"{median / base:.2f}" if base else "-"
-        print(f"{kind:<12}{median:>15.3f}{min(times[kind]):>8.3f}{max(times[kind]):>8.3f}{ratio:>9}")
+        print(f"{kind:<16}{median:>15.3f}{min(times[kind]):>8.3f}{max(times[kind]):>8.3f}{ratio:>9}")
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(45)
