@@ -143,6 +143,26 @@ def test_one_round_trip_for_a_start_and_for_a_batch_on_postgresql(store):
     assert rows(store, t.runs) == 103
 
 
+def test_sent_as_text_the_statement_writes_the_same(store):
+    """Behind PgBouncer in transaction mode (SAGAFLOW_PREPARED_STATEMENTS=false) the statement goes as text,
+    its parameters untyped literals: every kind of run still comes out as the prepared one writes it."""
+    if not store.fast:
+        pytest.skip("PostgreSQL's statement")
+    store.fast.prepared = False
+    start_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(hours=1)
+    (delayed, _), = store.create_runs("pay", 1, [("t1", {"a": [1]}, "kt")], SPECIAL, start_at=start_at, deadline=9)
+    stored = store.get_run("t1")
+    assert (stored.status, stored.start_at, stored.deadline_at) == ("scheduled", start_at,
+                                                                   start_at + dt.timedelta(seconds=9))
+    assert [e.kind for e in stored.events] == ["run_started", "run_scheduled"]
+    assert [(s.name, s.kind, s.group, s.signal) for s in stored.steps] == [(s.name, s.kind, s.group, s.signal)
+                                                                           for s in SPECIAL]
+    again = store.create_runs("pay", 1, [("t2", {}, "kt"), ("t3", {}, None)], STEPS, mode="plain")
+    assert [(run.id, created) for run, created in again] == [("t1", False), ("t3", True)]
+    assert store.get_run("t3").events == ()
+    assert started_total(store, "pay") == 2
+
+
 # ---------------------------------------------------------------------------------------------- the client
 
 
