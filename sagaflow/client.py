@@ -38,6 +38,7 @@ from sagaflow.store.retention import PruneResult
 log = logging.getLogger("sagaflow.client")
 
 MAX_IDEMPOTENCY_KEY = 200
+MAX_BATCH = 1000  # inputs per start_many: one statement's parameters, and one transaction's locks
 MAX_RUN_ID = 36  # a uuid4 as text
 MAX_NOTE = 2000  # client.resolve's note
 INPUT_FIELD = re.compile(r"[A-Za-z0-9_-]{1,100}")  # a top-level input field a search may name
@@ -153,11 +154,72 @@ class SagaClient:
         return self._start(registry.get(saga), input, idempotency_key, deadline,  # registry: UnknownSaga
                            start_at=start_at, priority=priority)
 
-    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
-               origin: dict | None = None, start_at: dt.datetime | None = None, priority: int | None = None) -> Run:
+    def start_many(self, saga: str, inputs, *, idempotency_keys=None, deadline: float | None = None,
+                   at: dt.datetime | None = None, delay: float | None = None,
+                   priority: int | None = None) -> builtins.list[Run]:
+        """Start one run of ``saga`` per input, as ``start`` would each, in one transaction (one SQL statement
+        on PostgreSQL) and one pass of publishing; returns the runs in the order of ``inputs``.
+
+        ``idempotency_keys``: None, or one key (or None) per input; a key used before, or earlier in the
+        batch, gives that run and starts nothing. ``deadline``, ``at``/``delay`` and ``priority`` apply to
+        every run. Every item is checked before anything is written: one bad input or key is an InvalidInput
+        naming each bad item, and nothing of the batch is recorded. At most MAX_BATCH inputs per call.
+        """
+        definition = registry.get(saga)  # UnknownSaga
+        start_at = start_time(at, delay)
+        if isinstance(inputs, (str, bytes, dict)) or not isinstance(inputs, (builtins.list, tuple)):
+            raise InvalidInput(f"inputs must be a list of JSON objects (dicts), got {type(inputs).__name__}")
+        if len(inputs) > MAX_BATCH:
+            raise InvalidInput(f"at most {MAX_BATCH} inputs per start_many, got {len(inputs)}: split the batch")
+        keys = [None] * len(inputs) if idempotency_keys is None else idempotency_keys
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, (builtins.list, tuple)) or len(keys) != len(inputs):
+            raise InvalidInput(f"idempotency_keys must be a list with one key (or None) per input "
+                               f"({len(inputs)}), got {keys!r:.80}")
+        deadline, mode = self._check_start(definition, deadline, priority)
+        items, bad = [], []
+        for i, (input, key) in enumerate(zip(inputs, keys, strict=True)):
+            try:
+                items.append((str(uuid.uuid4()), *self._check_item(input, key)))
+            except InvalidInput as exc:
+                bad.append(f"item {i}: {exc}")
+        if bad:
+            shown = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise InvalidInput(f"{len(bad)} of {len(inputs)} items are invalid, nothing was started: {shown}")
+        if not items:
+            return []
+        if start_at is None:
+            self._check_broker()
+        answers = self.store.create_runs(definition.name, definition.version, items,
+                                         [StepSpec.of(s) for s in definition.steps], mode=mode, start_at=start_at,
+                                         deadline=deadline)
+        created = [run for run, new in answers if new]
+        if start_at is not None:
+            log.info("runs_start_delayed", extra={"saga": definition.name, "runs": len(created),
+                                                   "start_at": start_at.isoformat()})
+        elif created:
+            self._publish_first_steps(definition, mode, created, priority)
+        return [run for run, _ in answers]
+
+    def _check_start(self, definition, deadline, priority) -> tuple[float | None, str]:
+        """What a start checks once, whatever the number of runs: the priority, the deadline (default: the
+        saga's), that the saga can run; returns the deadline and the policy's mode for the saga."""
         if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
                                      or priority not in publish.PRIORITIES):
             raise InvalidInput(f"priority is an integer from 0 to 9 (9 is served first), got {priority!r:.80}")
+        if deadline is None:
+            deadline = getattr(definition, "deadline", None)
+        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                     or not 0 < deadline < 10**9):
+            raise InvalidInput(f"deadline is a positive number of seconds, got {deadline!r:.80}")
+        if not definition.steps:
+            raise InvalidInput(f"saga {definition.name!r} has no steps")
+        definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
+        # PolicyError: an invalid policy file, or a saga that cannot run plain.
+        return deadline, policy.mode_for(definition, get_settings())
+
+    @staticmethod
+    def _check_item(input, idempotency_key) -> tuple[dict, str | None]:
+        """One run's input (None: {}) and idempotency key, checked; InvalidInput says what is wrong."""
         if input is None:
             input = {}
         if not isinstance(input, dict):
@@ -170,45 +232,51 @@ class SagaClient:
                                f"characters")
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
-        if deadline is None:
-            deadline = getattr(definition, "deadline", None)
-        if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
-                                     or not 0 < deadline < 10**9):
-            raise InvalidInput(f"deadline is a positive number of seconds, got {deadline!r:.80}")
-        if not definition.steps:
-            raise InvalidInput(f"saga {definition.name!r} has no steps")
-        definition.check_runnable()  # DefinitionError: a non-atomic step without a compensation
-        # PolicyError: an invalid policy file, or a saga that cannot run plain.
-        mode = policy.mode_for(definition, get_settings())
-        if start_at is not None:
-            run, created = self.store.create_run(
-                str(uuid.uuid4()), definition.name, definition.version, input,
-                [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode, start_at=start_at)
-            if created:
-                log.info("run_start_delayed", extra={"run_id": run.id, "saga": run.saga,
-                                                     "start_at": start_at.isoformat()})
-                if deadline is not None:
-                    self.store.set_deadline(run.id, start_at + dt.timedelta(seconds=deadline))
-                    run = self.store.get_run(run.id)
+        return input, idempotency_key
+
+    def _start(self, definition, input, idempotency_key, deadline, restart_of: tuple[str, str | None] | None = None,
+               origin: dict | None = None, start_at: dt.datetime | None = None, priority: int | None = None) -> Run:
+        deadline, mode = self._check_start(definition, deadline, priority)
+        input, idempotency_key = self._check_item(input, idempotency_key)
+        if start_at is None:
+            self._check_broker()
+        # The run, its steps, its events, its deadline and its counters: one statement on PostgreSQL.
+        (run, created), = self.store.create_runs(
+            definition.name, definition.version, [(str(uuid.uuid4()), input, idempotency_key)],
+            [StepSpec.of(s) for s in definition.steps], mode=mode, start_at=start_at, deadline=deadline)
+        if not created:
             return run
-        self._check_broker()
-        run, created = self.store.create_run(
-            str(uuid.uuid4()), definition.name, definition.version, input,
-            [StepSpec.of(s) for s in definition.steps], idempotency_key, mode=mode,
-        )
-        if created:
-            if deadline is not None:
-                self.store.set_deadline(run.id, run.created_at + dt.timedelta(seconds=deadline))
-            if restart_of is not None:
-                self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1], origin)
-            try:
-                publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app,
-                              priority_=priority)
-            except Exception as exc:
-                raise self._refused_start(run.id, exc) from exc
-            if deadline is not None or restart_of is not None:
-                run = self.store.get_run(run.id)
+        if start_at is not None:
+            log.info("run_start_delayed", extra={"run_id": run.id, "saga": run.saga,
+                                                 "start_at": start_at.isoformat()})
+            return run
+        if restart_of is not None:
+            self.store.link_restart(restart_of[0], run.id, definition.version, restart_of[1], origin)
+        try:
+            publish.start(definition, run.id, plain=mode == policy.PLAIN, input=input, app=self.app,
+                          priority_=priority)
+        except Exception as exc:
+            raise self._refused_start(run.id, exc) from exc
+        if restart_of is not None:
+            run = self.store.get_run(run.id)
         return run
+
+    def _publish_first_steps(self, definition, mode: str, runs: builtins.list[Run], priority: int | None) -> None:
+        """start_many's publish pass: each new run's first chain, on one broker connection. If the broker
+        refuses one, that run and the ones not yet published are deleted again (as a refused start), and
+        BrokerUnavailable says which runs did start."""
+        published = 0
+        try:
+            with self.app.producer_or_acquire() as producer:
+                for run in runs:
+                    publish.start(definition, run.id, plain=mode == policy.PLAIN, input=run.input, app=self.app,
+                                  priority_=priority, producer=producer)
+                    published += 1
+        except Exception as exc:
+            refused = [self._refused_start(run.id, exc) for run in runs[published:]]
+            started = ", ".join(run.id for run in runs[:published]) or "none"
+            raise BrokerUnavailable(f"{published} of {len(runs)} new runs started (ids: {started}); for the "
+                                    f"others: {refused[0]}") from exc
 
     def restart(self, run_id: str, input: dict | None = None, *, by: Origin | None = None) -> Run:
         """Start a new run of a final run's saga and version (the latest version if that one is no longer

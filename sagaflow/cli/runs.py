@@ -28,19 +28,58 @@ from sagaflow.safejson import loads as json_loads
 @click.option("--at", "at", default=None,
               help="Start at this time instead of now (ISO 8601; no zone means UTC): the run is scheduled.")
 @click.option("--delay", type=SECONDS, default=None, help="Start this many seconds from now: the run is scheduled.")
+@click.option("--input-file", type=click.File("r", encoding="utf-8"), default=None,
+              help="Start one run per line of this file (JSON lines: each a JSON object, the run's input; "
+                   "'-' reads stdin), in one batch (client.start_many): a bad line starts none.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def start(saga, input_json, idempotency_key, at, delay, wait, timeout, as_json) -> None:
+def start(saga, input_json, idempotency_key, at, delay, wait, timeout, input_file, as_json) -> None:
     """Start a run of SAGA (now, or --at a time, or after --delay seconds)."""
     settings = setup()
+    when = parse_time(at, "--at") if at is not None else None
+    if input_file is not None:
+        _start_batch(settings, saga, input_file, input_json, idempotency_key, when, delay, wait, timeout, as_json)
+        return
     # Parsed under SAGAFLOW_JSON_MAX_DEPTH/_BYTES without recursion: a deep value is refused, not a crash.
     data = json_loads(input_json, "--input", settings.json_limits)
-    when = parse_time(at, "--at") if at is not None else None
     client = new_client()
     run = client.start(saga, data, idempotency_key=idempotency_key, at=when, delay=delay)  # checks everything first
     if wait:
         run = client.wait(run.id, timeout=timeout)
     print_run(run, as_json, history=wait)
     if wait and run.status != "succeeded":
+        sys.exit(1)
+
+
+def _start_batch(settings, saga, input_file, input_json, idempotency_key, when, delay, wait, timeout,
+                 as_json) -> None:
+    """``start --input-file``: every line parsed first (a bad one is named, and nothing starts), then one
+    start_many; prints a line (or, with --json, an object) per run."""
+    if input_json != "{}" or idempotency_key is not None:
+        raise click.UsageError("--input-file gives each run's input: leave out --input and --idempotency-key")
+    inputs = []
+    try:
+        for number, line in enumerate(input_file, 1):
+            if line.strip():
+                data = json_loads(line, f"line {number} of --input-file", settings.json_limits)
+                if not isinstance(data, dict):
+                    raise click.UsageError(f"line {number} of --input-file: a run's input must be a JSON object, "
+                                           f"got {type(data).__name__}; nothing was started")
+                inputs.append(data)
+    except UnicodeDecodeError as exc:
+        raise click.UsageError(f"--input-file is not UTF-8 text ({exc.reason} at byte {exc.start}); nothing "
+                               f"was started") from None
+    if not inputs:
+        raise click.UsageError("--input-file has no lines: nothing to start")
+    client = new_client()
+    runs = client.start_many(saga, inputs, at=when, delay=delay)  # checks every input before writing any
+    if wait:
+        runs = [client.wait(run.id, timeout=timeout) for run in runs]
+    if as_json:
+        click.echo(json.dumps([run.to_dict(history=False) for run in runs], indent=2))
+    else:
+        for run in runs:
+            print_run(run, False, history=False)
+    if wait and any(run.status != "succeeded" for run in runs):
         sys.exit(1)
 
 

@@ -93,9 +93,9 @@ class Fanout:
     def __init__(self, branches: list[Signature]) -> None:
         self.tasks = branches
 
-    def apply_async(self) -> None:
+    def apply_async(self, **options) -> None:
         for branch in self.tasks:
-            branch.apply_async()
+            branch.apply_async(**options)
 
 
 def segment_end(saga: Saga, start: int, window: int = CHAIN_WINDOW) -> int:

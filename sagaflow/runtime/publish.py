@@ -119,23 +119,28 @@ def _stamped(canvas, app: Celery):
 
 
 def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = None,
-          app: Celery | None = None, priority_: int | None = None) -> None:
+          app: Celery | None = None, priority_: int | None = None, producer=None) -> None:
     """A new run's first chain, at priority ``priority_`` (None: the default). Raises when the broker refuses
-    (the client deletes the run again)."""
+    (the client deletes the run again). ``producer``: a kombu producer to send on (client.start_many's one
+    connection for its batch); None: one from the app's pool."""
     with priority(priority_):
         if plain:
-            chain_from(saga, run_id, plain=True, input=input, app=app)
+            chain_from(saga, run_id, plain=True, input=input, app=app, producer=producer)
         else:
-            chain_from(saga, run_id, app=app)
+            chain_from(saga, run_id, app=app, producer=producer)
 
 
 def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = None, *, plain: bool = False,
-               input: dict | None = None, app: Celery | None = None) -> None:
+               input: dict | None = None, app: Celery | None = None, producer=None) -> None:
     """The forward chain of ``run_id`` from step ``start`` (compiler.compile_run): the next window, the steps
     after a joined group, a resumed run, a gate passed; ``start == len(saga.steps)``: the finish task."""
     app = app or celery_app
-    _stamped(compiler.compile_run(app, saga, run_id, start=start, results=results, plain=plain, input=input),
-             app).apply_async()
+    canvas = _stamped(compiler.compile_run(app, saga, run_id, start=start, results=results, plain=plain,
+                                           input=input), app)
+    if producer is None:
+        canvas.apply_async()
+    else:
+        canvas.apply_async(producer=producer)
 
 
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:

@@ -44,7 +44,6 @@ log = logging.getLogger("sagaflow.store")
 # PostgreSQL error codes that mean: the session that PREPAREd is not the one that EXECUTEs (a pooler in
 # transaction mode, PgBouncer's pool_mode=transaction, hands each transaction any server connection).
 NOT_OUR_SESSION = {"26000", "42P05"}  # prepared statement does not exist / already exists
-RETRY_AS_TEXT = object()
 
 # Every parameter the statements use: its PostgreSQL type (for PREPARE) and, where Python values need
 # converting, its SQLAlchemy type.
@@ -53,9 +52,12 @@ PARAMS = {
     "earlier": ("varchar[]", None), "task_id": ("varchar", None), "start": ("varchar", None),
     "active": ("varchar", None), "now": ("timestamp", UTCDateTime()), "lease": ("timestamp", UTCDateTime()),
     "saga": ("varchar", None), "version": ("integer", None), "input": ("json", JSON()), "key": ("varchar", None),
-    "names": ("varchar[]", None), "compensable": ("boolean[]", None), "detail": ("json", JSON()),
+    "detail": ("json", JSON()),
     "result": ("json", JSON()), "error": ("text", None), "retry_in": ("float8", None),
     "worker": ("varchar", None), "final": ("varchar", None), "traceback": ("text", None),
+    "runs": ("json", JSON()), "steps": ("json", JSON()), "status": ("varchar", None), "mode": ("varchar", None),
+    "start_at": ("timestamp", UTCDateTime()), "deadline_at": ("timestamp", UTCDateTime()),
+    "scheduled": ("json", JSON()),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -103,29 +105,56 @@ _CLAIMABLE = """(status = :start
            OR (status = :active AND claim IS NULL)
            OR (status = :active AND claim = ANY(:earlier)))"""
 
-CREATE_RUN = Statement("create_run", f"""
-WITH run AS (
+# Any number of runs of one saga, each with its step rows, its events and the counters' log rows, in one
+# statement: client.start (one run) and client.start_many (a batch) alike, whatever the steps' kinds, a
+# delayed start (status scheduled, a run_scheduled event after run_started) or a deadline. A run whose
+# idempotency key is taken is skipped (ON CONFLICT DO NOTHING); the statement returns the runs it created,
+# with their events' ids. A plain run (policy: compensation off) gets no step rows and, started now, no event.
+CREATE_RUNS = Statement("create_runs", f"""
+WITH given AS (
+    SELECT * FROM json_to_recordset(CAST(:runs AS json)) AS r(id varchar, key varchar, input json, ord integer)
+), run AS (
     INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
-                           created_at, updated_at)
-    VALUES (:run_id, :saga, :version, 'pending', :input, :key, false, :now, :now)
+                           created_at, updated_at, mode, start_at, deadline_at)
+    SELECT id, CAST(:saga AS varchar), CAST(:version AS integer), CAST(:status AS varchar), input, key, false,
+           CAST(:now AS timestamp), CAST(:now AS timestamp), CAST(:mode AS varchar),
+           CAST(:start_at AS timestamp), CAST(:deadline_at AS timestamp)
+    FROM given ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id
 ), steps AS (
     INSERT INTO saga_steps (run_id, idx, name, status, has_compensation, attempts, compensation_attempts,
-                            compensation_round_attempts)
-    SELECT run.id, step.idx - 1, step.name, 'pending', step.has_compensation, 0, 0, 0
-    FROM run, unnest(:names, :compensable)
-              WITH ORDINALITY AS step(name, has_compensation, idx)
-), event AS (
+                            compensation_round_attempts, kind, best_effort, non_atomic, pivot, branch_group,
+                            signal)
+    SELECT run.id, step.idx, step.name, 'pending', step.has_compensation, 0, 0, 0, step.kind,
+           step.best_effort, step.non_atomic, step.pivot, step.branch_group, step.signal
+    FROM run, json_to_recordset(CAST(:steps AS json)) AS step(idx integer, name varchar, has_compensation boolean,
+                                                 kind varchar, best_effort boolean, non_atomic boolean,
+                                                 pivot boolean, branch_group integer, signal varchar)
+), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
-    SELECT id, '{EventKind.RUN_STARTED.value}', NULL, :now, :detail FROM run
-    RETURNING id
+    SELECT run_id, kind, NULL, CAST(:now AS timestamp), detail FROM (
+        SELECT run.id AS run_id, given.ord, 0 AS k, '{EventKind.RUN_STARTED.value}' AS kind,
+               CAST(:detail AS json) AS detail
+        FROM run JOIN given ON given.id = run.id
+        WHERE CAST(:mode AS varchar) <> 'plain' OR CAST(:start_at AS timestamp) IS NOT NULL
+        UNION ALL
+        SELECT run.id, given.ord, 1, '{EventKind.RUN_SCHEDULED.value}', CAST(:scheduled AS json)
+        FROM run JOIN given ON given.id = run.id
+        WHERE CAST(:start_at AS timestamp) IS NOT NULL
+    ) AS e ORDER BY ord, k
+    RETURNING run_id, id, kind
 ), counted AS (
     {LOG_INSERT}
-    SELECT m.metric, :saga, '', m.outcome, '', 1 FROM run,
-           (VALUES ('{STARTED}', ''), ('{LIVE}', 'pending')) AS m(metric, outcome)
+    SELECT m.metric, CAST(:saga AS varchar), '', m.outcome, '', count(*) FROM run,
+           (VALUES ('{STARTED}', ''), ('{LIVE}', CAST(:status AS varchar))) AS m(metric, outcome)
+    GROUP BY m.metric, m.outcome
 )
-SELECT id FROM event""")
+SELECT run.id,
+       min(events.id) FILTER (WHERE events.kind = '{EventKind.RUN_STARTED.value}') AS started_event,
+       min(events.id) FILTER (WHERE events.kind = '{EventKind.RUN_SCHEDULED.value}') AS scheduled_event
+FROM run LEFT JOIN events ON events.run_id = run.id
+GROUP BY run.id""")
 
 CLAIM_STEP = Statement("claim_step", f"""
 WITH run AS (
@@ -364,22 +393,8 @@ WITH done AS (
 )
 SELECT count(*) FROM done""")
 
-# A plain run (policy: compensation off) is created and ends in one statement each: no step rows, no events,
-# only the run row and its counters.
-CREATE_PLAIN_RUN = Statement("create_plain_run", f"""
-WITH run AS (
-    INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
-                           created_at, updated_at, mode)
-    VALUES (:run_id, :saga, :version, 'pending', :input, :key, false, :now, :now, 'plain')
-    ON CONFLICT DO NOTHING
-    RETURNING id
-), counted AS (
-    {LOG_INSERT}
-    SELECT m.metric, :saga, '', m.outcome, '', 1 FROM run,
-           (VALUES ('{STARTED}', ''), ('{LIVE}', 'pending')) AS m(metric, outcome)
-)
-SELECT count(*) FROM run""")
-
+# A plain run (policy: compensation off) is created by CREATE_RUNS (the run row and its counters) and ends in
+# one statement: no step rows, no events.
 END_PLAIN_RUN = Statement("end_plain_run", f"""
 WITH old AS (
     SELECT id, status FROM saga_runs
@@ -399,8 +414,8 @@ SELECT count(*) FROM done""")
 # bench's statement counters listen here too (bench/sqlcount.py).
 STATEMENT_HOOKS: list[Callable[[Engine], None]] = []
 
-ALL = (CREATE_RUN, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION, BEGIN_COMPENSATION,
-       FINISH_RUN, CREATE_PLAIN_RUN, END_PLAIN_RUN, *HELD.values())
+ALL = (CREATE_RUNS, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION,
+       BEGIN_COMPENSATION, FINISH_RUN, END_PLAIN_RUN, *HELD.values())
 
 
 class FastPath:
@@ -437,9 +452,21 @@ class FastPath:
                         "SAGAFLOW_PREPARED_STATEMENTS=false to skip this detection"})
 
     def _one(self, statement: Statement, **params):
+        rows = self._rows(statement, False, params)
+        return rows[0] if rows else None
+
+    def _all(self, statement: Statement, **params) -> list:
+        return self._rows(statement, True, params)
+
+    def _rows(self, statement: Statement, many: bool, params: dict) -> list:
+        """The statement's first row (``many`` False) or all its rows, as a list."""
         if not self.prepared:
             with self.engine.connect() as conn:
-                return conn.execute(statement.plain, {p: params[p] for p in statement.params}).first()
+                result = conn.execute(statement.plain, {p: params[p] for p in statement.params})
+                if many:
+                    return list(result)
+                first = result.first()
+                return [first] if first is not None else []
         # The prepared statements go straight to the driver: going through SQLAlchemy's Connection and
         # result objects cost about as much Python time as the database spent on the statement.
         arguments = statement.arguments(params)
@@ -453,7 +480,7 @@ class FastPath:
             cursor = raw.cursor()
             try:
                 cursor.execute(statement.execute, arguments)
-                row = cursor.fetchone()
+                rows: list | None = list(cursor.fetchall()) if many else [cursor.fetchone()]
                 if statement.row_type is None:
                     # mypy types only namedtuples whose fields are written in the source, not read at run time
                     statement.row_type = namedtuple(  # type: ignore[misc]
@@ -463,7 +490,7 @@ class FastPath:
         except dbapi_error as exc:
             if getattr(exc, "pgcode", None) in NOT_OUR_SESSION:  # EXECUTE reached another session: it ran nothing
                 self._pooler_detected(exc)
-                row = RETRY_AS_TEXT
+                rows = None
             else:
                 # As SQLAlchemy would: a dropped connection leaves the pool, and the error is SQLAlchemy's
                 # (OperationalError...), which the runtime's database-outage retries catch.
@@ -474,19 +501,26 @@ class FastPath:
                                           connection_invalidated=invalidated, dialect=self.engine.dialect) from exc
         finally:
             raw.close()
-        if row is RETRY_AS_TEXT:
-            return self._one(statement, **params)
+        if rows is None:  # sent again as text, on a connection of its own
+            return self._rows(statement, many, params)
         for hook in STATEMENT_HOOKS:
             hook(self.engine)
-        return statement.row_type(*row) if row is not None else None
+        return [statement.row_type(*row) for row in rows if row is not None]
 
-    def create_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
-                   steps: Sequence, now: dt.datetime):
-        """The new run_started event's id, or None when the idempotency key is taken."""
-        row = self._one(CREATE_RUN, run_id=run_id, saga=saga, version=version, input=input, key=key, now=now,
-                        names=[s.name for s in steps], compensable=[s.has_compensation for s in steps],
-                        detail={"saga": saga, "version": version})
-        return row.id if row is not None else None
+    def create_runs(self, saga: str, version: int, runs: Sequence[tuple[str, dict, str | None]], steps: Sequence,
+                    now: dt.datetime, *, mode: str, status: str, start_at: dt.datetime | None,
+                    deadline_at: dt.datetime | None) -> dict[str, tuple[int | None, int | None]]:
+        """CREATE_RUNS of ``runs`` ((id, input, idempotency key), the keys distinct): {id of each run created:
+        (its run_started event's id, its run_scheduled event's id)}; a run whose key is taken is left out."""
+        rows = self._all(
+            CREATE_RUNS, saga=saga, version=version, status=status, mode=mode, now=now, start_at=start_at,
+            deadline_at=deadline_at, detail={"saga": saga, "version": version},
+            scheduled={"start_at": start_at.isoformat()} if start_at is not None else {},
+            runs=[{"id": run_id, "key": key, "input": input, "ord": i} for i, (run_id, input, key) in enumerate(runs)],
+            steps=[{"idx": i, "name": s.name, "has_compensation": s.has_compensation, "kind": s.kind,
+                    "best_effort": s.best_effort, "non_atomic": s.non_atomic, "pivot": s.pivot,
+                    "branch_group": s.group, "signal": s.signal} for i, s in enumerate(steps)])
+        return {row.id: (row.started_event, row.scheduled_event) for row in rows}
 
     def claim_step(self, run_id: str, idx: int, token: str, earlier: Sequence[str], lease: dt.datetime,
                    now: dt.datetime, worker: str | None = None):
@@ -523,12 +557,6 @@ class FastPath:
 
     def finish_run(self, run_id: str, now: dt.datetime) -> bool:
         return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])
-
-    def create_plain_run(self, run_id: str, saga: str, version: int, input: dict, key: str | None,
-                         now: dt.datetime) -> bool:
-        """False when the idempotency key (or the run id) is taken."""
-        return bool(self._one(CREATE_PLAIN_RUN, run_id=run_id, saga=saga, version=version, input=input, key=key,
-                              now=now)[0])
 
     def end_plain_run(self, run_id: str, final: str, error: str | None, now: dt.datetime) -> bool:
         return bool(self._one(END_PLAIN_RUN, run_id=run_id, final=final, error=error, now=now)[0])

@@ -4,7 +4,7 @@ cancel of a live run."""
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -46,15 +46,17 @@ def _started(saga: str, version: int, parent_run_id: str | None, parent_step: in
 
 def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempotency_key: str | None,
                steps: list[StepSpec], now: dt.datetime, mode: str = "saga", parent_run_id: str | None = None,
-               parent_step: int | None = None, start_at: dt.datetime | None = None) -> int:
+               parent_step: int | None = None, start_at: dt.datetime | None = None,
+               deadline_at: dt.datetime | None = None, started_event: bool = True) -> int | None:
     """The run row, one row per step and its ``run_started`` event, in the caller's transaction (a run the
     client starts, or a child run its parent's step starts). ``start_at``: a delayed start, recorded
-    ``scheduled`` (the sweeper starts it then: store/timers.py). Returns the event's id."""
+    ``scheduled`` (the sweeper starts it then: store/timers.py). Returns the event's id (None:
+    ``started_event`` False, a plain run started now, which records no events)."""
     status = RunStatus.SCHEDULED if start_at is not None else RunStatus.PENDING
     conn.execute(insert(t.runs).values(
         id=run_id, saga=saga, saga_version=version, status=status.value, input=input,
         idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now, mode=mode,
-        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at))
+        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at, deadline_at=deadline_at))
     if steps:
         conn.execute(insert(t.steps), [
             dict(run_id=run_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,
@@ -63,6 +65,8 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
                  non_atomic=spec.non_atomic, pivot=spec.pivot, branch_group=spec.group, signal=spec.signal)
             for i, spec in enumerate(steps)])
     counters.log(conn, counters.started(saga, status))
+    if not started_event:
+        return None
     return conn.execute(
         insert(t.events).values(run_id=run_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
                                 detail=_started(saga, version, parent_run_id, parent_step))
@@ -85,25 +89,20 @@ class Runs(Engines):
         mode: str = "saga",
         start_at: dt.datetime | None = None,
     ) -> tuple[Run, bool]:
-        """Insert the run, one row per step and the first event in one transaction.
+        """Insert the run, one row per step and the first event in one transaction (create_runs of one run).
 
         ``steps``: StepSpec, or (name, has compensation) pairs. ``mode="plain"``: policy switched
         compensation off for this run: the run row alone (no step rows, no event; flags.py ends it).
-        ``start_at``: a delayed start (status ``scheduled``; always through the transaction below). Returns
-        ``(run, created)``; with an idempotency key already used, the existing run and False.
+        ``start_at``: a delayed start (status ``scheduled``). Returns ``(run, created)``; with an idempotency
+        key already used, the existing run and False.
         """
-        if start_at is not None:
-            return self._create_scheduled_run(run_id, saga, version, input, steps, idempotency_key, mode, start_at)
-        if mode == "plain":
-            return self._create_plain_run(run_id, saga, version, input, idempotency_key)
-        now = utcnow()
         specs = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps]
-        linear = mode == "saga" and parent_run_id is None and not any(s.special for s in specs)
-        if self.fast and linear:
-            event_id = self.fast.create_run(run_id, saga, version, input, idempotency_key, specs, now)
-            if event_id is None:
-                return self._existing(idempotency_key), False
-            return self._new_run(run_id, saga, version, input, idempotency_key, specs, now, event_id), True
+        if parent_run_id is None:
+            return self.create_runs(saga, version, [(run_id, input, idempotency_key)], specs, mode=mode,
+                                    start_at=start_at)[0]
+        # A child run (children.py inserts those in its parent's step's transaction; this is for the store's
+        # own tests of children).
+        now = utcnow()
         try:
             with self.engine.begin() as conn:
                 event_id = insert_run(conn, run_id, saga, version, input, idempotency_key, specs, now, mode,
@@ -115,40 +114,68 @@ class Runs(Engines):
         return self._new_run(run_id, saga, version, input, idempotency_key, specs, now, event_id, mode=mode,
                              parent_run_id=parent_run_id, parent_step=parent_step), True
 
-    def _create_scheduled_run(self, run_id: str, saga: str, version: int, input: dict, steps, idempotency_key,
-                              mode: str, start_at: dt.datetime) -> tuple[Run, bool]:
+    def create_runs(self, saga: str, version: int, runs: Sequence[tuple[str, dict, str | None]],
+                    steps: Sequence[StepSpec], *, mode: str = "saga", start_at: dt.datetime | None = None,
+                    deadline: float | None = None) -> list[tuple[Run, bool]]:
+        """Runs of one saga, ``runs`` as (run id, input, idempotency key or None), all in one transaction (on
+        PostgreSQL one statement: fastpath.CREATE_RUNS), each with its step rows, its ``run_started`` event
+        and its counters. ``start_at``: delayed starts (status ``scheduled``, a ``run_scheduled`` event).
+        ``deadline``: seconds from the start (now, or ``start_at``). Returns ``(run, created)`` for each item,
+        in order: an idempotency key already used, before or earlier in ``runs``, gives that run and False."""
         now = utcnow()
-        specs = [s if isinstance(s, StepSpec) else StepSpec(*s) for s in steps] if mode != "plain" else []
-        try:
-            with self.engine.begin() as conn:
-                insert_run(conn, run_id, saga, version, input, idempotency_key, specs, now, mode, start_at=start_at)
-                event(conn, run_id, EventKind.RUN_SCHEDULED, None, {"start_at": start_at.isoformat()}, now)
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            return self._existing(idempotency_key), False
-        return self.get_run(run_id), True
+        specs = [] if mode == "plain" else list(steps)
+        status = RunStatus.SCHEDULED if start_at is not None else RunStatus.PENDING
+        deadline_at = (start_at or now) + dt.timedelta(seconds=deadline) if deadline is not None else None
+        # One row per key: a key given twice in the batch is one run, the first item's.
+        first_of: dict[str, int] = {}
+        new: list[tuple[str, dict, str | None]] = []
+        for i, (run_id, input, key) in enumerate(runs):
+            if key is None or key not in first_of:
+                if key is not None:
+                    first_of[key] = i
+                new.append((run_id, input, key))
+        if self.fast:
+            created = self.fast.create_runs(saga, version, new, specs, now, mode=mode, status=status.value,
+                                            start_at=start_at, deadline_at=deadline_at)
+        else:
+            created = self._insert_runs(saga, version, new, specs, now, mode, start_at, deadline_at)
+        answers: list[tuple[Run, bool]] = []
+        made: dict[str, Run] = {}
+        for run_id, input, key in runs:
+            if run_id in created and run_id not in made:
+                started_event, scheduled_event = created[run_id]
+                made[run_id] = self._new_run(run_id, saga, version, input, key, specs, now, started_event,
+                                             mode=mode, status=status, start_at=start_at,
+                                             deadline_at=deadline_at, scheduled_event=scheduled_event)
+                answers.append((made[run_id], True))
+            elif key is not None and runs[first_of[key]][0] in made:  # a repeat of a key of this batch
+                answers.append((made[runs[first_of[key]][0]], False))
+            else:  # the key was taken before (or, an impossibility with uuid4 ids, the run id)
+                answers.append((self._existing(key), False))
+        return answers
 
-    def _create_plain_run(self, run_id: str, saga: str, version: int, input: dict,
-                          idempotency_key: str | None) -> tuple[Run, bool]:
-        """create_run(mode="plain"): the run row alone and its counters, in one transaction."""
-        now = utcnow()
-        if self.fast:  # one statement, one round trip
-            if not self.fast.create_plain_run(run_id, saga, version, input, idempotency_key, now):
-                return self._existing(idempotency_key), False
-            return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(insert(t.runs).values(
-                    id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
-                    idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now,
-                    mode="plain"))
-                counters.log(conn, counters.started(saga))
-        except IntegrityError:
-            if idempotency_key is None:
-                raise
-            return self._existing(idempotency_key), False
-        return self._new_run(run_id, saga, version, input, idempotency_key, [], now, None, mode="plain"), True
+    def _insert_runs(self, saga, version, runs, specs, now, mode, start_at, deadline_at) -> dict:
+        """create_runs in one transaction of short statements (SQLite): {run id: (event ids)} of the runs
+        created. SQLite's BEGIN IMMEDIATE holds the database's write lock from the start, so no other start
+        can take a key between the read of the keys and the inserts."""
+        created: dict[str, tuple[int | None, int | None]] = {}
+        keys = [key for _, _, key in runs if key is not None]
+        with self.engine.begin() as conn:
+            taken = set(conn.execute(select(t.runs.c.idempotency_key)
+                                     .where(t.runs.c.idempotency_key.in_(keys))).scalars()) if keys else set()
+            for run_id, input, key in runs:
+                if key in taken:
+                    continue
+                started = insert_run(conn, run_id, saga, version, input, key, specs, now, mode, start_at=start_at,
+                                     deadline_at=deadline_at, started_event=mode != "plain" or start_at is not None)
+                scheduled = None
+                if start_at is not None:
+                    scheduled = conn.execute(
+                        insert(t.events).values(run_id=run_id, kind=EventKind.RUN_SCHEDULED.value, step=None,
+                                                at=now, detail={"start_at": start_at.isoformat()})
+                        .returning(t.events.c.id)).scalar_one()
+                created[run_id] = (started, scheduled)
+        return created
 
     def _existing(self, idempotency_key: str | None) -> Run:
         existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None
@@ -158,10 +185,18 @@ class Runs(Engines):
 
     @staticmethod
     def _new_run(run_id, saga, version, input, idempotency_key, steps: list[StepSpec], now, event_id,
-                 mode="saga", parent_run_id=None, parent_step=None) -> Run:
+                 mode="saga", parent_run_id=None, parent_step=None, status=RunStatus.PENDING, start_at=None,
+                 deadline_at=None, scheduled_event=None) -> Run:
         """The snapshot of a run just inserted, built from what was written rather than read back."""
+        events = []
+        if event_id is not None:
+            events.append(Event(id=event_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
+                                detail=_started(saga, version, parent_run_id, parent_step)))
+        if scheduled_event is not None:
+            events.append(Event(id=scheduled_event, kind=EventKind.RUN_SCHEDULED.value, step=None, at=now,
+                                detail={"start_at": start_at.isoformat()}))
         return Run(
-            id=run_id, saga=saga, saga_version=version, status=RunStatus.PENDING.value, input=input,
+            id=run_id, saga=saga, saga_version=version, status=status.value, input=input,
             idempotency_key=idempotency_key, cancel_requested=False, error=None, created_at=now, updated_at=now,
             finished_at=None,
             steps=tuple(
@@ -172,10 +207,9 @@ class Runs(Engines):
                           best_effort=spec.best_effort, non_atomic=spec.non_atomic, pivot=spec.pivot,
                           group=spec.group, signal=spec.signal)
                 for i, spec in enumerate(steps)),
-            events=(Event(id=event_id, kind=EventKind.RUN_STARTED.value, step=None, at=now,
-                          detail=_started(saga, version, parent_run_id, parent_step)),)
-            if event_id is not None else (),
-            mode=mode, parent_run_id=parent_run_id, parent_step=parent_step,
+            events=tuple(events),
+            mode=mode, parent_run_id=parent_run_id, parent_step=parent_step, deadline_at=deadline_at,
+            start_at=start_at,
         )
 
     def find_by_idempotency_key(self, key: str) -> Run | None:

@@ -39,6 +39,23 @@ def test_start_wait_status_and_runs(env):
     assert run["id"] in [r["id"] for r in listed["items"]]
 
 
+def test_start_input_file_starts_one_run_per_line(env, tmp_path):
+    lines = tmp_path / "runs.jsonl"
+    lines.write_text('{"customer": "file-1"}\n\n{"customer": "file-2"}\n{"customer": "file-3"}\n')
+    done = sagaflow("start", "create_booking", "--input-file", str(lines), "--wait", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads(done.stdout)
+    assert [r["input"] for r in runs] == [{"customer": f"file-{i}"} for i in (1, 2, 3)]
+    assert {r["status"] for r in runs} == {"succeeded"}
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"customer": "never-1"}\n[1]\n')
+    refused = sagaflow("start", "create_booking", "--input-file", str(bad), env=env)
+    assert refused.returncode != 0 and "line 2 of --input-file" in refused.stderr and "Traceback" not in refused.stderr
+    listed = json.loads(sagaflow("runs", "--input", "customer=never-1", "--json", env=env).stdout)
+    assert listed["items"] == []
+
+
 def test_failed_run_exits_non_zero_with_wait(env):
     done = sagaflow("start", "data_ingest", "--input", '{"fail_at": "parse"}', "--wait", env=env)
     assert done.returncode == 1

@@ -77,6 +77,15 @@ def test_max_concurrent_runs_2_ten_runs_and_a_queued_run_cancelled(client):
     assert [r.id for r in order] == [i for i in ids if i != doomed]  # they started in the order they came
 
 
+def test_start_many_under_max_concurrent_runs_2_queues_and_runs_them_all(client):
+    runs = client.start_many("limit_runs", [{"sleep": 0.3} for _ in range(8)])
+    done = wait_all(client, [r.id for r in runs])
+    assert {r.status for r in done} == {"succeeded"}
+    spans = [(r.steps[0].started_at.timestamp(), r.finished_at.timestamp()) for r in done]
+    assert most_at_once(spans) <= 2
+    assert sum(1 for r in done if ("run_queued", None) in kinds(r)) >= 4
+
+
 def test_a_worker_killed_while_holding_a_slot_frees_it(settings, client):
     doomed = start_worker(settings, "limitsdoomed", concurrency=2, log_name="limitsdoomed.log",
                           args=("-Q", SOLO_QUEUE))
