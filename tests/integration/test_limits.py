@@ -73,8 +73,12 @@ def test_max_concurrent_runs_2_ten_runs_and_a_queued_run_cancelled(client):
     spans = [(r.steps[0].started_at.timestamp(), r.finished_at.timestamp()) for r in runs if r.id != doomed]
     assert most_at_once(spans) <= 2
     assert sum(1 for r in runs if ("run_queued", None) in kinds(r)) >= 5
-    order = sorted((r for r in runs if r.id != doomed), key=lambda r: r.steps[0].started_at)
-    assert [r.id for r in order] == [i for i in ids if i != doomed]  # they started in the order they came
+    # They were given their slots in the order they came. Two slots: two runs granted together (the first
+    # two, or two freed at once) run on two worker processes and may begin in either order, so a run may
+    # start at most one place from its place in line, never further.
+    order = [r.id for r in sorted((r for r in runs if r.id != doomed), key=lambda r: r.steps[0].started_at)]
+    line = [i for i in ids if i != doomed]
+    assert max(abs(order.index(i) - line.index(i)) for i in line) <= 1, (order, line)
 
 
 def test_start_many_under_max_concurrent_runs_2_queues_and_runs_them_all(client):
