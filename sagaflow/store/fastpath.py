@@ -1,6 +1,7 @@
 """PostgreSQL: the hot transitions as one hand-written statement each, sent on an autocommit connection.
 
-A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT. Data-
+A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT, and one
+commit that waits for the WAL flush (the completion's; CLAIM_STEP says why the claim's need not). Data-
 modifying CTEs keep each transition atomic: the guarded UPDATE, its event and the run's ``updated_at``
 commit together or not at all, and a concurrent claim re-checks the guard on the row it waited for
 (READ COMMITTED), so the compare-and-set semantics of guards.py hold unchanged. The statements are
