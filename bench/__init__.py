@@ -18,6 +18,7 @@ Modules:
   plain.py       the plain Celery baseline: its app, tasks and chain builder (loaded by the plain worker)
   sqlcount.py    counts SQL round trips in a worker process (imported only in the counting phases)
   pgwire.py      a PostgreSQL proxy that counts the round trips on the wire (the sql phase)
+  storeloop.py   the store's success path alone (claim, complete), its claim durable or not: python -m bench.storeloop
 
 Nothing in sagaflow/ imports this package.
 """

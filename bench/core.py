@@ -158,13 +158,13 @@ class Bench:
     def start_peer_workers(self) -> None:
         """celery-saga's Celery worker; DBOS's executors, one after the other (the first creates DBOS's
         tables), each until it says it is ready, then paused until DBOS's own runs."""
-        from bench import peer_dbos
-
         for peer in self.peers:
             if isinstance(peer, CelerySagaSide):
                 self.start_celery_worker("celery_saga", "bench.peer_celery_saga:app", peer.peer.app,
                                          peer.peer.QUEUE)
                 continue
+            from bench import peer_dbos  # here: only a DBOS peer needs the dbos package
+
             n = self.args.dbos_processes or self.args.concurrency
             progress(f"starting {n} DBOS executor(s) (worker_concurrency {self.args.dbos_worker_concurrency}, "
                      f"polling every {self.args.dbos_poll} s)")

@@ -115,7 +115,8 @@ def expected_figures(sizes: Sizes, phases=PHASES) -> list[str]:
         names += ["off_w1_latency_p50", "off_w1_throughput", "off_sql_statements_per_run",
                   "off_sql_round_trips_per_run"]
     if "sql" in phases:
-        names += ["sql_round_trips_per_step", "sql_round_trips_per_step_listeners", "sql_statements_per_step",
+        names += ["sql_round_trips_per_step", "sql_durable_commits_per_step", "sql_round_trips_per_step_listeners",
+                  "sql_statements_per_step",
                   "sql_round_trips_per_start", "w2_sql_round_trips_per_run"]
     if "embedded" in phases:
         names += ["embedded_demo_seconds", "embedded_demo_runs_seconds"]

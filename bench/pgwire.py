@@ -18,7 +18,10 @@ from pathlib import Path
 
 SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 
-counts = {"query": 0, "sync": 0, "other": 0, "connections": 0}
+# "no_flush_wait": the queries among them whose commit does not wait for the WAL flush (store/fastpath.py's
+# NO_FLUSH_WAIT prefix): every other query on an autocommit connection is a durable commit, or a read.
+NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off;"
+counts = {"query": 0, "sync": 0, "other": 0, "connections": 0, "no_flush_wait": 0}
 
 
 async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,6 +37,8 @@ async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.Stream
         head = await reader.readexactly(4)
         body = await reader.readexactly(struct.unpack("!I", head)[0] - 4)
         counts["query" if kind == b"Q" else "sync" if kind == b"S" else "other"] += 1
+        if kind == b"Q" and body.startswith(NO_FLUSH_WAIT):
+            counts["no_flush_wait"] += 1
         writer.write(kind + head + body)
         await writer.drain()
 

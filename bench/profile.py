@@ -57,6 +57,9 @@ FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^():]*)(?::\d+)?\)$")
 CATEGORIES = [
     ("PostgreSQL round trip (driver wait)", lambda f, p: p.startswith("sqlalchemy/") and f in (
         "do_execute", "do_executemany", "do_commit", "do_rollback", "do_ping", "do_begin", "connect")),
+    # The fast path's prepared statements call the driver (C, no Python frame) straight from _one.
+    ("PostgreSQL round trip (fast path: driver wait in _one)", lambda f, p: p == "sagaflow/store/fastpath.py"
+     and f == "_one"),
     ("Redis round trip (socket)", lambda f, p: p.startswith("redis/") and f in (
         "_read_from_socket", "read_response", "sendall", "send_packed_command", "can_read_destructive")),
     ("JSON encode/decode", lambda f, p: p.startswith("json/") or p.startswith("kombu/utils/json")),
@@ -72,6 +75,7 @@ CATEGORIES = [
 INCLUSIVE = [
     ("sagaflow: claim_step", "claim_step", "sagaflow/"),
     ("sagaflow: complete_step", "complete_step", "sagaflow/"),
+    ("sagaflow: complete_last_step", "complete_last_step", "sagaflow/"),
     ("sagaflow: finish_run", "finish_run", "sagaflow/"),
     ("sagaflow: ensure_json", "ensure_json", "sagaflow/"),
     ("celery: publish the next link (apply_async)", "apply_async", "celery/"),

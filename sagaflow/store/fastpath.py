@@ -1,6 +1,7 @@
 """PostgreSQL: the hot transitions as one hand-written statement each, sent on an autocommit connection.
 
-A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT. Data-
+A step's success path is two of them (claim, complete): two round trips, no BEGIN and COMMIT, and one
+commit that waits for the WAL flush (the completion's; CLAIM_STEP says why the claim's need not). Data-
 modifying CTEs keep each transition atomic: the guarded UPDATE, its event and the run's ``updated_at``
 commit together or not at all, and a concurrent claim re-checks the guard on the row it waited for
 (READ COMMITTED), so the compare-and-set semantics of guards.py hold unchanged. The statements are
@@ -78,17 +79,30 @@ def _timestamp_param(value: dt.datetime | None) -> dt.datetime | None:
 _CONVERT: dict[str, Callable[[Any], Any]] = {"json": _json_param, "timestamp": _timestamp_param}
 
 
+# Sent before a statement in the same query string: a simple query of several statements is one implicit
+# transaction on the server, so this applies to that statement's commit alone, in the same round trip (and
+# through PgBouncer in transaction mode too).
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off; "
+
+
 class Statement:
     """One statement, run either as a server-side prepared statement (planned once per connection: the
-    plan is about half of each statement's cost here) or as plain text."""
+    plan is about half of each statement's cost here) or as plain text.
 
-    def __init__(self, name: str, sql: str) -> None:
+    ``durable=False``: its commit returns without waiting for the WAL flush. Only for a transition whose
+    loss in a PostgreSQL crash sends the step back to where it was before it, with nothing after it depending
+    on it yet (CLAIM_STEP: see there). Every other commit stays durable, and a durable commit flushes the WAL
+    up to itself, so the non-durable commits before it become durable with it."""
+
+    def __init__(self, name: str, sql: str, durable: bool = True) -> None:
         self.name = f"sagaflow_{name}"
+        self.durable = durable
+        prefix = "" if durable else NO_FLUSH_WAIT
         self.params = list(dict.fromkeys(_PLACEHOLDER.findall(sql)))  # in order of first use
         typed = [bindparam(p, type_=PARAMS[p][1]) for p in self.params if PARAMS[p][1] is not None]
-        self.plain = text(sql).bindparams(*typed)
+        self.plain = text(prefix + sql).bindparams(*typed)
         # EXECUTE goes to the driver as is, with positional parameters converted by _CONVERT.
-        self.execute = f"EXECUTE {self.name}({', '.join(['%s'] * len(self.params))})"
+        self.execute = f"{prefix}EXECUTE {self.name}({', '.join(['%s'] * len(self.params))})"
         self.converters = [_CONVERT.get(PARAMS[p][0], None) for p in self.params]
         self.row_type: Any = None  # a namedtuple of the result's columns, made at the first execution
         numbered = _PLACEHOLDER.sub(lambda m: f"${self.params.index(m.group(1)) + 1}", sql)
@@ -156,6 +170,18 @@ SELECT run.id,
 FROM run LEFT JOIN events ON events.run_id = run.id
 GROUP BY run.id""")
 
+# The claim is the one commit per step that does not wait for the WAL flush (``durable=False``): a step's
+# success path is two round trips and one durable commit, the completion's. While PostgreSQL runs, the
+# claim is what it always was: visible to every session at its commit, the compare-and-set that makes a
+# duplicate delivery back off, the lease and the worker the sweeper's liveness reads. What a PostgreSQL
+# crash (not a dropped connection, not a clean restart: both keep every commit) may forget is a claim of
+# the last moments whose step has not completed since: the step's completion (or retry, or failure) is a
+# durable commit, which makes the claim before it durable too, and the next step is published only after
+# it. A forgotten claim leaves the step as it was before it (pending, or held by the retry it took over):
+# the holder's completion no longer holds it and is dropped, and the step runs again (its outage retry, or
+# the sweeper after SAGAFLOW_STALL_TIMEOUT), with the same idempotency key: the at-least-once that a crash
+# during a step already means today (the step's task retries after a database outage and runs it again).
+# The counters the claim logs are forgotten with it, in the same transaction.
 CLAIM_STEP = Statement("claim_step", f"""
 WITH run AS (
     SELECT status, cancel_requested, input FROM saga_runs WHERE id = :run_id
@@ -182,7 +208,7 @@ SELECT run.status, run.cancel_requested, run.input, claimed.attempts,
        step.status AS step_status, step.result, step.error
 FROM run
 LEFT JOIN claimed ON true
-LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
+LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""", durable=False)
 
 CLAIM_COMPENSATION = Statement("claim_compensation", f"""
 WITH run AS (

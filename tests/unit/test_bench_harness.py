@@ -20,7 +20,8 @@ def test_every_phase_has_figures_and_every_target_of_the_issue_is_among_them():
                  "runs_5000_throughput", "runs_5000_state_bytes_per_run"):
         assert name in names
     assert expected_figures(SIZES["smoke"], ("sql",)) == [
-        "sql_round_trips_per_step", "sql_round_trips_per_step_listeners", "sql_statements_per_step",
+        "sql_round_trips_per_step", "sql_durable_commits_per_step", "sql_round_trips_per_step_listeners",
+        "sql_statements_per_step",
         "sql_round_trips_per_start", "w2_sql_round_trips_per_run"]
 
 
