@@ -116,7 +116,8 @@ def test_a_map_in_yaml(tmp_path, hreg):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ("{map: each, action: act, items: input.xs, concurrency: 0}", r"sagas.yaml:4: .*concurrency must be an integer >= 1"),
+    ("{map: each, action: act, items: input.xs, concurrency: 0}",
+     r"sagas.yaml:4: .*concurrency must be an integer >= 1"),
     ("{map: each, action: act, items: input.xs, concurrency: many}", "concurrency must be an integer >= 1"),
     ("{map: each, action: act, items: xs}", r"items must be a path into the context"),
     ("{map: each, action: act, items: [1, 2]}", r"items must be a path into the context"),
