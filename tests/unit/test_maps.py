@@ -244,3 +244,32 @@ def test_a_re_driven_map_republishes_what_was_lost_and_inserts_nothing_twice(sto
 def test_an_empty_list_ends_the_map_at_once(store):
     s, outcome = mapping(store, [])
     assert outcome.decision == "done" and outcome.results["each"] == []
+
+
+# ---------------------------------------------------------------------------------------------- the page
+
+
+def test_the_status_page_shows_a_maps_counts_and_its_first_items_capped(app_and_store):
+    from sagaflow.web.pages import MAP_ITEMS_SHOWN
+
+    app, store = app_and_store
+    s = store.transactional
+    s.create_run("m-page", "maps", 1, {}, [StepSpec("each", True, kind="map", non_atomic=True)])
+    assert s.claim_step("m-page", 0, "tm:0", [], LEASE).outcome is C.CLAIMED
+    s.start_map("m-page", 0, "tm:0", list(range(250)), 3, LEASE)
+    for n in (0, 1, 2):
+        assert s.claim_item("m-page", 0, n, f"i{n}:0", [], LEASE, 3).outcome is C.CLAIMED
+    s.complete_item("m-page", 0, 0, "i0:0", 0, 3, LEASE)
+    s.complete_item("m-page", 0, 2, "i2:0", 2, 3, LEASE)  # hands out 3 and 4
+    assert s.claim_item("m-page", 0, 3, "i3:0", [], LEASE, 3).outcome is C.CLAIMED  # still running
+    s.fail_item("m-page", 0, 1, "i1:0", "ValueError: item one is bad", 3, LEASE)
+
+    page = app.test_client().get("/runs/m-page").get_data(as_text=True)
+    assert "map: 250 items" in page
+    for count in ('data-status="succeeded">2 done', 'data-status="failed">1 failed',
+                  'data-status="running">1 running', 'data-status="dispatched">1 queued',
+                  'data-status="pending">245 pending'):
+        assert count in page
+    assert "Items of map each" in page and f"the first {MAP_ITEMS_SHOWN} shown" in page
+    assert page.count('<tr data-item="') == MAP_ITEMS_SHOWN
+    assert "ValueError: item one is bad" in page
