@@ -273,3 +273,41 @@ def test_the_status_page_shows_a_maps_counts_and_its_first_items_capped(app_and_
     assert "Items of map each" in page and f"the first {MAP_ITEMS_SHOWN} shown" in page
     assert page.count('<tr data-item="') == MAP_ITEMS_SHOWN
     assert "ValueError: item one is bad" in page
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+
+harness_map = Saga("harness_map")
+UNDONE: list[int] = []
+
+
+@harness_map.map(items=lambda ctx: ctx.input["xs"], concurrency=2)
+def square(ctx):
+    if ctx.item == ctx.input.get("bad"):
+        from sagaflow import NonRetryableError
+
+        raise NonRetryableError(f"item {ctx.item_index} is bad")
+    return ctx.item * ctx.item
+
+
+@square.compensation
+def unsquare(ctx):
+    UNDONE.append(ctx.item_index)
+
+
+def test_a_map_runs_in_the_testing_harness_as_on_a_worker():
+    from sagaflow.testing import SagaHarness
+
+    with SagaHarness() as harness:
+        run = harness.run("harness_map", {"xs": [3, 1, 2]})
+        assert run.status == "succeeded" and run.step("square").result == [9, 1, 4]
+        UNDONE.clear()
+        failed = harness.run("harness_map", {"xs": [3, 1, 2, 5, 6], "bad": 5})
+        assert failed.status == "compensated" and "item 3 failed" in failed.step("square").error
+        # every item that completed (before item 3 failed, or beside it: a late success) is undone, once
+        from sagaflow.app import get_store
+
+        items = get_store().map_summary(failed.id)[0]["items"]
+        completed = {it["item"] for it in items if it["status"] == "compensated"}
+        assert completed and sorted(UNDONE) == sorted(completed) and 3 not in completed
+        assert {it["status"] for it in items} <= {"compensated", "failed", "skipped"}
