@@ -25,7 +25,7 @@ from celery.signals import before_task_publish
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table, inspect, select
 from sqlalchemy.exc import DBAPIError
 
-from sagaflow import Map, NonRetryableError, RetryPolicy, Saga, StepContext
+from sagaflow import Map, NonRetryableError, RetryPolicy, Saga, StepContext, handler
 from sagaflow.app import get_settings, get_store
 from sagaflow.tasks.effects import do, undo
 
@@ -167,6 +167,15 @@ map_kill = Saga("map_kill")
 def slow(ctx: StepContext):
     return _item_action(ctx)
 
+
+# The handlers of tests/sagas_maps.yaml (map_yaml): the same map, written in YAML.
+@handler("map_test_plan")
+def _yaml_plan(ctx: StepContext):
+    return {"ids": ctx.input.get("ids")}
+
+
+handler("map_test_item")(_item_action)
+handler("map_test_undo")(_item_undo)
 
 MEASURED = {"map_orders", "map_noop", "map_from_result", "map_kill"}
 

@@ -42,7 +42,7 @@ def settings(services, tmp_path_factory):
         # sagas too, since their workers share the default queue with the session's worker.
         "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches,"
                             "tests.sagas_liveness,tests.sagas_timers,tests.sagas_limits,tests.sagas_maps",
-        "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
+        "SAGAFLOW_SAGA_FILES": f"{ROOT / 'config' / 'sagas.yaml'},{ROOT / 'tests' / 'sagas_maps.yaml'}",
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
     })

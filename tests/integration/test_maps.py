@@ -172,3 +172,13 @@ def test_items_of_a_killed_worker_are_re_driven_through_the_maps_lease(settings,
         stop_worker(doomed)
         if rescuer is not None:
             stop_worker(rescuer)
+
+
+def test_a_map_written_in_yaml_runs_and_compensates_its_items(client):
+    run = client.wait(client.start("map_yaml", {"ids": [4, 5, 6, 7]}).id, timeout=60)
+    assert run.status == "succeeded"
+    assert run.step("visit").result == [{"item": n, "doubled": 2 * n} for n in (4, 5, 6, 7)]
+    failed = client.wait(client.start("map_yaml", {"ids": [4, 5, 6, 7], "fail_items": [2]}).id, timeout=60)
+    assert failed.status == "compensated" and "item 2 failed" in failed.step("visit").error
+    done = sorted(i for k, _, i in effects(failed.id) if k == "do")
+    assert 2 not in done and sorted(i for k, _, i in effects(failed.id) if k == "undo") == done
