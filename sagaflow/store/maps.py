@@ -54,6 +54,18 @@ def _first(conn, run_id: str, idx: int, statuses: Sequence[str]):
                         .order_by(m.item).limit(1)).first()
 
 
+def reopen_items(conn, run_id: str, indexes: Sequence[int]) -> None:
+    """An operator's forward retry put the failed steps ``indexes`` back to pending (a run stuck past its
+    pivot, store/flags.py): their map items that failed or were skipped go back to pending too, so the map's
+    next delivery runs them again (their retry policy starts a new round: attempts from 1); the completed
+    ones stay done."""
+    m = t.map_items.c
+    if indexes:
+        conn.execute(update(t.map_items)
+                     .where(m.run_id == run_id, m.idx.in_(list(indexes)), m.status.in_([FAILED, SKIPPED]))
+                     .values(status=PENDING, claim=None, lease_expires_at=None, finished_at=None, attempts=0))
+
+
 class Maps(Engines):
     def map_has_items(self, run_id: str, idx: int) -> bool:
         """Whether the map step ``idx`` computed its items already (a re-driven map reuses them)."""

@@ -311,3 +311,24 @@ def test_a_map_runs_in_the_testing_harness_as_on_a_worker():
         completed = {it["item"] for it in items if it["status"] == "compensated"}
         assert completed and sorted(UNDONE) == sorted(completed) and 3 not in completed
         assert {it["status"] for it in items} <= {"compensated", "failed", "skipped"}
+
+
+def test_a_forward_retry_of_a_map_past_its_pivot_runs_its_failed_and_skipped_items_again(store):
+    s = store.transactional
+    s.create_run("r1", "maps", 1, {}, [StepSpec("commit", False, pivot=True),
+                                       StepSpec("each", False, kind="map", non_atomic=True)])
+    assert s.claim_step("r1", 0, "t0:0", [], LEASE).outcome is C.CLAIMED
+    assert s.complete_step("r1", 0, "t0:0", None)
+    assert s.claim_step("r1", 1, "tm:0", [], LEASE).outcome is C.CLAIMED
+    s.start_map("r1", 1, "tm:0", [0, 1, 2], 2, LEASE)
+    run_item(s, 0, "zero")
+    assert s.claim_item("r1", 1, 1, "i1:0", [], LEASE, 2).outcome is C.CLAIMED
+    assert s.fail_item("r1", 1, 1, "i1:0", "boom", 2, LEASE).decision == "waiting"  # item 2 handed out
+    assert s.claim_item("r1", 1, 2, "i2:0", [], LEASE, 2).after.decision == "failed"  # skipped: the map fails
+    assert s.stop_past_pivot("r1", 1, "lost") is not None and s.get_run("r1").status == "stuck"
+    assert s.request_forward_retry("r1")[0] == 1
+    assert s.map_summary("r1")[1]["counts"] == {"succeeded": 1, "pending": 2}
+    assert s.claim_step("r1", 1, "tm2:0", [], LEASE).outcome is C.CLAIMED
+    again = s.start_map("r1", 1, "tm2:0", None, 2, LEASE)
+    assert (again.decision, again.items) == ("dispatch", (1, 2))
+    assert s.claim_item("r1", 1, 1, "j1:0", [], LEASE, 2).attempt == 1  # a new round of its retry policy
