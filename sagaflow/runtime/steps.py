@@ -19,7 +19,14 @@ from celery.exceptions import Ignore, Retry
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSerializable, SagaCancelled
+from sagaflow.errors import (
+    AlreadyFailed,
+    InvalidInput,
+    LeaseLost,
+    NonRetryableError,
+    ResultNotSerializable,
+    SagaCancelled,
+)
 from sagaflow.inbound import MessageRefused
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
@@ -343,6 +350,10 @@ def run_item(self: SagaTask, *, run_id: str, index: int, item: int, version: int
         _run_item(self, run_id, index, item, version, inbound.refused(self.request))
 
 
+LOST_ITEM = ("the item's worker process was lost, or hit its hard time limit, on every attempt its retry policy "
+             "allows; check the worker's log")
+
+
 def _run_item(self: SagaTask, run_id: str, index: int, item: int, version: int, refused: str | None) -> None:
     saga, step = self.definition(version)
     store = get_store().transactional
@@ -377,6 +388,8 @@ def _run_item(self: SagaTask, run_id: str, index: int, item: int, version: int, 
     try:
         if refused is not None:  # the worker cut this message's arguments (sagaflow/inbound.py): never run it
             raise MessageRefused(refused)
+        if claimed.attempt > step.retry.max_attempts:  # every earlier attempt was lost (killed, hard limit)
+            raise NonRetryableError(LOST_ITEM)
         value = call_action(step, ctx)
     except (Retry, Ignore):
         raise

@@ -182,3 +182,20 @@ def test_a_map_written_in_yaml_runs_and_compensates_its_items(client):
     assert failed.status == "compensated" and "item 2 failed" in failed.step("visit").error
     done = sorted(i for k, _, i in effects(failed.id) if k == "do")
     assert 2 not in done and sorted(i for k, _, i in effects(failed.id) if k == "undo") == done
+
+
+def test_an_item_lost_on_every_attempt_its_policy_allows_fails_for_good_instead_of_looping(client):
+    """As if item 9 had been killed on each of its 3 attempts (FAST allows 3): its next claim fails it."""
+    from sqlalchemy import update
+
+    run = client.start("map_orders", {"items": list(range(10)), "sleep": 0.5})
+    m = tables.map_items.c
+    wait_for(lambda: 9 in _items(run.id), timeout=30, what="the map's items")
+    with get_store().engine.begin() as conn:
+        moved = conn.execute(update(tables.map_items).where(m.run_id == run.id, m.item == 9, m.status == "pending")
+                             .values(attempts=3)).rowcount
+    assert moved == 1
+    run = client.wait(run.id, timeout=60)
+    assert run.status == "compensated"
+    assert "lost" in _items(run.id)[9]["error"] and "item 9 failed" in run.step("charge").error
+    assert 9 not in [i for k, _, i in effects(run.id) if k == "do"]
