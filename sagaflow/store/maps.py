@@ -41,6 +41,7 @@ ITEM_STATUSES = (PENDING, DISPATCHED, RUNNING, SUCCEEDED, FAILED, SKIPPED, COMPE
 IN_FLIGHT = (DISPATCHED, RUNNING)
 INSERT_BATCH = 1000  # rows per INSERT of a new map's items
 CANCELLED_MAP = "the run was cancelled while the map ran"
+LEASE_PUSH_EVERY = dt.timedelta(seconds=1)
 
 
 def _item(run_id: str, idx: int):
@@ -106,26 +107,45 @@ class Maps(Engines):
                    lease: float, concurrency: int) -> ItemClaim:
         """An item's delivery claims it (compare-and-set, as a step's claim: store/guards.claimable). When the
         map is failing (an item failed for good, a cancel came in) an item not yet run is skipped instead,
-        and its end may end the map (``after``)."""
+        and its end may end the map (``after``).
+
+        The claim itself takes no run lock: an item handed out counts as in flight whether it is claimed or
+        not, so a failure decided meanwhile (under the lock) waits for it either way. Only the skip, which
+        may end the map, is decided under the lock."""
         now = utcnow()
         m, r, s = t.map_items.c, t.runs.c, t.steps.c
-        with self.engine.begin() as conn:
-            run = lock_run(conn, run_id, r.input)
-            row = conn.execute(select(m.status, m.value, m.attempts).where(_item(run_id, idx), m.item == item)).first()
-            step = conn.execute(select(s.name, s.status).where(s.run_id == run_id, s.idx == idx)).first()
-            if run is None or row is None or step is None:
-                return ItemClaim(ClaimOutcome.GONE)
-            if row.status in (SUCCEEDED, COMPENSATED):
-                return ItemClaim(ClaimOutcome.DONE)
-            if row.status in (FAILED, SKIPPED, PENDING):
-                return ItemClaim(ClaimOutcome.GONE)
-            options = [m.status == DISPATCHED,
-                       and_(m.status == RUNNING, m.claim == token, m.lease_expires_at < now),
-                       and_(m.status == RUNNING, m.claim.is_(None))]
-            if earlier_tokens:
-                options.append(and_(m.status == RUNNING, m.claim.in_(list(earlier_tokens))))
-            mine = and_(_item(run_id, idx), m.item == item, or_(*options))
-            if step.status != StepStatus.RUNNING.value or self._failing(conn, run, run_id, idx):
+        options = [m.status == DISPATCHED,
+                   and_(m.status == RUNNING, m.claim == token, m.lease_expires_at < now),
+                   and_(m.status == RUNNING, m.claim.is_(None))]
+        if earlier_tokens:
+            options.append(and_(m.status == RUNNING, m.claim.in_(list(earlier_tokens))))
+        mine = and_(_item(run_id, idx), m.item == item, or_(*options))
+        for locked in (False, True):
+            with self.engine.begin() as conn:
+                run = (lock_run(conn, run_id, r.input) if locked else
+                       conn.execute(select(r.status, r.cancel_requested, r.input).where(r.id == run_id)).first())
+                row = conn.execute(select(m.status, m.value).where(_item(run_id, idx), m.item == item)).first()
+                step = conn.execute(select(s.name, s.status).where(s.run_id == run_id, s.idx == idx)).first()
+                if run is None or row is None or step is None:
+                    return ItemClaim(ClaimOutcome.GONE)
+                if row.status in (SUCCEEDED, COMPENSATED):
+                    return ItemClaim(ClaimOutcome.DONE)
+                if row.status in (FAILED, SKIPPED, PENDING):
+                    return ItemClaim(ClaimOutcome.GONE)
+                if step.status == StepStatus.RUNNING.value and not self._failing(conn, run, run_id, idx):
+                    claimed = conn.execute(
+                        update(t.map_items).where(mine)
+                        .values(status=RUNNING, claim=token, attempts=m.attempts + 1,
+                                lease_expires_at=now + dt.timedelta(seconds=lease))
+                        .returning(m.attempts)
+                    ).first()
+                    if claimed is None:
+                        return ItemClaim(ClaimOutcome.BUSY)
+                    self._push_lease(conn, run_id, idx, now, lease)
+                    return ItemClaim(ClaimOutcome.CLAIMED, value=row.value, attempt=claimed.attempts,
+                                     input=run.input)
+                if not locked:
+                    continue  # the map is failing: decide the skip under the run lock
                 skipped = conn.execute(update(t.map_items).where(mine)
                                        .values(status=SKIPPED, claim=None, lease_expires_at=None, finished_at=now)
                                        .returning(m.item)).first()
@@ -134,16 +154,7 @@ class Maps(Engines):
                 after = (self._advance(conn, run, run_id, idx, step.name, concurrency, lease, now)
                          if step.status == StepStatus.RUNNING.value else MapOutcome("gone"))
                 return ItemClaim(ClaimOutcome.GONE, after=after)
-            claimed = conn.execute(
-                update(t.map_items).where(mine)
-                .values(status=RUNNING, claim=token, attempts=m.attempts + 1,
-                        lease_expires_at=now + dt.timedelta(seconds=lease))
-                .returning(m.attempts)
-            ).first()
-            if claimed is None:
-                return ItemClaim(ClaimOutcome.BUSY)
-            self._push_lease(conn, run_id, idx, now, lease)
-            return ItemClaim(ClaimOutcome.CLAIMED, value=row.value, attempt=claimed.attempts, input=run.input)
+        raise AssertionError("unreachable: the locked pass always decides")
 
     def retry_item(self, run_id: str, idx: int, item: int, token: str, error: str, delay: float,
                    lease: float) -> bool:
@@ -217,12 +228,13 @@ class Maps(Engines):
                 or _first(conn, run_id, idx, (FAILED,)) is not None)
 
     def _push_lease(self, conn, run_id: str, idx: int, now: dt.datetime, seconds: float) -> None:
-        """An item moved: the map is alive for another lease (never shortened)."""
+        """An item moved: the map is alive for another lease (never shortened). Written at most once a second
+        (LEASE_PUSH_EVERY): every item's transition would otherwise queue on the map step's row."""
         s = t.steps.c
         until = now + dt.timedelta(seconds=seconds)
         conn.execute(update(t.steps)
                      .where(s.run_id == run_id, s.idx == idx, s.status == StepStatus.RUNNING.value,
-                            or_(s.lease_expires_at.is_(None), s.lease_expires_at < until))
+                            or_(s.lease_expires_at.is_(None), s.lease_expires_at < until - LEASE_PUSH_EVERY))
                      .values(lease_expires_at=until))
 
     def _advance(self, conn, run, run_id: str, idx: int, name: str, concurrency: int, lease: float,
