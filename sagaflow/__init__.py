@@ -24,6 +24,7 @@ from sagaflow.errors import (
 from sagaflow.hosting import install  # noqa: E402
 from sagaflow.model.declarative import SagaFileError, handler
 from sagaflow.model.definition import (
+    Map,
     Parallel,
     RetryKind,
     RetryPolicy,
@@ -41,7 +42,7 @@ from sagaflow.model.status import RunStatus, StepStatus
 __all__ = [
     "install",
     "BrokerUnavailable", "DefinitionError", "EventKind", "InvalidInput", "InvalidTransition", "NonRetryableError",
-    "Origin",
+    "Map", "Origin",
     "Parallel", "ResultNotSerializable", "RetryKind", "RetryPolicy", "Run", "RunStatus", "Saga", "SagaCancelled",
     "SagaClient", "SagaFileError", "SagaflowError", "Sleep", "Step", "StepContext", "StepKind", "StepStatus",
     "UnknownRun", "UnknownSaga", "UnknownSchedule", "__version__", "handler", "registry",

@@ -479,6 +479,11 @@ class SagaClient:
         its pool holds: {"id", "hostname", "pid", "queues", "started_at", "heartbeat_at", "age", "holds"}."""
         return self.store.live_workers(get_settings().worker_dead_after)
 
+    def map_items(self, run_id: str, limit: int = 100) -> dict[int, dict]:
+        """The run's map steps, by step index: {"counts": {item status: n}, "total", "items": the first ``limit``
+        items as {"item", "status", "attempts", "error"}}. Empty for a run without map steps."""
+        return self.store.map_summary(run_id, limit)
+
     def step_duration_percentiles(self) -> dict[tuple[str, str], dict]:
         """{(saga, step): {"count", "max", "p50", "p90", "p99"}} of the steps' durations, in seconds."""
         return self.store.step_duration_percentiles()

@@ -189,7 +189,19 @@ def _render_run(run_id: str, status_code: int = 200, error: str | None = None):
         running=_running(run), flower_state=lambda bar: asker.state(bar.task_id if bar.flower_url else None),
         pauses=TimeAxis(bars, run.finished_at).pauses if bars else [],
         cancel_event=cancel_event, cancel_waits_for=[s.name for s in run.steps if s.status == StepStatus.RUNNING],
+        maps=_maps(run),
     ), status_code
+
+
+MAP_ITEMS_SHOWN = 100  # items listed per map step; a longer map shows its counts and the first ones
+
+
+def _maps(run) -> dict:
+    """For each map step, by name: its items' counts (done, failed, running...) and the first items."""
+    if not any(s.kind == "map" for s in run.steps):
+        return {}
+    found = SagaClient().map_items(run.id, MAP_ITEMS_SHOWN)
+    return {s.name: {**found[s.index], "shown": MAP_ITEMS_SHOWN} for s in run.steps if s.index in found}
 
 
 def _running(run) -> dict:

@@ -219,6 +219,7 @@ STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS, *STEP
 GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description", "payload_required"}
 CHILD_KEYS = {"child", "saga", "compensation", "description"}
 SLEEP_KEYS = {"sleep", "seconds", "compensation", "description"}
+MAP_KEYS = {"map", "action", "compensation", "items", "concurrency", "description"} | STEP_OPTIONS
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
 
@@ -391,6 +392,52 @@ def _waiting_step(spec: Any, line: int | None, handlers: HandlerRegistry, where:
         raise where.error(str(exc), _line(spec)) from None
 
 
+def items_at(path: str) -> Callable[[Any], list]:
+    """A map's ``items`` written as a path into the context: ``input.<key>...`` (the run's input) or
+    ``results.<step>.<key>...`` (an earlier step's result); a number picks from a list. The function raises
+    LookupError, naming the path, when the run's context has nothing there."""
+    parts = path.split(".") if isinstance(path, str) else []
+    if len(parts) < 2 or parts[0] not in ("input", "results") or any(not p for p in parts) \
+            or (parts[0] == "results" and not NAME_PATTERN.match(parts[1])):
+        raise DefinitionError(f"items must be a path into the context, \"input.<key>...\" or "
+                              f"\"results.<step>...\", got {path!r}")
+
+    def items(ctx) -> list:
+        value: Any = ctx.input if parts[0] == "input" else ctx.results
+        for part in parts[1:]:
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                raise LookupError(f"items path {path!r}: the run's context has nothing at {part!r}")
+        return value
+
+    items.__qualname__ = f"items_at({path!r})"
+    return items
+
+
+def _map_step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry, where: _Where) -> Step:
+    """``{map: name, action: handler, items: input.<key>, concurrency: 10, compensation: handler}``."""
+    where.step = spec["map"] if isinstance(spec["map"], str) else None
+    _check_keys(spec, MAP_KEYS, ("map", "action", "items"), "a map step", where, line)
+    name = spec["map"]
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise where.error(f"map must be the step's name (an identifier), got {name!r}", _line(spec, "map"))
+    action = _handler(spec, "action", handlers, where)
+    compensation = _handler(spec, "compensation", handlers, where)
+    options = {**defaults, **_options(spec, where)}
+    try:
+        items = items_at(spec["items"])
+    except DefinitionError as exc:
+        raise where.error(str(exc), _line(spec, "items")) from None
+    try:
+        return Step(name, action, compensation, kind="map", items=items,
+                    map_concurrency=spec.get("concurrency", 10), **options)
+    except DefinitionError as exc:
+        raise where.error(str(exc), _line(spec, "concurrency" if "concurrency" in spec else None)) from None
+
+
 def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: _Where, step_lines: dict, *,
            nested: bool = False) -> list:
     """A saga's steps: Step, or Parallel for ``{parallel: [step, step, ...]}`` (not nested). ``step_lines``
@@ -412,13 +459,15 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
                 raise where.error(str(exc), _line(spec, "parallel")) from None
         elif isinstance(spec, dict) and ("gate" in spec or "child" in spec or "sleep" in spec):
             built.append(_waiting_step(spec, line, handlers, where))
+        elif isinstance(spec, dict) and "map" in spec:
+            built.append(_map_step(spec, line, defaults, handlers, where))
         else:
             built.append(_step(spec, line, defaults, handlers, where))
         if isinstance(built[-1], Step):
             step_lines[id(built[-1])] = _line(spec) or line
             if nested and (built[-1].pivot or str(built[-1].kind) not in ("action", "child")):
                 where.step = built[-1].name
-                raise where.error("a gate, a sleep or a pivot cannot be in a parallel group: it runs alone",
+                raise where.error("a gate, a sleep, a map or a pivot cannot be in a parallel group: it runs alone",
                                   _line(spec) or line)
     return built
 

@@ -192,6 +192,9 @@ class StepContext:
     results: dict[str, Any] = field(default_factory=dict)
     result: Any = None
     _heartbeat: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # A map step's item (Saga.map): the item and its index in the list; None for every other step.
+    item: Any = None
+    item_index: int | None = None
 
     def heartbeat(self) -> None:
         """Tell sagaflow this step is alive: push its lease forward. A long step that sets ``lease`` shorter
@@ -205,6 +208,7 @@ class StepContext:
 
 Action = Callable[[StepContext], Any]
 ChildInput = Callable[[StepContext], dict]
+MapItems = Callable[[StepContext], list]
 SleepFor = Callable[[StepContext], float]
 # The longest sleep (about 31 years): a timestamp the database and Python both keep.
 MAX_SLEEP = 10**9
@@ -224,6 +228,7 @@ class StepKind(str, Enum):
     GATE = "gate"  # wait, holding no worker, for a named signal (client.signal) or its timeout
     CHILD = "child"  # start another saga as a child run; done when the child succeeds
     SLEEP = "sleep"  # wait, holding no worker and no message, until a time kept in SQL (a durable timer)
+    MAP = "map"  # run the action once per item of a list, a bounded number at once (Saga.map)
 
     def __str__(self) -> str:
         return self.value
@@ -264,6 +269,8 @@ class Step:
         seconds: float | SleepFor | None = None,
         concurrency: int | None = None,
         rate_limit: str | None = None,
+        items: MapItems | None = None,
+        map_concurrency: int | None = None,
     ) -> None:
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise DefinitionError(f"step name {name!r} must be an identifier (letters, digits, underscore)")
@@ -272,8 +279,12 @@ class Step:
         except ValueError:
             raise DefinitionError(f"step {name!r}: kind must be one of "
                                   f"{', '.join(k.value for k in StepKind)}, got {kind!r}") from None
-        if kind is StepKind.ACTION and not callable(action):
+        if kind in (StepKind.ACTION, StepKind.MAP) and not callable(action):
             raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
+        if kind is StepKind.MAP:
+            check_map(name, items, map_concurrency, best_effort or pivot)
+        elif items is not None or map_concurrency is not None:
+            raise DefinitionError(f"step {name!r}: only a map step takes items or a map concurrency")
         for option, flag in (("best_effort", best_effort), ("non_atomic", non_atomic), ("pivot", pivot)):
             if not isinstance(flag, bool):
                 raise DefinitionError(f"step {name!r}: {option} must be True or False, got {flag!r}")
@@ -345,6 +356,8 @@ class Step:
         self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
         self.child_input = child_input  # ctx -> the child's input; None: the parent's input
         self.seconds = seconds  # a sleep's duration, or ctx -> seconds (computed when the run gets there)
+        self.items = items  # a map step: ctx -> the list of items (computed when the run gets there)
+        self.map_concurrency = map_concurrency  # a map step: at most this many items in flight at once
         self.group: int | None = None  # Saga.parallel: the index of the group's first step
         self.saga: Saga | None = None
 
@@ -387,6 +400,23 @@ class Step:
 def Sleep(name: str, seconds: float | SleepFor, compensation: Action | None = None) -> Step:
     """A sleep step for the plain form: ``Saga(name, steps=[a, Sleep("cool_off", 3600), b])``."""
     return Step(name, None, compensation, kind=StepKind.SLEEP, seconds=seconds)
+
+
+def check_map(name: str, items: Any, concurrency: Any, flagged: bool) -> None:
+    """A map step's own options: ``items`` a function of the context, ``concurrency`` an integer >= 1."""
+    if not callable(items):
+        raise DefinitionError(f"map {name!r}: items must be callable (ctx -> list), got {items!r:.80}")
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise DefinitionError(f"map {name!r}: concurrency must be an integer >= 1 (items in flight at once), "
+                              f"got {concurrency!r:.80}")
+    if flagged:
+        raise DefinitionError(f"map {name!r}: a map step cannot be best_effort or a pivot")
+
+
+def Map(name: str, action: Action, items: MapItems, *, concurrency: int = 10, compensation: Action | None = None,
+        **options: Any) -> Step:
+    """A map step for the plain form: ``Saga(name, steps=[a, Map("charge", charge, lambda ctx: ...), b])``."""
+    return Step(name, action, compensation, kind=StepKind.MAP, items=items, map_concurrency=concurrency, **options)
 
 
 class Parallel:
@@ -508,6 +538,27 @@ class Saga:
         registry.changed(self)
         return step
 
+    def map(self, fn: Action | None = None, *, items: MapItems, concurrency: int = 10, name: str | None = None,
+            retry: RetryPolicy | None = None, compensation_retry: RetryPolicy | None = None,
+            timeout: float | None = None, lease: float | None = None, queue: str | None = None,
+            compensation_timeout: float | None = None):
+        """Decorator: append a map step. ``items(ctx)`` computes a list from the context (the input or an earlier
+        step's result) when the run gets there; the function runs once per item (``ctx.item``,
+        ``ctx.item_index``, ``ctx.idempotency_key == "<run_id>:<step>:<index>"``), at most ``concurrency`` at
+        once, each item with its own retries and lease; the step's result is the list of the items' results,
+        in item order. Its compensation (``@step.compensation``) runs once per completed item, with that item
+        and its result. When one item fails for good, the completed items are undone, then the earlier steps."""
+
+        def register(func: Action) -> Step:
+            step = Map(name or func.__name__, func, items, concurrency=concurrency, retry=retry,
+                       compensation_retry=compensation_retry, timeout=timeout, lease=lease, queue=queue,
+                       compensation_timeout=compensation_timeout)
+            self._append(step)
+            registry.changed(self)
+            return step
+
+        return register(fn) if fn is not None else register
+
     @contextmanager
     def parallel(self):
         """Steps appended inside ``with saga.parallel():`` form one group: they run at the same time and
@@ -574,7 +625,7 @@ class Saga:
             # whole run, and a pivot's success must not race a sibling's failure: they run alone.
             if step.kind not in (StepKind.ACTION, StepKind.CHILD) or step.pivot:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r} cannot be in a parallel group "
-                                      f"(gates, sleeps and pivots run alone)")
+                                      f"(gates, sleeps, maps and pivots run alone)")
             if step.concurrency is not None or step.rate_limit is not None:
                 raise DefinitionError(f"saga {self.name!r}: step {step.name!r}: a step in a parallel group takes "
                                       f"no concurrency or rate_limit (yet); limit a step before or after it")

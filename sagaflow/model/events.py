@@ -50,6 +50,8 @@ class EventKind(str, Enum):
     SIGNAL_RECEIVED = "signal_received"
     # parallel groups
     GROUP_JOINED = "group_joined"
+    MAP_STARTED = "map_started"  # a map step computed its items (detail: how many, the concurrency)
+    MAP_ITEM_FAILED = "map_item_failed"  # an item of a map step failed for good (detail: its index, the error)
     UNDOS_HELD = "undos_held"
     UNDOS_RELEASED = "undos_released"
 

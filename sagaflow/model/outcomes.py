@@ -57,6 +57,36 @@ class BranchOutcome:
 
 
 @dataclass(frozen=True)
+class MapOutcome:
+    """What a map step's transition decided (Store.start_map, claim_item, complete_item, fail_item).
+
+    decision: "dispatch" (publish the messages of ``items``: the window refilled, or items re-driven),
+    "waiting" (items are in flight: publish nothing), "done" (the last item completed the map: publish the
+    steps from ``next_index`` with ``results``, read from SQL), "finished" (the map ended the saga: the run
+    succeeded), "failed" (an item failed for good, or a cancel came in, and no item is in flight any more:
+    the map step is recorded failed: fire its errback), "gone" (the step is no longer running: nothing).
+    """
+
+    decision: str
+    items: tuple[int, ...] = ()
+    next_index: int | None = None
+    results: dict | None = None
+
+
+@dataclass(frozen=True)
+class ItemClaim:
+    """A map item's claim (Store.claim_item): CLAIMED (run it: ``value``, ``attempt``, the run's ``input``),
+    DONE (it completed already: a duplicate), BUSY (another live delivery holds it), GONE (the map failed, was
+    cancelled or moved on: the item was skipped, and ``after`` says what that decided)."""
+
+    outcome: ClaimOutcome
+    value: Any = None
+    attempt: int = 0
+    input: dict | None = None
+    after: MapOutcome | None = None
+
+
+@dataclass(frozen=True)
 class Recovery:
     """What the sweeper must publish to move a stalled run on, decided from SQL in one transaction.
 

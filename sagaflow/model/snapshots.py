@@ -35,7 +35,9 @@ class StepSpec:
         # A child step always has one: undoing it compensates the child run's completed steps.
         return cls(name=step.name, has_compensation=step.compensate is not None or str(step.kind) == "child",
                    kind=str(step.kind),
-                   best_effort=step.best_effort, non_atomic=step.non_atomic, pivot=step.pivot, group=step.group,
+                   best_effort=step.best_effort,
+                   # A map step that failed may have completed items: its undo runs too (it undoes those).
+                   non_atomic=step.non_atomic or str(step.kind) == "map", pivot=step.pivot, group=step.group,
                    signal=step.signal)
 
 

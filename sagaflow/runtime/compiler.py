@@ -47,6 +47,11 @@ def compensation_task_name(saga: Saga, step: Step) -> str:
     return f"{saga.name}.{step.name}.compensate"
 
 
+def item_task_name(saga: Saga, step: Step) -> str:
+    """A map step's item: ``<saga>.<step>.item`` (runtime/maps.py)."""
+    return f"{saga.name}.{step.name}.item"
+
+
 def _limits(step: Step, compensation: bool = False) -> dict:
     """The message's time limits (and queue). An undo has its own limit with ``compensation_timeout``; without
     one it reuses the action's ``timeout``."""
@@ -96,6 +101,19 @@ class Fanout:
     def apply_async(self, **options) -> None:
         for branch in self.tasks:
             branch.apply_async(**options)
+
+
+def map_items(app: Celery, saga: Saga, run_id: str, index: int, items) -> Fanout:
+    """The messages of a map step's ``items`` (their indexes), one each. A message names its item by index
+    only: the item itself is read from SQL, so no message carries the list. No errback: an item records its
+    own failure, and a lost one is re-driven through its map's lease (store/maps.py)."""
+    step = saga.steps[index]
+    return Fanout([
+        app.signature(item_task_name(saga, step), kwargs={"run_id": run_id, "index": index, "item": item,
+                                                          "version": saga.version},
+                      immutable=True, **_limits(step))
+        for item in items
+    ])
 
 
 def segment_end(saga: Saga, start: int, window: int = CHAIN_WINDOW) -> int:

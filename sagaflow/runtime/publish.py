@@ -143,6 +143,14 @@ def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = N
         canvas.apply_async(producer=producer)
 
 
+def map_items(saga: Saga, run_id: str, index: int, items, app: Celery | None = None) -> None:
+    """One message per item of a map step (compiler.map_items): its window refilled, or items re-driven."""
+    if not items:
+        return
+    app = app or celery_app
+    _stamped(compiler.map_items(app, saga, run_id, index, items), app).apply_async()
+
+
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:
     """The compensations ``indexes`` of ``run_id``, in that order (latest completed first)."""
     app = app or celery_app

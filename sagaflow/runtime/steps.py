@@ -12,18 +12,25 @@ the step or compensation for good without running it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from celery.exceptions import Ignore, Retry
 
 from sagaflow import inbound
 from sagaflow.app import get_settings, get_store
-from sagaflow.errors import AlreadyFailed, InvalidInput, LeaseLost, ResultNotSerializable, SagaCancelled
+from sagaflow.errors import (
+    AlreadyFailed,
+    InvalidInput,
+    LeaseLost,
+    NonRetryableError,
+    ResultNotSerializable,
+    SagaCancelled,
+)
 from sagaflow.inbound import MessageRefused
 from sagaflow.model import ClaimOutcome, RunStatus
 from sagaflow.model.definition import Saga, Step, StepContext, StepKind, registry
-from sagaflow.runtime import branches, limits, publish, timers, waits
+from sagaflow.runtime import branches, limits, maps, publish, timers, waits
 from sagaflow.runtime.base import SagaTask
 from sagaflow.runtime.outcomes import DB_OUTAGE, FailedForGood, cancelled, describe, traceback_text
 from sagaflow.safejson import ensure_json
@@ -182,6 +189,8 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         return work.fail(MessageRefused(refused), give_up)
     if step.kind is StepKind.SLEEP:  # a durable timer (runtime/timers.py)
         return timers.enter_sleep(store, saga, step, run_id, index, work.token, work.claim, results)
+    if step.kind is StepKind.MAP:  # its items move the run on (runtime/maps.py)
+        return maps.enter(self, store, saga, step, run_id, index, work.token, work.claim, results, work.lease)
     if step.kind is not StepKind.ACTION:  # a gate or a child step: it may wait (runtime/waits.py)
         return waits.enter(self, store, saga, step, run_id, index, work.token, work.claim, results, work.lease,
                            give_up)
@@ -333,6 +342,86 @@ def call_action(step: Step, ctx: StepContext):
         raise ResultNotSerializable(f"{exc}; return a dict, list, str, number, bool or None") from None
 
 
+# ---------------------------------------------------------------------------------------------- a map's item
+
+
+def run_item(self: SagaTask, *, run_id: str, index: int, item: int, version: int) -> None:
+    """``<saga>.<step>.item``: one item of a map step (runtime/maps.py, store/maps.py)."""
+    with self.database_outage_retries():
+        _run_item(self, run_id, index, item, version, inbound.refused(self.request))
+
+
+LOST_ITEM = ("the item's worker process was lost, or hit its hard time limit, on every attempt its retry policy "
+             "allows; check the worker's log")
+
+
+def _run_item(self: SagaTask, run_id: str, index: int, item: int, version: int, refused: str | None) -> None:
+    saga, step = self.definition(version)
+    store = get_store().transactional
+    token, earlier_tokens = self.tokens()
+    lease = self.lease_seconds(step)
+    width = step.map_concurrency or 1
+    fields = {"run_id": run_id, "step": step.name, "item": item}
+    claimed = store.claim_item(run_id, index, item, token, earlier_tokens, lease, width)
+    if claimed.outcome is not ClaimOutcome.CLAIMED:
+        if claimed.after is not None:
+            log.info("map_item_skipped", extra={**fields, "reason": "the map is failing or was cancelled"})
+            maps.follow(saga, step, run_id, index, claimed.after)
+        else:
+            log.info("map_item_duplicate_ignored", extra={**fields, "outcome": claimed.outcome.value})
+        raise Ignore()
+
+    def beat() -> None:
+        held, cancel = store.extend_item_lease(run_id, index, item, token, lease)
+        if not held:
+            raise LeaseLost(f"run {run_id}: another delivery took over item {item} of {step.name!r}")
+        if cancel:
+            raise SagaCancelled(f"run {run_id} was cancelled while item {item} of {step.name!r} ran")
+
+    def give_up(exc: Exception) -> None:
+        error = describe(exc, self.soft_limit())
+        log.warning("map_item_failed", extra={**fields, "attempt": claimed.attempt, "error": error})
+        maps.follow(saga, step, run_id, index, store.fail_item(run_id, index, item, token, error, width, lease))
+
+    ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claimed.input or {},
+                      attempt=claimed.attempt, idempotency_key=f"{run_id}:{step.name}:{item}", item=claimed.value,
+                      item_index=item, _heartbeat=beat)
+    try:
+        if refused is not None:  # the worker cut this message's arguments (sagaflow/inbound.py): never run it
+            raise MessageRefused(refused)
+        if claimed.attempt > step.retry.max_attempts:  # every earlier attempt was lost (killed, hard limit)
+            raise NonRetryableError(LOST_ITEM)
+        value = call_action(step, ctx)
+    except (Retry, Ignore):
+        raise
+    except LeaseLost as exc:
+        log.warning("map_item_lease_lost", extra=fields)
+        raise Ignore() from exc
+    except Exception as exc:
+        policy = step.retry
+        if not isinstance(exc, (SagaCancelled, MessageRefused)) and policy.allows_retry(exc, claimed.attempt):
+            delay = policy.delay(claimed.attempt)
+            if not store.retry_item(run_id, index, item, token, describe(exc), delay, lease):
+                raise Ignore() from exc
+            log.info("map_item_retried", extra={**fields, "attempt": claimed.attempt, "retry_in": round(delay, 3)})
+            raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1) from exc
+        give_up(exc)
+        return
+    maps.follow(saga, step, run_id, index, store.complete_item(run_id, index, item, token, value, width, lease))
+
+
+def _undo_items(store, step: Step, run_id: str, index: int, ctx: StepContext) -> None:
+    """A map step's undo: its compensation once per completed item, latest completed first, each recorded as
+    it is done, so a retry or a redelivery of the undo goes on where it stopped (store/maps.py)."""
+    for item, value, result in store.items_to_undo(run_id, index):
+        if step.compensate is not None:
+            _invoke("compensation", step.compensate,
+                    replace(ctx, item=value, item_index=item, result=result,
+                            idempotency_key=f"{ctx.idempotency_key}:{item}"))
+        store.item_undone(run_id, index, item)
+        ctx.heartbeat()  # a long list: keep the undo's claim alive
+
+
 # ---------------------------------------------------------------------------------------------- a compensation
 
 
@@ -368,7 +457,9 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
 
     ctx = work.context(result=work.claim.result, _heartbeat=work.heartbeat(stop_on_cancel=False))
     try:
-        if step.compensate is not None:  # a child step may have none of its own
+        if step.kind is StepKind.MAP:
+            _undo_items(store, step, run_id, index, ctx)
+        elif step.compensate is not None:  # a child step may have none of its own
             _invoke("compensation", step.compensate, ctx)
     except (Retry, Ignore):
         raise

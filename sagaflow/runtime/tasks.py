@@ -29,10 +29,11 @@ from sagaflow.runtime.compiler import (
     ON_STEP_FAILED,
     RECOVER,
     compensation_task_name,
+    item_task_name,
     step_task_name,
 )
 from sagaflow.runtime.outcomes import DB_OUTAGE, DB_RETRY, LOST_COMPENSATION, LOST_PLAIN, LOST_STEP
-from sagaflow.runtime.steps import run_compensation, run_step
+from sagaflow.runtime.steps import run_compensation, run_item, run_step
 
 log = logging.getLogger("sagaflow.runtime")
 
@@ -47,6 +48,8 @@ def declare_tasks(saga: Saga) -> None:
         wanted: list[tuple[str, Callable]] = [(step_task_name(saga, step), run_step)]
         if step.compensate is not None or step.kind is StepKind.CHILD:
             wanted.append((compensation_task_name(saga, step), run_compensation))
+        if step.kind is StepKind.MAP:
+            wanted.append((item_task_name(saga, step), run_item))
         for name, body in wanted:
             if name not in celery_app.tasks:
                 celery_app.task(name=name, bind=True, base=SagaTask, saga_name=saga.name, step_name=step.name,

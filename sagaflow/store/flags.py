@@ -31,6 +31,7 @@ from sagaflow.store.guards import (
     succeed_run,
     touch,
 )
+from sagaflow.store.maps import reopen_items
 
 
 def past_pivot(conn, run_id: str) -> str | None:
@@ -172,6 +173,7 @@ class Flags(Engines):
                 .values(status=StepStatus.PENDING.value, claim=None, lease_expires_at=None, finished_at=None)
                 .returning(s.idx, s.name)
             ).all()
+            reopen_items(conn, run_id, [row.idx for row in reset])  # a map's failed items run again
             first = min(reset, default=None, key=lambda row: row.idx)
             event(conn, run_id, EventKind.RETRY_REQUESTED, first.name if first is not None else None,
                   {"forward": True, **(origin or {})}, now)

@@ -58,6 +58,7 @@ from sagaflow.store.engine import IDLE_PING_SECONDS, Engines, create_db_engine, 
 from sagaflow.store.flags import Flags
 from sagaflow.store.groups import LOST_BRANCH, Groups
 from sagaflow.store.limits import Limits
+from sagaflow.store.maps import Maps
 from sagaflow.store.operator import Operator
 from sagaflow.store.recovery import Recoveries
 from sagaflow.store.retention import Retention
@@ -71,7 +72,7 @@ from sagaflow.store.workers import Workers
 
 
 class Store(Runs, Children, Groups, Compensation, Claims, Flags, Timers, Waits, Recoveries, Stats, Sessions,
-            Operator, Retention, Workers, Attention, Schedules, Limits, Engines):
+            Operator, Retention, Workers, Attention, Schedules, Limits, Maps, Engines):
     """Runs, steps and events in SQL (see the module docstring for which part holds what)."""
 
 

@@ -112,7 +112,7 @@ class Retention(Engines):
                     gone[(row.saga, row.status)] = gone.get((row.saga, row.status), 0) + 1
                 counters.log(conn, [counters.row(counters.LIVE, saga, status, -n)
                                     for (saga, status), n in sorted(gone.items())])
-                for table in (t.signals, t.events, t.steps):
+                for table in (t.map_items, t.signals, t.events, t.steps):
                     conn.execute(delete(table).where(table.c.run_id.in_(ids)))
                 conn.execute(delete(t.runs).where(r.id.in_(ids)))
             for row in found:

@@ -278,3 +278,26 @@ rate_starts = Table(
     Column("at", UTCDateTime, nullable=False),
     Index("ix_saga_rate_starts_key_at", "key", "at"),
 )
+
+# A map step's items (store/maps.py): one row per item of the list its ``items`` computed, in list order.
+# status: pending (not yet handed out) -> dispatched (its message published: the window) -> running (a
+# delivery holds it, under its lease) -> succeeded | failed (for good) | skipped (the map failed or was
+# cancelled before it ran) ; succeeded -> compensated (its undo done, once).
+map_items = Table(
+    "saga_map_items",
+    metadata,
+    Column("run_id", String(36), ForeignKey("saga_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("idx", Integer, primary_key=True),  # the map step's index
+    Column("item", Integer, primary_key=True),  # the item's index in the list
+    Column("status", String(16), nullable=False),
+    Column("value", JSON, nullable=True),  # the item itself
+    Column("result", JSON, nullable=True),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("claim", String(300), nullable=True),  # the delivery that holds it (as saga_steps.claim)
+    Column("lease_expires_at", UTCDateTime, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("dispatched_at", UTCDateTime, nullable=True),
+    Column("finished_at", UTCDateTime, nullable=True),
+)
+# (run, step, status, item): the window's next items in order, and "is any item failed/in flight", by index.
+Index("ix_saga_map_items_status", map_items.c.run_id, map_items.c.idx, map_items.c.status, map_items.c.item)

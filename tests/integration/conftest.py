@@ -41,8 +41,8 @@ def settings(services, tmp_path_factory):
         # Every worker that consumes the default queue (errbacks) must register every saga: the liveness
         # sagas too, since their workers share the default queue with the session's worker.
         "SAGAFLOW_IMPORTS": "sagaflow.tasks,tests.sagas,tests.sagas_flags,tests.sagas_signals,tests.sagas_branches,"
-                            "tests.sagas_liveness,tests.sagas_timers,tests.sagas_limits",
-        "SAGAFLOW_SAGA_FILES": str(ROOT / "config" / "sagas.yaml"),
+                            "tests.sagas_liveness,tests.sagas_timers,tests.sagas_limits,tests.sagas_maps",
+        "SAGAFLOW_SAGA_FILES": f"{ROOT / 'config' / 'sagas.yaml'},{ROOT / 'tests' / 'sagas_maps.yaml'}",
         "SAGAFLOW_LOG_LEVEL": "INFO",
         "SAGAFLOW_ALERT_HOOK": "tests.sagas:record_alert",
         # On RabbitMQ, queues with x-max-priority (a fresh vhost: none was declared without it), so the pass

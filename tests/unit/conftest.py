@@ -37,8 +37,8 @@ def store(request, tmp_path, postgres_url):
     s = Store(url)
     if request.param == "postgresql":
         with s.engine.begin() as conn:
-            conn.execute(text("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs, saga_counters, "
-                              "saga_counter_log"))
+            conn.execute(text("TRUNCATE saga_map_items, saga_signals, saga_events, saga_steps, saga_runs, "
+                              "saga_counters, saga_counter_log"))
     yield s
     s.dispose()
 

@@ -419,7 +419,7 @@ def test_child_steps_as_branches_of_a_parallel_group_in_a_file(load):
     ("      - parallel:\n          - {action: ingest}\n          - {action: parse, pivot: true}\n", 6,
      "cannot be in a parallel group"),
     ("      - parallel:\n          - {action: ingest}\n          - {sleep: nap, seconds: 5}\n", 6,
-     "a gate, a sleep or a pivot cannot be in a parallel group"),
+     "a gate, a sleep, a map or a pivot cannot be in a parallel group"),
     ("      - {gate: approve, signal: approved}\n", 4, "a gate step needs the key 'timeout'"),
     ("      - {gate: approve, signal: approved, timeout: 5, action: ingest}\n", 4, "unknown key 'action'"),
     ("      - {child: sub, saga: 'not a name'}\n", 4, "saga must be a saga name"),

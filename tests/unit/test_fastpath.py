@@ -18,7 +18,8 @@ def pg_store(postgres_url):
         pytest.skip("no PostgreSQL answers; the integration tests start one")
     store = Store(postgres_url)
     with store.engine.begin() as conn:
-        conn.execute(text("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs, saga_counters, saga_counter_log"))
+        conn.execute(text("TRUNCATE saga_map_items, saga_signals, saga_events, saga_steps, saga_runs, saga_counters, "
+                          "saga_counter_log"))
     yield store
     store.dispose()
 
