@@ -191,7 +191,7 @@ class SagaClient:
             self._check_broker()
         answers = self.store.create_runs(definition.name, definition.version, items,
                                          [StepSpec.of(s) for s in definition.steps], mode=mode, start_at=start_at,
-                                         deadline=deadline)
+                                         deadline=deadline, priority=priority or 0)
         created = [run for run, new in answers if new]
         if start_at is not None:
             log.info("runs_start_delayed", extra={"saga": definition.name, "runs": len(created),
@@ -243,7 +243,8 @@ class SagaClient:
         # The run, its steps, its events, its deadline and its counters: one statement on PostgreSQL.
         (run, created), = self.store.create_runs(
             definition.name, definition.version, [(str(uuid.uuid4()), input, idempotency_key)],
-            [StepSpec.of(s) for s in definition.steps], mode=mode, start_at=start_at, deadline=deadline)
+            [StepSpec.of(s) for s in definition.steps], mode=mode, start_at=start_at, deadline=deadline,
+            priority=priority or 0)
         if not created:
             return run
         if start_at is not None:

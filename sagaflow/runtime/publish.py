@@ -50,8 +50,10 @@ def or_log(logger: logging.Logger, event: str, fields: dict, next: str | None = 
 # window, the compensations its errback publishes, a retry, the link errbacks stamped on each link) takes
 # the priority of the message that task came in with. Redis serves the *lowest* number first (kombu's
 # priority steps, SAGAFLOW's transport options give it all ten), RabbitMQ the highest (a queue declared with
-# x-max-priority: SAGAFLOW_RABBITMQ_PRIORITY): ``broker_priority`` maps one onto the other. Messages published
-# outside a task (the sweeper's, an operator's) go at the default priority.
+# x-max-priority: SAGAFLOW_RABBITMQ_PRIORITY): ``broker_priority`` maps one onto the other. The run's row
+# keeps its priority too (saga_runs.priority): a message for a run published anywhere but inside that run's
+# own task (the sweeper's re-drives and timers, an operator's retry or signal, a queued run given its slot
+# when another run ends, a parent moved on by its child's end) reads it there.
 
 PRIORITIES = range(10)
 DEFAULT_PRIORITY = 0
@@ -74,15 +76,22 @@ def sagaflow_priority(value, app: Celery | None = None) -> int | None:
 
 
 @task_prerun.connect
-def _priority_of_the_delivery(sender=None, task=None, **_):
+def _priority_of_the_delivery(sender=None, task=None, args=None, kwargs=None, **_):
     request = getattr(task, "request", None)
     info = getattr(request, "delivery_info", None) or {}
     _current.value = sagaflow_priority(info.get("priority"), getattr(task, "app", None))
+    # The run the task works for: kwargs run_id (steps, compensations, finish), else its first argument
+    # (the errbacks: run id and step; child_finished: the child's id, so the parent's priority is read).
+    run_id = (kwargs or {}).get("run_id")
+    if run_id is None and args and isinstance(args[0], str):
+        run_id = args[0]
+    _current.run_id = run_id
 
 
 @task_postrun.connect
 def _priority_done(**_):
     _current.value = None
+    _current.run_id = None
 
 
 def current_priority() -> int:
@@ -92,19 +101,33 @@ def current_priority() -> int:
 
 
 @contextmanager
-def priority(value: int | None) -> Iterator[None]:
-    """Publish at ``value`` inside the block (client.start: the new run's priority)."""
-    previous = getattr(_current, "value", None)
-    _current.value = value
+def priority(value: int | None, run_id: str | None = None) -> Iterator[None]:
+    """Publish at ``value`` inside the block (client.start: the new run's priority, for ``run_id``)."""
+    previous = (getattr(_current, "value", None), getattr(_current, "run_id", None))
+    _current.value, _current.run_id = value, run_id
     try:
         yield
     finally:
-        _current.value = previous
+        _current.value, _current.run_id = previous
 
 
-def _stamped(canvas, app: Celery):
-    """Set the current priority on every message of ``canvas``: each link, and each link's errbacks."""
-    value = broker_priority(current_priority(), app)
+def priority_of(run_id: str | None) -> int:
+    """What a message for ``run_id`` goes at: inside that run's own task (or its start), the priority it came
+    with, read from nothing; anywhere else the run's own, from its row (one read, off the hot path). A read
+    that fails gives the default: priority orders work, it never holds any back."""
+    value = getattr(_current, "value", None)
+    if run_id is None or (value is not None and getattr(_current, "run_id", None) == run_id):
+        return current_priority()
+    try:
+        return get_store().run_priority(run_id)
+    except Exception as exc:  # noqa: BLE001 - the message still goes, at the default priority
+        log.warning("priority_not_read", extra={"run_id": run_id, "error": describe(exc)})
+        return DEFAULT_PRIORITY
+
+
+def _stamped(canvas, app: Celery, run_id: str | None = None):
+    """Set the priority of ``run_id`` on every message of ``canvas``: each link, and each link's errbacks."""
+    value = broker_priority(priority_of(run_id), app)
     for signature in getattr(canvas, "tasks", None) or [canvas]:
         # A Signature is a dict; a link or errback may also be a plain dict (a deserialized signature).
         options = signature.setdefault("options", {})
@@ -123,7 +146,7 @@ def start(saga: Saga, run_id: str, *, plain: bool = False, input: dict | None = 
     """A new run's first chain, at priority ``priority_`` (None: the default). Raises when the broker refuses
     (the client deletes the run again). ``producer``: a kombu producer to send on (client.start_many's one
     connection for its batch); None: one from the app's pool."""
-    with priority(priority_):
+    with priority(priority_, run_id):
         if plain:
             chain_from(saga, run_id, plain=True, input=input, app=app, producer=producer)
         else:
@@ -136,7 +159,7 @@ def chain_from(saga: Saga, run_id: str, start: int = 0, results: dict | None = N
     after a joined group, a resumed run, a gate passed; ``start == len(saga.steps)``: the finish task."""
     app = app or celery_app
     canvas = _stamped(compiler.compile_run(app, saga, run_id, start=start, results=results, plain=plain,
-                                           input=input), app)
+                                           input=input), app, run_id)
     if producer is None:
         canvas.apply_async()
     else:
@@ -154,7 +177,7 @@ def map_items(saga: Saga, run_id: str, index: int, items, app: Celery | None = N
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:
     """The compensations ``indexes`` of ``run_id``, in that order (latest completed first)."""
     app = app or celery_app
-    _stamped(compiler.compile_compensation(app, saga, run_id, list(indexes)), app).apply_async()
+    _stamped(compiler.compile_compensation(app, saga, run_id, list(indexes)), app, run_id).apply_async()
 
 
 def compensations_of(run_id: str, indexes, saga: str | None = None, version: int | None = None,
@@ -168,23 +191,23 @@ def compensations_of(run_id: str, indexes, saga: str | None = None, version: int
 
 def errback(run_id: str, index: int, saga: str, version: int) -> None:
     """``sagaflow.on_step_failed`` for step ``index``, outside a chain: it begins the compensation."""
-    _stamped(compiler.step_errback(celery_app, run_id, index, saga, version), celery_app).apply_async()
+    _stamped(compiler.step_errback(celery_app, run_id, index, saga, version), celery_app, run_id).apply_async()
 
 
 def compensation_errback(run_id: str, index: int) -> None:
     """``sagaflow.on_compensation_failed`` for step ``index``: its undo gave up; the run ends
     compensation_failed (the sweeper, when the errback the compensation fired was lost)."""
-    compiler.compensation_errback(celery_app, run_id, index).apply_async()
+    _stamped(compiler.compensation_errback(celery_app, run_id, index), celery_app, run_id).apply_async()
 
 
 def finish_compensation(run_id: str) -> None:
     """``sagaflow.finish_compensation``: every undo is done, only the run's end is left (the sweeper)."""
-    _stamped(compiler.finish_compensation(celery_app, run_id), celery_app).apply_async()
+    _stamped(compiler.finish_compensation(celery_app, run_id), celery_app, run_id).apply_async()
 
 
 def child_finished(child_run_id: str) -> None:
     """``sagaflow.child_finished``: a child run ended; its parent moves on."""
-    _stamped(compiler.child_finished(celery_app, child_run_id), celery_app).apply_async()
+    _stamped(compiler.child_finished(celery_app, child_run_id), celery_app, child_run_id).apply_async()
 
 
 def _child_sagas() -> set[str]:

@@ -69,8 +69,9 @@ class Children(Groups, Compensation, Waits):
                          child_run_id=child_id, claim=None, lease_expires_at=None) is None:
                 return WaitOutcome("lost", run_id=run_id, index=idx)
             if existing is None:
+                priority = conn.execute(select(t.runs.c.priority).where(t.runs.c.id == run_id)).scalar() or 0
                 insert_run(conn, child_id, child_saga, child_version, child_input, key, steps, now,
-                           parent_run_id=run_id, parent_step=idx)
+                           parent_run_id=run_id, parent_step=idx, priority=priority)  # the child's: its parent's
             # A branch of a parallel group: the run keeps running for its other branches, only the step
             # waits (the group joins once the child ends: groups.end_child_branch).
             branch = step.branch_group is not None

@@ -58,7 +58,7 @@ PARAMS = {
     "worker": ("varchar", None), "final": ("varchar", None), "traceback": ("text", None),
     "runs": ("json", JSON()), "steps": ("json", JSON()), "status": ("varchar", None), "mode": ("varchar", None),
     "start_at": ("timestamp", UTCDateTime()), "deadline_at": ("timestamp", UTCDateTime()),
-    "scheduled": ("json", JSON()),
+    "scheduled": ("json", JSON()), "priority": ("integer", None),
 }
 _PLACEHOLDER = re.compile(r"(?<![:\w]):(\w+)")
 
@@ -129,10 +129,10 @@ WITH given AS (
     SELECT * FROM json_to_recordset(CAST(:runs AS json)) AS r(id varchar, key varchar, input json, ord integer)
 ), run AS (
     INSERT INTO saga_runs (id, saga, saga_version, status, input, idempotency_key, cancel_requested,
-                           created_at, updated_at, mode, start_at, deadline_at)
+                           created_at, updated_at, mode, start_at, deadline_at, priority)
     SELECT id, CAST(:saga AS varchar), CAST(:version AS integer), CAST(:status AS varchar), input, key, false,
            CAST(:now AS timestamp), CAST(:now AS timestamp), CAST(:mode AS varchar),
-           CAST(:start_at AS timestamp), CAST(:deadline_at AS timestamp)
+           CAST(:start_at AS timestamp), CAST(:deadline_at AS timestamp), CAST(:priority AS integer)
     FROM given ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -535,12 +535,12 @@ class FastPath:
 
     def create_runs(self, saga: str, version: int, runs: Sequence[tuple[str, dict, str | None]], steps: Sequence,
                     now: dt.datetime, *, mode: str, status: str, start_at: dt.datetime | None,
-                    deadline_at: dt.datetime | None) -> dict[str, tuple[int | None, int | None]]:
+                    deadline_at: dt.datetime | None, priority: int = 0) -> dict[str, tuple[int | None, int | None]]:
         """CREATE_RUNS of ``runs`` ((id, input, idempotency key), the keys distinct): {id of each run created:
         (its run_started event's id, its run_scheduled event's id)}; a run whose key is taken is left out."""
         rows = self._all(
             CREATE_RUNS, saga=saga, version=version, status=status, mode=mode, now=now, start_at=start_at,
-            deadline_at=deadline_at, detail={"saga": saga, "version": version},
+            deadline_at=deadline_at, priority=priority, detail={"saga": saga, "version": version},
             scheduled={"start_at": start_at.isoformat()} if start_at is not None else {},
             runs=[{"id": run_id, "key": key, "input": input, "ord": i} for i, (run_id, input, key) in enumerate(runs)],
             steps=[{"idx": i, "name": s.name, "has_compensation": s.has_compensation, "kind": s.kind,

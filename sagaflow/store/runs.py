@@ -47,7 +47,7 @@ def _started(saga: str, version: int, parent_run_id: str | None, parent_step: in
 def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempotency_key: str | None,
                steps: list[StepSpec], now: dt.datetime, mode: str = "saga", parent_run_id: str | None = None,
                parent_step: int | None = None, start_at: dt.datetime | None = None,
-               deadline_at: dt.datetime | None = None, started_event: bool = True) -> int | None:
+               deadline_at: dt.datetime | None = None, started_event: bool = True, priority: int = 0) -> int | None:
     """The run row, one row per step and its ``run_started`` event, in the caller's transaction (a run the
     client starts, or a child run its parent's step starts). ``start_at``: a delayed start, recorded
     ``scheduled`` (the sweeper starts it then: store/timers.py). Returns the event's id (None:
@@ -56,7 +56,8 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
     conn.execute(insert(t.runs).values(
         id=run_id, saga=saga, saga_version=version, status=status.value, input=input,
         idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now, mode=mode,
-        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at, deadline_at=deadline_at))
+        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at, deadline_at=deadline_at,
+        priority=priority))
     if steps:
         conn.execute(insert(t.steps), [
             dict(run_id=run_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,
@@ -116,11 +117,12 @@ class Runs(Engines):
 
     def create_runs(self, saga: str, version: int, runs: Sequence[tuple[str, dict, str | None]],
                     steps: Sequence[StepSpec], *, mode: str = "saga", start_at: dt.datetime | None = None,
-                    deadline: float | None = None) -> list[tuple[Run, bool]]:
+                    deadline: float | None = None, priority: int = 0) -> list[tuple[Run, bool]]:
         """Runs of one saga, ``runs`` as (run id, input, idempotency key or None), all in one transaction (on
         PostgreSQL one statement: fastpath.CREATE_RUNS), each with its step rows, its ``run_started`` event
         and its counters. ``start_at``: delayed starts (status ``scheduled``, a ``run_scheduled`` event).
-        ``deadline``: seconds from the start (now, or ``start_at``). Returns ``(run, created)`` for each item,
+        ``deadline``: seconds from the start (now, or ``start_at``). ``priority``: kept for what the sweeper
+        and operators publish for the runs (runtime/publish.py). Returns ``(run, created)`` for each item,
         in order: an idempotency key already used, before or earlier in ``runs``, gives that run and False."""
         now = utcnow()
         specs = [] if mode == "plain" else list(steps)
@@ -136,9 +138,9 @@ class Runs(Engines):
                 new.append((run_id, input, key))
         if self.fast:
             created = self.fast.create_runs(saga, version, new, specs, now, mode=mode, status=status.value,
-                                            start_at=start_at, deadline_at=deadline_at)
+                                            start_at=start_at, deadline_at=deadline_at, priority=priority)
         else:
-            created = self._insert_runs(saga, version, new, specs, now, mode, start_at, deadline_at)
+            created = self._insert_runs(saga, version, new, specs, now, mode, start_at, deadline_at, priority)
         answers: list[tuple[Run, bool]] = []
         made: dict[str, Run] = {}
         for run_id, input, key in runs:
@@ -154,7 +156,7 @@ class Runs(Engines):
                 answers.append((self._existing(key), False))
         return answers
 
-    def _insert_runs(self, saga, version, runs, specs, now, mode, start_at, deadline_at) -> dict:
+    def _insert_runs(self, saga, version, runs, specs, now, mode, start_at, deadline_at, priority) -> dict:
         """create_runs in one transaction of short statements (SQLite): {run id: (event ids)} of the runs
         created. SQLite's BEGIN IMMEDIATE holds the database's write lock from the start, so no other start
         can take a key between the read of the keys and the inserts."""
@@ -167,7 +169,8 @@ class Runs(Engines):
                 if key in taken:
                     continue
                 started = insert_run(conn, run_id, saga, version, input, key, specs, now, mode, start_at=start_at,
-                                     deadline_at=deadline_at, started_event=mode != "plain" or start_at is not None)
+                                     deadline_at=deadline_at, started_event=mode != "plain" or start_at is not None,
+                                     priority=priority)
                 scheduled = None
                 if start_at is not None:
                     scheduled = conn.execute(
@@ -176,6 +179,13 @@ class Runs(Engines):
                         .returning(t.events.c.id)).scalar_one()
                 created[run_id] = (started, scheduled)
         return created
+
+    def run_priority(self, run_id: str) -> int:
+        """The run's priority (0 to 9; 0 for a run not found): what a message published for it outside its
+        own task goes at (runtime/publish.py)."""
+        r = t.runs.c
+        value = self._read(lambda conn: conn.execute(select(r.priority).where(r.id == run_id)).scalar())
+        return int(value or 0)
 
     def _existing(self, idempotency_key: str | None) -> Run:
         existing = self.find_by_idempotency_key(idempotency_key) if idempotency_key is not None else None

@@ -69,6 +69,8 @@ runs = Table(
     Column("deadline_at", UTCDateTime, nullable=True),
     # A delayed start (status scheduled): when the sweeper publishes its first step (store/timers.py).
     Column("start_at", UTCDateTime, nullable=True),
+    # client.start(priority=0..9): what the sweeper and an operator publish for the run goes at it too.
+    Column("priority", Integer, nullable=False, server_default="0"),
     Index("ix_saga_runs_idempotency_key", "idempotency_key", unique=True),
     Index("ix_saga_runs_status_created", "status", "created_at"),
     Index("ix_saga_runs_saga_created", "saga", "created_at"),
