@@ -171,7 +171,7 @@ def map_items(saga: Saga, run_id: str, index: int, items, app: Celery | None = N
     if not items:
         return
     app = app or celery_app
-    _stamped(compiler.map_items(app, saga, run_id, index, items), app).apply_async()
+    _stamped(compiler.map_items(app, saga, run_id, index, items), app, run_id).apply_async()
 
 
 def compensations(saga: Saga, run_id: str, indexes, app: Celery | None = None) -> None:

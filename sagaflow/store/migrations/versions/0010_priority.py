@@ -1,7 +1,7 @@
 """a run's priority kept on its row (saga_runs.priority), for what the sweeper and operators publish for it
 
 Revision ID: 0010_priority
-Revises: 0008_limits
+Revises: 0009_map
 Create Date: 2026-12-06
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0010_priority'
-down_revision = '0008_limits'
+down_revision = '0009_map'
 branch_labels = None
 depends_on = None
 
