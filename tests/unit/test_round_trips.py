@@ -34,7 +34,8 @@ def wired_store(request, recorder, postgres_url):
     PgBouncer in transaction mode (SAGAFLOW_PREPARED_STATEMENTS=false)."""
     store = Store(recorder.url(postgres_url), prepared_statements=request.param == "prepared")
     with store.engine.begin() as conn:
-        conn.execute(text("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs, saga_counters, saga_counter_log"))
+        conn.execute(text("TRUNCATE saga_map_items, saga_signals, saga_events, saga_steps, saga_runs, saga_counters, "
+                          "saga_counter_log"))
     # The hot path's connection: opened (and its statements prepared) before anything is counted.
     store.create_run("warm-up", "s", 1, {}, STEPS)
     assert store.claim_step("warm-up", 0, "w:0", [], 30).outcome is ClaimOutcome.CLAIMED
