@@ -115,8 +115,7 @@ def priority_of(run_id: str | None) -> int:
     """What a message for ``run_id`` goes at: inside that run's own task (or its start), the priority it came
     with, read from nothing; anywhere else the run's own, from its row (one read, off the hot path). A read
     that fails gives the default: priority orders work, it never holds any back."""
-    value = getattr(_current, "value", None)
-    if run_id is None or (value is not None and getattr(_current, "run_id", None) == run_id):
+    if run_id is None or getattr(_current, "run_id", None) == run_id:
         return current_priority()
     try:
         return get_store().run_priority(run_id)

@@ -89,6 +89,8 @@ def test_a_message_published_outside_the_runs_own_task_goes_at_the_runs_priority
     monkeypatch.setattr(publish, "get_store", no_read)
     with publish.priority(4, urgent):  # the run's own task: the priority its message came with
         assert sent(urgent) == publish.broker_priority(4, app)
+    with publish.priority(None, urgent):  # client.start with no priority: the default, and no read (one round trip)
+        assert sent(urgent) == publish.broker_priority(publish.DEFAULT_PRIORITY, app)
 
 
 def test_a_priority_that_cannot_be_read_gives_the_default(monkeypatch):
