@@ -33,7 +33,9 @@ class StepSpec:
     def of(cls, step) -> "StepSpec":
         """From a definition.Step (duck-typed: the store does not import definitions)."""
         # A child step always has one: undoing it compensates the child run's completed steps.
-        return cls(name=step.name, has_compensation=step.compensate is not None or str(step.kind) == "child",
+        # So does a map whose items are child runs: its undo compensates those runs.
+        child = str(step.kind) == "child" or str(step.kind) == "map" and getattr(step, "child_saga", None) is not None
+        return cls(name=step.name, has_compensation=step.compensate is not None or child,
                    kind=str(step.kind),
                    best_effort=step.best_effort,
                    # A map step that failed may have completed items: its undo runs too (it undoes those).
