@@ -8,7 +8,7 @@ effect lists below are exact."""
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from sagaflow.app import get_store
 from sagaflow.model import RunStatus
@@ -106,6 +106,13 @@ def test_cancelling_the_parent_while_its_children_run_cancels_them_then_the_pare
     run = client.start("map_kids_cancel", {})
     kids = _gated_children(client, run.id)
     assert client.get(run.id).status == "running"  # its items wait for their children, holding no worker
+    # However long the children take (here: the map step's lease ran out), the sweeper leaves the run alone:
+    # the children's ends move it.
+    store = get_store()
+    s = t.steps.c
+    with store.engine.begin() as conn:
+        conn.execute(update(t.steps).where(s.run_id == run.id, s.idx == 1).values(lease_expires_at=utcnow()))
+    assert run.id not in [rid for rid, _ in store.stalled_runs(0)]
 
     client.cancel(run.id)
     run = client.wait(run.id)

@@ -115,3 +115,46 @@ def test_a_bad_map_of_child_runs_in_yaml_is_refused_naming_the_line(tmp_path, hr
                 steps:
                   - {entry}
             """)
+
+
+# ---------------------------------------------------------------------------------------------- the harness
+
+harness_kid = Saga("harness_kid")
+KID_UNDONE: list[int] = []
+
+
+@harness_kid.step
+def kid_price(ctx):
+    if ctx.input["item"] == "bad":
+        from sagaflow import NonRetryableError
+
+        raise NonRetryableError(f"item {ctx.input['index']} is bad")
+    return {"price": len(ctx.input["item"]), "index": ctx.input["index"]}
+
+
+@kid_price.compensation
+def kid_unprice(ctx):
+    KID_UNDONE.append(ctx.input["index"])
+
+
+harness_kids = Saga("harness_kids")
+harness_kids.map("quotes", child="harness_kid", items=lambda ctx: ctx.input["xs"], concurrency=2)
+
+
+def test_a_map_of_child_runs_runs_in_the_testing_harness_as_on_a_worker():
+    from sagaflow.app import get_store
+    from sagaflow.testing import SagaHarness
+
+    with SagaHarness() as harness:
+        run = harness.run("harness_kids", {"xs": ["a", "bb", "ccc"]})
+        assert run.status == "succeeded", run
+        assert run.step("quotes").result == [{"kid_price": {"price": n + 1, "index": n}} for n in range(3)]
+        KID_UNDONE.clear()
+        failed = harness.run("harness_kids", {"xs": ["a", "bb", "bad", "dddd", "e"]})
+        assert failed.status == "compensated", failed
+        assert "item 2 failed: child run" in failed.step("quotes").error
+        items = get_store().map_summary(failed.id)[0]["items"]
+        completed = {it["item"] for it in items if it["status"] == "compensated"}
+        # every child that succeeded (before item 2 failed, or beside it) is undone, once
+        assert completed and sorted(KID_UNDONE) == sorted(completed) and 2 not in completed
+        assert {it["status"] for it in items} <= {"compensated", "failed", "skipped"}
