@@ -139,6 +139,7 @@ class Run:
     mode: str = "saga"
     parent_run_id: str | None = None
     parent_step: int | None = None
+    parent_item: int | None = None  # the child of a map's item: the item's index
     children: tuple[str, ...] = field(default=())  # child runs' ids, in the order they started
     restarted_from: str | None = None  # client.restart: the run this one restarts
     deadline_at: dt.datetime | None = None  # the sweeper cancels the run if it is still live then
@@ -210,6 +211,7 @@ class Run:
             mode=row.mode,
             parent_run_id=row.parent_run_id,
             parent_step=row.parent_step,
+            parent_item=getattr(row, "parent_item", None),
             children=tuple(children),
             restarted_from=getattr(row, "restarted_from", None),
             deadline_at=getattr(row, "deadline_at", None),

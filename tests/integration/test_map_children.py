@@ -42,7 +42,7 @@ def test_a_map_of_child_runs_gives_the_step_after_it_the_children_s_results_in_i
     assert run.step("quotes").result == [{"c_reserve": {"seat": "12A", "input": {"item": x, "index": i}},
                                           "c_charge": {"charged": "12A"}} for i, x in enumerate("abcd")]
     for i, kid in enumerate(kids):
-        assert (kid.parent_run_id, kid.parent_step) == (run.id, 1)
+        assert (kid.parent_run_id, kid.parent_step, kid.parent_item) == (run.id, 1, i)
         assert kid.idempotency_key == f"child:{run.id}:quotes:{i}"
         assert effects(kid.id) == CHILD_DONE
     assert len({k.id for k in kids}) == 4
