@@ -337,13 +337,16 @@ class Children(Groups, Compensation, Waits, Maps):
                 .where(r.status.in_(CHILD_PARENT), s.kind == "child", or_(forward, backward), quiet)
                 .order_by(c.updated_at).limit(limit)
             ).scalars().all())
+            # From the live runs' map steps to their children (ix_saga_runs_parent), then each child's item
+            # by its key: an action map's items are never read.
             found += conn.execute(
                 select(c.id)
-                .select_from(t.map_items.join(t.runs, r.id == m.run_id)
-                             .join(t.steps, and_(s.run_id == m.run_id, s.idx == m.idx))
-                             .join(child, c.id == m.child_run_id))
+                .select_from(t.runs.join(t.steps, s.run_id == r.id)
+                             .join(child, and_(c.parent_run_id == r.id, c.parent_step == s.idx))
+                             .join(t.map_items, and_(m.run_id == r.id, m.idx == s.idx, m.item == c.parent_item)))
                 .where(r.status.in_((RunStatus.RUNNING.value, RunStatus.COMPENSATING.value)), s.kind == "map",
-                       m.child_run_id.is_not(None), or_(item_forward, item_backward), quiet)
+                       s.status.in_((StepStatus.RUNNING.value, StepStatus.COMPENSATING.value)),
+                       c.parent_item.is_not(None), m.child_run_id == c.id, or_(item_forward, item_backward), quiet)
                 .order_by(c.updated_at).limit(limit)
             ).scalars().all()
             return found
