@@ -174,6 +174,13 @@ def _yaml_plan(ctx: StepContext):
     return {"ids": ctx.input.get("ids")}
 
 
+@handler("map_kids_total")
+def _kids_total(ctx: StepContext):
+    """map_kids_yaml: what the step after a map of child runs receives (each child's results, in item order)."""
+    return {"inputs": [r["c_reserve"]["input"] for r in ctx.results["quotes"]],
+            "charged": [r["c_charge"]["charged"] for r in ctx.results["quotes"]]}
+
+
 handler("map_test_item")(_item_action)
 handler("map_test_undo")(_item_undo)
 

@@ -298,3 +298,53 @@ sagas:
 """
 for _saga in parse_saga_file("tests/sagas_signals.py (KIDS_YAML)", KIDS_YAML):
     registry.add(_saga)
+
+
+# ---------------------------------------------------------------------------------------------- maps of child runs
+
+# mk_open -> mk_second -> mk_quotes (one child run of child_booking per item, 3 at once; each child's input: the
+# item's knobs plus the order) -> mk_total. The input's "items": one dict of child knobs per item (fail_at...).
+map_kids = Saga("map_kids")
+
+
+@map_kids.step(retry=FAST, compensation_retry=FAST)
+def mk_open(ctx: StepContext):
+    do(ctx)
+    return {"order": ctx.run_id[:8]}
+
+
+@mk_open.compensation
+def mk_close(ctx: StepContext):
+    undo(ctx)
+
+
+@map_kids.step(retry=FAST, compensation_retry=FAST)
+def mk_second(ctx: StepContext):
+    do(ctx)
+    return {}
+
+
+@mk_second.compensation
+def mk_unsecond(ctx: StepContext):
+    undo(ctx)
+
+
+map_kids.map("mk_quotes", child="child_booking", items=lambda ctx: ctx.input.get("items", [{}, {}, {}]),
+             concurrency=3, input=lambda ctx: {**ctx.item, "order": ctx.run_id[:8]})
+
+
+@map_kids.step(retry=FAST, compensation_retry=FAST)
+def mk_total(ctx: StepContext):
+    do(ctx)
+    return {"charged": [r["c_charge"]["charged"] for r in ctx.results["mk_quotes"]]}
+
+
+@mk_total.compensation
+def mk_untotal(ctx: StepContext):
+    undo(ctx)
+
+
+# mk_open -> mk_gated (three child runs of approval, each waiting at its gate): a cancel while they wait.
+map_kids_cancel = Saga("map_kids_cancel")
+map_kids_cancel.step(mk_open.action, name="mk_open", retry=FAST, compensation_retry=FAST).compensation(mk_close)
+map_kids_cancel.map("mk_gated", child="approval", items=lambda ctx: [0, 1, 2], concurrency=3, input=lambda ctx: {})

@@ -97,7 +97,7 @@ def saga_json(saga: Saga) -> dict:
         "name": saga.name,
         "version": saga.version,
         "steps": [
-            {"name": s.name, "kind": str(s.kind), "has_compensation": s.compensate is not None or s.kind == "child",
+            {"name": s.name, "kind": str(s.kind), "has_compensation": s.compensate is not None or s.runs_children,
              "timeout": s.timeout, "queue": s.queue, "max_attempts": s.retry.max_attempts,
              "compensation_max_attempts": s.compensation_retry.max_attempts if s.compensate else None,
              "best_effort": s.best_effort, "non_atomic": s.non_atomic, "pivot": s.pivot, "group": s.group,

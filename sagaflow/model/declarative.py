@@ -219,7 +219,7 @@ STEP_KEYS = {"name", "action", "compensation", "description", *STEP_FLAGS, *STEP
 GATE_KEYS = {"gate", "signal", "timeout", "compensation", "description", "payload_required"}
 CHILD_KEYS = {"child", "saga", "compensation", "description"}
 SLEEP_KEYS = {"sleep", "seconds", "compensation", "description"}
-MAP_KEYS = {"map", "action", "compensation", "items", "concurrency", "description"} | STEP_OPTIONS
+MAP_KEYS = {"map", "action", "child", "compensation", "items", "concurrency", "description"} | STEP_OPTIONS
 RETRY_KEYS = {"kind", "max_attempts", "initial_interval", "backoff", "increment", "max_interval", "jitter"}
 RETRY_NUMBERS = {"initial_interval", "backoff", "increment", "max_interval"}
 
@@ -418,13 +418,22 @@ def items_at(path: str) -> Callable[[Any], list]:
 
 
 def _map_step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegistry, where: _Where) -> Step:
-    """``{map: name, action: handler, items: input.<key>, concurrency: 10, compensation: handler}``."""
+    """``{map: name, action: handler, items: input.<key>, concurrency: 10, compensation: handler}``, or
+    ``{map: name, child: <saga>, items: ...}``: one child run of that saga per item, its input
+    ``{"item": <item>, "index": <i>}``."""
     where.step = spec["map"] if isinstance(spec["map"], str) else None
-    _check_keys(spec, MAP_KEYS, ("map", "action", "items"), "a map step", where, line)
+    _check_keys(spec, MAP_KEYS, ("map", "items"), "a map step", where, line)
     name = spec["map"]
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise where.error(f"map must be the step's name (an identifier), got {name!r}", _line(spec, "map"))
-    action = _handler(spec, "action", handlers, where)
+    if ("action" in spec) == ("child" in spec):
+        raise where.error(f"map {name!r}: a map has either an action (a handler run once per item) or a child "
+                          f"(a saga run once per item), never both and never neither",
+                          _line(spec, "child" if "child" in spec else None))
+    child = spec.get("child")
+    if child is not None and (not isinstance(child, str) or not NAME_PATTERN.match(child)):
+        raise where.error(f"map {name!r}: child must be a saga name, got {child!r}", _line(spec, "child"))
+    action = _handler(spec, "action", handlers, where) if child is None else None
     compensation = _handler(spec, "compensation", handlers, where)
     options = {**defaults, **_options(spec, where)}
     try:
@@ -432,7 +441,7 @@ def _map_step(spec: Any, line: int | None, defaults: dict, handlers: HandlerRegi
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec, "items")) from None
     try:
-        return Step(name, action, compensation, kind="map", items=items,
+        return Step(name, action, compensation, kind="map", items=items, child_saga=child,
                     map_concurrency=spec.get("concurrency", 10), **options)
     except DefinitionError as exc:
         raise where.error(str(exc), _line(spec, "concurrency" if "concurrency" in spec else None)) from None
@@ -457,10 +466,10 @@ def _steps(specs: Any, lines, defaults: dict, handlers: HandlerRegistry, where: 
                 built.append(Parallel(*branches))
             except DefinitionError as exc:
                 raise where.error(str(exc), _line(spec, "parallel")) from None
+        elif isinstance(spec, dict) and "map" in spec:  # a map of child runs has a "child" key too
+            built.append(_map_step(spec, line, defaults, handlers, where))
         elif isinstance(spec, dict) and ("gate" in spec or "child" in spec or "sleep" in spec):
             built.append(_waiting_step(spec, line, handlers, where))
-        elif isinstance(spec, dict) and "map" in spec:
-            built.append(_map_step(spec, line, defaults, handlers, where))
         else:
             built.append(_step(spec, line, defaults, handlers, where))
         if isinstance(built[-1], Step):

@@ -279,7 +279,10 @@ class Step:
         except ValueError:
             raise DefinitionError(f"step {name!r}: kind must be one of "
                                   f"{', '.join(k.value for k in StepKind)}, got {kind!r}") from None
-        if kind in (StepKind.ACTION, StepKind.MAP) and not callable(action):
+        if kind is StepKind.MAP and (action is None) == (child_saga is None):
+            raise DefinitionError(f"map {name!r}: a map has either an action (run once per item) or a child "
+                                  f"saga (one child run per item), never both and never neither")
+        if (kind is StepKind.ACTION or kind is StepKind.MAP and child_saga is None) and not callable(action):
             raise DefinitionError(f"step {name!r}: action must be callable, got {action!r}")
         if kind is StepKind.MAP:
             check_map(name, items, map_concurrency, best_effort or pivot)
@@ -300,14 +303,15 @@ class Step:
             raise DefinitionError(f"step {name!r}: only a gate waits for a signal")
         if not isinstance(payload_required, bool):
             raise DefinitionError(f"gate {name!r}: payload_required must be True or False, got {payload_required!r}")
-        if kind is StepKind.CHILD:
+        if kind is StepKind.CHILD or kind is StepKind.MAP and child_saga is not None:
+            what = "child step" if kind is StepKind.CHILD else "map"
             if not isinstance(child_saga, str) or not NAME_PATTERN.match(child_saga):
-                raise DefinitionError(f"child step {name!r}: saga must be a saga name, got {child_saga!r}")
+                raise DefinitionError(f"{what} {name!r}: saga must be a saga name, got {child_saga!r}")
             if child_input is not None and not callable(child_input):
-                raise DefinitionError(f"child step {name!r}: input must be callable (ctx -> dict), "
+                raise DefinitionError(f"{what} {name!r}: input must be callable (ctx -> dict), "
                                       f"got {child_input!r}")
         elif child_saga is not None or child_input is not None:
-            raise DefinitionError(f"step {name!r}: only a child step names a child saga")
+            raise DefinitionError(f"step {name!r}: only a child step or a map names a child saga")
         if kind is StepKind.SLEEP:
             if not callable(seconds):
                 check_sleep_seconds(seconds, f"sleep {name!r}")
@@ -353,8 +357,11 @@ class Step:
         self.kind = kind
         self.signal = signal  # a gate's signal name
         self.payload_required = payload_required  # a gate's signal must carry a payload (not null)
-        self.child_saga = child_saga  # a child step's saga name (its latest version when the step runs)
-        self.child_input = child_input  # ctx -> the child's input; None: the parent's input
+        # A child step's saga name (its latest version when the step runs), or a map's whose items are child
+        # runs (one per item).
+        self.child_saga = child_saga
+        # ctx -> the child's input; None: the parent's input (a map's child: {"item": item, "index": i})
+        self.child_input = child_input
         self.seconds = seconds  # a sleep's duration, or ctx -> seconds (computed when the run gets there)
         self.items = items  # a map step: ctx -> the list of items (computed when the run gets there)
         self.map_concurrency = map_concurrency  # a map step: at most this many items in flight at once
@@ -366,6 +373,12 @@ class Step:
         """Whether the step needs more than the linear fast path (store/fastpath.py) can record."""
         return (self.kind is not StepKind.ACTION or self.best_effort or self.non_atomic or self.pivot
                 or self.group is not None)
+
+    @property
+    def runs_children(self) -> bool:
+        """Whether the step starts child runs (a child step, or a map whose items are child runs): its undo
+        compensates them, with or without a compensation of its own."""
+        return self.kind is StepKind.CHILD or self.kind is StepKind.MAP and self.child_saga is not None
 
     def compensation(self, fn: Action | None = None, *, retry: RetryPolicy | None = None):
         """Decorator: register ``fn`` as the compensation of this step."""
@@ -413,10 +426,15 @@ def check_map(name: str, items: Any, concurrency: Any, flagged: bool) -> None:
         raise DefinitionError(f"map {name!r}: a map step cannot be best_effort or a pivot")
 
 
-def Map(name: str, action: Action, items: MapItems, *, concurrency: int = 10, compensation: Action | None = None,
+def Map(name: str, action: Action | None = None, items: MapItems | None = None, *, concurrency: int = 10,
+        compensation: Action | None = None, child: str | None = None, input: ChildInput | None = None,
         **options: Any) -> Step:
-    """A map step for the plain form: ``Saga(name, steps=[a, Map("charge", charge, lambda ctx: ...), b])``."""
-    return Step(name, action, compensation, kind=StepKind.MAP, items=items, map_concurrency=concurrency, **options)
+    """A map step for the plain form: ``Saga(name, steps=[a, Map("charge", charge, lambda ctx: ...), b])``.
+    With ``child="<saga>"`` instead of an action, each item runs as a child run of that saga
+    (``Map("quotes", child="get_quote", items=lambda ctx: ...)``; ``input(ctx)`` builds each child's input
+    from ``ctx.item`` / ``ctx.item_index``, default ``{"item": item, "index": i}``)."""
+    return Step(name, action, compensation, kind=StepKind.MAP, items=items, map_concurrency=concurrency,
+                child_saga=child, child_input=input, **options)
 
 
 class Parallel:
@@ -538,16 +556,41 @@ class Saga:
         registry.changed(self)
         return step
 
-    def map(self, fn: Action | None = None, *, items: MapItems, concurrency: int = 10, name: str | None = None,
+    def map(self, fn: Action | str | None = None, *, items: MapItems, concurrency: int = 10, name: str | None = None,
             retry: RetryPolicy | None = None, compensation_retry: RetryPolicy | None = None,
             timeout: float | None = None, lease: float | None = None, queue: str | None = None,
-            compensation_timeout: float | None = None):
+            compensation_timeout: float | None = None, child: str | None = None, input: ChildInput | None = None,
+            compensation: Action | None = None):
         """Decorator: append a map step. ``items(ctx)`` computes a list from the context (the input or an earlier
         step's result) when the run gets there; the function runs once per item (``ctx.item``,
         ``ctx.item_index``, ``ctx.idempotency_key == "<run_id>:<step>:<index>"``), at most ``concurrency`` at
         once, each item with its own retries and lease; the step's result is the list of the items' results,
         in item order. Its compensation (``@step.compensation``) runs once per completed item, with that item
-        and its result. When one item fails for good, the completed items are undone, then the earlier steps."""
+        and its result. When one item fails for good, the completed items are undone, then the earlier steps.
+
+        ``saga.map("quotes", child="get_quote", items=..., concurrency=5)`` (not a decorator: returns the step)
+        runs one child run of saga ``get_quote`` per item instead of a function: its input ``input(ctx)``
+        (``ctx.item``, ``ctx.item_index``; default ``{"item": item, "index": i}``), the item done when its
+        child succeeds (its result: the child's step results), failed when the child ends otherwise. The
+        map's undo compensates each child run that succeeded, latest first."""
+        if child is not None:
+            if callable(fn):
+                raise DefinitionError(f"map {name or getattr(fn, '__name__', fn)!r}: a map has either an action "
+                                      f"or a child saga, never both")
+            step_name = fn if isinstance(fn, str) else name
+            if not isinstance(step_name, str):
+                raise DefinitionError(f"a map of child runs needs a name: saga.map(\"<name>\", child={child!r}, "
+                                      f"items=...)")
+            step = Map(step_name, None, items, concurrency=concurrency, child=child, input=input,
+                       compensation=compensation, retry=retry, compensation_retry=compensation_retry,
+                       timeout=timeout, lease=lease, queue=queue, compensation_timeout=compensation_timeout)
+            self._append(step)
+            registry.changed(self)
+            return step
+        if isinstance(fn, str) or input is not None or compensation is not None:
+            raise DefinitionError(f"map {fn if isinstance(fn, str) else name!r}: a name, input= and compensation= "
+                                  f"go with child=; a map with an action is a decorator (@saga.map(items=...)), "
+                                  f"its compensation @step.compensation")
 
         def register(func: Action) -> Step:
             step = Map(name or func.__name__, func, items, concurrency=concurrency, retry=retry,

@@ -118,7 +118,8 @@ class WaitOutcome:
     latest first, of ``run_id``), "cancelled" (a cancel came in before the step could wait: fail into the
     errback), "failed" (give up: ``error``), "lost" (this delivery no longer holds the step), "none"
     (nothing to do: a duplicate, or a signal kept for a gate the run has not reached), "branch" (the child of
-    a child step in a parallel group ended: do what ``branch`` decided, as for any branch's end).
+    a child step in a parallel group ended: do what ``branch`` decided, as for any branch's end), "map" (the
+    child run of a map's item ended: do what ``map`` decided, as for any item's end).
     """
 
     action: str
@@ -133,6 +134,7 @@ class WaitOutcome:
     child_run_id: str | None = None
     error: str | None = None
     branch: BranchOutcome | None = None  # action "branch": a child branch's end, decided by its group
+    map: MapOutcome | None = None  # action "map": a map item's child ended (or never started): its map decided
 
 
 class SlotOutcome(str, enum.Enum):

@@ -33,7 +33,9 @@ class StepSpec:
     def of(cls, step) -> "StepSpec":
         """From a definition.Step (duck-typed: the store does not import definitions)."""
         # A child step always has one: undoing it compensates the child run's completed steps.
-        return cls(name=step.name, has_compensation=step.compensate is not None or str(step.kind) == "child",
+        # So does a map whose items are child runs: its undo compensates those runs.
+        child = str(step.kind) == "child" or str(step.kind) == "map" and getattr(step, "child_saga", None) is not None
+        return cls(name=step.name, has_compensation=step.compensate is not None or child,
                    kind=str(step.kind),
                    best_effort=step.best_effort,
                    # A map step that failed may have completed items: its undo runs too (it undoes those).
@@ -137,6 +139,7 @@ class Run:
     mode: str = "saga"
     parent_run_id: str | None = None
     parent_step: int | None = None
+    parent_item: int | None = None  # the child of a map's item: the item's index
     children: tuple[str, ...] = field(default=())  # child runs' ids, in the order they started
     restarted_from: str | None = None  # client.restart: the run this one restarts
     deadline_at: dt.datetime | None = None  # the sweeper cancels the run if it is still live then
@@ -208,6 +211,7 @@ class Run:
             mode=row.mode,
             parent_run_id=row.parent_run_id,
             parent_step=row.parent_step,
+            parent_item=getattr(row, "parent_item", None),
             children=tuple(children),
             restarted_from=getattr(row, "restarted_from", None),
             deadline_at=getattr(row, "deadline_at", None),

@@ -64,6 +64,15 @@ GENERIC_TASK = dict(base=GenericTask, bind=True, acks_late=True, ignore_result=T
                     retry_backoff=True, retry_backoff_max=30, max_retries=DB_RETRY.max_attempts)
 
 
+def lease_seconds(step: Step) -> float:
+    """How long a claim counts as alive without a heartbeat: past the hard time limit by a margin, so a
+    step killed at its limit is handled by its errback, not by the recovery sweeper."""
+    if step.lease:
+        return step.lease
+    timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
+    return (timeout or get_settings().default_step_timeout) + HARD_LIMIT_GRACE + LEASE_MARGIN
+
+
 class SagaTask(GuardedTask):
     """Base of the per-saga tasks. The saga and step are bound when the task is declared."""
 
@@ -134,12 +143,7 @@ class SagaTask(GuardedTask):
         return limits[1] or self.soft_time_limit
 
     def lease_seconds(self, step: Step) -> float:
-        """How long a claim counts as alive without a heartbeat: past the hard time limit by a margin, so a
-        step killed at its limit is handled by its errback, not by the recovery sweeper."""
-        if step.lease:
-            return step.lease
-        timeout = step.timeout if step.kind is not StepKind.GATE else None  # a gate's is its deadline
-        return (timeout or get_settings().default_step_timeout) + HARD_LIMIT_GRACE + LEASE_MARGIN
+        return lease_seconds(step)
 
     def heartbeat(self, run_id: str, index: int, token: str, lease: float, stop_on_cancel: bool):
         def beat() -> None:

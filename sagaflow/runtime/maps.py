@@ -12,6 +12,10 @@ store's (store/maps.py), taken under the run lock; this module turns those decis
   completed first, then the earlier steps, latest first.
 - A lost item (its worker died, its message was lost) is re-driven when its map's lease runs out: the
   sweeper resumes the run at the map step, whose new delivery re-publishes what was lost.
+- A map of child runs (``child=``): an item's task starts the item's child run instead of calling an action
+  (runtime/waits.py ``start_item_child``) and ends; the child's end moves the item (Store.child_ended, which
+  decides as an item's own end does, with ``window``), and the map's undo compensates each child that
+  succeeded, one after the other (runtime/waits.py ``undo_item_child``).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from celery.exceptions import Ignore
 
 from sagaflow.app import get_settings
 from sagaflow.errors import InvalidInput
-from sagaflow.model.definition import Saga, Step, StepContext
+from sagaflow.model.definition import Saga, Step, StepContext, registry
 from sagaflow.model.outcomes import MapOutcome
 from sagaflow.runtime import publish
+from sagaflow.runtime.base import lease_seconds
 from sagaflow.runtime.outcomes import FailedForGood, describe, traceback_text
 from sagaflow.safejson import ensure_json
 
@@ -75,6 +80,13 @@ def enter(task, store, saga: Saga, step: Step, run_id: str, index: int, token: s
         log.warning("map_redriven", extra={**fields, "items": len(outcome.items)})
     follow(saga, step, run_id, index, outcome)
     raise Ignore()
+
+
+def window(saga: str, version: int, index: int) -> tuple[int, float]:
+    """The map step's concurrency and an item's lease, for a transition decided outside an item's task (a
+    map item's child ended: Store.child_ended)."""
+    step = registry.get(saga, version).steps[index]
+    return step.map_concurrency or 1, lease_seconds(step)
 
 
 def follow(saga: Saga, step: Step, run_id: str, index: int, outcome: MapOutcome | None) -> None:

@@ -21,7 +21,7 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
 from sagaflow.app import celery_app, get_settings, get_store
-from sagaflow.model.definition import Saga, StepKind, registry
+from sagaflow.model.definition import Saga, registry
 from sagaflow.model.outcomes import Promoted
 from sagaflow.runtime import compiler
 from sagaflow.runtime.outcomes import describe
@@ -211,7 +211,7 @@ def child_finished(child_run_id: str) -> None:
 
 def _child_sagas() -> set[str]:
     return {step.child_saga for saga in registry.all() for step in saga.steps
-            if step.kind is StepKind.CHILD and step.child_saga is not None}  # a child step always names one
+            if step.runs_children and step.child_saga is not None}  # a child step, or a map of child runs
 
 
 def run_ended(run_id: str, saga: str | None = None) -> None:

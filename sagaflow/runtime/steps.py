@@ -391,7 +391,10 @@ def _run_item(self: SagaTask, run_id: str, index: int, item: int, version: int, 
             raise MessageRefused(refused)
         if claimed.attempt > step.retry.max_attempts:  # every earlier attempt was lost (killed, hard limit)
             raise NonRetryableError(LOST_ITEM)
-        value = call_action(step, ctx)
+        if step.child_saga is not None:  # a map of child runs: the item's child run is its work
+            child_saga, child_input = waits.child_run_input(step, ctx, {"item": claimed.value, "index": item})
+        else:
+            value = call_action(step, ctx)
     except (Retry, Ignore):
         raise
     except LeaseLost as exc:
@@ -407,13 +410,22 @@ def _run_item(self: SagaTask, run_id: str, index: int, item: int, version: int, 
             raise self.retry(exc=exc, countdown=delay, max_retries=self.request.retries + 1) from exc
         give_up(exc)
         return
+    if step.child_saga is not None:
+        waits.start_item_child(store, saga, step, run_id, index, item, token, child_saga, child_input, width,
+                               lease)
+        raise Ignore()  # the item waits for its child, holding no worker: the child's end moves it
     maps.follow(saga, step, run_id, index, store.complete_item(run_id, index, item, token, value, width, lease))
 
 
-def _undo_items(store, step: Step, run_id: str, index: int, ctx: StepContext) -> None:
+def _undo_items(work: Claimed, ctx: StepContext) -> None:
     """A map step's undo: its compensation once per completed item, latest completed first, each recorded as
-    it is done, so a retry or a redelivery of the undo goes on where it stopped (store/maps.py)."""
+    it is done, so a retry or a redelivery of the undo goes on where it stopped (store/maps.py). A map of
+    child runs undoes each item's child first, one at a time (runtime/waits.py ``undo_item_child``: the
+    delivery ends while the child compensates, and the child's end publishes this undo again)."""
+    store, step, run_id, index = work.store, work.step, work.run_id, work.index
     for item, value, result in store.items_to_undo(run_id, index):
+        if step.child_saga is not None:
+            waits.undo_item_child(store, step, run_id, index, item, work.token, fresh=work.claim.round_attempt == 1)
         if step.compensate is not None:
             _invoke("compensation", step.compensate,
                     replace(ctx, item=value, item_index=item, result=result,
@@ -458,7 +470,7 @@ def _run_compensation(self: SagaTask, run_id: str, index: int, version: int,
     ctx = work.context(result=work.claim.result, _heartbeat=work.heartbeat(stop_on_cancel=False))
     try:
         if step.kind is StepKind.MAP:
-            _undo_items(store, step, run_id, index, ctx)
+            _undo_items(work, ctx)
         elif step.compensate is not None:  # a child step may have none of its own
             _invoke("compensation", step.compensate, ctx)
     except (Retry, Ignore):

@@ -46,7 +46,7 @@ def declare_tasks(saga: Saga) -> None:
     default = get_settings().default_step_timeout
     for step in saga.steps:
         wanted: list[tuple[str, Callable]] = [(step_task_name(saga, step), run_step)]
-        if step.compensate is not None or step.kind is StepKind.CHILD:
+        if step.compensate is not None or step.runs_children:
             wanted.append((compensation_task_name(saga, step), run_compensation))
         if step.kind is StepKind.MAP:
             wanted.append((item_task_name(saga, step), run_item))

@@ -40,7 +40,7 @@ from sagaflow.errors import (
 )
 from sagaflow.model import Recovery, StepSpec, WaitOutcome
 from sagaflow.model.definition import NAME_PATTERN, StepContext, StepKind, registry
-from sagaflow.runtime import branches, publish
+from sagaflow.runtime import branches, maps, publish
 from sagaflow.runtime.outcomes import FailedForGood, cancelled
 from sagaflow.safejson import ensure_json
 
@@ -128,6 +128,68 @@ def _enter_gate(store, saga, step, run_id, index, token, results):
     return {**results, step.name: outcome.result}
 
 
+def child_run_input(step, ctx: StepContext, default: dict):
+    """The child saga (its latest version) and the checked input of a child run that ``step`` starts:
+    ``step.child_input(ctx)``, else ``default``. ChildNotStarted: an unknown saga, or an input that is not
+    a JSON object."""
+    what = "child step" if step.kind is StepKind.CHILD else "map"
+    try:
+        child_saga = registry.get(step.child_saga)
+    except UnknownSaga as exc:
+        raise ChildNotStarted(f"{what} {step.name!r}: {exc}; register that saga in every worker") from None
+    data = step.child_input(ctx) if step.child_input is not None else default
+    if not isinstance(data, dict):
+        raise ChildNotStarted(f"{what} {step.name!r}: the child's input must be a JSON object (a dict), "
+                              f"got {type(data).__name__}")
+    try:
+        data = ensure_json(data, f"the input of {what} {step.name!r}'s child", get_settings().json_limits)
+    except InvalidInput as exc:
+        raise ChildNotStarted(str(exc)) from None
+    return child_saga, data
+
+
+def start_item_child(store, saga, step, run_id: str, index: int, item: int, token: str, child_saga, data: dict,
+                     concurrency: int, lease: float) -> None:
+    """Item ``item`` of a map of child runs, claimed by ``token``: record its child run (Store.start_item_child)
+    and publish the child's chain. The item then waits, holding no worker; its child's end moves it
+    (child_finished). A map that began failing meanwhile skips the item instead (its map decides)."""
+    fields = {"run_id": run_id, "step": step.name, "item": item, "child_saga": child_saga.name}
+    outcome = store.start_item_child(run_id, index, item, token, str(uuid.uuid4()), child_saga.name,
+                                     child_saga.version, data, [StepSpec.of(s) for s in child_saga.steps],
+                                     concurrency, lease)
+    if outcome.action == "lost":
+        log.warning("map_item_duplicate_ignored", extra={**fields, "reason": "another delivery holds the item"})
+        return
+    if outcome.action == "map":
+        log.info("map_item_skipped", extra={**fields, "reason": "the map is failing or was cancelled"})
+        maps.follow(saga, step, run_id, index, outcome.map)
+        return
+    fields["child_run_id"] = outcome.child_run_id
+    with publish.or_log(log, "child_not_published", fields,  # the child is recorded (pending)
+                        next="the child stays pending; the recovery sweeper starts it after SAGAFLOW_STALL_TIMEOUT"):
+        publish.chain_from(child_saga, outcome.child_run_id)
+    log.info("map_item_waiting", extra=fields)
+
+
+def undo_item_child(store, step, run_id: str, index: int, item: int, token: str, fresh: bool) -> None:
+    """Within a map's undo: undo item ``item``'s child run (Store.compensate_item_child). Returns once it is
+    undone (or there was nothing to undo); raises Ignore while its undo runs (its end hands the map's undo
+    back: child_finished), NonRetryableError when it cannot be undone (the map's undo fails for good: an
+    operator's retry of the parent retries the child's undo)."""
+    outcome = store.compensate_item_child(run_id, index, item, token, fresh)
+    fields = {"run_id": run_id, "step": step.name, "item": item, "child_run_id": outcome.child_run_id}
+    if outcome.action == "finished":
+        log.info("child_undone", extra=fields)
+        return
+    if outcome.action == "failed":
+        raise NonRetryableError(outcome.error)
+    if outcome.action == "compensate":
+        with publish.or_log(log, "child_compensation_not_published", fields):  # the sweeper re-drives it
+            publish.compensations(registry.get(outcome.saga, outcome.version), outcome.run_id, outcome.indexes)
+        log.info("child_compensation_begun", extra={**fields, "steps": len(outcome.indexes)})
+    raise Ignore()  # lost, waiting, or compensating: the child's end publishes the map's undo again
+
+
 def _start_child(task, store, saga, step, run_id, index, token, claim, results, lease, give_up):
     """Start the child run of a child step (a branch of a parallel group too: ``give_up`` records its
     failure to start as its group wants, one errback per group failure)."""
@@ -135,18 +197,7 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
     ctx = StepContext(run_id=run_id, saga=saga.name, step=step.name, input=claim.input, attempt=claim.attempt,
                       idempotency_key=f"{run_id}:{step.name}", results=dict(results))
     try:
-        try:
-            child_saga = registry.get(step.child_saga)
-        except UnknownSaga as exc:
-            raise ChildNotStarted(f"child step {step.name!r}: {exc}; register that saga in every worker") from None
-        data = step.child_input(ctx) if step.child_input is not None else claim.input
-        if not isinstance(data, dict):
-            raise ChildNotStarted(f"child step {step.name!r}: the child's input must be a JSON object (a dict), "
-                                  f"got {type(data).__name__}")
-        try:
-            data = ensure_json(data, f"the input of child step {step.name!r}", get_settings().json_limits)
-        except InvalidInput as exc:
-            raise ChildNotStarted(str(exc)) from None
+        child_saga, data = child_run_input(step, ctx, claim.input)
     except Exception as exc:
         return task.retry_or_give_up(
             exc, claim, step.retry, "step", fields,
@@ -171,7 +222,7 @@ def _start_child(task, store, saga, step, run_id, index, token, claim, results, 
 def child_finished(store, child_run_id: str) -> None:
     """The task ``sagaflow.child_finished``: a child run ended (or finished undoing): move its parent on
     (Store.child_ended) and publish what that decided. Duplicates change nothing."""
-    outcome = store.transactional.child_ended(child_run_id)
+    outcome = store.transactional.child_ended(child_run_id, maps.window)
     if outcome.action == "none":
         log.info("child_finished_ignored", extra={"run_id": child_run_id})
         return
@@ -179,6 +230,13 @@ def child_finished(store, child_run_id: str) -> None:
                                       "action": outcome.action, "step": outcome.index})
     if outcome.action == "branch":  # a child branch of a parallel group: its group decided
         branches.child_branch_ended(outcome)
+        return
+    if outcome.action == "map":  # a map item's child: its map decided, as for any item's end
+        saga = registry.get(outcome.saga, outcome.version)
+        if outcome.error is not None:
+            log.warning("map_item_failed", extra={"run_id": outcome.run_id, "step": saga.steps[outcome.index].name,
+                                                  "child_run_id": child_run_id, "error": outcome.error})
+        maps.follow(saga, saga.steps[outcome.index], outcome.run_id, outcome.index, outcome.map)
         return
     act(outcome)
 

@@ -49,6 +49,11 @@ def _item(run_id: str, idx: int):
     return and_(m.run_id == run_id, m.idx == idx)
 
 
+def item_row(run_id: str, idx: int, item: int):
+    """The row of one item (its primary key)."""
+    return and_(_item(run_id, idx), t.map_items.c.item == item)
+
+
 def _first(conn, run_id: str, idx: int, statuses: Sequence[str]):
     m = t.map_items.c
     return conn.execute(select(m.item, m.error).where(_item(run_id, idx), m.status.in_(list(statuses)))

@@ -31,6 +31,7 @@ def stalled(now: dt.datetime, stall_timeout: float, dead_after: float | None = N
     return and_(
         r.status.in_(IN_PROGRESS_RUN),
         ~child_branch_waits(r),
+        ~map_children_wait(r),
         r.mode == "saga",  # a plain run (policy) has no steps to re-drive: plain Celery semantics
         # a step waiting in a limit's line is moved by the slot it waits for (store/limits.py), not re-driven
         ~exists().where(s.run_id == r.id, s.status == StepStatus.QUEUED.value),
@@ -53,6 +54,20 @@ def child_branch_waits(r):
                         or_(other.status.in_((StepStatus.PENDING.value, *HELD_STEP)),
                             # a sibling failed while the run still runs: its errback was lost
                             and_(other.status == StepStatus.FAILED.value, r.status != RunStatus.COMPENSATING.value))))
+
+
+def map_children_wait(r):
+    """A running map of child runs whose items in flight all wait for their child runs (none handed out
+    unclaimed, none running an action): the run is quiet on purpose, however long the children take; each
+    child's end moves its item (unreported_children re-sends a lost one). Anything else of the map in flight
+    keeps the ordinary rules, so a lost item message is re-driven through the map's lease."""
+    s, m, other = t.steps.alias("map_step").c, t.map_items.alias("waiting_item").c, t.map_items.alias("other_item").c
+    return exists().where(
+        s.run_id == r.id, s.kind == "map", s.status == StepStatus.RUNNING.value,
+        exists().where(m.run_id == r.id, m.idx == s.idx, m.status == "running", m.child_run_id.is_not(None)),
+        ~exists().where(other.run_id == r.id, other.idx == s.idx,
+                        or_(other.status == "dispatched",
+                            and_(other.status == "running", other.child_run_id.is_(None)))))
 
 
 def recovery_plan(run_id: str, run, steps, revoked: tuple[str, ...]) -> Recovery:

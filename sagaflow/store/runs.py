@@ -47,7 +47,8 @@ def _started(saga: str, version: int, parent_run_id: str | None, parent_step: in
 def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempotency_key: str | None,
                steps: list[StepSpec], now: dt.datetime, mode: str = "saga", parent_run_id: str | None = None,
                parent_step: int | None = None, start_at: dt.datetime | None = None,
-               deadline_at: dt.datetime | None = None, started_event: bool = True, priority: int = 0) -> int | None:
+               deadline_at: dt.datetime | None = None, started_event: bool = True, priority: int = 0,
+               parent_item: int | None = None) -> int | None:
     """The run row, one row per step and its ``run_started`` event, in the caller's transaction (a run the
     client starts, or a child run its parent's step starts). ``start_at``: a delayed start, recorded
     ``scheduled`` (the sweeper starts it then: store/timers.py). Returns the event's id (None:
@@ -56,8 +57,8 @@ def insert_run(conn, run_id: str, saga: str, version: int, input: dict, idempote
     conn.execute(insert(t.runs).values(
         id=run_id, saga=saga, saga_version=version, status=status.value, input=input,
         idempotency_key=idempotency_key, cancel_requested=False, created_at=now, updated_at=now, mode=mode,
-        parent_run_id=parent_run_id, parent_step=parent_step, start_at=start_at, deadline_at=deadline_at,
-        priority=priority))
+        parent_run_id=parent_run_id, parent_step=parent_step, parent_item=parent_item, start_at=start_at,
+        deadline_at=deadline_at, priority=priority))
     if steps:
         conn.execute(insert(t.steps), [
             dict(run_id=run_id, idx=i, name=spec.name, status=StepStatus.PENDING.value,

@@ -63,6 +63,8 @@ runs = Table(
     # A child run (a parent's child step): the parent run and the index of that step.
     Column("parent_run_id", String(36), nullable=True),
     Column("parent_step", Integer, nullable=True),
+    # A child run of a map step's item (a map whose items are child runs): the item's index in the list.
+    Column("parent_item", Integer, nullable=True),
     # A run started by client.restart: the final run it restarts (that run has a run_restarted event).
     Column("restarted_from", String(36), nullable=True),
     # The run's deadline (Saga(deadline=) or start(deadline=)): the sweeper cancels it if still live then.
@@ -300,6 +302,8 @@ map_items = Table(
     Column("error", Text, nullable=True),
     Column("dispatched_at", UTCDateTime, nullable=True),
     Column("finished_at", UTCDateTime, nullable=True),
+    # A map whose items are child runs: the item's child run (its undo compensates that run).
+    Column("child_run_id", String(36), nullable=True),
 )
 # (run, step, status, item): the window's next items in order, and "is any item failed/in flight", by index.
 Index("ix_saga_map_items_status", map_items.c.run_id, map_items.c.idx, map_items.c.status, map_items.c.item)

@@ -222,14 +222,20 @@ class Waits(Engines):
         return self._cancel_child_branches(conn, child.id, now)
 
     def _cancel_child_branches(self, conn, run_id: str, now) -> list[WaitOutcome]:
-        """Under the run's lock, its cancel recorded: cancel the child runs its child branches wait for (a
-        child branch waits holding no worker, so no claim of its own would meet the cancel)."""
-        s = t.steps.c
+        """Under the run's lock, its cancel recorded: cancel the child runs its child branches and its map
+        items wait for (they wait holding no worker, so no claim of their own would meet the cancel)."""
+        s, m = t.steps.c, t.map_items.c
         waiting = conn.execute(
             select(s.child_run_id)
             .where(s.run_id == run_id, s.status == StepStatus.WAITING.value, s.branch_group.is_not(None),
                    s.child_run_id.is_not(None))
             .order_by(s.idx)
+        ).scalars().all()
+        # The children of a map's items in flight (a map of child runs): each waits holding no worker too.
+        waiting += conn.execute(
+            select(m.child_run_id)
+            .where(m.run_id == run_id, m.status == "running", m.child_run_id.is_not(None))
+            .order_by(m.idx, m.item)
         ).scalars().all()
         outcomes: list[WaitOutcome] = []
         for child_id in waiting:
