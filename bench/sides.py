@@ -50,7 +50,7 @@ class SagaflowSide(Side):
             return cur.fetchall() if cur.description else []
 
     def reset(self) -> None:
-        self.sql("TRUNCATE saga_signals, saga_events, saga_steps, saga_runs")
+        self.sql("TRUNCATE saga_map_items, saga_signals, saga_events, saga_steps, saga_runs")
 
     def start(self, steps: int, fail_at: int | None) -> str:
         saga = "bench_w2" if fail_at is not None else self.by_steps[steps]
