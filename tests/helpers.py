@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+from sqlalchemy import event
+
 from sagaflow.model.definition import registry
+from sagaflow.store import fastpath
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):
@@ -58,3 +62,27 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(stat.parent.name))
     return children
+
+
+@contextmanager
+def round_trips(store):
+    """Counts what goes to the database: statements (SQLAlchemy's before_cursor_execute, and the fast path's
+    prepared statements, which go to the driver directly), and the BEGIN/COMMIT/ROLLBACK and pool pings of
+    the transactional engine (psycopg2 sends each as a query of its own)."""
+    counts = {"n": 0}
+
+    def one(*_args, **_kwargs):
+        counts["n"] += 1
+
+    engines = {store.engine, store.fast.engine} if store.fast else {store.engine}
+    hooks = [(e, name) for e in engines for name in ("before_cursor_execute", "begin", "commit", "rollback")]
+    hooks += [(store.engine.pool, "checkout")]  # pool_pre_ping: a SELECT 1 on each checkout
+    for target, name in hooks:
+        event.listen(target, name, one)
+    fastpath.STATEMENT_HOOKS.append(one)
+    try:
+        yield counts
+    finally:
+        fastpath.STATEMENT_HOOKS.remove(one)
+        for target, name in hooks:
+            event.remove(target, name, one)

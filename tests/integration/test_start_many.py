@@ -4,13 +4,10 @@ the batch at once; and one start (or one batch) is one SQL round trip on Postgre
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
-from sqlalchemy import event
 
 from sagaflow import InvalidInput
-from sagaflow.store import fastpath
+from tests.helpers import round_trips
 from tests.integration.test_web_metrics import delta, scrape
 
 pytestmark = pytest.mark.integration
@@ -54,30 +51,6 @@ def test_duplicate_keys_inside_and_across_batches_start_one_run_each(client):
     done = wait_all(client, [first[0], first[1], second[1]])
     assert {r.status for r in done} == {"succeeded"}
     assert all(r.step("first").attempts == 1 for r in done)  # each run published once
-
-
-@contextmanager
-def round_trips(store):
-    """What goes to PostgreSQL: statements (SQLAlchemy's before_cursor_execute, and the fast path's prepared
-    statements, which go to the driver directly), BEGIN/COMMIT/ROLLBACK, and the transactional pool's pings
-    (one per checkout)."""
-    counts = {"n": 0}
-
-    def one(*_args, **_kwargs):
-        counts["n"] += 1
-
-    hooks = [(e, name) for e in {store.engine, store.fast.engine}
-             for name in ("before_cursor_execute", "begin", "commit", "rollback")]
-    hooks += [(store.engine.pool, "checkout")]
-    for target, name in hooks:
-        event.listen(target, name, one)
-    fastpath.STATEMENT_HOOKS.append(one)
-    try:
-        yield counts
-    finally:
-        fastpath.STATEMENT_HOOKS.remove(one)
-        for target, name in hooks:
-            event.remove(target, name, one)
 
 
 def test_one_start_is_one_sql_round_trip(client):

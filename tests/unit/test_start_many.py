@@ -5,18 +5,17 @@ and across batches, the counters count each run once, and a batch with one bad i
 from __future__ import annotations
 
 import datetime as dt
-from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from sagaflow import InvalidInput, SagaClient, tasks  # noqa: F401  (tasks: the example sagas)
 from sagaflow.app import configure
 from sagaflow.config.settings import Settings
 from sagaflow.errors import BrokerUnavailable
 from sagaflow.model import StepSpec
-from sagaflow.store import fastpath
 from sagaflow.store import tables as t
+from tests.helpers import round_trips
 
 STEPS = [StepSpec("reserve", True), StepSpec("charge", True), StepSpec("notify", False)]
 SPECIAL = [StepSpec("prepare", True), StepSpec("left", True, group=1), StepSpec("right", True, group=1),
@@ -31,30 +30,6 @@ def rows(store, table) -> int:
 
 def started_total(store, saga: str) -> int:
     return store.counter_values().started.get(saga, 0)
-
-
-@contextmanager
-def round_trips(store):
-    """Counts what goes to the database: statements (SQLAlchemy's before_cursor_execute, and the fast path's
-    prepared statements, which go to the driver directly), and the BEGIN/COMMIT/ROLLBACK and pool pings of
-    the transactional engine (psycopg2 sends each as a query of its own)."""
-    counts = {"n": 0}
-
-    def one(*_args, **_kwargs):
-        counts["n"] += 1
-
-    engines = {store.engine, store.fast.engine} if store.fast else {store.engine}
-    hooks = [(e, name) for e in engines for name in ("before_cursor_execute", "begin", "commit", "rollback")]
-    hooks += [(store.engine.pool, "checkout")]  # pool_pre_ping: a SELECT 1 on each checkout
-    for target, name in hooks:
-        event.listen(target, name, one)
-    fastpath.STATEMENT_HOOKS.append(one)
-    try:
-        yield counts
-    finally:
-        fastpath.STATEMENT_HOOKS.remove(one)
-        for target, name in hooks:
-            event.remove(target, name, one)
 
 
 def test_create_runs_writes_what_create_run_read_back_shows(store):
