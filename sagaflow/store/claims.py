@@ -50,6 +50,16 @@ def claim_lost(status: str | None, result, error, done: StepStatus, failed: Step
     return Claim(ClaimOutcome.BUSY)
 
 
+def _failed_while_compensating(status: str | None, error: str | None) -> Claim:
+    """A step's delivery found its run compensating: FAILED if this step's failure is recorded, so the step's
+    errback fires again and re-publishes the undos still to do. The task that failed the step began the
+    compensation in the same statement and published the undos itself (store.fail_and_compensate); if its
+    worker died in between, this redelivery is what moves the run on. Otherwise GONE: a duplicate."""
+    if status == StepStatus.FAILED.value:
+        return Claim(ClaimOutcome.FAILED, error=error)
+    return Claim(ClaimOutcome.GONE)
+
+
 # The transitions of a held step that fastpath.HELD runs as one statement each on PostgreSQL, and that
 # Claims._held runs as a transaction elsewhere: kind -> (the status held, the attempts column the event
 # reports, whether the run's updated_at moves). A step's success does not touch the run (one row write less
@@ -75,6 +85,9 @@ class Claims(Engines):
         with self.engine.begin() as conn:
             run = conn.execute(select(r.status, r.cancel_requested, r.input).where(r.id == run_id)).first()
             if run is None or run.status not in LIVE_RUN:
+                if run is not None and run.status == RunStatus.COMPENSATING.value:
+                    step = conn.execute(select(s.status, s.error).where(s.run_id == run_id, s.idx == idx)).first()
+                    return _failed_while_compensating(*(step or (None, None)))
                 return Claim(ClaimOutcome.GONE)
             may_claim = claimable(StepStatus.PENDING, StepStatus.RUNNING, token, earlier_tokens, now)
             # Step flags: a cancel that lost the race with the pivot's success is overruled, never acted on.
@@ -120,6 +133,8 @@ class Claims(Engines):
         row = self.fast.claim_step(run_id, idx, token, earlier_tokens,
                                    now + dt.timedelta(seconds=lease_seconds), now, current_worker())
         if row is None or row.status not in LIVE_RUN:
+            if row is not None and row.status == RunStatus.COMPENSATING.value:
+                return _failed_while_compensating(row.step_status, row.error)
             return Claim(ClaimOutcome.GONE)
         if row.attempts is not None:
             return Claim(ClaimOutcome.CLAIMED, attempt=row.attempts, round_attempt=row.attempts, input=row.input)

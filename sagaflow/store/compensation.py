@@ -67,6 +67,18 @@ class Compensation(Claims):
                 self._finish_compensation(conn, run_id, now)
         return todo
 
+    def fail_and_compensate(self, run_id: str, idx: int, token: str, error: str,
+                            traceback: str | None = None) -> tuple[bool, list[int] | None]:
+        """A step of a linear saga failed for good in the delivery that holds it: fail_step, then
+        begin_compensation (one statement on PostgreSQL), so its own task publishes the undos without an
+        errback hop. Returns (this delivery held the step, the indexes to undo latest first: [] when the run
+        ended at once, None when the run was no longer live and the errback decides)."""
+        if self.fast:
+            return self.fast.fail_and_compensate(run_id, idx, token, error, traceback, utcnow())
+        if not self.fail_step(run_id, idx, token, error, traceback):
+            return False, None
+        return True, self.begin_compensation(run_id, idx, error)
+
     def compensations_to_redrive(self, run_id: str) -> list[int] | None:
         """For a run still compensating: the steps not yet undone, latest first, the one in progress
         included (a re-published chain then starts where the original is, and backs off if it is busy).

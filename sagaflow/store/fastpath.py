@@ -237,6 +237,9 @@ LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
 
 
+_RUN_SAGA = "(SELECT saga FROM saga_runs WHERE id = :run_id)"
+
+
 def _update_held(active: str, assignments: str, kind: EventKind, detail: str, touch: bool = True,
                  duration: tuple[str, str, str] | None = None):
     """A transition of the step this delivery holds: status :active and claim :token. ``touch`` moves the
@@ -244,7 +247,7 @@ def _update_held(active: str, assignments: str, kind: EventKind, detail: str, to
     reads its finished_at instead (recovery.stalled). claims.HELD lists the same transitions for the
     transactional path (Claims._held). The event counts (counters.STEP); ``duration``: (histogram, outcome,
     the column its start is in) observes the step's or the compensation round's duration too."""
-    saga = "(SELECT saga FROM saga_runs WHERE id = :run_id)"
+    saga = _RUN_SAGA
     observed = f"""
     UNION ALL {sql_observe(duration[0], saga, 'name', f"'{duration[1]}'", duration[2], 'held')}""" if duration else ""
     touch_run = """, touch AS (
@@ -405,6 +408,51 @@ WITH todo AS (
 SELECT (SELECT status FROM run) AS status,
        (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
 
+# A step of a linear saga failed for good in its own task: its failure and the errback's move to
+# compensating (BEGIN_COMPENSATION, the same rules) in one statement, so the step's task publishes the undos
+# itself, with no errback hop. Only for the delivery that holds the step (claim :token); the run moves only
+# if it is still live, else ``status`` is NULL and the errback decides as before (runtime/steps.py).
+FAIL_AND_COMPENSATE = Statement("fail_and_compensate", f"""
+WITH held AS (
+    UPDATE saga_steps SET status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL
+    WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND claim = :token
+    RETURNING name, started_at
+), todo AS (
+    SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
+), old AS (
+    SELECT id, status FROM saga_runs
+    WHERE id = :run_id AND status IN ('pending', 'running') AND EXISTS (SELECT 1 FROM held) FOR UPDATE
+), run AS (
+    UPDATE saga_runs
+    SET updated_at = :now,
+        status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
+                      WHEN saga_runs.cancel_requested THEN 'cancelled' ELSE 'compensated' END,
+        finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
+    FROM old
+    WHERE saga_runs.id = old.id AND saga_runs.status = old.status
+    RETURNING saga_runs.status, old.status AS was, saga_runs.saga, saga_runs.created_at
+), touched AS (
+    -- the run was not live (the errback decides): the step's failure still moves its updated_at
+    UPDATE saga_runs SET updated_at = :now
+    WHERE id = :run_id AND EXISTS (SELECT 1 FROM held) AND NOT EXISTS (SELECT 1 FROM old)
+), skipped AS (
+    UPDATE saga_steps SET status = 'skipped'
+    WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
+), events AS (
+    INSERT INTO saga_events (run_id, kind, step, at, detail)
+    SELECT :run_id, '{EventKind.STEP_FAILED.value}', name, :now,
+           {_with_traceback("json_build_object('error', :error)")} FROM held
+    UNION ALL
+    SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
+), counted AS (
+    {LOG_INSERT}
+    SELECT '{STEP}', {_RUN_SAGA}, held.name, '{EventKind.STEP_FAILED.value}', '', 1 FROM held
+    UNION ALL {sql_observe(STEP_DURATION, _RUN_SAGA, 'held.name', "'failed'", 'held.started_at', 'held')}
+    UNION ALL {sql_moved('saga', 'was', 'status', 'created_at', 'run')}
+)
+SELECT (SELECT count(*) FROM held) AS held, (SELECT status FROM run) AS status,
+       (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
+
 FINISH_RUN = Statement("finish_run", f"""
 WITH done AS (
     UPDATE saga_runs SET status = 'succeeded', updated_at = :now, finished_at = :now
@@ -441,7 +489,7 @@ SELECT count(*) FROM done""")
 STATEMENT_HOOKS: list[Callable[[Engine], None]] = []
 
 ALL = (CREATE_RUNS, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE_COMPENSATION,
-       BEGIN_COMPENSATION, FINISH_RUN, END_PLAIN_RUN, *HELD.values())
+       BEGIN_COMPENSATION, FAIL_AND_COMPENSATE, FINISH_RUN, END_PLAIN_RUN, *HELD.values())
 
 
 class FastPath:
@@ -580,6 +628,17 @@ class FastPath:
         if row.status is None:
             return None
         return list(row.todo or []) if row.status == "compensating" else []
+
+    def fail_and_compensate(self, run_id: str, idx: int, token: str, error: str, traceback: str | None,
+                            now: dt.datetime) -> tuple[bool, list[int] | None]:
+        """(this delivery held the step, the steps to undo latest first: None when the run was not live)."""
+        row = self._one(FAIL_AND_COMPENSATE, run_id=run_id, idx=idx, token=token, error=error,
+                        traceback=traceback, now=now)
+        if not row.held:
+            return False, None
+        if row.status is None:
+            return True, None
+        return True, list(row.todo or []) if row.status == "compensating" else []
 
     def finish_run(self, run_id: str, now: dt.datetime) -> bool:
         return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])

@@ -101,6 +101,26 @@ def test_live_gauges_and_counters_follow_runs_of_every_kind(store):
             assert h.sum_us >= 0 and h.sum == h.sum_us / 1_000_000
 
 
+def test_a_failure_that_begins_its_compensation_in_the_same_transition_counts_as_the_two_did(store):
+    """store.fail_and_compensate (a linear saga's step failing in its own task) moves the same counters as
+    fail_step followed by the errback's begin_compensation."""
+    store.create_run("undone", "s", 1, {}, STEPS)
+    store.claim_step("undone", 0, "undone-a:0", [], 60)
+    assert store.complete_step("undone", 0, "undone-a:0", 1)
+    store.claim_step("undone", 1, "undone-b:0", [], 60)
+    assert store.fail_and_compensate("undone", 1, "undone-b:0", "boom") == (True, [0])
+    _check_against_rows(store)
+    store.claim_compensation("undone", 0, "undone-u:0", [], 60)
+    assert store.complete_compensation("undone", 0, "undone-u:0") == "compensated"
+    store.create_run("first", "s", 1, {}, STEPS)
+    store.claim_step("first", 0, "first-a:0", [], 60)
+    assert store.fail_and_compensate("first", 0, "first-a:0", "boom") == (True, [])
+    read = _check_against_rows(store)
+    assert read.finished == {("s", "compensated"): 2} and read.live[("s", "running")] == 0
+    steps = read.histograms["step_duration"]
+    assert steps[("s", "b", "failed")].count == 1 and steps[("s", "a", "failed")].count == 1
+
+
 def test_compaction_and_prune_change_no_counter_and_sums_only_grow(store):
     for i in range(3):
         _succeeded(store, f"ok-{i}")

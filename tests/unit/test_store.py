@@ -103,6 +103,51 @@ def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_
     assert run.status == "compensating" and run.step("c").error == "ValueError: no"
 
 
+def test_a_step_failing_in_its_own_task_begins_the_compensation_in_the_same_transition(store):
+    new_run(store)
+    for i, tok in enumerate(["a:0", "b:0"]):
+        store.claim_step("r1", i, tok, [], 60)
+        store.complete_step("r1", i, tok, i)
+    store.claim_step("r1", 2, "c:0", [], 60)
+
+    assert store.fail_and_compensate("r1", 2, "other:0", "ValueError: no") == (False, None)  # not its holder
+    assert store.get_run("r1").status == "running" and store.get_run("r1").step("c").status == "running"
+    assert store.fail_and_compensate("r1", 2, "c:0", "ValueError: no", "Traceback: ...") == (True, [1, 0])
+    assert store.fail_and_compensate("r1", 2, "c:0", "ValueError: no") == (False, None)  # once
+    assert store.begin_compensation("r1", 2, "lost") is None  # a redelivered errback finds it begun
+    # Its worker died before publishing the undos: the step's redelivery is told it failed (its errback
+    # re-drives them); a duplicate of an earlier step's message is told nothing.
+    again = store.claim_step("r1", 2, "c:0", [], 60)
+    assert again.outcome is C.FAILED and again.error == "ValueError: no"
+    assert store.claim_step("r1", 1, "b:0", [], 60).outcome is C.GONE
+    run = store.get_run("r1")
+    assert run.status == "compensating" and run.step("c").status == "failed"
+    assert run.step("c").error == "ValueError: no"
+    failed = [e for e in run.events if e.kind == "step_failed"]
+    assert len(failed) == 1 and failed[0].step == "c" and failed[0].detail["traceback"] == "Traceback: ..."
+
+
+def test_a_first_step_failing_in_its_own_task_ends_the_run_at_once_and_skips_the_rest(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", [], 60)
+    assert store.fail_and_compensate("r1", 0, "a:0", "ValueError: no") == (True, [])
+    run = store.get_run("r1")
+    assert run.status == "compensated" and run.finished_at is not None
+    assert [s.status for s in run.steps] == ["failed", "skipped", "skipped"]
+    assert [e.kind for e in run.events][-2:] == ["step_failed", "run_compensated"]
+
+
+def test_a_step_failing_after_its_run_left_running_is_recorded_and_left_to_the_errback(store):
+    new_run(store)
+    store.claim_step("r1", 0, "a:0", [], 60)
+    store.complete_step("r1", 0, "a:0", 0)
+    store.claim_step("r1", 1, "b:0", [], 60)
+    assert store.begin_compensation("r1", 1, "lost") == [0]  # e.g. a deadline's errback got there first
+    assert store.fail_and_compensate("r1", 1, "b:0", "ValueError: late") == (False, None)  # no longer held
+    run = store.get_run("r1")
+    assert run.status == "compensating" and run.step("b").error == "lost"
+
+
 def test_an_errback_for_a_step_still_marked_running_records_it_lost_and_skips_the_rest(store):
     new_run(store)
     store.claim_step("r1", 0, "a:0", [], 60)
