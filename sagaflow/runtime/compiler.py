@@ -1,7 +1,8 @@
 """Definition + run -> Celery canvas. Pure: builds signatures by task name, publishes nothing.
 
 Forward:  chain(<saga>.<step_0>, ..., <saga>.<step_n-1>)
-          each link with link_error = sagaflow.on_step_failed.si(run_id, index)
+          each link with link_error = sagaflow.on_step_failed.si(run_id, index) (a linear saga's step that
+          fails in its own task publishes the compensations itself and drops it: runtime/steps.py)
 Backward: chain(<saga>.<step_k>.compensate, ..., <saga>.<step_0>.compensate)
           each compensation with link_error = sagaflow.on_compensation_failed.si(run_id, index)
 

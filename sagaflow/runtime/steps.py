@@ -120,8 +120,9 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
         saga, step = self.definition(version)
         slot = limits.enter(self, saga, step, run_id, index)  # over a limit: the delivery ends here (queued)
         retrying = False
+        begun: list[list[int] | None] = []  # a linear saga's failure began its compensation (_give_up)
         try:
-            outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request), slot)
+            outcome = _run_step(self, results, run_id, index, version, inbound.refused(self.request), slot, begun)
         except Retry:
             # A retry keeps the step's slot: its next delivery finds it held (the step stays claimed
             # meanwhile, so a waiter handed the slot could not run it) and gives it back at its end.
@@ -131,10 +132,31 @@ def run_step(self: SagaTask, results: dict, *, run_id: str, index: int, version:
             if not retrying:
                 limits.leave(slot)
     if isinstance(outcome, FailedForGood):
-        raise outcome.exc  # -> link_error -> on_step_failed
+        if begun and begun[0] is not None:
+            _compensate_here(self, saga, run_id, begun[0])
+        raise outcome.exc  # -> link_error -> on_step_failed, unless _compensate_here published the undos
     if window_end:
         _next_window(run_id, version, self.saga_name, index + 1, outcome)
     return outcome
+
+
+def _compensate_here(self: SagaTask, saga: Saga, run_id: str, todo: list[int]) -> None:
+    """The step's failure began the run's compensation in the same statement (``todo``: the steps to undo,
+    latest first): publish the undos from this task and drop the step's errback, one task hop less than
+    on_step_failed would take. If the broker refuses, the errback stays and re-drives them from SQL
+    (``compensations_to_redrive``), as it does for a redelivered errback; the sweeper after it."""
+    fields = {"run_id": run_id, "steps": len(todo)}
+    try:
+        if todo:
+            publish.compensations(saga, run_id, todo)
+    except Exception as exc:  # noqa: BLE001 - committed in SQL: the errback (or the sweeper) publishes them
+        log.error("compensation_not_published", extra={**fields, "error": describe(exc),
+                                                       "next": "the step's errback re-drives it from SQL"})
+        return
+    self.request.errbacks = None  # Celery calls a failed task's errbacks from this same request
+    log.info("compensation_begun", extra=fields)
+    if not todo:  # nothing to undo: the run ended with the failure
+        publish.run_ended(run_id, saga.name)
 
 
 def _next_window(run_id: str, version: int, saga_name: str, start: int, results: dict, *,
@@ -148,11 +170,20 @@ def _next_window(run_id: str, version: int, saga_name: str, start: int, results:
                            input=input)
 
 
-def _give_up(work: Claimed) -> Callable[[str, str | None], bool]:
+def _give_up(work: Claimed, begun: list | None = None) -> Callable[[str, str | None], bool]:
     """How a step records its failure for good: a parallel branch fires one errback per group failure
-    (sagaflow/runtime/branches.py); any other step fails its row."""
+    (sagaflow/runtime/branches.py); a step of a linear saga fails its row and begins the compensation at
+    once, appending the steps to undo to ``begun`` for run_step to publish (store fail_and_compensate); any
+    other step fails its row, and its errback begins the compensation."""
     if work.step.group is not None:
         return branches.give_up(work.store, work.run_id, work.index, work.token, work.fields)
+    if work.saga.linear and begun is not None:
+        def fail_and_compensate(error: str, trace: str | None = None) -> bool:
+            held, todo = work.store.fail_and_compensate(work.run_id, work.index, work.token, error, trace)
+            begun.append(todo)
+            return held
+
+        return fail_and_compensate
 
     def give_up(error: str, trace: str | None = None) -> bool:
         return work.store.fail_step(work.run_id, work.index, work.token, error, trace)
@@ -161,10 +192,11 @@ def _give_up(work: Claimed) -> Callable[[str, str | None], bool]:
 
 
 def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int,
-              refused: str | None = None, slot: limits.Slot | None = None) -> dict | FailedForGood:
+              refused: str | None = None, slot: limits.Slot | None = None,
+              begun: list | None = None) -> dict | FailedForGood:
     """``refused``: the worker refused this message (sagaflow/inbound.py): its arguments were cut, so the step
     fails for good without running, and the run compensates. ``slot``: the step's slot under its concurrency
-    (runtime/limits.py), given back at the end if this delivery claims the step."""
+    (runtime/limits.py), given back at the end if this delivery claims the step. ``begun``: see _give_up."""
     work = claim(self, "step", run_id, index, version)
     if slot is not None and work.claim.outcome is ClaimOutcome.CLAIMED:
         slot.claimed = True
@@ -184,7 +216,7 @@ def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: i
         branches.stop_waiting_branch(store, run_id, index, work.token, work.earlier_tokens, fields)
     if outcome is not ClaimOutcome.CLAIMED:
         work.duplicate()
-    give_up = _give_up(work)
+    give_up = _give_up(work, begun)
     if refused is not None:
         return work.fail(MessageRefused(refused), give_up)
     if step.kind is StepKind.SLEEP:  # a durable timer (runtime/timers.py)

@@ -170,6 +170,27 @@ def test_worker_died_after_recording_a_failure_the_redelivered_step_fires_the_er
     assert effects_of(run.id) == expected_after_failure("create_booking", "send_whatsapp")
 
 
+def test_worker_died_after_its_failure_began_the_compensation_the_redelivered_step_lets_its_errback_finish(client):
+    """A linear saga's step failing in its own task records its failure and begins the compensation in one
+    statement, then publishes the undos itself. If its worker dies between the two, the step's message is
+    delivered again: it finds the step failed, so its errback fires and publishes the undos from SQL."""
+    run = _crashed_run(client, "create_booking", completed=3, failed=False)
+    store = get_store()
+    store.claim_step(run.id, 3, "t3:0", [], 60)
+    assert store.fail_and_compensate(run.id, 3, "t3:0", "ValueError: boom") == (True, [2, 1, 0])
+    assert client.get(run.id).status == "compensating"  # committed; nothing published: the worker died
+    celery_app.signature("create_booking.add_calendar", args=({},),
+                         kwargs={"run_id": run.id, "index": 3, "version": 1},
+                         link_error=[celery_app.signature(ON_STEP_FAILED, args=(run.id, 3), immutable=True)],
+                         ).apply_async(task_id="t3")  # the redelivery
+
+    run = _quiet(client, client.wait(run.id).id)
+    assert run.status == "compensated"
+    assert effects_of(run.id) == expected_after_failure("create_booking", "add_calendar")
+    assert kinds(run, "run_compensated") == [("run_compensated", None)]
+    assert len(kinds(run, "compensation_started")) == 3 and len(kinds(run, "step_failed")) == 1
+
+
 def test_worker_died_before_publishing_compensations_the_redelivered_errback_publishes_them(client):
     run = _crashed_run(client, "create_booking", completed=3, failed=True)
     assert get_store().begin_compensation(run.id, 3, "lost") == [2, 1, 0]  # committed, then the worker died
