@@ -91,8 +91,8 @@ class Statement:
 
     ``durable=False``: its commit returns without waiting for the WAL flush. Only for a transition whose
     loss in a PostgreSQL crash sends the step back to where it was before it, with nothing after it depending
-    on it yet (CLAIM_STEP: see there). Every other commit stays durable, and a durable commit flushes the WAL
-    up to itself, so the non-durable commits before it become durable with it."""
+    on it yet (CLAIM_STEP, CLAIM_COMPENSATION: see there). Every other commit stays durable, and a durable
+    commit flushes the WAL up to itself, so the non-durable commits before it become durable with it."""
 
     def __init__(self, name: str, sql: str, durable: bool = True) -> None:
         self.name = f"sagaflow_{name}"
@@ -210,6 +210,11 @@ FROM run
 LEFT JOIN claimed ON true
 LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""", durable=False)
 
+# An undo's claim skips the flush wait too, for the same reason as a step's: only a PostgreSQL crash can
+# forget it, and only if the undo has not completed (nor retried, nor failed) since, each a durable commit.
+# The step is then back where it was (succeeded, or held by the earlier attempt) and the undo runs again
+# (the sweeper re-drives a compensating run), with the same idempotency key: what a crash during an undo
+# already means.
 CLAIM_COMPENSATION = Statement("claim_compensation", f"""
 WITH run AS (
     SELECT status, input FROM saga_runs WHERE id = :run_id
@@ -234,7 +239,7 @@ SELECT run.status, run.input, claimed.compensation_attempts, claimed.compensatio
        claimed.result, step.status AS step_status, step.compensation_error
 FROM run
 LEFT JOIN claimed ON true
-LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""")
+LEFT JOIN saga_steps step ON step.run_id = :run_id AND step.idx = :idx""", durable=False)
 
 
 _RUN_SAGA = "(SELECT saga FROM saga_runs WHERE id = :run_id)"

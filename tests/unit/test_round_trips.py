@@ -69,6 +69,30 @@ def test_a_four_step_run_costs_two_round_trips_per_step_and_one_durable_commit(w
     assert run.status == "succeeded" and [s.result for s in run.steps] == [{"k": k} for k in range(4)]
 
 
+def test_a_failing_fourth_step_begins_the_undos_in_its_own_round_trip(wired_store, recorder):
+    """W2: the 4th step fails for good; its failure and the run's move to compensating are one statement
+    (store.fail_and_compensate, no errback task between), then each undo costs a claim (without the flush
+    wait, as a step's) and a completion (durable)."""
+    store = wired_store
+    store.create_run("w2", "s", 1, {}, STEPS)
+    mark = recorder.mark()
+    for k in range(3):
+        assert store.claim_step("w2", k, f"t{k}:0", [], 30).outcome is ClaimOutcome.CLAIMED
+        assert store.complete_step("w2", k, f"t{k}:0", {"k": k})
+    assert store.claim_step("w2", 3, "t3:0", [], 30).outcome is ClaimOutcome.CLAIMED
+    fail = recorder.mark()
+    assert store.fail_and_compensate("w2", 3, "t3:0", "ValueError: no") == (True, [2, 1, 0])
+    assert len(recorder.since(fail)) == 1
+    for k in (2, 1, 0):
+        undo = recorder.mark()
+        assert store.claim_compensation("w2", k, f"u{k}:0", [], 30).outcome is ClaimOutcome.CLAIMED
+        store.complete_compensation("w2", k, f"u{k}:0")
+        claim_trip, complete_trip = recorder.since(undo)
+        assert claim_trip.startswith(NO_FLUSH_WAIT) and "synchronous_commit" not in complete_trip
+    assert len(recorder.since(mark)) == 3 * 2 + 2 + 3 * 2  # was 15 with the errback's own statement
+    assert store.get_run("w2").status == "compensated"
+
+
 def test_the_claims_commit_setting_stays_with_its_own_statement(wired_store, recorder):
     """SET LOCAL lasts for the claim's own transaction: the connection's next statement commits durably."""
     store = wired_store
