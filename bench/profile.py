@@ -78,6 +78,10 @@ INCLUSIVE = [
     ("sagaflow: complete_last_step", "complete_last_step", "sagaflow/"),
     ("sagaflow: finish_run", "finish_run", "sagaflow/"),
     ("sagaflow: ensure_json", "ensure_json", "sagaflow/"),
+    ("sagaflow: fail_and_compensate (W2: the failure begins the undos)", "fail_and_compensate", "sagaflow/"),
+    ("sagaflow: begin_compensation (the errback's)", "begin_compensation", "sagaflow/"),
+    ("sagaflow: claim_compensation", "claim_compensation", "sagaflow/"),
+    ("sagaflow: complete_compensation", "complete_compensation", "sagaflow/"),
     ("celery: publish the next link (apply_async)", "apply_async", "celery/"),
     ("celery: task-sent event (events dispatcher publish)", "publish", "celery/events/"),
     ("kombu: LPUSH of a message (redis _put)", "_put", "kombu/transport/redis"),
@@ -155,23 +159,24 @@ def summarize(raw: Path, top: int = 12) -> str:
 
 
 def phase_profile(bench: Bench) -> None:
-    """The profile phase (--profile): a W1 throughput batch with py-spy on the sagaflow worker."""
+    """The profile phase (--profile): a W1 and a W2 throughput batch, each with py-spy on the sagaflow worker."""
     from bench.figures import progress  # here: `python bench/profile.py RAW` summarizes on its own
 
     n = bench.sizes.throughput
     out = Path(bench.args.profile_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / "sagaflow-w1-throughput.txt"
-    progress(f"profile: py-spy on the sagaflow worker during {n} W1 runs at once -> {raw}")
-    bench.warm_up(bench.sf, 4, None)
-    with Recorder(bench.workers["sagaflow"].pid, raw):
-        result = bench.batch(bench.sf, n, 4, None, "profiled W1 throughput")
-    bench.sf.reset()
-    if not result["ok"]:
-        return
-    summary = summarize(raw)
-    (out / "sagaflow-w1-throughput-summary.txt").write_text(summary)
-    progress(summary)
+    for workload, fail_at in (("w1", None), ("w2", 3)):
+        raw = out / f"sagaflow-{workload}-throughput.txt"
+        progress(f"profile: py-spy on the sagaflow worker during {n} {workload.upper()} runs at once -> {raw}")
+        bench.warm_up(bench.sf, 4, fail_at)
+        with Recorder(bench.workers["sagaflow"].pid, raw):
+            result = bench.batch(bench.sf, n, 4, fail_at, f"profiled {workload.upper()} throughput")
+        bench.sf.reset()
+        if not result["ok"]:
+            continue
+        summary = summarize(raw)
+        (out / f"sagaflow-{workload}-throughput-summary.txt").write_text(summary)
+        progress(summary)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def phase_sql(bench: Bench) -> None:
     assert w2_wire is not None
     w2 = totals(w2_counts)
     bench.add(Figure(
-        "w2_sql_round_trips_per_run", "SQL round trips per W2 run: 4 steps, errback, 3 undos (worker)",
+        "w2_sql_round_trips_per_run",
+        "SQL round trips per W2 run: 4 steps (the 4th failing begins the undos), 3 undos (worker)",
         "round trips", w2_wire["round_trips"] / n, checked=w2_ok, n=n,
         extra={"totals_by_listeners": w2, "on_the_wire": w2_wire},
     ))
