@@ -20,8 +20,21 @@ SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 
 # "no_flush_wait": the queries among them whose commit does not wait for the WAL flush (store/fastpath.py's
 # NO_FLUSH_WAIT prefix): every other query on an autocommit connection is a durable commit, or a read.
+# "fast": the queries that execute one of the fast path's prepared statements (the hot path's transitions);
+# "others": the first words of up to 20 of the rest (a worker's timers: its liveness heartbeat, the sweeper).
 NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off;"
-counts = {"query": 0, "sync": 0, "other": 0, "connections": 0, "no_flush_wait": 0}
+FAST = b"EXECUTE sagaflow_"
+counts: dict = {"query": 0, "sync": 0, "other": 0, "connections": 0, "no_flush_wait": 0, "fast": 0, "others": []}
+
+
+def _note_query(body: bytes) -> None:
+    text = body[len(NO_FLUSH_WAIT):].lstrip() if body.startswith(NO_FLUSH_WAIT) else body
+    if body.startswith(NO_FLUSH_WAIT):
+        counts["no_flush_wait"] += 1
+    if text.startswith(FAST):
+        counts["fast"] += 1
+    elif len(counts["others"]) < 20:
+        counts["others"].append(" ".join(text.decode(errors="replace").split())[:80])
 
 
 async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -37,8 +50,10 @@ async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.Stream
         head = await reader.readexactly(4)
         body = await reader.readexactly(struct.unpack("!I", head)[0] - 4)
         counts["query" if kind == b"Q" else "sync" if kind == b"S" else "other"] += 1
-        if kind == b"Q" and body.startswith(NO_FLUSH_WAIT):
-            counts["no_flush_wait"] += 1
+        if kind == b"Q":
+            _note_query(body)
+        elif kind == b"S" and len(counts["others"]) < 20:
+            counts["others"].append("(a Sync of the extended protocol)")
         writer.write(kind + head + body)
         await writer.drain()
 
