@@ -21,10 +21,16 @@ SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
 # "no_flush_wait": the queries among them whose commit does not wait for the WAL flush (store/fastpath.py's
 # NO_FLUSH_WAIT prefix): every other query on an autocommit connection is a durable commit, or a read.
 # "fast": the queries that execute one of the fast path's prepared statements (the hot path's transitions);
-# "others": the first words of up to 20 of the rest (a worker's timers: its liveness heartbeat, the sweeper).
+# "others": the rest, counted by their first words (a connection's PREPAREs, a worker's timers: its liveness
+# heartbeat, the sweeper), up to 100 distinct ones.
 NO_FLUSH_WAIT = b"SET LOCAL synchronous_commit = off;"
 FAST = b"EXECUTE sagaflow_"
-counts: dict = {"query": 0, "sync": 0, "other": 0, "connections": 0, "no_flush_wait": 0, "fast": 0, "others": []}
+counts: dict = {"query": 0, "sync": 0, "other": 0, "connections": 0, "no_flush_wait": 0, "fast": 0, "others": {}}
+
+
+def _note_other(what: str) -> None:
+    if what in counts["others"] or len(counts["others"]) < 100:
+        counts["others"][what] = counts["others"].get(what, 0) + 1
 
 
 def _note_query(body: bytes) -> None:
@@ -33,8 +39,8 @@ def _note_query(body: bytes) -> None:
         counts["no_flush_wait"] += 1
     if text.startswith(FAST):
         counts["fast"] += 1
-    elif len(counts["others"]) < 20:
-        counts["others"].append(" ".join(text.decode(errors="replace").split())[:80])
+    else:
+        _note_other(" ".join(text.decode(errors="replace").split())[:60])
 
 
 async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -52,8 +58,8 @@ async def _client_to_server(reader: asyncio.StreamReader, writer: asyncio.Stream
         counts["query" if kind == b"Q" else "sync" if kind == b"S" else "other"] += 1
         if kind == b"Q":
             _note_query(body)
-        elif kind == b"S" and len(counts["others"]) < 20:
-            counts["others"].append("(a Sync of the extended protocol)")
+        elif kind == b"S":
+            _note_other("(a Sync of the extended protocol)")
         writer.write(kind + head + body)
         await writer.drain()
 

@@ -103,7 +103,8 @@ def counted_batch(bench: Bench, side, n: int, fail_at: int | None, what: str,
         wire = {"round_trips": sum(wire_after[k] - wire_before[k] for k in ("query", "sync")),
                 "no_flush_wait": wire_after.get("no_flush_wait", 0) - wire_before.get("no_flush_wait", 0),
                 "fast": wire_after.get("fast", 0) - wire_before.get("fast", 0),
-                "others": wire_after.get("others", [])[len(wire_before.get("others", [])):]}
+                "others": {k: v - wire_before["others"].get(k, 0) for k, v in wire_after["others"].items()
+                           if v != wire_before["others"].get(k, 0)}}
     counts = {k: int(v) for k, v in r.hgetall(SQL_KEY).items()}
     side.reset()
     return counts, client_counts.counts, outcome["ok"], wire
