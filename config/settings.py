@@ -112,8 +112,9 @@ def _http_url(env: dict, name: str) -> str:
     return value
 
 
-# Chosen by measurement (docs/performance.md, "Prefetch"): sagaflow's throughput against the plain chain in
-# the same run was best with 1 of 1, 2, 4 and 8; it is also the one that never holds a message behind a step.
+# Chosen by measurement and by what a long step needs (docs/performance.md, "Prefetch"): 4 was 3 to 14% faster
+# for no-op steps on a quiet machine, but holds up to 3 messages per pool process behind a running step for as
+# long as it runs; 1 never holds a message behind a step. Workers of short steps only may set 4.
 PREFETCH_DEFAULT = 1
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
