@@ -373,90 +373,88 @@ WITH held AS (
 )
 SELECT (SELECT status FROM run) AS status""")
 
+
+def _compensation_begins(run_guard: str = "true") -> str:
+    """The CTEs that move a live run to compensating, shared by the errback (BEGIN_COMPENSATION) and a
+    failure that begins its own undos (FAIL_AND_COMPENSATE): ``todo`` (the steps to undo), ``old`` (the
+    status the run leaves, pending or running, read under the row lock the UPDATE then holds; ``run_guard``
+    must hold too), ``run`` (running -> compensating, or straight to compensated or cancelled with nothing
+    to undo) and ``skipped`` (the steps that never started)."""
+    return f"""todo AS (
+    SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
+), old AS (
+    SELECT id, status FROM saga_runs
+    WHERE id = :run_id AND status IN ('pending', 'running') AND {run_guard} FOR UPDATE
+), run AS (
+    UPDATE saga_runs
+    SET updated_at = :now,
+        status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
+                      WHEN saga_runs.cancel_requested THEN 'cancelled' ELSE 'compensated' END,
+        finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
+    FROM old
+    WHERE saga_runs.id = old.id AND saga_runs.status = old.status
+    RETURNING saga_runs.status, old.status AS was, saga_runs.saga, saga_runs.created_at
+), skipped AS (
+    UPDATE saga_steps SET status = 'skipped'
+    WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
+)"""
+
+
+# The run's end event when the move ended it at once (``'run_' || status`` is EventKind.run_ended(status), in
+# SQL: run_compensated, run_cancelled), and what the move does to the live gauge and the ended counters.
+_RUN_ENDED_EVENT = ("SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run "
+                    "WHERE status <> 'compensating'")
+_RUN_MOVED = sql_moved('saga', 'was', 'status', 'created_at', 'run')
+_TODO = "(SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo"
+
 # The errback: running -> compensating, with the step it was fired for recorded as failed if it is still
 # running (lost: hard time limit, dead process) and the steps that never started as skipped; with nothing
 # to undo, the run ends at once. The steps to undo are read in the statement's snapshot: in a linear saga
 # no other step can complete meanwhile (the chain is at the failed step).
 BEGIN_COMPENSATION = Statement("begin_compensation", f"""
-WITH todo AS (
-    SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
-), old AS (
-    -- the status the run leaves (pending or running), read under the row lock the UPDATE then holds
-    SELECT id, status FROM saga_runs WHERE id = :run_id AND status IN ('pending', 'running') FOR UPDATE
-), run AS (
-    UPDATE saga_runs
-    SET updated_at = :now,
-        status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
-                      WHEN saga_runs.cancel_requested THEN 'cancelled' ELSE 'compensated' END,
-        finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
-    FROM old
-    WHERE saga_runs.id = old.id AND saga_runs.status = old.status
-    RETURNING saga_runs.status, old.status AS was, saga_runs.saga, saga_runs.created_at
-), lost AS (
+WITH {_compensation_begins()}, lost AS (
     UPDATE saga_steps SET status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL
     WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND EXISTS (SELECT 1 FROM run)
     RETURNING name, started_at
-), skipped AS (
-    UPDATE saga_steps SET status = 'skipped'
-    WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_FAILED.value}', name, :now, json_build_object('error', :error) FROM lost
     UNION ALL
-    SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
+    {_RUN_ENDED_EVENT}
 ), counted AS (
     {LOG_INSERT}
     SELECT '{STEP}', run.saga, lost.name, '{EventKind.STEP_FAILED.value}', '', 1 FROM lost, run
     UNION ALL {sql_observe(STEP_DURATION, 'run.saga', 'lost.name', "'failed'", 'lost.started_at', 'lost, run')}
-    UNION ALL {sql_moved('saga', 'was', 'status', 'created_at', 'run')}
+    UNION ALL {_RUN_MOVED}
 )
-SELECT (SELECT status FROM run) AS status,
-       (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
+SELECT (SELECT status FROM run) AS status, {_TODO}""")
 
 # A step of a linear saga failed for good in its own task: its failure and the errback's move to
-# compensating (BEGIN_COMPENSATION, the same rules) in one statement, so the step's task publishes the undos
-# itself, with no errback hop. Only for the delivery that holds the step (claim :token); the run moves only
-# if it is still live, else ``status`` is NULL and the errback decides as before (runtime/steps.py).
+# compensating (the same CTEs) in one statement, so the step's task publishes the undos itself, with no
+# errback hop. Only for the delivery that holds the step (claim :token); the run moves only if it is still
+# live, else ``status`` is NULL and the errback decides as before (runtime/steps.py).
 FAIL_AND_COMPENSATE = Statement("fail_and_compensate", f"""
 WITH held AS (
     UPDATE saga_steps SET status = 'failed', error = :error, finished_at = :now, lease_expires_at = NULL
     WHERE run_id = :run_id AND idx = :idx AND status = 'running' AND claim = :token
     RETURNING name, started_at
-), todo AS (
-    SELECT idx FROM saga_steps WHERE run_id = :run_id AND status = 'succeeded' AND has_compensation
-), old AS (
-    SELECT id, status FROM saga_runs
-    WHERE id = :run_id AND status IN ('pending', 'running') AND EXISTS (SELECT 1 FROM held) FOR UPDATE
-), run AS (
-    UPDATE saga_runs
-    SET updated_at = :now,
-        status = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN 'compensating'
-                      WHEN saga_runs.cancel_requested THEN 'cancelled' ELSE 'compensated' END,
-        finished_at = CASE WHEN EXISTS (SELECT 1 FROM todo) THEN NULL ELSE :now END
-    FROM old
-    WHERE saga_runs.id = old.id AND saga_runs.status = old.status
-    RETURNING saga_runs.status, old.status AS was, saga_runs.saga, saga_runs.created_at
-), touched AS (
+), {_compensation_begins("EXISTS (SELECT 1 FROM held)")}, touched AS (
     -- the run was not live (the errback decides): the step's failure still moves its updated_at
     UPDATE saga_runs SET updated_at = :now
     WHERE id = :run_id AND EXISTS (SELECT 1 FROM held) AND NOT EXISTS (SELECT 1 FROM old)
-), skipped AS (
-    UPDATE saga_steps SET status = 'skipped'
-    WHERE run_id = :run_id AND status = 'pending' AND EXISTS (SELECT 1 FROM run)
 ), events AS (
     INSERT INTO saga_events (run_id, kind, step, at, detail)
     SELECT :run_id, '{EventKind.STEP_FAILED.value}', name, :now,
            {_with_traceback("json_build_object('error', :error)")} FROM held
     UNION ALL
-    SELECT :run_id, 'run_' || status, NULL, :now, CAST(NULL AS json) FROM run WHERE status <> 'compensating'
+    {_RUN_ENDED_EVENT}
 ), counted AS (
     {LOG_INSERT}
     SELECT '{STEP}', {_RUN_SAGA}, held.name, '{EventKind.STEP_FAILED.value}', '', 1 FROM held
     UNION ALL {sql_observe(STEP_DURATION, _RUN_SAGA, 'held.name', "'failed'", 'held.started_at', 'held')}
-    UNION ALL {sql_moved('saga', 'was', 'status', 'created_at', 'run')}
+    UNION ALL {_RUN_MOVED}
 )
-SELECT (SELECT count(*) FROM held) AS held, (SELECT status FROM run) AS status,
-       (SELECT array_agg(idx ORDER BY idx DESC) FROM todo) AS todo""")
+SELECT (SELECT count(*) FROM held) AS held, (SELECT status FROM run) AS status, {_TODO}""")
 
 FINISH_RUN = Statement("finish_run", f"""
 WITH done AS (
