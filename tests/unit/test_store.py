@@ -85,12 +85,16 @@ def test_result_is_recorded_once_and_a_duplicate_carries_it_on(store):
     assert [e.kind for e in run.events].count("step_succeeded") == 1
 
 
-def _two_done_third_failed(store, error: str) -> None:
+def _two_done_third_claimed(store) -> None:
     new_run(store)
     for i, tok in enumerate(["a:0", "b:0"]):
         store.claim_step("r1", i, tok, [], 60)
         store.complete_step("r1", i, tok, i)
     store.claim_step("r1", 2, "c:0", [], 60)
+
+
+def _two_done_third_failed(store, error: str) -> None:
+    _two_done_third_claimed(store)
     store.fail_step("r1", 2, "c:0", error)
 
 
@@ -104,11 +108,7 @@ def test_compensation_begins_once_and_undoes_completed_compensable_steps_latest_
 
 
 def test_a_step_failing_in_its_own_task_begins_the_compensation_in_the_same_transition(store):
-    new_run(store)
-    for i, tok in enumerate(["a:0", "b:0"]):
-        store.claim_step("r1", i, tok, [], 60)
-        store.complete_step("r1", i, tok, i)
-    store.claim_step("r1", 2, "c:0", [], 60)
+    _two_done_third_claimed(store)
 
     assert store.fail_and_compensate("r1", 2, "other:0", "ValueError: no") == (False, None)  # not its holder
     assert store.get_run("r1").status == "running" and store.get_run("r1").step("c").status == "running"
@@ -173,11 +173,7 @@ def test_the_last_step_finishes_the_run_in_the_same_transition(store):
 
 
 def test_a_cancel_before_the_last_step_completes_leaves_the_run_to_its_errback(store):
-    new_run(store)
-    for i, tok in enumerate(["a:0", "b:0"]):
-        store.claim_step("r1", i, tok, [], 60)
-        store.complete_step("r1", i, tok, i)
-    store.claim_step("r1", 2, "c:0", [], 60)
+    _two_done_third_claimed(store)
     store.request_cancel("r1")
     assert store.complete_last_step("r1", 2, "c:0", 2) == "running"  # recorded, but not finished
     assert store.begin_compensation("r1", 2, "lost") == [1, 0]  # "c" has no compensation (STEPS)
