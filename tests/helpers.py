@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -7,8 +8,16 @@ from typing import Callable
 
 from sqlalchemy import event
 
-from sagaflow.model.definition import registry
+from sagaflow.model.declarative import load_saga_file
+from sagaflow.model.definition import Registry, registry
 from sagaflow.store import fastpath
+
+
+def load_yaml_sagas(tmp_path: Path, handlers, text: str):
+    """The sagas of a YAML file written from ``text`` (dedented), into a registry of their own."""
+    path = tmp_path / "sagas.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return load_saga_file(path, handlers=handlers, registry=Registry())
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition"):

@@ -3,15 +3,14 @@ definitions refused, with an error that names the step (and the line, in YAML)."
 
 from __future__ import annotations
 
-import textwrap
 from types import SimpleNamespace
 
 import pytest
 
 from sagaflow import DefinitionError, Map, Saga, SagaFileError, StepKind
 from sagaflow.model import StepSpec
-from sagaflow.model.declarative import HandlerRegistry, load_saga_file
-from sagaflow.model.definition import Registry
+from sagaflow.model.declarative import HandlerRegistry
+from tests.helpers import load_yaml_sagas
 
 
 def act(ctx):
@@ -81,14 +80,8 @@ def hreg():
     return reg
 
 
-def _load(tmp_path, hreg, text: str):
-    path = tmp_path / "sagas.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    return load_saga_file(path, handlers=hreg, registry=Registry())
-
-
 def test_a_map_of_child_runs_in_yaml(tmp_path, hreg):
-    [saga] = _load(tmp_path, hreg, """
+    [saga] = load_yaml_sagas(tmp_path, hreg, """
         sagas:
           - name: mk_yaml
             steps:
@@ -109,7 +102,7 @@ def test_a_map_of_child_runs_in_yaml(tmp_path, hreg):
 ])
 def test_a_bad_map_of_child_runs_in_yaml_is_refused_naming_the_line(tmp_path, hreg, entry, message):
     with pytest.raises(SagaFileError, match=message):
-        _load(tmp_path, hreg, f"""
+        load_yaml_sagas(tmp_path, hreg, f"""
             sagas:
               - name: mk_bad
                 steps:

@@ -4,7 +4,6 @@ nothing is in flight, on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import textwrap
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +11,10 @@ import pytest
 from sagaflow import DefinitionError, Map, Parallel, Saga, SagaFileError, Step, StepKind
 from sagaflow.model import ClaimOutcome as C
 from sagaflow.model import StepSpec
-from sagaflow.model.declarative import HandlerRegistry, items_at, load_saga_file
-from sagaflow.model.definition import Registry
+from sagaflow.model.declarative import HandlerRegistry, items_at
 from sagaflow.runtime.compiler import map_items, segment_end
 from sagaflow.runtime.maps import MapItemsRefused, compute_items
+from tests.helpers import load_yaml_sagas
 
 # ---------------------------------------------------------------------------------------------- definitions
 
@@ -93,14 +92,8 @@ def hreg():
     return reg
 
 
-def _load(tmp_path, hreg, text: str):
-    path = tmp_path / "sagas.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    return load_saga_file(path, handlers=hreg, registry=Registry())
-
-
 def test_a_map_in_yaml(tmp_path, hreg):
-    [saga] = _load(tmp_path, hreg, """
+    [saga] = load_yaml_sagas(tmp_path, hreg, """
         sagas:
           - name: m_yaml
             defaults: {timeout: 30}
@@ -127,7 +120,7 @@ def test_a_map_in_yaml(tmp_path, hreg):
 ])
 def test_a_bad_map_in_yaml_is_refused_naming_the_line(tmp_path, hreg, entry, message):
     with pytest.raises(SagaFileError, match=message):
-        _load(tmp_path, hreg, f"""
+        load_yaml_sagas(tmp_path, hreg, f"""
             sagas:
               - name: m_bad
                 steps:
