@@ -495,6 +495,14 @@ ALL = (CREATE_RUNS, CLAIM_STEP, CLAIM_COMPENSATION, COMPLETE_LAST_STEP, COMPLETE
        BEGIN_COMPENSATION, FAIL_AND_COMPENSATE, FINISH_RUN, END_PLAIN_RUN, *HELD.values())
 
 
+def _undos(row) -> list[int] | None:
+    """What a move to compensating returns: the steps to undo, latest first ([] when the run ended at once),
+    or None when the run was not live."""
+    if row.status is None:
+        return None
+    return list(row.todo or []) if row.status == "compensating" else []
+
+
 class FastPath:
     """The statements above, on an autocommit engine. Each method returns the raw row; the Store
     turns it into its usual answer. ``prepared=False`` sends them as text, for a connection pooler that
@@ -627,21 +635,14 @@ class FastPath:
 
     def begin_compensation(self, run_id: str, idx: int, lost_error: str, now: dt.datetime) -> list[int] | None:
         """The steps to undo, latest first; None when the run was not live (another errback began it)."""
-        row = self._one(BEGIN_COMPENSATION, run_id=run_id, idx=idx, error=lost_error, now=now)
-        if row.status is None:
-            return None
-        return list(row.todo or []) if row.status == "compensating" else []
+        return _undos(self._one(BEGIN_COMPENSATION, run_id=run_id, idx=idx, error=lost_error, now=now))
 
     def fail_and_compensate(self, run_id: str, idx: int, token: str, error: str, traceback: str | None,
                             now: dt.datetime) -> tuple[bool, list[int] | None]:
         """(this delivery held the step, the steps to undo latest first: None when the run was not live)."""
         row = self._one(FAIL_AND_COMPENSATE, run_id=run_id, idx=idx, token=token, error=error,
                         traceback=traceback, now=now)
-        if not row.held:
-            return False, None
-        if row.status is None:
-            return True, None
-        return True, list(row.todo or []) if row.status == "compensating" else []
+        return (True, _undos(row)) if row.held else (False, None)
 
     def finish_run(self, run_id: str, now: dt.datetime) -> bool:
         return bool(self._one(FINISH_RUN, run_id=run_id, now=now)[0])
