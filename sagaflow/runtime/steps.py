@@ -170,14 +170,14 @@ def _next_window(run_id: str, version: int, saga_name: str, start: int, results:
                            input=input)
 
 
-def _give_up(work: Claimed, begun: list | None = None) -> Callable[[str, str | None], bool]:
+def _give_up(work: Claimed, begun: list) -> Callable[[str, str | None], bool]:
     """How a step records its failure for good: a parallel branch fires one errback per group failure
     (sagaflow/runtime/branches.py); a step of a linear saga fails its row and begins the compensation at
     once, appending the steps to undo to ``begun`` for run_step to publish (store fail_and_compensate); any
     other step fails its row, and its errback begins the compensation."""
     if work.step.group is not None:
         return branches.give_up(work.store, work.run_id, work.index, work.token, work.fields)
-    if work.saga.linear and begun is not None:
+    if work.saga.linear:
         def fail_and_compensate(error: str, trace: str | None = None) -> bool:
             held, todo = work.store.fail_and_compensate(work.run_id, work.index, work.token, error, trace)
             begun.append(todo)
@@ -192,8 +192,7 @@ def _give_up(work: Claimed, begun: list | None = None) -> Callable[[str, str | N
 
 
 def _run_step(self: SagaTask, results: dict, run_id: str, index: int, version: int,
-              refused: str | None = None, slot: limits.Slot | None = None,
-              begun: list | None = None) -> dict | FailedForGood:
+              refused: str | None, slot: limits.Slot | None, begun: list) -> dict | FailedForGood:
     """``refused``: the worker refused this message (sagaflow/inbound.py): its arguments were cut, so the step
     fails for good without running, and the run compensates. ``slot``: the step's slot under its concurrency
     (runtime/limits.py), given back at the end if this delivery claims the step. ``begun``: see _give_up."""
