@@ -99,8 +99,14 @@ def test_compensation_that_keeps_failing_waits_for_an_operator_then_retry_finish
     assert effects_of(run.id) == [("do", "create_invoice"), ("do", "send_email"), ("do", "send_whatsapp"),
                                   ("undo", "send_whatsapp")]
     assert kinds(run)[-1] == ("run_compensation_failed", "send_email")
-    alerts = [json.loads(line) for line in (settings.home / "alerts.jsonl").read_text().splitlines()]
-    assert [a for a in alerts if a["run_id"] == run.id] == [
+    # The errback writes the alert after it commits the run's status, so the file may lag the status a moment.
+    alert_file = settings.home / "alerts.jsonl"
+
+    def alerts_of_run():
+        lines = alert_file.read_text().splitlines() if alert_file.exists() else []
+        return [a for a in map(json.loads, lines) if a["run_id"] == run.id]
+
+    assert wait_for(alerts_of_run, what="the alert hook's line") == [
         {"run_id": run.id, "status": "compensation_failed", "error": run.error}]  # the alert hook, once
 
     client.retry(run.id)
